@@ -1,0 +1,22 @@
+"""hmmsim: an executable model of Linux HMM (Heterogeneous Memory Management).
+
+The kernel-level API mirrors the kernel by name (``hmmsim.hmm.hmm.hmm_range_fault``,
+``hmmsim.kernel.mmu_notifier.mmu_interval_read_begin``, ...); the friendly layer is
+:class:`System`, :class:`Process`, :class:`Device` and the exceptions of
+:mod:`hmmsim.errors`.
+"""
+
+from .device import Device, DeviceAccess
+from .errors import (
+    BadAddress, BusError, Busy, HmmError, HmmsimError, InvalidArgument, KernelOops,
+    NoDevice, NoEntry, NotSupportedError, OutOfMemory, PermissionDenied, SegmentationFault,
+)
+from .kernel.system import System, SystemConfig
+from .process import Process
+
+__all__ = (
+    "BadAddress", "BusError", "Busy", "Device", "DeviceAccess", "HmmError", "HmmsimError",
+    "InvalidArgument", "KernelOops", "NoDevice", "NoEntry", "NotSupportedError", "OutOfMemory",
+    "PermissionDenied", "Process", "SegmentationFault", "System", "SystemConfig",
+)
+__version__ = "0.1.0"

@@ -1,0 +1,125 @@
+"""The friendly API over an open dmirror device (``/dev/hmm_dmirrorN``).
+
+Each method issues the driver's ioctl the way ``hmm-tests.c`` does: the data buffer is
+an anonymous mapping in the calling process (``ptr``), the counters come back in the
+command struct, and a failure raises an :class:`~hmmsim.errors.HmmError` subclass with the
+errno (the counters are then not updated, as in the driver).
+
+>>> from hmmsim import System
+>>> p = System().spawn()
+>>> a = p.mmap(2 * 4096)
+>>> p.write(a, b"\\x07" * 8192)
+>>> d = p.open_device(0)
+>>> r = d.read(a, 2)
+>>> r.cpages, r.faults, bytes(r.data[:2])
+(2, 1, b'\\x07\\x07')
+>>> d.snapshot(a, 2).tolist()
+[2, 2]
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import error_from_errno
+from .drivers.test_hmm_uapi import (
+    HMM_DMIRROR_CHECK_EXCLUSIVE, HMM_DMIRROR_READ, HMM_DMIRROR_SNAPSHOT, HMM_DMIRROR_WRITE,
+    HmmDmirrorCmd,
+)
+from .kernel.cpu import copy_from_user, copy_to_user
+from .kernel.errno import EBADF, EPERM
+from .kernel.mmap import MAP_ANONYMOUS, MAP_PRIVATE
+from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE
+from .kernel.task import vm_mmap, vm_munmap
+from .kernel.vma import PROT_READ, PROT_WRITE
+
+if TYPE_CHECKING:
+    from .process import Process
+
+__all__ = ("Device", "DeviceAccess")
+
+
+class DeviceAccess(NamedTuple):
+    """What a device READ/WRITE returns."""
+
+    #: the bytes read (READ) or written (WRITE), as uint8
+    data: npt.NDArray[np.uint8]
+    #: pages copied (``cmd.cpages``)
+    cpages: int
+    #: fault rounds the driver needed (``cmd.faults``)
+    faults: int
+
+
+class Device:
+    """An open dmirror file of a process."""
+
+    def __init__(self, process: "Process", fd: int, minor: int) -> None:
+        self.process = process
+        self.fd = fd
+        self.minor = minor
+
+    def ioctl(self, command: int, cmd: HmmDmirrorCmd) -> int:
+        """The raw ``ioctl(fd, command, &cmd)``: 0 or a negative errno."""
+        f = self.process.task.fget(self.fd)
+        if f is None:
+            return -EBADF
+        assert f.f_op.unlocked_ioctl is not None
+        return int(f.f_op.unlocked_ioctl(f, command, cmd, self.process.task))
+
+    def _with_buffer(self, size: int, command: int, addr: int, npages: int,
+                     data: npt.NDArray[np.uint8] | None = None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
+        mm = self.process.mm
+        length = max(size, PAGE_SIZE)
+        buf = vm_mmap(mm, None, 0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+        if buf < 0:
+            raise error_from_errno(buf, "device buffer")
+        try:
+            if data is not None and len(data):
+                left = copy_to_user(mm, buf, data)
+                assert not left
+            cmd = HmmDmirrorCmd(addr=addr, ptr=buf, npages=npages)
+            ret = self.ioctl(command, cmd)
+            if ret:
+                raise error_from_errno(ret, f"dmirror{self.minor} ioctl")
+            out, _ = copy_from_user(mm, buf, size)
+            return cmd, out
+        finally:
+            vm_munmap(mm, buf, length)
+
+    def read(self, addr: int, npages: int) -> DeviceAccess:
+        """HMM_DMIRROR_READ: the device reads *npages* at *addr* through its mirror."""
+        cmd, out = self._with_buffer(npages << PAGE_SHIFT, HMM_DMIRROR_READ, addr, npages)
+        return DeviceAccess(out, cmd.cpages, cmd.faults)
+
+    def write(self, addr: int, data: bytes | npt.NDArray) -> DeviceAccess:
+        """HMM_DMIRROR_WRITE of whole pages of *data* at *addr*."""
+        buf = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        if len(buf) % PAGE_SIZE:
+            raise ValueError("device writes are whole pages")
+        npages = len(buf) >> PAGE_SHIFT
+        cmd, _ = self._with_buffer(len(buf), HMM_DMIRROR_WRITE, addr, npages, buf)
+        return DeviceAccess(buf, cmd.cpages, cmd.faults)
+
+    def snapshot(self, addr: int, npages: int) -> npt.NDArray[np.uint8]:
+        """HMM_DMIRROR_SNAPSHOT: one ``HMM_DMIRROR_PROT_*`` byte per page."""
+        _cmd, out = self._with_buffer(npages, HMM_DMIRROR_SNAPSHOT, addr, npages)
+        return out
+
+    def check_exclusive(self, addr: int, npages: int) -> bool:
+        """HMM_DMIRROR_CHECK_EXCLUSIVE: True if no page of the range is mapped ATOMIC."""
+        ret = self.ioctl(HMM_DMIRROR_CHECK_EXCLUSIVE, HmmDmirrorCmd(addr=addr, npages=npages))
+        if ret == -EPERM:
+            return False
+        if ret:
+            raise error_from_errno(ret, "check_exclusive")
+        return True
+
+    def close(self) -> None:
+        """``close(fd)``: the mirror goes away and the device's memory is evicted."""
+        self.process.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"Device(hmm_dmirror{self.minor}, fd={self.fd})"

@@ -1,0 +1,680 @@
+"""The dmirror test device: ``lib/test_hmm.c`` (Linux 6.12).
+
+Four devices, as the module creates them with ``spm_addr_dev0/1`` set: minors 0 and 1
+have device-private memory, 2 and 3 device-coherent memory (one 256 MiB chunk each at
+init). Every ``open()`` gets a ``struct dmirror``: a device page table (an xarray keyed by
+virtual page number, entries tagged WRITE or ATOMIC, holding no page references), a
+mutex, and an interval notifier covering the opener's whole address space, whose
+callback erases ``[start >> 12, end >> 12]`` *inclusive* (one page past the range) and
+ignores ``MMU_NOTIFY_MIGRATE`` events of its own device without ``set_seq``.
+
+Commands implemented here: ``HMM_DMIRROR_READ``, ``HMM_DMIRROR_WRITE``,
+``HMM_DMIRROR_SNAPSHOT`` (64-page windows, the 6.12 array size), ``HMM_DMIRROR_CHECK_EXCLUSIVE``
+and ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``). Migration, exclusive access and
+``RELEASE`` come with device memory migration and raise :class:`NotSupportedError`.
+
+Semantics worth knowing (all from the driver's code): ``cpages``/``faults`` are copied
+back only on success; READ/WRITE fault in rounds (``faults`` counts rounds, not pages);
+a WRITE copies into the pages before the first page needing a fault even if that fault
+then fails; a write fault that returns a read-only page fails with ``-EFAULT`` after
+storing the entries before it; reading through an entry that points at a device-private
+page would oops the real kernel (:class:`KernelOops`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import KernelOops, NotSupportedError
+from ..hmm.hmm import (
+    HMM_PFN_ERROR, HMM_PFN_FLAGS, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID,
+    HMM_PFN_WRITE, HMM_PFN_ORDER_SHIFT, HMM_PFN_ORDER_MASK, HmmRange, hmm_range_fault,
+)
+from ..hmm.memremap import DevPagemap, DevPagemapOps, MemoryType, memremap_pages
+from ..kernel.cpu import copy_from_user, copy_to_user
+from ..kernel.errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM
+from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
+from ..kernel.locking import Lock
+from ..kernel.memory import folio_put, vm_insert_page
+from ..kernel.mm import mmap_read_lock, mmap_read_unlock
+from ..kernel.mmu_notifier import (
+    MmuIntervalNotifier, MmuIntervalNotifierOps, MmuNotifierEvent, MmuNotifierRange,
+    mmu_interval_notifier_insert, mmu_interval_notifier_remove, mmu_interval_read_begin,
+    mmu_interval_read_retry, mmu_interval_set_seq, mmu_notifier_range_blockable,
+)
+from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, ULONG_MAX, PAGE_MASK
+from ..kernel.system import DEVMEM_CHUNK_PAGES
+from ..kernel.task import mmget_not_zero, mmput
+from .test_hmm_uapi import (
+    HMM_DMIRROR_CHECK_EXCLUSIVE, HMM_DMIRROR_EXCLUSIVE, HMM_DMIRROR_MEMORY_DEVICE_COHERENT,
+    HMM_DMIRROR_MEMORY_DEVICE_PRIVATE, HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_MIGRATE_TO_SYS,
+    HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL, HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE,
+    HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL, HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE,
+    HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE, HMM_DMIRROR_PROT_PMD, HMM_DMIRROR_PROT_PUD,
+    HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO, HMM_DMIRROR_READ,
+    HMM_DMIRROR_RELEASE, HMM_DMIRROR_SNAPSHOT, HMM_DMIRROR_WRITE, IOCTL_NAMES, HmmDmirrorCmd,
+)
+
+if TYPE_CHECKING:
+    from ..kernel.fault import VmFault
+    from ..kernel.system import System
+    from ..kernel.task import Task
+    from ..kernel.vma import Vma
+
+__all__ = (
+    "DMIRROR_NDEVICES", "DMIRROR_RANGE_FAULT_RETRIES", "DPT_XA_TAG_ATOMIC", "DPT_XA_TAG_WRITE",
+    "Dmirror", "DmirrorDevice", "DmirrorPT", "dmirror_fops", "dmirror_open", "hmm_dmirror_init",
+)
+
+DMIRROR_NDEVICES = 4
+#: entries of the on-stack pfn arrays of dmirror_fault()/dmirror_snapshot() in 6.12
+DMIRROR_WINDOW = 64
+#: the model's stand-in for the 1 s jiffies timeout of dmirror_range_fault(): retries
+DMIRROR_RANGE_FAULT_RETRIES = 1000
+DPT_XA_TAG_ATOMIC = 1
+DPT_XA_TAG_WRITE = 3
+_LEAF = 512  # entries per DmirrorPT leaf
+
+
+class DmirrorPT:
+    """The device page table: an xarray keyed by virtual page number whose values are
+    tagged page pointers, stored as ``pfn << 2 | tag`` (-1 = empty) in 512-entry leaves."""
+
+    __slots__ = ("leaves",)
+
+    def __init__(self) -> None:
+        self.leaves: dict[int, npt.NDArray[np.int64]] = {}
+
+    def load_range(self, vpn: int, n: int) -> npt.NDArray[np.int64]:
+        """``xa_load()`` of ``n`` consecutive indices (-1 where empty)."""
+        out = np.full(n, -1, np.int64)
+        i = 0
+        while i < n:
+            k, off = divmod(vpn + i, _LEAF)
+            m = min(n - i, _LEAF - off)
+            leaf = self.leaves.get(k)
+            if leaf is not None:
+                out[i:i + m] = leaf[off:off + m]
+            i += m
+        return out
+
+    def store_range(self, vpn: int, vals: npt.NDArray[np.int64]) -> None:
+        """``xa_store()`` of consecutive indices."""
+        i = 0
+        n = len(vals)
+        while i < n:
+            k, off = divmod(vpn + i, _LEAF)
+            m = min(n - i, _LEAF - off)
+            leaf = self.leaves.get(k)
+            if leaf is None:
+                leaf = self.leaves[k] = np.full(_LEAF, -1, np.int64)
+            leaf[off:off + m] = vals[i:i + m]
+            i += m
+
+    def erase_range(self, first: int, last: int) -> None:
+        """``xa_erase()`` of every index in ``[first, last]`` (inclusive)."""
+        for k in [k for k in self.leaves if first // _LEAF <= k <= last // _LEAF]:
+            leaf = self.leaves[k]
+            lo = max(first - k * _LEAF, 0)
+            hi = min(last - k * _LEAF, _LEAF - 1)
+            leaf[lo:hi + 1] = -1
+            if (leaf < 0).all():
+                del self.leaves[k]
+
+    def __len__(self) -> int:
+        return int(sum(int((v >= 0).sum()) for v in self.leaves.values()))
+
+
+class DmirrorChunk:
+    """``struct dmirror_chunk``: one 256 MiB pagemap of a device."""
+
+    __slots__ = ("pagemap", "mdevice", "remove")
+
+    def __init__(self, pagemap: DevPagemap, mdevice: "DmirrorDevice") -> None:
+        self.pagemap = pagemap
+        self.mdevice = mdevice
+        self.remove = False
+
+
+class DmirrorDevice:
+    """``struct dmirror_device``: one of the four ``/dev/hmm_dmirrorN``."""
+
+    def __init__(self, sys: "System", minor: int, zone_device_type: int) -> None:
+        self.sys = sys
+        self.minor = minor
+        self.zone_device_type = zone_device_type
+        self.chunks: list[DmirrorChunk] = []
+        self.calloc = 0
+        self.cfree = 0
+        self.free_pages: list[int] = []
+        self.devmem_lock = Lock(sys.ls, "dmirror_devmem_lock")
+        self.lock = Lock(sys.ls, "dmirror_device_lock", sleepable=False)
+
+    @property
+    def is_private(self) -> bool:
+        return self.zone_device_type == HMM_DMIRROR_MEMORY_DEVICE_PRIVATE
+
+    def __repr__(self) -> str:
+        kind = "private" if self.is_private else "coherent"
+        return f"DmirrorDevice({self.minor}, {kind})"
+
+
+class Dmirror:
+    """``struct dmirror``: the state of one open file of a device."""
+
+    def __init__(self, mdevice: DmirrorDevice) -> None:
+        self.mdevice = mdevice
+        self.pt = DmirrorPT()
+        self.notifier = MmuIntervalNotifier(owner=self)
+        self.mutex = Lock(mdevice.sys.ls, "dmirror_mutex")
+
+    @property
+    def sys(self) -> "System":
+        return self.mdevice.sys
+
+
+class DmirrorBounce:
+    """``struct dmirror_bounce``: a kernel buffer for the data of one command."""
+
+    __slots__ = ("addr", "size", "cpages", "data")
+
+    def __init__(self, addr: int, size: int) -> None:
+        self.addr = addr
+        self.size = size
+        self.cpages = 0
+        self.data = np.zeros(size, np.uint8)
+
+
+def _bounce_init(sys: "System", addr: int, size: int) -> DmirrorBounce | int:
+    """``dmirror_bounce_init()``: vmalloc refuses more pages than the machine has RAM."""
+    if (size >> PAGE_SHIFT) > sys.mem.totalram_pages:
+        return -ENOMEM
+    return DmirrorBounce(addr, size)
+
+
+# -- device memory ---------------------------------------------------------------------------------
+def dmirror_allocate_chunk(mdevice: DmirrorDevice) -> int:
+    """``dmirror_allocate_chunk()`` (without taking a page): add a 256 MiB pagemap and put
+    its pages on the free list. Coherent devices use their fixed SPM range."""
+    sys = mdevice.sys
+    if mdevice.is_private:
+        start = sys.request_free_mem_region(DEVMEM_CHUNK_PAGES)
+        if start < 0:
+            return -ENOMEM
+        mtype = MemoryType.MEMORY_DEVICE_PRIVATE
+    else:
+        start = sys.spm_range(1 if mdevice.minor == 2 else 0)
+        if start < 0 or mdevice.chunks:
+            return -EINVAL
+        mtype = MemoryType.MEMORY_DEVICE_COHERENT
+    ops = DevPagemapOps(page_free=lambda pfn: dmirror_devmem_free(mdevice, pfn),
+                        migrate_to_ram=dmirror_devmem_fault)
+    pgmap = DevPagemap(mtype, start, DEVMEM_CHUNK_PAGES, ops, owner=mdevice)
+    with mdevice.devmem_lock.held():
+        ret = memremap_pages(sys, pgmap)
+        if ret:
+            return ret
+        mdevice.chunks.append(DmirrorChunk(pgmap, mdevice))
+    with mdevice.lock.held():
+        # the free list is a stack; pages come out lowest pfn first
+        mdevice.free_pages.extend(range(start + DEVMEM_CHUNK_PAGES - 1, start - 1, -1))
+    sys.stats.add("dmirror.chunks")
+    return 0
+
+
+def dmirror_devmem_free(mdevice: DmirrorDevice, pfn: int) -> None:
+    """``dmirror_devmem_free()`` (``page_free``): free the backing page of a private page
+    and put the device page back on the free list (unless its chunk is being removed)."""
+    sys = mdevice.sys
+    backing = int(sys.mem.zone_device_data[pfn])
+    if mdevice.is_private and backing:
+        sys.mem.zone_device_data[pfn] = 0
+        folio_put(sys, backing)
+    with mdevice.lock.held():
+        chunk = next(c for c in mdevice.chunks if c.pagemap.start_pfn <= pfn < c.pagemap.start_pfn + c.pagemap.nr_pages)
+        if not chunk.remove:
+            mdevice.cfree += 1
+            mdevice.free_pages.append(pfn)
+
+
+def dmirror_devmem_fault(vmf: "VmFault") -> int:
+    """``dmirror_devmem_fault()`` (``migrate_to_ram``): migrating a device-private page back
+    needs ``migrate_vma_*``, which arrives with device memory migration."""
+    raise NotSupportedError("migrate_to_ram of dmirror device-private pages needs migrate_vma_*")
+
+
+def _device_pages_in_use(mdevice: DmirrorDevice) -> bool:
+    mem = mdevice.sys.mem
+    return any(bool(mem.refcount[c.pagemap.start_pfn:c.pagemap.start_pfn + c.pagemap.nr_pages].any())
+               for c in mdevice.chunks)
+
+
+def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
+    """``dmirror_device_evict_chunk()``: migrate every page of the chunk that is in use
+    back to system memory. A chunk with no page in use needs nothing."""
+    mem = chunk.mdevice.sys.mem
+    pg = chunk.pagemap
+    if mem.refcount[pg.start_pfn:pg.start_pfn + pg.nr_pages].any():
+        raise NotSupportedError("evicting device pages needs migrate_device_range()")
+
+
+# -- the mirror: notifier, fault, read/write ---------------------------------------------------------
+def dmirror_interval_invalidate(mni: MmuIntervalNotifier, r: MmuNotifierRange, cur_seq: int) -> bool:
+    """``dmirror_interval_invalidate()``."""
+    dmirror: Dmirror = mni.owner
+    if r.event == MmuNotifierEvent.MMU_NOTIFY_MIGRATE and r.owner is dmirror.mdevice:
+        return True
+    if mmu_notifier_range_blockable(r):
+        dmirror.mutex.lock()
+    elif not dmirror.mutex.trylock():
+        return False
+    try:
+        mmu_interval_set_seq(mni, cur_seq)
+        dmirror.pt.erase_range(r.start >> PAGE_SHIFT, r.end >> PAGE_SHIFT)
+        dmirror.sys.stats.add("dmirror.invalidate")
+    finally:
+        dmirror.mutex.unlock()
+    return True
+
+
+dmirror_min_ops = MmuIntervalNotifierOps(dmirror_interval_invalidate)
+
+
+def dmirror_do_fault(dmirror: Dmirror, r: HmmRange) -> int:
+    """``dmirror_do_fault()``: store the faulted pages in the device page table (mutex
+    held). A read-only result for a write request is a WARN and ``-EFAULT``, after the
+    entries before it were stored."""
+    n = (r.end - r.start) >> PAGE_SHIFT
+    pfns = r.hmm_pfns[:n]
+    bad = (pfns & np.uint64(HMM_PFN_ERROR)) != 0
+    bad |= (pfns & np.uint64(HMM_PFN_VALID)) == 0
+    if bad.any():
+        raise AssertionError("dmirror_do_fault: hmm_range_fault returned an invalid entry")
+    writable = (pfns & np.uint64(HMM_PFN_WRITE)) != 0
+    stop = n
+    if r.default_flags & HMM_PFN_REQ_WRITE and not writable.all():
+        stop = int(np.argmin(writable))
+        dmirror.sys.stats.add("dmirror.warn_readonly_write")
+    page = (pfns[:stop] & np.uint64(~HMM_PFN_FLAGS & ULONG_MAX)).astype(np.int64)
+    vals = (page << 2) | np.where(writable[:stop], DPT_XA_TAG_WRITE, 0)
+    dmirror.pt.store_range(r.start >> PAGE_SHIFT, vals)
+    return -EFAULT if stop < n else 0
+
+
+def dmirror_range_fault(dmirror: Dmirror, r: HmmRange) -> int:
+    """``dmirror_range_fault()``: the retry loop every HMM driver has."""
+    mm = dmirror.notifier.mm
+    assert mm is not None
+    for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
+        r.notifier_seq = mmu_interval_read_begin(r.notifier)
+        mmap_read_lock(mm)
+        ret = hmm_range_fault(r)
+        mmap_read_unlock(mm)
+        if ret:
+            if ret == -EBUSY:
+                continue
+            return ret
+        dmirror.mutex.lock()
+        if mmu_interval_read_retry(r.notifier, r.notifier_seq):
+            dmirror.mutex.unlock()
+            continue
+        try:
+            return dmirror_do_fault(dmirror, r)
+        finally:
+            dmirror.mutex.unlock()
+    return -EBUSY
+
+
+def dmirror_fault(dmirror: Dmirror, start: int, end: int, write: bool) -> int:
+    """``dmirror_fault()``: fault ``[start, end)`` into the mirror, 64 pages at a time."""
+    mm = dmirror.notifier.mm
+    assert mm is not None
+    r = HmmRange(notifier=dmirror.notifier, start=start, end=start,
+                 hmm_pfns=np.zeros(DMIRROR_WINDOW, np.uint64), pfn_flags_mask=0,
+                 default_flags=HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if write else 0),
+                 dev_private_owner=dmirror.mdevice)
+    if not mmget_not_zero(mm):
+        return -EFAULT
+    ret = 0
+    try:
+        addr = start
+        while addr < end:
+            r.start = addr
+            r.end = min(addr + (DMIRROR_WINDOW << PAGE_SHIFT), end)
+            ret = dmirror_range_fault(dmirror, r)
+            if ret:
+                break
+            addr = r.end
+    finally:
+        mmput(mm)
+    return ret
+
+
+def _kernel_pages(dmirror: Dmirror, entries: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The pfns a kernel copy would go through (``memcpy_from/to_page``); a device-private
+    page has no kernel mapping: the real kernel oopses (conventions, item 25)."""
+    sys = dmirror.sys
+    pfns = entries >> 2
+    if len(pfns) and (pfns >= sys.mem.data_pages).any():
+        pfn = int(pfns[pfns >= sys.mem.data_pages][0])
+        raise KernelOops(f"dmirror{dmirror.mdevice.minor}: copy through device-private page "
+                         f"{pfn:#x} (no kernel mapping): BUG in dmirror_do_read/write")
+    return pfns
+
+
+def dmirror_do_read(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBounce) -> int:
+    """``dmirror_do_read()``: copy mirrored pages to the bounce buffer until the first
+    missing entry (``-ENOENT``)."""
+    n = (end - start) >> PAGE_SHIFT
+    entries = dmirror.pt.load_range(start >> PAGE_SHIFT, n)
+    missing = np.flatnonzero(entries < 0)
+    k = int(missing[0]) if len(missing) else n
+    pfns = _kernel_pages(dmirror, entries[:k])
+    off = (start - bounce.addr) & PAGE_MASK
+    if k:
+        bounce.data[off:off + (k << PAGE_SHIFT)] = dmirror.sys.mem.data[pfns].reshape(-1)
+    bounce.cpages += k
+    return -ENOENT if k < n else 0
+
+
+def dmirror_do_write(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBounce) -> int:
+    """``dmirror_do_write()``: copy the bounce buffer into mirrored pages until the first
+    entry that is missing or not tagged WRITE (``-ENOENT``)."""
+    n = (end - start) >> PAGE_SHIFT
+    entries = dmirror.pt.load_range(start >> PAGE_SHIFT, n)
+    bad = np.flatnonzero((entries < 0) | ((entries & 3) != DPT_XA_TAG_WRITE))
+    k = int(bad[0]) if len(bad) else n
+    pfns = _kernel_pages(dmirror, entries[:k])
+    off = (start - bounce.addr) & PAGE_MASK
+    if k:
+        mem = dmirror.sys.mem
+        mem.data[pfns] = bounce.data[off:off + (k << PAGE_SHIFT)].reshape(k, PAGE_SIZE)
+        mem.mark_written(pfns)
+    bounce.cpages += k
+    return -ENOENT if k < n else 0
+
+
+def dmirror_read(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
+    """``dmirror_read()``: HMM_DMIRROR_READ."""
+    size = (cmd.npages << PAGE_SHIFT) & ULONG_MAX
+    start = cmd.addr
+    end = (start + size) & ULONG_MAX
+    if end < start:
+        return -EINVAL
+    bounce = _bounce_init(dmirror.sys, start, size)
+    if isinstance(bounce, int):
+        return bounce
+    while True:
+        with dmirror.mutex.held():
+            ret = dmirror_do_read(dmirror, start, end, bounce)
+        if ret != -ENOENT:
+            break
+        start = cmd.addr + (bounce.cpages << PAGE_SHIFT)
+        ret = dmirror_fault(dmirror, start, end, False)
+        if ret:
+            break
+        cmd.faults += 1
+    if ret == 0 and copy_to_user(caller.mm, cmd.ptr, bounce.data):
+        ret = -EFAULT
+    cmd.cpages = bounce.cpages
+    return ret
+
+
+def dmirror_write(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
+    """``dmirror_write()``: HMM_DMIRROR_WRITE."""
+    size = (cmd.npages << PAGE_SHIFT) & ULONG_MAX
+    start = cmd.addr
+    end = (start + size) & ULONG_MAX
+    if end < start:
+        return -EINVAL
+    bounce = _bounce_init(dmirror.sys, start, size)
+    if isinstance(bounce, int):
+        return bounce
+    data, left = copy_from_user(caller.mm, cmd.ptr, size)
+    if left:
+        return -EFAULT
+    bounce.data[:] = data
+    while True:
+        with dmirror.mutex.held():
+            ret = dmirror_do_write(dmirror, start, end, bounce)
+        if ret != -ENOENT:
+            break
+        start = cmd.addr + (bounce.cpages << PAGE_SHIFT)
+        ret = dmirror_fault(dmirror, start, end, True)
+        if ret:
+            break
+        cmd.faults += 1
+    cmd.cpages = bounce.cpages
+    return ret
+
+
+def dmirror_check_atomic(dmirror: Dmirror, start: int, end: int) -> int:
+    """``dmirror_check_atomic()``: ``-EPERM`` if a page of the range is mapped ATOMIC."""
+    entries = dmirror.pt.load_range(start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT)
+    if ((entries >= 0) & ((entries & 3) == DPT_XA_TAG_ATOMIC)).any():
+        return -EPERM
+    return 0
+
+
+# -- snapshot ------------------------------------------------------------------------------------
+def dmirror_mkentry(dmirror: Dmirror, entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
+    """``dmirror_mkentry()`` for a window of hmm_range_fault() outputs."""
+    sys = dmirror.sys
+    n = len(entries)
+    out = np.zeros(n, np.uint8)
+    for i in range(n):
+        e = int(entries[i])
+        if e & HMM_PFN_ERROR:
+            out[i] = HMM_DMIRROR_PROT_ERROR
+            continue
+        if not e & HMM_PFN_VALID:
+            out[i] = HMM_DMIRROR_PROT_NONE
+            continue
+        pfn = e & ~HMM_PFN_FLAGS & ULONG_MAX
+        pg = sys.pgmap_of(pfn)
+        if pg is not None and pg.is_private:
+            perm = (HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL if pg.owner is dmirror.mdevice
+                    else HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE)
+        elif pg is not None and pg.is_coherent:
+            perm = (HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL if pg.owner is dmirror.mdevice
+                    else HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE)
+        elif sys.mem.is_zero_pfn(pfn):
+            perm = HMM_DMIRROR_PROT_ZERO
+        else:
+            perm = HMM_DMIRROR_PROT_NONE
+        perm |= HMM_DMIRROR_PROT_WRITE if e & HMM_PFN_WRITE else HMM_DMIRROR_PROT_READ
+        order = (e >> HMM_PFN_ORDER_SHIFT) & HMM_PFN_ORDER_MASK
+        if order + PAGE_SHIFT == PMD_SHIFT:
+            perm |= HMM_DMIRROR_PROT_PMD
+        elif order + PAGE_SHIFT == PUD_SHIFT:
+            perm |= HMM_DMIRROR_PROT_PUD
+        out[i] = perm
+    return out
+
+
+def dmirror_snapshot_invalidate(mni: MmuIntervalNotifier, r: MmuNotifierRange, cur_seq: int) -> bool:
+    """``dmirror_snapshot_invalidate()``: any invalidation spoils the whole snapshot."""
+    dmirror: Dmirror = mni.owner
+    if mmu_notifier_range_blockable(r):
+        dmirror.mutex.lock()
+    elif not dmirror.mutex.trylock():
+        return False
+    mmu_interval_set_seq(mni, cur_seq)
+    dmirror.mutex.unlock()
+    return True
+
+
+dmirror_mrn_ops = MmuIntervalNotifierOps(dmirror_snapshot_invalidate)
+
+
+def dmirror_range_snapshot(dmirror: Dmirror, r: HmmRange) -> tuple[int, npt.NDArray[np.uint8] | None]:
+    """``dmirror_range_snapshot()``: one window under a temporary interval notifier."""
+    mm = dmirror.notifier.mm
+    assert mm is not None
+    notifier = MmuIntervalNotifier(owner=dmirror)
+    r.notifier = notifier
+    ret = mmu_interval_notifier_insert(notifier, mm, r.start, r.end - r.start, dmirror_mrn_ops)
+    if ret:
+        return ret, None
+    try:
+        for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
+            r.notifier_seq = mmu_interval_read_begin(notifier)
+            mmap_read_lock(mm)
+            ret = hmm_range_fault(r)
+            mmap_read_unlock(mm)
+            if ret:
+                if ret == -EBUSY:
+                    continue
+                return ret, None
+            dmirror.mutex.lock()
+            if mmu_interval_read_retry(notifier, r.notifier_seq):
+                dmirror.mutex.unlock()
+                continue
+            try:
+                n = (r.end - r.start) >> PAGE_SHIFT
+                return 0, dmirror_mkentry(dmirror, r.hmm_pfns[:n])
+            finally:
+                dmirror.mutex.unlock()
+        return -EBUSY, None
+    finally:
+        mmu_interval_notifier_remove(notifier)
+
+
+def dmirror_snapshot(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
+    """``dmirror_snapshot()``: HMM_DMIRROR_SNAPSHOT, one protection byte per page."""
+    mm = dmirror.notifier.mm
+    assert mm is not None
+    size = (cmd.npages << PAGE_SHIFT) & ULONG_MAX
+    start = cmd.addr
+    end = (start + size) & ULONG_MAX
+    if end < start:
+        return -EINVAL
+    if not mmget_not_zero(mm):
+        return -EINVAL
+    r = HmmRange(notifier=dmirror.notifier, start=start, end=start,
+                 hmm_pfns=np.zeros(DMIRROR_WINDOW, np.uint64), dev_private_owner=dmirror.mdevice)
+    uptr = cmd.ptr
+    ret = 0
+    try:
+        addr = start
+        while addr < end:
+            nxt = min(addr + (DMIRROR_WINDOW << PAGE_SHIFT), end)
+            r.start, r.end = addr, nxt
+            ret, perm = dmirror_range_snapshot(dmirror, r)
+            if ret:
+                break
+            assert perm is not None
+            if copy_to_user(caller.mm, uptr, perm):
+                ret = -EFAULT
+                break
+            cmd.cpages += len(perm)
+            uptr += len(perm)
+            addr = nxt
+    finally:
+        mmput(mm)
+    return ret
+
+
+# -- file operations -------------------------------------------------------------------------------
+def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, caller: "Task") -> int:
+    """``dmirror_fops_unlocked_ioctl()``: validate, dispatch, copy the counters back on
+    success. *cmd* is the user's ``struct hmm_dmirror_cmd``; its ``ptr`` is an address in
+    *caller*'s address space."""
+    dmirror: Dmirror | None = file.private_data
+    if dmirror is None:
+        return -EINVAL
+    addr = cmd.addr & ULONG_MAX
+    if addr & ~PAGE_MASK:
+        return -EINVAL
+    if addr >= (addr + (cmd.npages << PAGE_SHIFT)) & ULONG_MAX:
+        return -EINVAL
+    k = HmmDmirrorCmd(addr=addr, ptr=cmd.ptr, npages=cmd.npages)
+    dmirror.sys.stats.add(f"dmirror.ioctl.{IOCTL_NAMES.get(command, 'unknown')[13:].lower()}")
+    if command == HMM_DMIRROR_READ:
+        ret = dmirror_read(dmirror, k, caller)
+    elif command == HMM_DMIRROR_WRITE:
+        ret = dmirror_write(dmirror, k, caller)
+    elif command == HMM_DMIRROR_SNAPSHOT:
+        ret = dmirror_snapshot(dmirror, k, caller)
+    elif command == HMM_DMIRROR_CHECK_EXCLUSIVE:
+        ret = dmirror_check_atomic(dmirror, k.addr, k.addr + (k.npages << PAGE_SHIFT))
+    elif command in (HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_MIGRATE_TO_SYS, HMM_DMIRROR_EXCLUSIVE,
+                     HMM_DMIRROR_RELEASE):
+        raise NotSupportedError(f"{IOCTL_NAMES[command]} (device memory migration) is not modelled yet")
+    else:
+        return -EINVAL
+    if ret:
+        return ret
+    cmd.cpages = k.cpages
+    cmd.faults = k.faults
+    return 0
+
+
+def dmirror_fops_release(inode: Any, file: File) -> int:
+    """``dmirror_fops_release()``: drop the notifier, evict the device's memory, free."""
+    dmirror: Dmirror = file.private_data
+    mmu_interval_notifier_remove(dmirror.notifier)
+    mdevice = dmirror.mdevice
+    for chunk in list(mdevice.chunks):
+        dmirror_device_evict_chunk(chunk)
+    dmirror.pt = DmirrorPT()
+    file.private_data = None
+    dmirror.sys.stats.add("dmirror.release")
+    return 0
+
+
+def dmirror_fops_mmap(file: File, vma: "Vma") -> int:
+    """``dmirror_fops_mmap()``: back every page of the VMA with a zeroed kernel page
+    (``vm_insert_page``, so the VMA becomes VM_MIXEDMAP)."""
+    sys = vma.vm_mm.sys
+    for addr in range(vma.vm_start, vma.vm_end, PAGE_SIZE):
+        pfn = sys.mem.alloc_page()
+        if pfn < 0:
+            return -ENOMEM
+        ret = vm_insert_page(vma, addr, pfn)
+        if ret:
+            folio_put(sys, pfn)
+            return ret
+        folio_put(sys, pfn)
+    return 0
+
+
+dmirror_fops = FileOperations("dmirror", mmap=dmirror_fops_mmap, release=dmirror_fops_release,
+                              unlocked_ioctl=dmirror_fops_unlocked_ioctl)
+
+
+def dmirror_fops_open(mdevice: DmirrorDevice, task: "Task") -> File | int:
+    """``dmirror_fops_open()``: a new mirror of the opener's address space."""
+    dmirror = Dmirror(mdevice)
+    ret = mmu_interval_notifier_insert(dmirror.notifier, task.mm, 0, ULONG_MAX & PAGE_MASK, dmirror_min_ops)
+    if ret:
+        return ret
+    return File(None, dmirror_fops, FMODE_READ | FMODE_WRITE, private_data=dmirror,
+                name=f"hmm_dmirror{mdevice.minor}")
+
+
+def dmirror_open(sys: "System", task: "Task", minor: int) -> int:
+    """``open("/dev/hmm_dmirrorN", O_RDWR)`` in *task*: an fd, or ``-ENODEV`` if no such
+    device exists."""
+    if not 0 <= minor < len(sys.dmirror_devices) or sys.dmirror_devices[minor] is None:
+        return -ENODEV
+    f = dmirror_fops_open(sys.dmirror_devices[minor], task)
+    if isinstance(f, int):
+        return f
+    return task.fd_install(f)
+
+
+def hmm_dmirror_init(sys: "System") -> None:
+    """``hmm_dmirror_init()``: create the devices, each with its first chunk."""
+    types = [HMM_DMIRROR_MEMORY_DEVICE_PRIVATE, HMM_DMIRROR_MEMORY_DEVICE_PRIVATE]
+    if sys.spm_range(0) >= 0 and sys.spm_range(1) >= 0:
+        types += [HMM_DMIRROR_MEMORY_DEVICE_COHERENT, HMM_DMIRROR_MEMORY_DEVICE_COHERENT]
+    for minor, t in enumerate(types):
+        dev = DmirrorDevice(sys, minor, t)
+        ret = dmirror_allocate_chunk(dev)
+        if ret:
+            raise RuntimeError(f"hmm_dmirror_init: device {minor}: {ret}")
+        sys.dmirror_devices.append(dev)

@@ -1,0 +1,111 @@
+"""Exceptions of the friendly API.
+
+Kernel-level functions return ``0``/``-errno`` like the kernel; the facade
+(:class:`~hmmsim.process.Process`, :class:`~hmmsim.device.Device`) turns a negative
+return into an :class:`HmmError` subclass chosen by meaning, carrying the errno. A
+rejected call changes nothing. CPU accesses that the kernel would answer with a signal
+raise :class:`SegmentationFault` or :class:`BusError` naming the address.
+
+Two more kinds are not errors of the caller but findings about the modelled kernel:
+:class:`KernelOops` (the real kernel would crash here) and :class:`NotSupportedError`
+(the model does not cover this path yet).
+"""
+
+from __future__ import annotations
+
+from .kernel.errno import (
+    EACCES, EBADF, EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM, errno_name,
+)
+
+__all__ = (
+    "BadAddress", "BadFileDescriptor", "BusError", "Busy", "Exists", "HmmError",
+    "HmmsimError", "InvalidArgument", "KernelOops", "NoDevice", "NoEntry", "NotSupportedError",
+    "OutOfMemory", "PermissionDenied", "SegmentationFault", "error_from_errno",
+)
+
+
+class HmmsimError(Exception):
+    """Base of every exception raised by hmmsim."""
+
+
+class HmmError(HmmsimError):
+    """A call failed with a kernel errno (``.errno`` is positive, e.g. 14 for EFAULT)."""
+
+    def __init__(self, errno: int, msg: str = "") -> None:
+        self.errno = abs(errno)
+        super().__init__(f"{errno_name(-self.errno)}: {msg}" if msg else errno_name(-self.errno))
+
+
+class InvalidArgument(HmmError):
+    """EINVAL."""
+
+
+class BadAddress(HmmError):
+    """EFAULT: an address is not mapped or cannot be made valid."""
+
+
+class PermissionDenied(HmmError):
+    """EPERM or EACCES."""
+
+
+class OutOfMemory(HmmError):
+    """ENOMEM."""
+
+
+class Busy(HmmError):
+    """EBUSY: retry (e.g. the mirror's notifier sequence changed too often)."""
+
+
+class NoEntry(HmmError):
+    """ENOENT."""
+
+
+class BadFileDescriptor(HmmError):
+    """EBADF."""
+
+
+class NoDevice(HmmError):
+    """ENODEV."""
+
+
+class Exists(HmmError):
+    """EEXIST."""
+
+
+_BY_ERRNO: dict[int, type[HmmError]] = {
+    EINVAL: InvalidArgument, EFAULT: BadAddress, EPERM: PermissionDenied,
+    EACCES: PermissionDenied, ENOMEM: OutOfMemory, EBUSY: Busy, ENOENT: NoEntry,
+    EBADF: BadFileDescriptor, ENODEV: NoDevice, EEXIST: Exists,
+}
+
+
+def error_from_errno(err: int, msg: str = "") -> HmmError:
+    """The :class:`HmmError` subclass for a (negative or positive) errno."""
+    return _BY_ERRNO.get(abs(err), HmmError)(err, msg)
+
+
+class SegmentationFault(HmmsimError):
+    """The CPU access raised SIGSEGV (no VMA, or the VMA forbids the access)."""
+
+    def __init__(self, addr: int, write: bool, signal: int = 11) -> None:
+        self.addr = addr
+        self.write = write
+        self.signal = signal
+        kind = "write" if write else "read"
+        super().__init__(f"SIGSEGV: {kind} of {addr:#x}")
+
+
+class BusError(SegmentationFault):
+    """The CPU access raised SIGBUS (past the end of a file, no hugetlb page, poison)."""
+
+    def __init__(self, addr: int, write: bool, signal: int = 7) -> None:
+        super().__init__(addr, write, signal)
+        self.args = (f"SIGBUS: {'write' if write else 'read'} of {addr:#x}",)
+
+
+class KernelOops(HmmsimError):
+    """The real kernel would oops (crash) here; the model stops instead of guessing."""
+
+
+class NotSupportedError(HmmsimError):
+    """The model does not implement this path yet (the message says which)."""

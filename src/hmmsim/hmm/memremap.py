@@ -1,0 +1,167 @@
+"""ZONE_DEVICE memory: ``struct dev_pagemap`` and its page lifecycle.
+
+Models ``include/linux/memremap.h`` and ``mm/memremap.c``: the memory types, the pagemap
+ops (``page_free``, ``migrate_to_ram``), ``memremap_pages()`` (validation: a private
+pagemap needs ``migrate_to_ram``, ``page_free`` and an owner; a coherent one ``page_free``
+and an owner), ``zone_device_page_init()`` (refcount 1, locked) and the free path taken
+when a device page's last reference goes away (``page_free`` is called, the page stays
+with the driver at refcount 0).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..kernel.errno import EINVAL
+from ..kernel.page_types import PAGE_SHIFT
+from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_locked
+
+if TYPE_CHECKING:
+    from ..kernel.fault import VmFault
+    from ..kernel.system import System
+
+__all__ = (
+    "DevPagemap", "DevPagemapOps", "MemoryType", "free_zone_device_folio",
+    "is_device_coherent_page", "is_device_private_page", "is_zone_device_page",
+    "memremap_pages", "memunmap_pages", "page_pgmap", "zone_device_page_init",
+)
+
+
+class MemoryType(enum.IntEnum):
+    """``enum memory_type``."""
+
+    MEMORY_DEVICE_PRIVATE = 1
+    MEMORY_DEVICE_COHERENT = 2
+    MEMORY_DEVICE_FS_DAX = 3
+    MEMORY_DEVICE_GENERIC = 4
+    MEMORY_DEVICE_PCI_P2PDMA = 5
+
+
+class DevPagemapOps:
+    """``struct dev_pagemap_ops``: ``page_free(pfn)`` and ``migrate_to_ram(vmf) -> vm_fault_t``."""
+
+    __slots__ = ("page_free", "migrate_to_ram")
+
+    def __init__(self, page_free: Callable[[int], None] | None = None,
+                 migrate_to_ram: Callable[["VmFault"], int] | None = None) -> None:
+        self.page_free = page_free
+        self.migrate_to_ram = migrate_to_ram
+
+
+class DevPagemap:
+    """``struct dev_pagemap``: one range of device pfns with a type, ops and an owner."""
+
+    __slots__ = ("type", "start_pfn", "nr_pages", "ops", "owner", "id", "nr_used")
+
+    def __init__(self, type_: MemoryType, start_pfn: int, nr_pages: int, ops: DevPagemapOps, owner: Any) -> None:
+        self.type = type_
+        self.start_pfn = start_pfn
+        self.nr_pages = nr_pages
+        self.ops = ops
+        self.owner = owner
+        self.id = 0
+        #: pages with a reference (the pgmap's percpu ref count)
+        self.nr_used = 0
+
+    @property
+    def is_private(self) -> bool:
+        return self.type == MemoryType.MEMORY_DEVICE_PRIVATE
+
+    @property
+    def is_coherent(self) -> bool:
+        return self.type == MemoryType.MEMORY_DEVICE_COHERENT
+
+    @property
+    def range(self) -> tuple[int, int]:
+        """Physical address range ``[start, end]`` (inclusive, like ``struct range``)."""
+        return self.start_pfn << PAGE_SHIFT, ((self.start_pfn + self.nr_pages) << PAGE_SHIFT) - 1
+
+    def __repr__(self) -> str:
+        return (f"DevPagemap({self.type.name}, pfn {self.start_pfn:#x}+{self.nr_pages:#x}, "
+                f"owner={self.owner!r})")
+
+
+def memremap_pages(sys: "System", pgmap: DevPagemap) -> int:
+    """``memremap_pages()``: make the pgmap's pfns ZONE_DEVICE pages (all free, refcount 0).
+
+    Returns 0 or ``-EINVAL`` (missing ops/owner for the type, range outside the machine's
+    device pfn space or overlapping another pagemap)."""
+    if pgmap.type == MemoryType.MEMORY_DEVICE_PRIVATE:
+        if pgmap.ops.migrate_to_ram is None or pgmap.ops.page_free is None or pgmap.owner is None:
+            return -EINVAL
+    elif pgmap.type == MemoryType.MEMORY_DEVICE_COHERENT:
+        if pgmap.ops.page_free is None or pgmap.owner is None:
+            return -EINVAL
+    mem = sys.mem
+    a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
+    if a < mem.ram_pages or b > mem.max_pfn or mem.pgmap[a:b].any():
+        return -EINVAL
+    if pgmap.type == MemoryType.MEMORY_DEVICE_COHERENT and b > mem.data_pages:
+        return -EINVAL
+    sys.pgmaps.append(pgmap)
+    pgmap.id = len(sys.pgmaps)
+    mem.pgmap[a:b] = pgmap.id
+    mem.refcount[a:b] = 0
+    sys.stats.add("memremap.pages", pgmap.nr_pages)
+    return 0
+
+
+def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:
+    """``memunmap_pages()``: the pages must all be free (the driver evicted them)."""
+    mem = sys.mem
+    a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
+    busy = np.flatnonzero(mem.refcount[a:b])
+    if len(busy):
+        raise AssertionError(f"memunmap_pages: pfn {a + int(busy[0]):#x} still in use")
+    mem.pgmap[a:b] = 0
+    sys.pgmaps[pgmap.id - 1] = None  # type: ignore[call-overload]
+
+
+def page_pgmap(sys: "System", pfn: int) -> DevPagemap | None:
+    """``page_pgmap()``: the pagemap of a ZONE_DEVICE page, else None."""
+    pid = int(sys.mem.pgmap[pfn]) if 0 <= pfn < sys.mem.max_pfn else 0
+    return sys.pgmaps[pid - 1] if pid else None
+
+
+def is_zone_device_page(sys: "System", pfn: int) -> bool:
+    return page_pgmap(sys, pfn) is not None
+
+
+def is_device_private_page(sys: "System", pfn: int) -> bool:
+    pg = page_pgmap(sys, pfn)
+    return pg is not None and pg.is_private
+
+
+def is_device_coherent_page(sys: "System", pfn: int) -> bool:
+    pg = page_pgmap(sys, pfn)
+    return pg is not None and pg.is_coherent
+
+
+def zone_device_page_init(sys: "System", pfn: int) -> None:
+    """``zone_device_page_init()``: a driver hands out a free device page: refcount 1,
+    locked (the caller unlocks it), pgmap reference taken."""
+    from ..kernel.pagemap import folio_lock
+    mem = sys.mem
+    pg = page_pgmap(sys, pfn)
+    assert pg is not None and mem.refcount[pfn] == 0, f"pfn {pfn:#x} is not a free device page"
+    mem.refcount[pfn] = 1
+    pg.nr_used += 1
+    folio_lock(sys, pfn)
+
+
+def free_zone_device_folio(sys: "System", pgmap: DevPagemap, pfn: int) -> None:
+    """``free_zone_device_folio()``: the last reference is gone; clear the anon state
+    and hand the page back to its driver through ``page_free``."""
+    mem = sys.mem
+    mem.mapping[pfn] = 0
+    mem.index[pfn] = 0
+    mem.flags[pfn] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
+    mem.refcount[pfn] = 0
+    pgmap.nr_used -= 1
+    sys.stats.add("memremap.page_free")
+    assert pgmap.ops.page_free is not None
+    pgmap.ops.page_free(pfn)

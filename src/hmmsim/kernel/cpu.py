@@ -1,0 +1,244 @@
+"""The CPU side of memory access: translation by the MMU and the user page-fault handler.
+
+Models what the hardware page walker does (present and writable checks, setting the
+accessed/dirty bits on the entry it used) and ``arch/x86/mm/fault.c``'s
+``do_user_addr_fault()`` (VMA lookup under mmap_lock, ``access_error()``, then
+``handle_mm_fault(..., FAULT_FLAG_USER)``, retried until the access succeeds).
+An access the kernel answers with a signal returns that signal: ``SIGSEGV`` (no VMA, or
+the VMA forbids the access), ``SIGBUS`` (past end of file, no hugetlb page, hwpoison),
+``SIGKILL`` (out of memory).
+
+:func:`translate_range` is the vectorised fast path: it resolves a run of pages that
+already allow the access a whole page table at a time, and faults the others one by one
+in address order, so a CPU loop over many pages behaves exactly like the page-by-page
+loop of a real CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from .fault import (
+    FAULT_FLAG_USER, FAULT_FLAG_WRITE, VM_FAULT_ERROR, VM_FAULT_HWPOISON, VM_FAULT_HWPOISON_LARGE,
+    VM_FAULT_OOM, VM_FAULT_SIGBUS, VM_FAULT_SIGSEGV, handle_mm_fault_range,
+)
+from .mm import MM, mmap_read_lock, mmap_read_unlock
+from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+from .pgtable import _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, PTE_PFN_MASK, pmd_leaf
+from .vma import VM_WRITE, vma_is_accessible
+
+__all__ = ("SIGBUS", "SIGKILL", "SIGSEGV", "copy_from_user", "copy_to_user", "do_user_addr_fault",
+           "translate", "translate_range", "user_read_pages", "user_write_pages")
+
+SIGKILL = 9
+SIGBUS = 7
+SIGSEGV = 11
+_U = np.uint64
+_MAX_RETRIES = 16
+
+
+def _walk(mm: MM, addr: int, n: int, write: bool) -> npt.NDArray[np.int64]:
+    """The MMU: pfns of the pages ``[addr, addr + n pages)`` that allow the access now
+    (-1 where it would fault), setting accessed (and dirty) bits on the entries used.
+    *n* pages must lie within one pmd."""
+    out = np.full(n, -1, np.int64)
+    pud = mm.pud_entry(addr)
+    if pud is None:
+        return out
+    pe = int(pud[0][pud[1]])
+    need = _PAGE_PRESENT | (_PAGE_RW if write else 0)
+    bits = _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+    if pe == 0 or not pe & _PAGE_PRESENT:
+        return out
+    if pmd_leaf(pe):
+        if pe & need == need:
+            pud[0][pud[1]] = pe | bits
+            base = ((pe & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & ((1 << 18) - 1))
+            out[:] = base + np.arange(n)
+        return out
+    pmd = mm.pmd_ref(addr)
+    if pmd is None:
+        return out
+    e = pmd.get()
+    if e == 0 or not e & _PAGE_PRESENT:
+        return out
+    if pmd_leaf(e):
+        if e & need == need:
+            pmd.set(e | bits)
+            base = ((e & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
+            out[:] = base + np.arange(n)
+        return out
+    tid = mm.pte_table(pmd)
+    if tid < 0:
+        return out
+    tbl = mm.sys.pt.table(tid)
+    i0 = (addr >> PAGE_SHIFT) & 511
+    seg = tbl[i0:i0 + n]
+    ok = (seg & _U(need)) == _U(need)
+    if ok.any():
+        seg[ok] |= _U(bits)
+        out[ok] = ((seg[ok] & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
+    return out
+
+
+def do_user_addr_fault(mm: MM, addr: int, write: bool, npages: int = 1) -> tuple[int, int]:
+    """``do_user_addr_fault()`` for the pages ``[addr, addr + npages)`` (one VMA is found
+    for *addr*; the run is cut at its end). Returns ``(signal or 0, pages handled)``."""
+    mmap_read_lock(mm)
+    try:
+        vma = mm.find_vma(addr)
+        if vma is None or vma.vm_start > addr:
+            return SIGSEGV, 1
+        if write and not vma.vm_flags & VM_WRITE:
+            return SIGSEGV, 1
+        if not write and not vma_is_accessible(vma):
+            return SIGSEGV, 1
+        end = min(addr + (npages << PAGE_SHIFT), vma.vm_end)
+        flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0)
+        ret, fail = handle_mm_fault_range(vma, addr, end, flags)
+        done = (fail - addr) >> PAGE_SHIFT
+        if not ret & VM_FAULT_ERROR:
+            return 0, done
+        mm.sys.stats.add("fault.user_error")
+        if ret & VM_FAULT_OOM:
+            return SIGKILL, done
+        if ret & (VM_FAULT_SIGBUS | VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
+            return SIGBUS, done
+        if ret & VM_FAULT_SIGSEGV:
+            return SIGSEGV, done
+        raise AssertionError(f"unexpected fault result {ret:#x}")
+    finally:
+        mmap_read_unlock(mm)
+
+
+def translate_range(mm: MM, addr: int, npages: int, write: bool) -> tuple[npt.NDArray[np.int64], list[tuple[int, int]]]:
+    """Access every page of ``[addr, addr + npages)`` in order, as a CPU loop would.
+
+    Returns ``(pfns, signals)``: the pfn each page was accessed through (-1 for pages
+    whose access raised a signal) and ``(page index, signal)`` for those pages. A page's
+    access is retried after each successful fault until the MMU accepts it."""
+    pfns = np.full(npages, -1, np.int64)
+    sigs: list[tuple[int, int]] = []
+    i = 0
+    retries = 0
+    pending, pending_sig = -1, 0  # a page whose access is known to raise a signal
+    while i < npages:
+        if i == pending:
+            sigs.append((i, pending_sig))
+            if pending_sig == SIGKILL:
+                break
+            pending = -1
+            i += 1
+            retries = 0
+            continue
+        a = addr + (i << PAGE_SHIFT)
+        n = min(npages - i, (((a + PMD_SIZE) & ~(PMD_SIZE - 1)) - a) >> PAGE_SHIFT)
+        if pending > i:
+            n = min(n, pending - i)
+        got = _walk(mm, a, n, write)
+        bad = np.flatnonzero(got < 0)
+        k = int(bad[0]) if len(bad) else n
+        pfns[i:i + k] = got[:k]
+        i += k
+        if k:
+            retries = 0
+        if k == n:
+            continue
+        contig = k
+        while contig < n and got[contig] < 0:
+            contig += 1
+        sig, done = do_user_addr_fault(mm, a + (k << PAGE_SHIFT), write, contig - k)
+        if sig:
+            pending, pending_sig = i + done, sig
+            continue
+        retries += 1
+        if retries > _MAX_RETRIES:
+            raise AssertionError(f"fault at {a + (k << PAGE_SHIFT):#x} does not resolve")
+    return pfns, sigs
+
+
+def translate(mm: MM, addr: int, write: bool) -> int:
+    """One page: its pfn, or ``-signal`` if the access raises a signal."""
+    pfns, sigs = translate_range(mm, addr & ~(PAGE_SIZE - 1), 1, write)
+    return -sigs[0][1] if sigs else int(pfns[0])
+
+
+
+# -- data ---------------------------------------------------------------------------------------
+def user_read_pages(mm: MM, addr: int, npages: int) -> tuple[npt.NDArray[np.uint8], list[tuple[int, int]]]:
+    """The CPU reads whole pages ``[addr, addr + npages)``: returns their bytes (zeros for
+    pages that raised a signal) and the ``(page index, signal)`` list."""
+    pfns, sigs = translate_range(mm, addr, npages, write=False)
+    out = np.zeros((npages, PAGE_SIZE), np.uint8)
+    ok = pfns >= 0
+    if ok.any():
+        out[ok] = mm.sys.mem.data[pfns[ok]]
+    return out.reshape(-1), sigs
+
+
+def user_write_pages(mm: MM, addr: int, data: npt.NDArray[np.uint8]) -> list[tuple[int, int]]:
+    """The CPU writes whole pages (``len(data)`` a multiple of PAGE_SIZE) at *addr*; pages
+    that raise a signal are skipped. Returns the ``(page index, signal)`` list."""
+    npages = len(data) // PAGE_SIZE
+    pfns, sigs = translate_range(mm, addr, npages, write=True)
+    ok = pfns >= 0
+    if ok.any():
+        mem = mm.sys.mem
+        mem.data[pfns[ok]] = data.reshape(npages, PAGE_SIZE)[ok]
+        mem.mark_written(pfns[ok])
+    return sigs
+
+
+def _span(addr: int, n: int) -> tuple[int, int]:
+    first = addr & ~(PAGE_SIZE - 1)
+    last = (addr + n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    return first, (last - first) >> PAGE_SHIFT
+
+
+def copy_to_user(mm: MM, addr: int, data: npt.NDArray[np.uint8] | bytes) -> int:
+    """``copy_to_user()``: kernel writes *data* to user address *addr*, faulting pages in.
+    Returns the number of bytes not copied (0 on success)."""
+    buf = np.frombuffer(bytes(data), np.uint8) if isinstance(data, (bytes, bytearray)) else data.reshape(-1).view(np.uint8)
+    n = len(buf)
+    if n == 0:
+        return 0
+    first, npages = _span(addr, n)
+    pfns, sigs = translate_range(mm, first, npages, write=True)
+    stop = sigs[0][0] if sigs else npages
+    mem = mm.sys.mem
+    copied = 0
+    off = addr - first
+    for k in range(stop):
+        lo = max(0, k * PAGE_SIZE - off)
+        hi = min(n, (k + 1) * PAGE_SIZE - off)
+        if hi <= lo:
+            continue
+        po = (off + lo) - k * PAGE_SIZE
+        mem.data[pfns[k], po:po + (hi - lo)] = buf[lo:hi]
+        mem.mark_written(int(pfns[k]))
+        copied = hi
+    return n - copied if stop < npages else 0
+
+
+def copy_from_user(mm: MM, addr: int, n: int) -> tuple[npt.NDArray[np.uint8], int]:
+    """``copy_from_user()``: read *n* bytes at user address *addr*. Returns the bytes
+    (zero-filled past a fault) and the number of bytes not copied."""
+    out = np.zeros(n, np.uint8)
+    if n == 0:
+        return out, 0
+    first, npages = _span(addr, n)
+    pfns, sigs = translate_range(mm, first, npages, write=False)
+    stop = sigs[0][0] if sigs else npages
+    mem = mm.sys.mem
+    off = addr - first
+    copied = 0
+    for k in range(stop):
+        lo = max(0, k * PAGE_SIZE - off)
+        hi = min(n, (k + 1) * PAGE_SIZE - off)
+        if hi <= lo:
+            continue
+        po = (off + lo) - k * PAGE_SIZE
+        out[lo:hi] = mem.data[pfns[k], po:po + (hi - lo)]
+        copied = hi
+    return out, (n - copied if stop < npages else 0)

@@ -1,0 +1,791 @@
+"""Page faults: ``handle_mm_fault()`` and the handlers it dispatches to.
+
+Models the fault half of ``mm/memory.c``: ``__handle_mm_fault``, ``handle_pte_fault``,
+``do_anonymous_page`` (zero page on read), ``do_fault`` with fault-around,
+``do_read_fault``/``do_cow_fault``/``do_shared_fault``, ``finish_fault``,
+``do_wp_page`` (reuse or ``wp_page_copy``), ``do_swap_page`` (swap-in, migration-entry
+wait, device-private ``migrate_to_ram``, device-exclusive restore, hwpoison, pte
+markers) and ``do_numa_page``. THP and hugetlb faults are in :mod:`.huge_memory` and
+:mod:`.hugetlb`.
+
+This one ``handle_mm_fault`` serves CPU accesses (:mod:`.uaccess`) and
+``hmm_range_fault``. :func:`handle_mm_fault_range` is the model's batched equivalent of
+calling it for every page of a range in address order, vectorised for the common states
+(empty anonymous ptes, ptes that already allow the access); it produces the same page
+tables, counters and notifier calls as the page-by-page loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked
+from .mmu_notifier import MmuNotifierEvent, notify_range
+from .page_types import HPAGE_PMD_NR, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+from .pagemap import folio_lock, folio_unlock
+from .pgtable import (
+    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SOFT_DIRTY,
+    PTE_MARKER_GUARD, PTE_MARKER_POISONED, PTE_MARKER_UFFD_WP, is_device_exclusive_entry,
+    is_device_private_entry, is_hwpoison_entry, is_migration_entry, is_pte_marker_entry,
+    non_swap_entry, pfn_pte, pmd_leaf, pte_dirty, pte_marker_get, pte_mkdirty, pte_mkspecial,
+    pte_mkwrite, pte_mkyoung, pte_modify, pte_pfn, pte_present, pte_protnone, pte_special,
+    pte_swp_exclusive, pte_to_swp_entry, pte_write, swp_offset_pfn,
+)
+from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_swapcache
+from .rmap import (
+    anon_vma_prepare, folio_add_file_rmap_ptes, folio_add_new_anon_rmap,
+    folio_add_new_anon_rmap_ptes, folio_remove_rmap_ptes,
+)
+from .vma import VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_PFNMAP, VM_SHARED, VM_WRITE, Vma, is_cow_mapping, vma_is_accessible, vma_is_anonymous
+
+if TYPE_CHECKING:
+    from .system import System
+
+__all__ = (
+    "FAULT_FLAG_INSTRUCTION", "FAULT_FLAG_REMOTE", "FAULT_FLAG_UNSHARE", "FAULT_FLAG_USER",
+    "FAULT_FLAG_WRITE", "VM_FAULT_COMPLETED", "VM_FAULT_ERROR", "VM_FAULT_FALLBACK",
+    "VM_FAULT_HWPOISON", "VM_FAULT_LOCKED", "VM_FAULT_NOPAGE", "VM_FAULT_OOM",
+    "VM_FAULT_RETRY", "VM_FAULT_SIGBUS", "VM_FAULT_SIGSEGV", "VmFault", "do_wp_page",
+    "finish_fault", "handle_mm_fault", "handle_mm_fault_range", "mm_counter_file",
+    "set_pte_range", "vm_normal_page",
+)
+
+# vm_fault_t bits (include/linux/mm_types.h)
+VM_FAULT_OOM = 0x000001
+VM_FAULT_SIGBUS = 0x000002
+VM_FAULT_MAJOR = 0x000004
+VM_FAULT_HWPOISON = 0x000010
+VM_FAULT_HWPOISON_LARGE = 0x000020
+VM_FAULT_SIGSEGV = 0x000040
+VM_FAULT_NOPAGE = 0x000100
+VM_FAULT_LOCKED = 0x000200
+VM_FAULT_RETRY = 0x000400
+VM_FAULT_FALLBACK = 0x000800
+VM_FAULT_DONE_COW = 0x001000
+VM_FAULT_COMPLETED = 0x004000
+VM_FAULT_ERROR = (VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV | VM_FAULT_HWPOISON
+                  | VM_FAULT_HWPOISON_LARGE | VM_FAULT_FALLBACK)
+
+# enum fault_flag
+FAULT_FLAG_WRITE = 1 << 0
+FAULT_FLAG_MKWRITE = 1 << 1
+FAULT_FLAG_ALLOW_RETRY = 1 << 2
+FAULT_FLAG_RETRY_NOWAIT = 1 << 3
+FAULT_FLAG_KILLABLE = 1 << 4
+FAULT_FLAG_TRIED = 1 << 5
+FAULT_FLAG_USER = 1 << 6
+FAULT_FLAG_REMOTE = 1 << 7
+FAULT_FLAG_INSTRUCTION = 1 << 8
+FAULT_FLAG_INTERRUPTIBLE = 1 << 9
+FAULT_FLAG_UNSHARE = 1 << 10
+
+#: fault_around_bytes / PAGE_SIZE (the default 64 KiB)
+FAULT_AROUND_PAGES = 16
+_U = np.uint64
+
+
+class VmFault:
+    """``struct vm_fault``: the state of one fault as it goes through the handlers."""
+
+    __slots__ = ("vma", "address", "real_address", "flags", "pgoff", "pmd", "orig_pmd",
+                 "orig_pte", "page", "cow_page")
+
+    def __init__(self, vma: Vma, address: int, flags: int) -> None:
+        self.vma = vma
+        self.real_address = address
+        self.address = address & PAGE_MASK
+        self.flags = flags
+        self.pgoff = vma.linear_page_index(self.address)
+        self.pmd: PtRef | None = None
+        self.orig_pmd = 0
+        self.orig_pte = 0
+        #: pfn of the page the fault resolved to (``vmf->page``), -1 if none
+        self.page = -1
+        self.cow_page = -1
+
+    @property
+    def pte_idx(self) -> int:
+        return (self.address >> PAGE_SHIFT) & 511
+
+
+def mm_counter_file(sys: "System", pfn: int) -> int:
+    """``mm_counter_file()``: shmem pages count as MM_SHMEMPAGES, others MM_FILEPAGES."""
+    return MM_SHMEMPAGES if sys.mem.flags[sys.mem.compound_head(pfn)] & PG_swapbacked else MM_FILEPAGES
+
+
+def vm_normal_page(vma: Vma, addr: int, pte: int) -> int:
+    """``vm_normal_page()``: the page behind a present pte, or -1 for special mappings
+    (the zero page, raw pfns of VM_PFNMAP/VM_MIXEDMAP, devmap)."""
+    if pte_special(pte):
+        return -1
+    pfn = pte_pfn(pte)
+    if pfn >= vma.vm_mm.sys.mem.max_pfn:
+        return -1
+    return pfn
+
+
+# -- entry point --------------------------------------------------------------------------
+def handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
+    """Resolve a fault at *address* in *vma*.
+
+    Models ``mm/memory.c:handle_mm_fault()``; the caller holds mmap_lock (read).
+
+    :param vma: ``struct vm_area_struct *``
+    :param address: ``unsigned long``
+    :param flags: ``unsigned int``, ``FAULT_FLAG_*``
+    :return: ``vm_fault_t``: 0, or ``VM_FAULT_*`` bits (``VM_FAULT_ERROR`` bits on failure)
+    """
+    mm = vma.vm_mm
+    sys = mm.sys
+    mmap_assert_locked(mm)
+    sys.ls.might_sleep("handle_mm_fault")
+    sys.stats.add("fault.handle_mm_fault")
+    if flags & FAULT_FLAG_UNSHARE:
+        if flags & FAULT_FLAG_WRITE:
+            return VM_FAULT_SIGSEGV
+        if not is_cow_mapping(vma.vm_flags):
+            flags &= ~FAULT_FLAG_UNSHARE
+    elif flags & FAULT_FLAG_WRITE:
+        if not vma.vm_flags & VM_MAYWRITE:
+            return VM_FAULT_SIGSEGV
+        if not vma.vm_flags & VM_WRITE and not is_cow_mapping(vma.vm_flags):
+            return VM_FAULT_SIGSEGV
+    from .vma import VM_HUGETLB
+    if vma.vm_flags & VM_HUGETLB:
+        from .hugetlb import hugetlb_fault
+        return hugetlb_fault(mm, vma, address, flags)
+    return __handle_mm_fault(vma, address, flags)
+
+
+def __handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
+    from . import huge_memory as hm
+    mm = vma.vm_mm
+    vmf = VmFault(vma, address, flags)
+    pud = mm.pud_table(address, alloc=True)
+    pud_tbl = mm.sys.pt.table(pud)
+    pud_idx = (address >> 30) & 511
+    e = int(pud_tbl[pud_idx])
+    if e == 0 and hm.thp_vma_allowable_order(vma, 18, address):
+        ret = hm.create_huge_pud(vmf, PtRef(pud_tbl, pud_idx, pud))
+        if not ret & VM_FAULT_FALLBACK:
+            return ret
+    elif e and pmd_leaf(e):
+        return hm.huge_pud_fault(vmf, PtRef(pud_tbl, pud_idx, pud), e)
+    pmd = mm.pmd_ref(address, alloc=True)
+    assert pmd is not None
+    vmf.pmd = pmd
+    e = pmd.get()
+    if e == 0 and hm.thp_vma_allowable_order(vma, 9, address):
+        ret = hm.create_huge_pmd(vmf)
+        if not ret & VM_FAULT_FALLBACK:
+            return ret
+    elif e:
+        vmf.orig_pmd = e
+        if not pte_present(e):
+            from .migrate import is_pmd_migration_entry, pmd_migration_entry_wait
+            if is_pmd_migration_entry(e):
+                pmd_migration_entry_wait(mm, pmd)
+            return 0
+        if pmd_leaf(e):
+            if pte_protnone(e) and vma_is_accessible(vma):
+                return hm.do_huge_pmd_numa_page(vmf)
+            if flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE) and not pte_write(e):
+                ret = hm.do_huge_pmd_wp_page(vmf)
+                if not ret & VM_FAULT_FALLBACK:
+                    return ret
+            else:
+                hm.huge_pmd_set_accessed(vmf)
+                return 0
+    return handle_pte_fault(vmf)
+
+
+def handle_pte_fault(vmf: VmFault) -> int:
+    """``handle_pte_fault()``."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    assert vmf.pmd is not None
+    tid = mm.pte_table(vmf.pmd)
+    pte = 0
+    if tid >= 0:
+        pte = int(mm.sys.pt.table(tid)[vmf.pte_idx])
+    if pte == 0:
+        if vma_is_anonymous(vma):
+            return do_anonymous_page(vmf)
+        return do_fault(vmf)
+    vmf.orig_pte = pte
+    if not pte_present(pte):
+        return do_swap_page(vmf)
+    if pte_protnone(pte) and vma_is_accessible(vma):
+        return do_numa_page(vmf)
+    got = mm.pte_offset_map_lock(vmf.pmd)
+    assert got is not None
+    tbl, tid = got
+    idx = vmf.pte_idx
+    if int(tbl[idx]) != pte:
+        mm.pte_unmap_unlock(tid)
+        return 0
+    if vmf.flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE):
+        if not pte_write(pte):
+            return do_wp_page(vmf, tbl, tid)
+        if vmf.flags & FAULT_FLAG_WRITE:
+            pte = pte_mkdirty(pte)
+    tbl[idx] = pte_mkyoung(pte)
+    mm.pte_unmap_unlock(tid)
+    mm.sys.stats.add("fault.spurious")
+    return 0
+
+
+# -- anonymous memory ------------------------------------------------------------------------
+def do_anonymous_page(vmf: VmFault) -> int:
+    """``do_anonymous_page()``: map the zero page on a read, a new zeroed page on a write."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    sys.stats.add("fault.do_anonymous_page")
+    if vma.vm_flags & VM_SHARED:
+        return VM_FAULT_SIGBUS
+    assert vmf.pmd is not None
+    if not vmf.flags & FAULT_FLAG_WRITE:
+        entry = pte_mkspecial(pfn_pte(sys.mem.zero_pfn, vma.vm_page_prot))
+        got = mm.pte_offset_map_lock(vmf.pmd, alloc=True)
+        if got is None:
+            return VM_FAULT_OOM
+        tbl, tid = got
+        if tbl[vmf.pte_idx] == 0:
+            tbl[vmf.pte_idx] = entry
+        mm.pte_unmap_unlock(tid)
+        return 0
+    anon_vma_prepare(vma)
+    pfn = sys.mem.alloc_page()
+    if pfn < 0:
+        return VM_FAULT_OOM
+    entry = pte_mkyoung(pfn_pte(pfn, vma.vm_page_prot))
+    if vma.vm_flags & VM_WRITE:
+        entry = pte_mkwrite(pte_mkdirty(entry))
+    got = mm.pte_offset_map_lock(vmf.pmd, alloc=True)
+    if got is None:
+        sys.mem.free_pages([pfn])
+        return VM_FAULT_OOM
+    tbl, tid = got
+    if tbl[vmf.pte_idx] != 0:
+        mm.pte_unmap_unlock(tid)
+        sys.mem.free_pages([pfn])
+        return 0
+    mm.add_mm_counter(MM_ANONPAGES, 1)
+    folio_add_new_anon_rmap(sys.mem, pfn, vma, vmf.address)
+    tbl[vmf.pte_idx] = entry
+    mm.pte_unmap_unlock(tid)
+    return 0
+
+
+# -- file-backed memory ----------------------------------------------------------------------
+def set_pte_range(vmf: VmFault, pfn: int, tbl: npt.NDArray[np.uint64], idx: int, addr: int,
+                  write: bool, prefault: bool = False) -> None:
+    """``set_pte_range()`` for one page (pte lock held): map *pfn* at *addr*, as a new
+    exclusive anon page for a private write fault, else as a file page. The caller has
+    taken the mapping's page reference."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    entry = pfn_pte(pfn, vma.vm_page_prot)
+    entry = pte_mkyoung(entry)
+    if write:
+        entry = pte_mkdirty(entry)
+        if vma.vm_flags & VM_WRITE:
+            entry = pte_mkwrite(entry)
+    elif pte_write(entry) and sys.mem.flags[sys.mem.compound_head(pfn)] & PG_dirty:
+        entry = pte_mkdirty(entry)
+    if write and not vma.vm_flags & VM_SHARED:
+        mm.add_mm_counter(MM_ANONPAGES, 1)
+        folio_add_new_anon_rmap(sys.mem, pfn, vma, addr)
+    else:
+        mm.add_mm_counter(mm_counter_file(sys, pfn), 1)
+        folio_add_file_rmap_ptes(sys.mem, pfn)
+    tbl[idx] = entry
+
+
+def finish_fault(vmf: VmFault) -> int:
+    """``finish_fault()``: map ``vmf.cow_page`` (private write) or ``vmf.page``."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    write = bool(vmf.flags & FAULT_FLAG_WRITE)
+    pfn = vmf.cow_page if write and not vma.vm_flags & VM_SHARED else vmf.page
+    assert vmf.pmd is not None
+    got = mm.pte_offset_map_lock(vmf.pmd, alloc=True)
+    if got is None:
+        return VM_FAULT_OOM
+    tbl, tid = got
+    try:
+        if tbl[vmf.pte_idx] != 0:
+            return VM_FAULT_NOPAGE
+        set_pte_range(vmf, pfn, tbl, vmf.pte_idx, vmf.address, write)
+        return 0
+    finally:
+        mm.pte_unmap_unlock(tid)
+
+
+def _do_fault_around(vmf: VmFault) -> int:
+    """``do_fault_around()``: map cached pages of the 16-page window around the fault."""
+    vma = vmf.vma
+    nr = FAULT_AROUND_PAGES
+    pte_off = vmf.pte_idx
+    vma_off = vmf.pgoff - vma.vm_pgoff
+    from_pte = max(pte_off - pte_off % nr, pte_off - min(pte_off, vma_off))
+    to_pte = min(from_pte + nr, 512, pte_off + vma.pages() - vma_off) - 1
+    assert vma.vm_ops is not None and vma.vm_ops.map_pages is not None
+    return int(vma.vm_ops.map_pages(vmf, vmf.pgoff + from_pte - pte_off, vmf.pgoff + to_pte - pte_off))
+
+
+def _do_fault_page(vmf: VmFault) -> int:
+    """``__do_fault()``: ask the mapping for the page (``vm_ops->fault``)."""
+    vma = vmf.vma
+    assert vma.vm_ops is not None and vma.vm_ops.fault is not None
+    return int(vma.vm_ops.fault(vmf))
+
+
+def _put_page(sys: "System", pfn: int) -> None:
+    sys.mem.refcount[pfn] -= 1
+    if sys.mem.refcount[pfn] == 0:
+        from .memory import free_folio
+        free_folio(sys, pfn)
+
+
+def do_read_fault(vmf: VmFault) -> int:
+    vma = vmf.vma
+    sys = vma.vm_mm.sys
+    sys.stats.add("fault.do_read_fault")
+    if vma.vm_ops is not None and vma.vm_ops.map_pages is not None and FAULT_AROUND_PAGES > 1:
+        ret = _do_fault_around(vmf)
+        if ret:
+            return ret
+    ret = _do_fault_page(vmf)
+    if ret & (VM_FAULT_ERROR | VM_FAULT_NOPAGE | VM_FAULT_RETRY):
+        return ret
+    ret2 = finish_fault(vmf)
+    if ret2:
+        _put_page(sys, vmf.page)
+    return ret2
+
+
+def do_cow_fault(vmf: VmFault) -> int:
+    vma = vmf.vma
+    sys = vma.vm_mm.sys
+    sys.stats.add("fault.do_cow_fault")
+    anon_vma_prepare(vma)
+    cow = sys.mem.alloc_page()
+    if cow < 0:
+        return VM_FAULT_OOM
+    vmf.cow_page = cow
+    ret = _do_fault_page(vmf)
+    if ret & (VM_FAULT_ERROR | VM_FAULT_NOPAGE | VM_FAULT_RETRY):
+        sys.mem.free_pages([cow])
+        return ret
+    sys.mem.copy_pages(cow, vmf.page)
+    ret = finish_fault(vmf)
+    _put_page(sys, vmf.page)
+    if ret:
+        sys.mem.free_pages([cow])
+    return ret
+
+
+def do_shared_fault(vmf: VmFault) -> int:
+    vma = vmf.vma
+    sys = vma.vm_mm.sys
+    sys.stats.add("fault.do_shared_fault")
+    ret = _do_fault_page(vmf)
+    if ret & (VM_FAULT_ERROR | VM_FAULT_NOPAGE | VM_FAULT_RETRY):
+        return ret
+    ret = finish_fault(vmf)
+    if ret:
+        _put_page(sys, vmf.page)
+    else:
+        sys.mem.flags[sys.mem.compound_head(vmf.page)] |= PG_dirty
+    return ret
+
+
+def do_fault(vmf: VmFault) -> int:
+    """``do_fault()``: a pte_none fault in a non-anonymous VMA."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    if vma.vm_ops is None or vma.vm_ops.fault is None:
+        # the VMA was fully populated at mmap time (e.g. vm_insert_page) and lost a pte
+        mm.sys.stats.add("fault.do_fault_nofault")
+        return VM_FAULT_SIGBUS
+    if not vmf.flags & FAULT_FLAG_WRITE:
+        return do_read_fault(vmf)
+    if not vma.vm_flags & VM_SHARED:
+        return do_cow_fault(vmf)
+    return do_shared_fault(vmf)
+
+
+# -- write protection ------------------------------------------------------------------------
+def _wp_page_reuse(vmf: VmFault, tbl: npt.NDArray[np.uint64], tid: int) -> int:
+    """``wp_page_reuse()``: make the pte writable in place (no notifier)."""
+    vma = vmf.vma
+    entry = pte_mkyoung(vmf.orig_pte)
+    entry = pte_mkdirty(entry)
+    if vma.vm_flags & VM_WRITE:
+        entry = pte_mkwrite(entry)
+    tbl[vmf.pte_idx] = entry
+    vma.vm_mm.pte_unmap_unlock(tid)
+    vma.vm_mm.sys.stats.add("fault.wp_page_reuse")
+    return 0
+
+
+def _wp_can_reuse_anon_folio(sys: "System", pfn: int) -> bool:
+    """``wp_can_reuse_anon_folio()`` (6.12): only small folios with no other reference."""
+    mem = sys.mem
+    head = mem.compound_head(pfn)
+    if mem.order[head]:
+        return False
+    swapcache = 1 if mem.flags[head] & PG_swapcache else 0
+    if int(mem.refcount[head]) > 1 + swapcache:
+        return False
+    return True
+
+
+def do_wp_page(vmf: VmFault, tbl: npt.NDArray[np.uint64], tid: int) -> int:
+    """``do_wp_page()``: a write to a present read-only pte (pte lock held on entry).
+
+    Shared mappings are made writable; an anonymous page this process owns exclusively
+    is reused; anything else (zero page, file page of a private mapping, shared anon
+    page) is copied by :func:`wp_page_copy`."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    sys.stats.add("fault.do_wp_page")
+    pfn = vm_normal_page(vma, vmf.address, vmf.orig_pte)
+    if vma.vm_flags & (VM_SHARED | VM_MAYSHARE):
+        if pfn < 0 and not vma.vm_flags & (VM_PFNMAP | VM_MIXEDMAP):
+            mm.pte_unmap_unlock(tid)
+            return VM_FAULT_SIGBUS
+        if pfn >= 0:
+            sys.mem.flags[sys.mem.compound_head(pfn)] |= PG_dirty
+        return _wp_page_reuse(vmf, tbl, tid)
+    mem = sys.mem
+    if pfn >= 0 and mem.flags[mem.compound_head(pfn)] & PG_anon and (
+            mem.flags[pfn] & PG_anon_exclusive or _wp_can_reuse_anon_folio(sys, pfn)):
+        mem.flags[pfn] |= PG_anon_exclusive
+        if vmf.flags & FAULT_FLAG_UNSHARE:
+            mm.pte_unmap_unlock(tid)
+            return 0
+        return _wp_page_reuse(vmf, tbl, tid)
+    if pfn >= 0:
+        mem.refcount[mem.compound_head(pfn)] += 1
+    mm.pte_unmap_unlock(tid)
+    return wp_page_copy(vmf, pfn)
+
+
+def wp_page_copy(vmf: VmFault, old: int) -> int:
+    """``wp_page_copy()``: replace the pte's page (or the zero page, *old* = -1) by a
+    private copy, under an ``MMU_NOTIFY_CLEAR`` invalidation of that page."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    mem = sys.mem
+    sys.stats.add("fault.wp_page_copy")
+    anon_vma_prepare(vma)
+    new = mem.alloc_page()
+    if new < 0:
+        if old >= 0:
+            _put_page(sys, old)
+        return VM_FAULT_OOM
+    if old >= 0:
+        mem.copy_pages(new, old)
+    with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, vmf.address, vmf.address + PAGE_SIZE):
+        assert vmf.pmd is not None
+        got = mm.pte_offset_map_lock(vmf.pmd)
+        copied = False
+        if got is not None:
+            tbl, tid = got
+            if int(tbl[vmf.pte_idx]) == vmf.orig_pte:
+                if old >= 0:
+                    if not mem.flags[mem.compound_head(old)] & PG_anon:
+                        mm.add_mm_counter(mm_counter_file(sys, old), -1)
+                        mm.add_mm_counter(MM_ANONPAGES, 1)
+                else:
+                    mm.add_mm_counter(MM_ANONPAGES, 1)
+                entry = pte_mkyoung(pfn_pte(new, vma.vm_page_prot))
+                if vmf.flags & FAULT_FLAG_UNSHARE:
+                    pass
+                else:
+                    entry = pte_mkdirty(entry)
+                    if vma.vm_flags & VM_WRITE:
+                        entry = pte_mkwrite(entry)
+                folio_add_new_anon_rmap(mem, new, vma, vmf.address)
+                tbl[vmf.pte_idx] = entry
+                if old >= 0:
+                    folio_remove_rmap_ptes(mem, old)
+                copied = True
+            mm.pte_unmap_unlock(tid)
+    if copied:
+        if old >= 0:
+            _put_page(sys, old)  # the mapping's reference
+    else:
+        mem.free_pages([new])
+    if old >= 0:
+        _put_page(sys, old)  # do_wp_page's reference
+    return 0
+
+
+# -- non-present entries ---------------------------------------------------------------------
+def do_swap_page(vmf: VmFault) -> int:
+    """``do_swap_page()``: a fault on a swap-format pte."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    entry = pte_to_swp_entry(vmf.orig_pte)
+    sys.stats.add("fault.do_swap_page")
+    assert vmf.pmd is not None
+    if non_swap_entry(entry):
+        if is_migration_entry(entry):
+            from .migrate import migration_entry_wait
+            migration_entry_wait(mm, vmf.pmd, vmf.address)
+            return 0
+        if is_device_exclusive_entry(entry):
+            vmf.page = swp_offset_pfn(entry)
+            from ..hmm.exclusive import remove_device_exclusive_entry
+            return remove_device_exclusive_entry(vmf)
+        if is_device_private_entry(entry):
+            pfn = swp_offset_pfn(entry)
+            got = mm.pte_offset_map_lock(vmf.pmd)
+            if got is None:
+                return 0
+            tbl, tid = got
+            if int(tbl[vmf.pte_idx]) != vmf.orig_pte:
+                mm.pte_unmap_unlock(tid)
+                return 0
+            vmf.page = pfn
+            head = sys.mem.compound_head(pfn)
+            sys.mem.refcount[head] += 1
+            mm.pte_unmap_unlock(tid)
+            pgmap = sys.pgmap_of(pfn)
+            assert pgmap is not None and pgmap.ops.migrate_to_ram is not None
+            sys.stats.add("fault.migrate_to_ram")
+            ret = int(pgmap.ops.migrate_to_ram(vmf))
+            from .memory import folio_put
+            folio_put(sys, head)
+            return ret
+        if is_hwpoison_entry(entry):
+            return VM_FAULT_HWPOISON
+        if is_pte_marker_entry(entry):
+            return _handle_pte_marker(vmf, entry)
+        return VM_FAULT_SIGBUS
+    from .swap import do_swap_in
+    return do_swap_in(vmf, entry)
+
+
+def _handle_pte_marker(vmf: VmFault, entry: int) -> int:
+    """``handle_pte_marker()``."""
+    marker = pte_marker_get(entry)
+    if not marker:
+        return VM_FAULT_SIGBUS
+    if marker & PTE_MARKER_POISONED:
+        return VM_FAULT_HWPOISON
+    if marker & PTE_MARKER_GUARD:
+        return VM_FAULT_SIGSEGV
+    if marker & PTE_MARKER_UFFD_WP:
+        # without userfaultfd the marker is just dropped and the fault handled as none
+        mm = vmf.vma.vm_mm
+        assert vmf.pmd is not None
+        got = mm.pte_offset_map_lock(vmf.pmd)
+        if got is not None:
+            tbl, tid = got
+            if int(tbl[vmf.pte_idx]) == vmf.orig_pte:
+                tbl[vmf.pte_idx] = 0
+            mm.pte_unmap_unlock(tid)
+        if vma_is_anonymous(vmf.vma):
+            return do_anonymous_page(vmf)
+        return do_fault(vmf)
+    return VM_FAULT_SIGBUS
+
+
+def do_numa_page(vmf: VmFault) -> int:
+    """``do_numa_page()``: a NUMA-hinting (protnone) fault; the page stays where it is and
+    the pte gets the VMA's protection back (writable again if it may be)."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    sys.stats.add("fault.do_numa_page")
+    assert vmf.pmd is not None
+    got = mm.pte_offset_map_lock(vmf.pmd)
+    assert got is not None
+    tbl, tid = got
+    if int(tbl[vmf.pte_idx]) != vmf.orig_pte:
+        mm.pte_unmap_unlock(tid)
+        return 0
+    pte = pte_mkyoung(pte_modify(vmf.orig_pte, vma.vm_page_prot))
+    if vma.vm_flags & VM_WRITE and not pte_write(pte):
+        pfn = vm_normal_page(vma, vmf.address, pte)
+        if vma.vm_flags & VM_SHARED:
+            pte = pte_mkwrite(pte) if pte_dirty(pte) else pte
+        elif pfn >= 0 and sys.mem.flags[pfn] & PG_anon_exclusive:
+            pte = pte_mkwrite(pte)
+    tbl[vmf.pte_idx] = pte
+    mm.pte_unmap_unlock(tid)
+    return 0
+
+
+# -- batched faulting ---------------------------------------------------------------------------
+# entry classes for the vectorised paths
+_C_OTHER, _C_NONE, _C_OK = 0, 1, 2
+
+
+def _account(sys: "System", n: int, handler: str | None) -> None:
+    """Count *n* page faults resolved without calling :func:`handle_mm_fault` per page,
+    the way the page-by-page loop would have counted them."""
+    st = sys.stats
+    st.add("fault.handle_mm_fault", n)
+    if handler:
+        st.add(handler, n)
+    st.add("lock.ptl.write", n)
+
+
+def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[int, int]:
+    """Fault every page of ``[start, end)`` (inside *vma*) in address order.
+
+    Equivalent to ``for addr in range(start, end, PAGE_SIZE): ret = handle_mm_fault(vma,
+    addr, flags)``, stopping at the first ``VM_FAULT_ERROR`` result: the same page-table
+    updates, allocation order, rmap/rss/stat counts and notifier calls. Runs of empty
+    anonymous ptes and of ptes that already allow the access are handled a whole
+    run at a time; everything else goes through :func:`handle_mm_fault`.
+
+    :return: ``(vm_fault_t of the failing page or 0, address of the failing page or end)``
+    """
+    mm = vma.vm_mm
+    sys = mm.sys
+    mmap_assert_locked(mm)
+    from .vma import VM_HUGETLB
+    write = bool(flags & FAULT_FLAG_WRITE)
+    addr = start
+    while addr < end:
+        nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
+        if vma.vm_flags & VM_HUGETLB or flags & FAULT_FLAG_UNSHARE:
+            ret = handle_mm_fault(vma, addr, flags)
+            if ret & VM_FAULT_ERROR:
+                return ret, addr
+            addr += PAGE_SIZE
+            continue
+        pmd = mm.pmd_ref(addr)
+        e = pmd.get() if pmd is not None else 0
+        if pmd is None or e == 0 or pmd_leaf(e) or not pte_present(e):
+            # no pte table yet, or a huge/non-present pmd: let the first page decide
+            # (it may create a THP, split a huge pmd, wait for migration...)
+            ret = handle_mm_fault(vma, addr, flags)
+            if ret & VM_FAULT_ERROR:
+                return ret, addr
+            pmd = mm.pmd_ref(addr)
+            e = pmd.get() if pmd is not None else 0
+            addr += PAGE_SIZE
+            if pmd is not None and pmd_leaf(e) and (not write or pte_write(e)):
+                # the rest of this huge mapping is already accessible: spurious faults
+                n = (nxt - addr) >> PAGE_SHIFT
+                if n > 0:
+                    from .huge_memory import huge_pmd_set_accessed_batch
+                    huge_pmd_set_accessed_batch(vma, pmd, write, n)
+                addr = nxt
+            continue
+        ret, addr = _fault_pte_run(vma, pmd, addr, nxt, flags)
+        if ret & VM_FAULT_ERROR:
+            return ret, addr
+    return 0, end
+
+
+def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tuple[int, int]:
+    """Fault ``[addr, nxt)`` (inside one present pte table) in address order."""
+    mm = vma.vm_mm
+    sys = mm.sys
+    write = bool(flags & FAULT_FLAG_WRITE)
+    anon = vma_is_anonymous(vma)
+    tid = mm.pte_table(pmd)
+    tbl = sys.pt.table(tid)
+    i0 = (addr >> PAGE_SHIFT) & 511
+    i1 = i0 + ((nxt - addr) >> PAGE_SHIFT)
+    seg = tbl[i0:i1]
+    present = (seg & _U(_PAGE_PRESENT)) != 0
+    cls = np.zeros(i1 - i0, np.int8)
+    if write:
+        cls[present & ((seg & _U(_PAGE_RW)) != 0)] = _C_OK
+    else:
+        cls[present] = _C_OK
+    if anon and not vma.vm_flags & VM_SHARED:
+        cls[seg == 0] = _C_NONE
+    # run boundaries
+    cuts = np.flatnonzero(np.diff(cls)) + 1
+    bounds = [0, *cuts.tolist(), i1 - i0]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        c = int(cls[a])
+        ra = addr + (a << PAGE_SHIFT)
+        if c == _C_OK:
+            _spurious_run(vma, tid, i0 + a, i0 + b, write)
+        elif c == _C_NONE and b - a > 1:
+            ret, fail = _anon_none_run(vma, pmd, i0 + a, i0 + b, ra, write)
+            if ret:
+                return ret, fail
+        else:
+            for k in range(a, b):
+                ret = handle_mm_fault(vma, addr + (k << PAGE_SHIFT), flags)
+                if ret & VM_FAULT_ERROR:
+                    return ret, addr + (k << PAGE_SHIFT)
+    return 0, nxt
+
+
+def _spurious_run(vma: Vma, tid: int, i0: int, i1: int, write: bool) -> None:
+    """Faults on ptes that already allow the access: mark them young (and dirty)."""
+    mm = vma.vm_mm
+    sys = mm.sys
+    mm.sys.ls.acquire(("ptl", tid), "ptl", sleepable=False)
+    try:
+        seg = sys.pt.table(tid)[i0:i1]
+        bits = _PAGE_ACCESSED | ((_PAGE_DIRTY | _PAGE_SOFT_DIRTY) if write else 0)
+        seg |= _U(bits)
+    finally:
+        mm.pte_unmap_unlock(tid)
+    _account(sys, i1 - i0 - 1, "fault.spurious")
+    sys.stats.add("fault.spurious")
+    sys.stats.add("fault.handle_mm_fault")
+
+
+def _anon_none_run(vma: Vma, pmd: PtRef, i0: int, i1: int, addr: int, write: bool) -> tuple[int, int]:
+    """``do_anonymous_page()`` for a run of empty ptes: the zero page on reads, new
+    zeroed exclusive pages on writes."""
+    mm = vma.vm_mm
+    sys = mm.sys
+    n = i1 - i0
+    got = mm.pte_offset_map_lock(pmd)
+    assert got is not None
+    tbl, tid = got
+    try:
+        if not write:
+            tbl[i0:i1] = _U(pte_mkspecial(pfn_pte(sys.mem.zero_pfn, vma.vm_page_prot)))
+            _account(sys, n - 1, "fault.do_anonymous_page")
+            sys.stats.add("fault.do_anonymous_page")
+            sys.stats.add("fault.handle_mm_fault")
+            return 0, 0
+        anon_vma_prepare(vma)
+        pfns = sys.mem.alloc_pages_bulk(n)
+        k = len(pfns)
+        addrs = addr + (np.arange(k, dtype=np.int64) << PAGE_SHIFT)
+        if k:
+            prot = vma.vm_page_prot | _PAGE_ACCESSED
+            if vma.vm_flags & VM_WRITE:
+                prot |= _PAGE_RW | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
+            folio_add_new_anon_rmap_ptes(sys.mem, pfns, vma, addrs)
+            tbl[i0:i0 + k] = (pfns.astype(np.uint64) << _U(PAGE_SHIFT)) | _U(prot)
+            mm.add_mm_counter(MM_ANONPAGES, k)
+            _account(sys, k - 1, "fault.do_anonymous_page")
+            sys.stats.add("fault.do_anonymous_page")
+            sys.stats.add("fault.handle_mm_fault")
+        if k < n:
+            sys.stats.add("fault.handle_mm_fault")
+            sys.stats.add("fault.do_anonymous_page")
+            return VM_FAULT_OOM, addr + (k << PAGE_SHIFT)
+        return 0, 0
+    finally:
+        mm.pte_unmap_unlock(tid)
+
+
+_ = (HPAGE_PMD_NR, MM_FILEPAGES, MM_SWAPENTS, _PAGE_PROTNONE, folio_lock, folio_unlock, pte_swp_exclusive)

@@ -1,0 +1,468 @@
+"""Transparent huge pages: PMD-mapped anonymous THPs and the huge zero page.
+
+Models the parts of ``mm/huge_memory.c`` HMM meets: ``thp_vma_allowable_order``,
+``do_huge_pmd_anonymous_page`` (huge zero page on reads, a THP on writes),
+``do_huge_pmd_wp_page`` (reuse or split), ``__split_huge_pmd`` (under an
+``MMU_NOTIFY_CLEAR`` of the 2 MiB range), ``zap_huge_pmd``, ``copy_huge_pmd`` (fork),
+``change_huge_pmd`` (mprotect), ``move_huge_pmd`` (mremap), and the PUD-level entry
+points used by device-dax style mappings. Only the PMD order (512 pages) exists; there
+are no mTHP sizes and khugepaged never collapses anything.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .mm import MM_ANONPAGES, PtRef
+from .mmu_notifier import MmuNotifierEvent, notify_range
+from .page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK, PUD_SIZE
+from .pgtable import (
+    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PSE, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_UFFD_WP,
+    mk_table_entry, pfn_pte, pmd_leaf, pte_dirty, pte_mkdirty, pte_mkold, pte_mkspecial,
+    pte_mkwrite, pte_mkyoung, pte_modify, pte_pfn, pte_present, pte_protnone, pte_write,
+    pte_wrprotect, table_id,
+)
+from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_head, PG_hugetlb, PG_swapbacked, PG_uptodate
+from .rmap import anon_vma_prepare, folio_add_new_anon_rmap_pmd, folio_try_dup_anon_rmap_pmd
+from .vma import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_SPECIAL, VM_WRITE, Vma, vma_is_anonymous
+
+if TYPE_CHECKING:
+    from .fault import VmFault
+    from .mm import MM
+    from .system import System
+
+__all__ = (
+    "change_huge_pmd", "copy_huge_pmd", "create_huge_pmd", "create_huge_pud",
+    "do_huge_pmd_anonymous_page", "do_huge_pmd_numa_page", "do_huge_pmd_wp_page",
+    "huge_pmd_set_accessed", "huge_pmd_set_accessed_batch", "huge_pud_fault",
+    "is_huge_zero_pmd", "madvise_free_huge_pmd", "move_huge_pmd", "split_folio",
+    "split_huge_pmd", "split_huge_pmd_address",
+    "split_huge_pud", "thp_vma_allowable_order", "thp_vma_suitable_order",
+    "vma_adjust_trans_huge", "zap_huge_pmd",
+)
+
+_U = np.uint64
+
+
+def is_huge_zero_pmd(mm: "MM", pmd: int) -> bool:
+    return pmd_leaf(pmd) and mm.sys.mem.is_huge_zero_pfn(pte_pfn(pmd))
+
+
+def thp_vma_suitable_order(vma: Vma, addr: int, order: int) -> bool:
+    """``thp_vma_suitable_order()``: the aligned 2**order-page block around *addr* lies
+    inside the VMA (and, for file mappings, the file offset is aligned too)."""
+    size = 1 << (order + PAGE_SHIFT)
+    if not vma_is_anonymous(vma):
+        if ((vma.vm_start >> PAGE_SHIFT) - vma.vm_pgoff) % (1 << order):
+            return False
+    haddr = addr & ~(size - 1)
+    return haddr >= vma.vm_start and haddr + size <= vma.vm_end
+
+
+def thp_vma_allowable_order(vma: Vma, order: int, addr: int) -> bool:
+    """``thp_vma_allowable_order(..., TVA_IN_PF | TVA_ENFORCE_SYSFS, order)`` plus the
+    suitability check of the fault path, for the fault at *addr*.
+
+    PMD order: anonymous VMAs, per the THP mode (``always``; ``madvise`` needs
+    VM_HUGEPAGE; ``never``), never with VM_NOHUGEPAGE. PUD order: only mappings whose
+    driver has a ``huge_fault`` (device-dax)."""
+    ops = vma.vm_ops
+    if ops is not None and getattr(ops, "huge_fault", None) is not None:
+        return thp_vma_suitable_order(vma, addr, order)
+    if order != HPAGE_PMD_ORDER or not vma_is_anonymous(vma):
+        return False
+    flags = vma.vm_flags
+    if flags & VM_NOHUGEPAGE or flags & VM_SPECIAL:
+        return False
+    mode = vma.vm_mm.sys.config.thp
+    if mode == "never" or (mode == "madvise" and not flags & VM_HUGEPAGE):
+        return False
+    return thp_vma_suitable_order(vma, addr, order)
+
+
+# -- faults ------------------------------------------------------------------------------------
+def create_huge_pmd(vmf: "VmFault") -> int:
+    """``create_huge_pmd()``."""
+    from .fault import VM_FAULT_FALLBACK
+    vma = vmf.vma
+    if vma_is_anonymous(vma):
+        return do_huge_pmd_anonymous_page(vmf)
+    huge_fault = getattr(vma.vm_ops, "huge_fault", None)
+    if huge_fault is not None:
+        return int(huge_fault(vmf, HPAGE_PMD_ORDER))
+    return VM_FAULT_FALLBACK
+
+
+def create_huge_pud(vmf: "VmFault", pud: PtRef) -> int:
+    """``create_huge_pud()``: only drivers with ``huge_fault`` map PUD leaves."""
+    from .fault import VM_FAULT_FALLBACK
+    huge_fault = getattr(vmf.vma.vm_ops, "huge_fault", None)
+    if huge_fault is None:
+        return VM_FAULT_FALLBACK
+    return int(huge_fault(vmf, 18))
+
+
+def huge_pud_fault(vmf: "VmFault", pud: PtRef, e: int) -> int:
+    """A fault on a present PUD leaf: ``wp_huge_pud`` or ``huge_pud_set_accessed``."""
+    from .fault import FAULT_FLAG_WRITE, VM_FAULT_SIGBUS
+    if vmf.flags & FAULT_FLAG_WRITE and not pte_write(e):
+        huge_fault = getattr(vmf.vma.vm_ops, "huge_fault", None)
+        if huge_fault is None:
+            return VM_FAULT_SIGBUS
+        return int(huge_fault(vmf, 18))
+    pud.set(pte_mkyoung(e) if not vmf.flags & FAULT_FLAG_WRITE else pte_mkdirty(pte_mkyoung(e)))
+    return 0
+
+
+def do_huge_pmd_anonymous_page(vmf: "VmFault") -> int:
+    """``do_huge_pmd_anonymous_page()``: the huge zero page for a read (if enabled), else
+    a new zeroed THP mapped writable (if VM_WRITE); ``VM_FAULT_FALLBACK`` when no 2 MiB
+    block is free."""
+    from .fault import FAULT_FLAG_WRITE, VM_FAULT_FALLBACK
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    haddr = vmf.address & PMD_MASK
+    if not thp_vma_suitable_order(vma, haddr, HPAGE_PMD_ORDER):
+        return VM_FAULT_FALLBACK
+    anon_vma_prepare(vma)
+    pmd = vmf.pmd
+    assert pmd is not None
+    if not vmf.flags & FAULT_FLAG_WRITE and sys.config.huge_zero_page:
+        zero = sys.mem.get_huge_zero_folio()
+        if zero < 0:
+            sys.stats.add("thp.fault_fallback")
+            return VM_FAULT_FALLBACK
+        ptl = mm.pmd_lock(pmd)
+        if pmd.get() == 0:
+            pmd.set(pfn_pte(zero, vma.vm_page_prot) | _PAGE_PSE)
+            sys.stats.add("thp.zero_page_alloc")
+        mm.spin_unlock(ptl)
+        return 0
+    head = sys.mem.alloc_folio(HPAGE_PMD_ORDER)
+    if head < 0:
+        sys.stats.add("thp.fault_fallback")
+        return VM_FAULT_FALLBACK
+    entry = pte_mkyoung(pfn_pte(head, vma.vm_page_prot) | _PAGE_PSE)
+    if vma.vm_flags & VM_WRITE:
+        entry = pte_mkwrite(pte_mkdirty(entry))
+    ptl = mm.pmd_lock(pmd)
+    if pmd.get() != 0:
+        mm.spin_unlock(ptl)
+        sys.mem.free_pages([head])
+        return 0
+    folio_add_new_anon_rmap_pmd(sys.mem, head, vma, haddr)
+    pmd.set(entry)
+    mm.add_mm_counter(MM_ANONPAGES, HPAGE_PMD_NR)
+    mm.spin_unlock(ptl)
+    sys.stats.add("thp.fault_alloc")
+    return 0
+
+
+def do_huge_pmd_wp_page(vmf: "VmFault") -> int:
+    """``do_huge_pmd_wp_page()``: reuse an exclusively owned THP, otherwise split the pmd
+    (huge zero page or shared THP) and let the pte-level fault do the copy."""
+    from .fault import FAULT_FLAG_UNSHARE, VM_FAULT_FALLBACK
+    vma = vmf.vma
+    mm = vma.vm_mm
+    mem = mm.sys.mem
+    pmd = vmf.pmd
+    assert pmd is not None
+    orig = vmf.orig_pmd
+    if not is_huge_zero_pmd(mm, orig):
+        ptl = mm.pmd_lock(pmd)
+        if pmd.get() != orig:
+            mm.spin_unlock(ptl)
+            return 0
+        pfn = pte_pfn(orig)
+        head = mem.compound_head(pfn)
+        reuse = bool(mem.flags[pfn] & PG_anon_exclusive) or int(mem.refcount[head]) == 1
+        if reuse:
+            mem.flags[pfn] |= PG_anon_exclusive
+            if not vmf.flags & FAULT_FLAG_UNSHARE:
+                entry = pte_mkdirty(pte_mkyoung(orig))
+                if vma.vm_flags & VM_WRITE:
+                    entry = pte_mkwrite(entry)
+                pmd.set(entry)
+            mm.spin_unlock(ptl)
+            mm.sys.stats.add("thp.wp_reuse")
+            return 0
+        mm.spin_unlock(ptl)
+    __split_huge_pmd(vma, pmd, vmf.address)
+    return VM_FAULT_FALLBACK
+
+
+def huge_pmd_set_accessed(vmf: "VmFault") -> None:
+    """``huge_pmd_set_accessed()``: a spurious fault on a present huge pmd."""
+    from .fault import FAULT_FLAG_WRITE
+    pmd = vmf.pmd
+    assert pmd is not None
+    mm = vmf.vma.vm_mm
+    ptl = mm.pmd_lock(pmd)
+    e = pmd.get()
+    if e == vmf.orig_pmd:
+        e = pte_mkyoung(e)
+        if vmf.flags & FAULT_FLAG_WRITE:
+            e = pte_mkdirty(e)
+        pmd.set(e)
+    mm.spin_unlock(ptl)
+    mm.sys.stats.add("fault.spurious")
+
+
+def huge_pmd_set_accessed_batch(vma: Vma, pmd: PtRef, write: bool, n: int) -> None:
+    """*n* more spurious faults on the same huge pmd (see ``handle_mm_fault_range``)."""
+    mm = vma.vm_mm
+    ptl = mm.pmd_lock(pmd)
+    e = pte_mkyoung(pmd.get())
+    pmd.set(pte_mkdirty(e) if write else e)
+    mm.spin_unlock(ptl)
+    st = mm.sys.stats
+    st.add("fault.handle_mm_fault", n)
+    st.add("fault.spurious", n)
+    st.add("lock.pmd_lock.write", n - 1)
+
+
+def do_huge_pmd_numa_page(vmf: "VmFault") -> int:
+    """``do_huge_pmd_numa_page()``: restore the VMA protection on a protnone huge pmd."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    pmd = vmf.pmd
+    assert pmd is not None
+    ptl = mm.pmd_lock(pmd)
+    if pmd.get() == vmf.orig_pmd:
+        e = pte_mkyoung(pte_modify(vmf.orig_pmd, vma.vm_page_prot))
+        pfn = pte_pfn(e)
+        if vma.vm_flags & VM_WRITE and not vma.vm_flags & VM_SHARED and mm.sys.mem.flags[pfn] & PG_anon_exclusive:
+            e = pte_mkwrite(e)
+        pmd.set(e)
+    mm.spin_unlock(ptl)
+    return 0
+
+
+# -- splitting -----------------------------------------------------------------------------------
+def __split_huge_pmd_locked(vma: Vma, haddr: int, pmd: PtRef) -> None:
+    """``__split_huge_pmd_locked()``: replace a huge pmd by a pte table mapping the same
+    pages with the same permissions (a huge zero pmd becomes 512 zero-page ptes)."""
+    mm = vma.vm_mm
+    sys = mm.sys
+    mem = sys.mem
+    old = pmd.get()
+    tid = sys.pt.alloc(1)
+    tbl = sys.pt.table(tid)
+    pfn = pte_pfn(old)
+    sys.stats.add("thp.split_pmd")
+    if mem.is_huge_zero_pfn(pfn):
+        entry = pte_mkspecial(pfn_pte(mem.zero_pfn, vma.vm_page_prot))
+        if old & _PAGE_UFFD_WP:
+            entry |= _PAGE_UFFD_WP
+        tbl[:] = _U(entry)
+        pmd.set(mk_table_entry(tid))
+        return
+    if not pte_present(old):
+        from .migrate import split_huge_pmd_migration_entry
+        split_huge_pmd_migration_entry(vma, haddr, pmd, tbl, tid)
+        return
+    head = mem.compound_head(pfn)
+    if pte_dirty(old):
+        mem.flags[head] |= PG_dirty
+    bits = old & (_PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_UFFD_WP)
+    prot = vma.vm_page_prot & ~(_PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY)
+    pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.uint64)
+    tbl[:] = (pfns << _U(PAGE_SHIFT)) | _U(prot | bits)
+    if mem.flags[head] & PG_anon:
+        mem.entire_mapcount[head] -= 1
+        mem.mapcount[head:head + HPAGE_PMD_NR] += 1
+        mem.refcount[head] += HPAGE_PMD_NR - 1
+    pmd.set(mk_table_entry(tid))
+
+
+def __split_huge_pmd(vma: Vma, pmd: PtRef, address: int) -> None:
+    """``__split_huge_pmd()``: split under an ``MMU_NOTIFY_CLEAR`` of the 2 MiB range."""
+    mm = vma.vm_mm
+    haddr = address & PMD_MASK
+    with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, haddr, haddr + HPAGE_PMD_SIZE):
+        ptl = mm.pmd_lock(pmd)
+        e = pmd.get()
+        if e and (pmd_leaf(e) or not pte_present(e)):
+            __split_huge_pmd_locked(vma, haddr, pmd)
+        mm.spin_unlock(ptl)
+
+
+def split_huge_pmd(vma: Vma, pmd: PtRef, address: int) -> None:
+    """``split_huge_pmd()``: split if the pmd is a huge mapping or a migration entry."""
+    e = pmd.get()
+    if e and (pmd_leaf(e) or not pte_present(e)):
+        __split_huge_pmd(vma, pmd, address)
+
+
+def split_huge_pmd_address(vma: Vma, address: int) -> None:
+    """``split_huge_pmd_address()``: split the huge pmd covering *address*, if any."""
+    pmd = vma.vm_mm.pmd_ref(address)
+    if pmd is not None:
+        split_huge_pmd(vma, pmd, address)
+
+
+def split_huge_pud(vma: Vma, pud: PtRef, address: int) -> None:
+    """``split_huge_pud()``: PUD leaves (device-dax) are not split but zapped; the next
+    access faults them in again, at a smaller size if the mapping asks for it."""
+    e = pud.get()
+    if e and pmd_leaf(e):
+        haddr = address & ~(PUD_SIZE - 1)
+        with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, vma.vm_mm, haddr, haddr + PUD_SIZE):
+            pud.set(0)
+
+
+def vma_adjust_trans_huge(vma: Vma, start: int, end: int, adjust_next: int) -> None:
+    """``vma_adjust_trans_huge()``: split huge pmds that straddle new VMA boundaries."""
+    for addr in (start, end):
+        if addr & ~PMD_MASK and (addr & PMD_MASK) >= vma.vm_start and (addr & PMD_MASK) + HPAGE_PMD_SIZE <= vma.vm_end:
+            split_huge_pmd_address(vma, addr)
+    if adjust_next:
+        nxt = vma.vm_mm.find_vma(vma.vm_end)
+        if nxt is not None:
+            addr = nxt.vm_start + adjust_next
+            if addr & ~PMD_MASK:
+                split_huge_pmd_address(nxt, addr)
+
+
+# -- zap / copy / protect / move -------------------------------------------------------------
+def zap_huge_pmd(vma: Vma, pmd: PtRef, addr: int) -> list[int]:
+    """``zap_huge_pmd()``: clear a huge pmd covering a whole unmapped 2 MiB range.
+    Returns the folios (head pfns) whose mapping reference the caller must drop."""
+    mm = vma.vm_mm
+    mem = mm.sys.mem
+    ptl = mm.pmd_lock(pmd)
+    e = pmd.get()
+    pmd.set(0)
+    mm.spin_unlock(ptl)
+    if not pte_present(e):
+        from .migrate import zap_pmd_migration_entry
+        return zap_pmd_migration_entry(vma, e)
+    pfn = pte_pfn(e)
+    if mem.is_huge_zero_pfn(pfn):
+        return []
+    head = mem.compound_head(pfn)
+    mem.entire_mapcount[head] -= 1
+    if pte_dirty(e):
+        mem.flags[head] |= PG_dirty
+    if mem.flags[head] & PG_anon:
+        mm.add_mm_counter(MM_ANONPAGES, -HPAGE_PMD_NR)
+    return [head]
+
+
+def copy_huge_pmd(dst_vma: Vma, src_vma: Vma, dst_pmd: PtRef, src_pmd: PtRef, addr: int) -> int:
+    """``copy_huge_pmd()`` at fork: share the THP (or huge zero page) read-only between
+    parent and child. Returns 0."""
+    src_mm = src_vma.vm_mm
+    dst_mm = dst_vma.vm_mm
+    mem = src_mm.sys.mem
+    if not vma_is_anonymous(dst_vma):
+        return 0
+    e = src_pmd.get()
+    if not pte_present(e):
+        from .migrate import copy_pmd_migration_entry
+        return copy_pmd_migration_entry(dst_vma, src_vma, dst_pmd, src_pmd, e)
+    pfn = pte_pfn(e)
+    if not mem.is_huge_zero_pfn(pfn):
+        head = mem.compound_head(pfn)
+        mem.refcount[head] += 1
+        folio_try_dup_anon_rmap_pmd(mem, head)
+        dst_mm.add_mm_counter(MM_ANONPAGES, HPAGE_PMD_NR)
+    src_pmd.set(pte_wrprotect(e))
+    dst_pmd.set(pte_mkold(pte_wrprotect(e)) & ~_PAGE_UFFD_WP)
+    return 0
+
+
+def change_huge_pmd(vma: Vma, pmd: PtRef, addr: int, newprot: int, try_writable: bool,
+                    prot_numa: bool = False) -> int:
+    """``change_huge_pmd()`` for a pmd fully inside the mprotect range; returns the number
+    of pages changed (``HPAGE_PMD_NR`` or 0)."""
+    mm = vma.vm_mm
+    mem = mm.sys.mem
+    ptl = mm.pmd_lock(pmd)
+    try:
+        e = pmd.get()
+        if not pte_present(e):
+            from .migrate import change_pmd_migration_entry
+            return change_pmd_migration_entry(vma, pmd, e)
+        if prot_numa and (is_huge_zero_pmd(mm, e) or pte_protnone(e)):
+            return 0
+        entry = pte_modify(e, newprot)
+        if try_writable and not pte_write(entry) and not pte_protnone(entry):
+            pfn = pte_pfn(entry)
+            if vma.vm_flags & VM_SHARED:
+                if pte_dirty(entry):
+                    entry = pte_mkwrite(entry)
+            elif not mem.is_huge_zero_pfn(pfn) and mem.flags[pfn] & PG_anon and mem.flags[pfn] & PG_anon_exclusive:
+                entry = pte_mkwrite(entry)
+        pmd.set(entry)
+        return HPAGE_PMD_NR
+    finally:
+        mm.spin_unlock(ptl)
+
+
+def move_huge_pmd(vma: Vma, old_pmd: PtRef, new_pmd: PtRef) -> bool:
+    """``move_huge_pmd()``: move a whole huge pmd (mremap with 2 MiB-aligned source and
+    destination). Returns True if it moved."""
+    e = old_pmd.get()
+    if new_pmd.get() != 0:
+        return False
+    old_pmd.set(0)
+    new_pmd.set(e)
+    return True
+
+
+def split_folio(sys: "System", head: int) -> int:
+    """``split_huge_page()``/``split_folio()`` of an anonymous THP: every PMD mapping is
+    split first; then the folio is unmapped (one ``MMU_NOTIFY_CLEAR`` per VMA over the
+    folio's extent), split into order-0 folios that keep their data, flags and pte
+    mappings, and remapped. Returns 0, or ``-EBUSY`` for a folio that cannot be split
+    (not anonymous, or hugetlb)."""
+    from .errno import EBUSY
+    from .rmap import rmap_walk
+    mem = sys.mem
+    head = mem.compound_head(head)
+    order = int(mem.order[head])
+    if order == 0:
+        return 0
+    if not mem.flags[head] & PG_anon or mem.flags[head] & PG_hugetlb:
+        return -EBUSY
+    nr = 1 << order
+    seen: list[tuple[Vma, int]] = []
+    for vma, addr in list(rmap_walk(mem, head)):
+        pmd = vma.vm_mm.pmd_ref(addr)
+        if pmd is not None:
+            e = pmd.get()
+            if pmd_leaf(e) and pte_pfn(e) == head:
+                __split_huge_pmd(vma, pmd, addr)
+        if all(v is not vma for v, _ in seen):
+            seen.append((vma, addr))
+    for vma, addr in seen:
+        end = min(addr + (nr << PAGE_SHIFT), vma.vm_end)
+        with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, vma.vm_mm, max(addr, vma.vm_start), end):
+            pass
+    pte_maps = mem.mapcount[head:head + nr].copy()
+    extra = int(mem.refcount[head]) - int(pte_maps.sum()) - int(mem.entire_mapcount[head])
+    keep = mem.flags[head] & np.uint32(PG_anon | PG_dirty | PG_swapbacked | PG_uptodate)
+    mem.refcount[head:head + nr] = pte_maps
+    mem.refcount[head] += extra
+    mem.order[head] = 0
+    mem.head_off[head:head + nr] = 0
+    mem.flags[head] &= ~np.uint32(PG_head)
+    mem.flags[head + 1:head + nr] |= keep
+    mem.mapping[head + 1:head + nr] = mem.mapping[head]
+    sys.stats.add("thp.split_page")
+    return 0
+
+
+def madvise_free_huge_pmd(vma: Vma, pmd: PtRef) -> None:
+    """``madvise_free_huge_pmd()`` for a whole exclusively mapped THP: mark it clean and
+    old (lazily freeable; without reclaim the data stays)."""
+    e = pmd.get()
+    if pte_present(e) and not vma.vm_mm.sys.mem.is_huge_zero_pfn(pte_pfn(e)):
+        pmd.set(e & ~(_PAGE_DIRTY | _PAGE_ACCESSED))
+        head = vma.vm_mm.sys.mem.compound_head(pte_pfn(e))
+        vma.vm_mm.sys.mem.flags[head] &= ~np.uint32(PG_dirty)
+

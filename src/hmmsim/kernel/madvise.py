@@ -1,0 +1,213 @@
+"""madvise: MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT.
+
+Models ``mm/madvise.c``: ``do_madvise`` and ``madvise_walk_vmas`` (advice is applied to
+every mapped part of the range and ``-ENOMEM`` reported for holes; a range with no VMA
+at all fails at once), flag advice through ``madvise_update_vma`` (split / merge),
+``MADV_DONTNEED`` as a ``zap_page_range_single`` under ``MMU_NOTIFY_CLEAR`` (hugetlb:
+huge-page aligned start, end rounded down), ``MADV_FREE`` (anonymous VMAs only; clean
+and old, data kept since nothing is reclaimed; a partly covered THP is split first) and
+``MADV_PAGEOUT`` (swap-out when the machine has swap).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errno import EAGAIN, EINVAL, ENOMEM
+from .mm import MM
+from .mmap import vma_modify, vma_try_merge
+from .mmu_notifier import MmuNotifierEvent, notify_range
+from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, PMD_SIZE
+from .pgtable import (
+    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_SPECIAL, PTE_PFN_MASK, non_swap_entry,
+    pmd_leaf, pte_present, pte_to_swp_entry, is_hwpoison_entry,
+)
+from .physmem import PG_anon, PG_dirty
+from .vma import VM_HUGEPAGE, VM_HUGETLB, VM_LOCKED, VM_NOHUGEPAGE, VM_PFNMAP, Vma, vma_is_anonymous
+
+__all__ = ("MADV_DONTNEED", "MADV_FREE", "MADV_HUGEPAGE", "MADV_NOHUGEPAGE", "MADV_PAGEOUT",
+           "do_madvise")
+
+MADV_DONTNEED = 4
+MADV_FREE = 8
+MADV_PAGEOUT = 21
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+_VALID = {MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT, MADV_HUGEPAGE, MADV_NOHUGEPAGE}
+_U = np.uint64
+
+
+def _madvise_update_vma(mm: MM, vma: Vma, start: int, end: int, new_flags: int) -> int:
+    """``madvise_update_vma()``: isolate the range and set its flags (no-op if equal)."""
+    if new_flags == vma.vm_flags:
+        return 0
+    r = vma_modify(mm, vma, start, end)
+    if isinstance(r, int):
+        return r
+    r.vm_flags = new_flags
+    vma_try_merge(mm, r)
+    return 0
+
+
+def _madvise_dontneed(vma: Vma, start: int, end: int) -> int:
+    from .memory import zap_page_range_single
+    if vma.vm_flags & VM_HUGETLB:
+        if start & ~PMD_MASK:
+            return -EINVAL
+        end = end & PMD_MASK
+    elif vma.vm_flags & (VM_PFNMAP | VM_LOCKED):
+        return -EINVAL
+    if start == end:
+        return 0
+    zap_page_range_single(vma, start, end - start)
+    return 0
+
+
+def _madvise_free(vma: Vma, start: int, end: int) -> int:
+    """``madvise_free_single_vma()``."""
+    if vma.vm_flags & VM_HUGETLB:
+        return -EINVAL
+    if not vma_is_anonymous(vma):
+        return -EINVAL
+    mm = vma.vm_mm
+    sys = mm.sys
+    mem = sys.mem
+    with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, start, end):
+        addr = start
+        while addr < end:
+            nxt = min((addr + PMD_SIZE) & PMD_MASK, end)
+            pmd = mm.pmd_ref(addr)
+            if pmd is None or pmd.get() == 0:
+                addr = nxt
+                continue
+            e = pmd.get()
+            if pmd_leaf(e):
+                pfn = (e & PTE_PFN_MASK) >> PAGE_SHIFT
+                if mem.is_huge_zero_pfn(pfn):
+                    addr = nxt
+                    continue
+                head = mem.compound_head(pfn)
+                if mem.folio_mapcount(head) != 1:
+                    addr = nxt
+                    continue
+                if nxt - addr == HPAGE_PMD_SIZE:
+                    from .huge_memory import madvise_free_huge_pmd
+                    madvise_free_huge_pmd(vma, pmd)
+                    addr = nxt
+                    continue
+                from .huge_memory import split_folio
+                split_folio(sys, head)
+            if not pte_present(pmd.get()):
+                addr = nxt
+                continue
+            got = mm.pte_offset_map_lock(pmd)
+            if got is None:
+                addr = nxt
+                continue
+            tbl, tid = got
+            try:
+                i0 = (addr >> PAGE_SHIFT) & 511
+                for i in range(i0, i0 + ((nxt - addr) >> PAGE_SHIFT)):
+                    pte = int(tbl[i])
+                    if pte == 0:
+                        continue
+                    if not pte_present(pte):
+                        ent = pte_to_swp_entry(pte)
+                        if not non_swap_entry(ent):
+                            from .mm import MM_SWAPENTS
+                            from .swap import free_swap_and_cache
+                            free_swap_and_cache(sys, ent)
+                            mm.add_mm_counter(MM_SWAPENTS, -1)
+                            tbl[i] = 0
+                        elif is_hwpoison_entry(ent):
+                            tbl[i] = 0
+                        continue
+                    if pte & _PAGE_SPECIAL or not pte & _PAGE_PRESENT:
+                        continue
+                    pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
+                    if pfn >= mem.max_pfn or mem.pgmap[pfn] != 0:
+                        continue
+                    head = mem.compound_head(pfn)
+                    if not mem.flags[head] & PG_anon or mem.order[head] or mem.folio_mapcount(head) != 1:
+                        continue
+                    mem.flags[head] &= ~np.uint32(PG_dirty)
+                    tbl[i] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
+            finally:
+                mm.pte_unmap_unlock(tid)
+            addr = nxt
+    sys.stats.add("madvise.free")
+    return 0
+
+
+def _madvise_vma(mm: MM, vma: Vma, start: int, end: int, behavior: int) -> int:
+    """``madvise_vma_behavior()``."""
+    if behavior == MADV_DONTNEED:
+        return _madvise_dontneed(vma, start, end)
+    if behavior == MADV_FREE:
+        return _madvise_free(vma, start, end)
+    if behavior == MADV_PAGEOUT:
+        if vma_is_anonymous(vma):
+            from .swap import reclaim_pages
+            reclaim_pages(vma, start, end)
+        return 0
+    flags = vma.vm_flags
+    if behavior == MADV_HUGEPAGE:
+        flags = (flags & ~VM_NOHUGEPAGE) | VM_HUGEPAGE
+    else:
+        flags = (flags & ~VM_HUGEPAGE) | VM_NOHUGEPAGE
+    err = _madvise_update_vma(mm, vma, start, end, flags)
+    return -EAGAIN if err == -ENOMEM else err
+
+
+def do_madvise(mm: MM, start: int, len_in: int, behavior: int) -> int:
+    """``do_madvise()``: give *behavior* advice for ``[start, start + len_in)``.
+
+    Returns 0, ``-EINVAL`` (bad advice, misaligned start, or advice invalid for a VMA),
+    ``-ENOMEM`` (part of the range is unmapped; mapped parts were advised) or
+    ``-EAGAIN``."""
+    if behavior not in _VALID:
+        return -EINVAL
+    if start & (PAGE_SIZE - 1):
+        return -EINVAL
+    length = PAGE_ALIGN(len_in)
+    if len_in and not length:
+        return -EINVAL
+    end = start + length
+    if end < start:
+        return -EINVAL
+    if end == start:
+        return 0
+    write = behavior in (MADV_HUGEPAGE, MADV_NOHUGEPAGE)
+    if write:
+        mm.mmap_lock.down_write()
+    else:
+        mm.mmap_lock.down_read()
+    try:
+        unmapped_error = 0
+        vma = mm.find_vma(start)
+        while True:
+            if vma is None:
+                return -ENOMEM
+            if start < vma.vm_start:
+                unmapped_error = -ENOMEM
+                start = vma.vm_start
+                if start >= end:
+                    break
+            tmp = min(vma.vm_end, end)
+            err = _madvise_vma(mm, vma, start, tmp, behavior)
+            if err:
+                return err
+            start = tmp
+            if start >= end:
+                break
+            vma = mm.find_vma(start)
+        mm.sys.stats.add("mm.madvise")
+        return unmapped_error
+    finally:
+        if write:
+            mm.mmap_lock.up_write()
+        else:
+            mm.mmap_lock.up_read()
+
+
+_ = _U

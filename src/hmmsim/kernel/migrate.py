@@ -1,0 +1,338 @@
+"""Migration entries: unmapping a folio for migration, waiting on it, and remapping it.
+
+Models the generic pieces of ``mm/migrate.c`` and ``mm/rmap.c`` that both ordinary page
+migration and device migration (``migrate_vma_*``, :mod:`hmmsim.hmm.migrate_device`)
+build on:
+
+* ``try_to_migrate()``: replace every mapping of a locked folio by a migration entry
+  (writable / readable-exclusive / readable, keeping young, dirty, soft-dirty and uffd-wp),
+  one ``MMU_NOTIFY_CLEAR`` per mapping; a PMD-mapped THP gets a PMD migration entry;
+* ``migration_entry_wait()``: a fault on a migration entry sleeps until the folio is
+  unlocked (in the model: other simulated threads run until it is, else deadlock);
+* ``remove_migration_ptes(src, dst)``: turn the migration entries back into mappings of
+  *dst* (which is *src* when the migration is abandoned);
+* :func:`migrate_folio_unmap` / :func:`migrate_folio_move`: ``migrate_pages()`` for one
+  folio, split in two so that the state in between can be observed and raced against.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .mm import MM, MM_ANONPAGES, PtRef
+from .mmu_notifier import MmuNotifierEvent, notify_range
+from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
+from .pagemap import folio_test_locked, folio_unlock, folio_wait_locked
+from .pgtable import (
+    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PSE, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SWP_SOFT_DIRTY,
+    _PAGE_SWP_UFFD_WP, _PAGE_UFFD_WP, _SWP_MIG_DIRTY, _SWP_MIG_YOUNG, is_migration_entry,
+    is_readable_exclusive_migration_entry, is_writable_migration_entry,
+    make_readable_device_private_entry, make_readable_exclusive_migration_entry,
+    make_readable_migration_entry, make_writable_device_private_entry,
+    make_writable_migration_entry, pfn_pte, pmd_leaf, pte_present, pte_pfn, pte_to_swp_entry,
+    swp_entry_to_pte, swp_offset, swp_offset_pfn,
+)
+from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_uptodate
+from .rmap import rmap_walk
+
+if TYPE_CHECKING:
+    from .system import System
+    from .vma import Vma
+
+__all__ = (
+    "change_pmd_migration_entry", "copy_pmd_migration_entry", "is_pmd_migration_entry",
+    "make_migration_pte", "migrate_folio_move", "migrate_folio_unmap", "migration_entry_wait",
+    "pmd_migration_entry_wait", "remove_migration_ptes", "split_huge_pmd_migration_entry",
+    "try_to_migrate", "zap_pmd_migration_entry",
+)
+
+_U = np.uint64
+
+
+def is_pmd_migration_entry(pmd: int) -> bool:
+    return pmd != 0 and not pte_present(pmd) and is_migration_entry(pte_to_swp_entry(pmd))
+
+
+def make_migration_pte(pte: int, pfn: int, anon_exclusive: bool) -> int:
+    """The migration entry that replaces present *pte* of page *pfn*
+    (``try_to_migrate_one``)."""
+    if pte & _PAGE_RW:
+        ent = make_writable_migration_entry(pfn)
+    elif anon_exclusive:
+        ent = make_readable_exclusive_migration_entry(pfn)
+    else:
+        ent = make_readable_migration_entry(pfn)
+    if pte & _PAGE_ACCESSED:
+        ent |= _SWP_MIG_YOUNG
+    if pte & _PAGE_DIRTY:
+        ent |= _SWP_MIG_DIRTY
+    out = swp_entry_to_pte(ent)
+    if pte & _PAGE_SOFT_DIRTY:
+        out |= _PAGE_SWP_SOFT_DIRTY
+    if pte & _PAGE_UFFD_WP:
+        out |= _PAGE_SWP_UFFD_WP
+    return out
+
+
+def migration_entry_wait(mm: MM, pmd: PtRef, addr: int) -> None:
+    """``migration_entry_wait()``: if *addr* still holds a migration entry, sleep until
+    its folio is unlocked (the migration finished or was abandoned)."""
+    got = mm.pte_offset_map_lock(pmd)
+    if got is None:
+        return
+    tbl, tid = got
+    pte = int(tbl[(addr >> PAGE_SHIFT) & 511])
+    mm.pte_unmap_unlock(tid)
+    if pte == 0 or pte_present(pte):
+        return
+    ent = pte_to_swp_entry(pte)
+    if not is_migration_entry(ent):
+        return
+    mm.sys.stats.add("migrate.entry_wait")
+    folio_wait_locked(mm.sys, swp_offset_pfn(ent))
+
+
+def pmd_migration_entry_wait(mm: MM, pmd: PtRef) -> None:
+    """``pmd_migration_entry_wait()``."""
+    e = pmd.get()
+    if not is_pmd_migration_entry(e):
+        return
+    mm.sys.stats.add("migrate.entry_wait")
+    folio_wait_locked(mm.sys, swp_offset_pfn(pte_to_swp_entry(e)))
+
+
+def _mapped_pte(vma: "Vma", addr: int) -> tuple[PtRef, int] | None:
+    """The pte (or huge pmd) slot mapping *addr*: (ref, level) with level 1 or 2."""
+    mm = vma.vm_mm
+    pmd = mm.pmd_ref(addr)
+    if pmd is None:
+        return None
+    e = pmd.get()
+    if e == 0:
+        return None
+    if pmd_leaf(e) or not pte_present(e):
+        return pmd, 2
+    tid = mm.pte_table(pmd)
+    return PtRef(mm.sys.pt.table(tid), (addr >> PAGE_SHIFT) & 511, tid), 1
+
+
+def try_to_migrate(sys: "System", pfn: int) -> bool:
+    """``try_to_migrate()``: replace every mapping of the (locked) folio of *pfn* by a
+    migration entry. Returns True if the folio is no longer mapped."""
+    mem = sys.mem
+    head = mem.compound_head(pfn)
+    assert folio_test_locked(sys, head), "try_to_migrate() needs the folio locked"
+    nr = 1 << int(mem.order[head])
+    for p in range(head, head + nr):
+        for vma, addr in list(rmap_walk(mem, p)):
+            found = _mapped_pte(vma, addr)
+            if found is None:
+                continue
+            ref, level = found
+            e = ref.get()
+            if not pte_present(e) or pte_pfn(e) != (head if level == 2 else p):
+                continue
+            mm = vma.vm_mm
+            if level == 2:
+                haddr = addr & PMD_MASK
+                with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, haddr, haddr + HPAGE_PMD_SIZE):
+                    excl = bool(mem.flags[head] & PG_anon_exclusive)
+                    if e & _PAGE_DIRTY:
+                        mem.flags[head] |= PG_dirty
+                    ref.set(make_migration_pte(e, head, excl) | _PAGE_PSE)
+                    mem.entire_mapcount[head] -= 1
+                    mem.refcount[head] -= 1
+                continue
+            with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, addr, addr + PAGE_SIZE):
+                ls_id = ("ptl", ref.tid)
+                sys.ls.acquire(ls_id, "ptl", sleepable=False)
+                excl = bool(mem.flags[p] & PG_anon_exclusive)
+                if e & _PAGE_DIRTY:
+                    mem.flags[head] |= PG_dirty
+                ref.set(make_migration_pte(e, p, excl))
+                mem.mapcount[p] -= 1
+                mem.refcount[head] -= 1
+                sys.ls.release(ls_id, "ptl")
+    sys.stats.add("migrate.try_to_migrate")
+    return mem.folio_mapcount(head) == 0
+
+
+def _restored_pte(vma: "Vma", mig: int, dst: int) -> int:
+    """The mapping of *dst* that replaces migration entry *mig* (``remove_migration_pte``)."""
+    mem = vma.vm_mm.sys.mem
+    ent = pte_to_swp_entry(mig)
+    writable = is_writable_migration_entry(ent)
+    if mem.pgmap[dst] != 0 and vma.vm_mm.sys.pgmap_of(dst).is_private:  # type: ignore[union-attr]
+        e = make_writable_device_private_entry(dst) if writable else make_readable_device_private_entry(dst)
+        out = swp_entry_to_pte(e)
+        if mig & _PAGE_SWP_SOFT_DIRTY:
+            out |= _PAGE_SWP_SOFT_DIRTY
+        if mig & _PAGE_SWP_UFFD_WP:
+            out |= _PAGE_SWP_UFFD_WP
+        return out
+    pte = pfn_pte(dst, vma.vm_page_prot)
+    off = swp_offset(ent)
+    if off & _SWP_MIG_YOUNG:
+        pte |= _PAGE_ACCESSED
+    if off & _SWP_MIG_DIRTY:
+        pte |= _PAGE_DIRTY
+    if writable:
+        pte |= _PAGE_RW
+    else:
+        pte &= ~_PAGE_RW
+    if mig & _PAGE_SWP_SOFT_DIRTY:
+        pte |= _PAGE_SOFT_DIRTY
+    if mig & _PAGE_SWP_UFFD_WP:
+        pte |= _PAGE_UFFD_WP
+    return pte
+
+
+def remove_migration_ptes(sys: "System", src: int, dst: int) -> int:
+    """``remove_migration_ptes()``: every migration entry of folio *src* becomes a mapping
+    of folio *dst* (the same folio when a migration is abandoned). Returns the number of
+    entries restored. No notifier fires (non-present to present)."""
+    mem = sys.mem
+    src = mem.compound_head(src)
+    dst = mem.compound_head(dst)
+    nr = 1 << int(mem.order[src])
+    done = 0
+    for i in range(nr):
+        for vma, addr in list(rmap_walk(mem, src + i)):
+            found = _mapped_pte(vma, addr)
+            if found is None:
+                continue
+            ref, level = found
+            e = ref.get()
+            if pte_present(e) or e == 0:
+                continue
+            ent = pte_to_swp_entry(e)
+            if not is_migration_entry(ent) or swp_offset_pfn(ent) != src + (0 if level == 2 else i):
+                continue
+            new = dst + (0 if level == 2 else i)
+            excl = is_writable_migration_entry(ent) or is_readable_exclusive_migration_entry(ent)
+            if level == 2:
+                ref.set(_restored_pte(vma, e, new) | _PAGE_PSE)
+                mem.entire_mapcount[dst] += 1
+            else:
+                ref.set(_restored_pte(vma, e, new))
+                mem.mapcount[new] += 1
+            mem.refcount[dst] += 1
+            if mem.flags[dst] & PG_anon:
+                if excl:
+                    mem.flags[new] |= PG_anon_exclusive
+                else:
+                    mem.flags[new] &= ~np.uint32(PG_anon_exclusive)
+            done += 1
+    sys.stats.add("migrate.remove_migration_ptes")
+    return done
+
+
+def folio_migrate_mapping(sys: "System", dst: int, src: int) -> None:
+    """``folio_migrate_mapping()`` + ``folio_migrate_flags()``: *dst* takes *src*'s
+    place (mapping, index, anon/dirty/exclusive state)."""
+    mem = sys.mem
+    nr = 1 << int(mem.order[src])
+    mem.mapping[dst] = mem.mapping[src]
+    mem.index[dst:dst + nr] = mem.index[src:src + nr]
+    keep = np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_swapbacked | PG_uptodate)
+    mem.flags[dst:dst + nr] |= mem.flags[src:src + nr] & keep
+    cache = sys.mapping_cache_of(src)
+    if cache is not None:
+        idx = int(mem.index[src])
+        cache.pages[idx] = dst
+        mem.refcount[src] -= 1
+        mem.refcount[dst] += 1
+
+
+class MigrationTicket:
+    """One folio between :func:`migrate_folio_unmap` and :func:`migrate_folio_move`."""
+
+    __slots__ = ("src",)
+
+    def __init__(self, src: int) -> None:
+        self.src = src
+
+
+def migrate_folio_unmap(sys: "System", pfn: int) -> MigrationTicket | None:
+    """First half of ``migrate_pages()`` for one small folio: lock it, take the
+    isolation reference, and replace its mappings by migration entries. Returns None
+    (nothing changed) if the folio is locked by someone else or is not a small mapped
+    anon/file page."""
+    from .pagemap import folio_trylock
+    mem = sys.mem
+    head = mem.compound_head(pfn)
+    if mem.order[head] or mem.refcount[head] <= 0 or not folio_trylock(sys, head):
+        return None
+    mem.refcount[head] += 1
+    try_to_migrate(sys, head)
+    return MigrationTicket(head)
+
+
+def migrate_folio_move(sys: "System", t: MigrationTicket, abandon: bool = False) -> int:
+    """Second half: copy to a new page and remap there (or, if *abandon*, remap the old
+    page), unlock, drop the isolation reference. Returns the pfn now mapped."""
+    from .memory import folio_put
+    mem = sys.mem
+    src = t.src
+    dst = src if abandon else mem.alloc_page()
+    if dst < 0:
+        dst = src
+    if dst != src:
+        mem.copy_pages(dst, src)
+        folio_migrate_mapping(sys, dst, src)
+        mem.refcount[dst] -= 1  # the allocation reference; mappings add their own below
+    remove_migration_ptes(sys, src, dst)
+    folio_unlock(sys, src)
+    if dst != src:
+        mem.flags[src] &= ~np.uint32(PG_anon | PG_anon_exclusive)
+        mem.mapping[src] = 0
+    folio_put(sys, src)
+    sys.stats.add("migrate.pages")
+    return dst
+
+
+# -- PMD migration entries in the generic paths --------------------------------------------------
+def split_huge_pmd_migration_entry(vma: "Vma", haddr: int, pmd: PtRef, tbl: npt.NDArray[np.uint64], tid: int) -> None:
+    """``__split_huge_pmd_locked()`` for a PMD migration entry: 512 pte migration entries."""
+    from .pgtable import mk_table_entry
+    e = pmd.get()
+    ent = pte_to_swp_entry(e)
+    head = swp_offset_pfn(ent)
+    t = (e >> 59) & 0x1F
+    bits = e & (_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP | (3 << 52))
+    pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.uint64)
+    tbl[:] = (_U(t) << _U(59)) | (pfns << _U(12)) | _U(bits)
+    pmd.set(mk_table_entry(tid))
+
+
+def zap_pmd_migration_entry(vma: "Vma", e: int) -> list[int]:
+    """``zap_huge_pmd()`` of a PMD migration entry: rss only (migration holds the refs)."""
+    head = swp_offset_pfn(pte_to_swp_entry(e))
+    if vma.vm_mm.sys.mem.flags[head] & PG_anon:
+        vma.vm_mm.add_mm_counter(MM_ANONPAGES, -HPAGE_PMD_NR)
+    return []
+
+
+def copy_pmd_migration_entry(dst_vma: "Vma", src_vma: "Vma", dst_pmd: PtRef, src_pmd: PtRef, e: int) -> int:
+    """``copy_huge_pmd()`` of a PMD migration entry: writable becomes readable in both."""
+    from .vma import is_cow_mapping
+    ent = pte_to_swp_entry(e)
+    if is_writable_migration_entry(ent) and is_cow_mapping(src_vma.vm_flags):
+        e = swp_entry_to_pte(make_readable_migration_entry(swp_offset(ent))) | _PAGE_PSE
+        src_pmd.set(e)
+    dst_pmd.set(e)
+    dst_vma.vm_mm.add_mm_counter(MM_ANONPAGES, HPAGE_PMD_NR)
+    return 0
+
+
+def change_pmd_migration_entry(vma: "Vma", pmd: PtRef, e: int) -> int:
+    """``change_huge_pmd()`` of a PMD migration entry: writable becomes readable."""
+    ent = pte_to_swp_entry(e)
+    if is_writable_migration_entry(ent):
+        pmd.set(swp_entry_to_pte(make_readable_migration_entry(swp_offset(ent))) | (e & _PAGE_PSE))
+        return HPAGE_PMD_NR
+    return 0
+

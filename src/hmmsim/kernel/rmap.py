@@ -1,0 +1,174 @@
+"""Reverse mapping: which VMAs map a folio, and the map/ref counting that goes with it.
+
+Models ``mm/rmap.c`` and ``include/linux/rmap.h``: ``anon_vma`` chains, the
+``folio_add_*_rmap_*`` / ``folio_remove_rmap_*`` family (batched over numpy arrays of
+pfns where the kernel batches over ptes), ``folio_try_dup_anon_rmap_*`` for fork, and
+``rmap_walk``. Anonymous folios point at their ``anon_vma`` through ``page->mapping``
+(with ``PG_anon``) and carry their linear page index in ``page->index``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .page_types import HPAGE_PMD_NR, PAGE_SHIFT
+from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked, PhysMem
+
+if TYPE_CHECKING:
+    from .vma import Vma
+
+__all__ = (
+    "AnonVma", "anon_vma_fork", "anon_vma_prepare", "folio_add_file_rmap_ptes",
+    "folio_add_new_anon_rmap", "folio_add_new_anon_rmap_pmd", "folio_add_new_anon_rmap_ptes",
+    "folio_dup_file_rmap_ptes", "folio_remove_rmap_pmd", "folio_remove_rmap_ptes",
+    "folio_try_dup_anon_rmap_pmd", "folio_try_dup_anon_rmap_ptes", "rmap_walk",
+    "unlink_anon_vmas",
+)
+
+
+class AnonVma:
+    """``struct anon_vma``: the VMAs (of any process) that may map its pages."""
+
+    __slots__ = ("vmas", "root", "mapping_id", "__weakref__")
+
+    def __init__(self, root: "AnonVma | None" = None) -> None:
+        self.vmas: list[Vma] = []
+        self.root = root if root is not None else self
+        self.mapping_id = 0
+
+    def __repr__(self) -> str:
+        return f"AnonVma({len(self.vmas)} vmas)"
+
+
+def _link(vma: "Vma", av: AnonVma) -> None:
+    if av not in vma.anon_vma_chain:
+        vma.anon_vma_chain.append(av)
+        av.vmas.append(vma)
+
+
+def anon_vma_prepare(vma: "Vma") -> int:
+    """``anon_vma_prepare()``: make sure *vma* has an anon_vma; returns 0."""
+    if vma.anon_vma is None:
+        av = AnonVma()
+        vma.vm_mm.sys.mem.register_mapping(av)
+        vma.anon_vma = av
+        _link(vma, av)
+    return 0
+
+
+def anon_vma_clone(dst: "Vma", src: "Vma") -> None:
+    """``anon_vma_clone()``: *dst* (a split-off or moved piece of *src*) shares all of
+    *src*'s anon_vmas."""
+    for av in src.anon_vma_chain:
+        _link(dst, av)
+
+
+def anon_vma_fork(child: "Vma", parent: "Vma") -> None:
+    """``anon_vma_fork()``: the child VMA sees the parent's anon pages and gets its own
+    anon_vma for pages it allocates later."""
+    for av in child.anon_vma_chain:
+        av.vmas.remove(child)
+    child.anon_vma_chain = []
+    child.anon_vma = None
+    if parent.anon_vma is None:
+        return
+    anon_vma_clone(child, parent)
+    av = AnonVma(root=parent.anon_vma.root)
+    child.vm_mm.sys.mem.register_mapping(av)
+    child.anon_vma = av
+    _link(child, av)
+
+
+def unlink_anon_vmas(vma: "Vma") -> None:
+    """``unlink_anon_vmas()``: drop *vma* from every anon_vma it is on."""
+    for av in vma.anon_vma_chain:
+        av.vmas.remove(vma)
+    vma.anon_vma_chain = []
+
+
+# -- anon rmap --------------------------------------------------------------------------
+def folio_add_new_anon_rmap(mem: PhysMem, pfn: int, vma: "Vma", addr: int) -> None:
+    """``folio_add_new_anon_rmap(folio, vma, addr, RMAP_EXCLUSIVE)`` for an order-0 folio
+    mapped by one pte."""
+    av = vma.anon_vma
+    assert av is not None, "anon rmap without anon_vma"
+    mem.mapping[pfn] = av.mapping_id
+    mem.index[pfn] = vma.linear_page_index(addr)
+    mem.flags[pfn] |= PG_anon | PG_anon_exclusive | PG_swapbacked
+    mem.mapcount[pfn] = 1
+
+
+def folio_add_new_anon_rmap_ptes(mem: PhysMem, pfns: npt.NDArray[np.int64], vma: "Vma",
+                                 addrs: npt.NDArray[np.int64]) -> None:
+    """Batched :func:`folio_add_new_anon_rmap` for many order-0 folios."""
+    av = vma.anon_vma
+    assert av is not None, "anon rmap without anon_vma"
+    mem.mapping[pfns] = av.mapping_id
+    mem.index[pfns] = ((addrs - vma.vm_start) >> PAGE_SHIFT) + vma.vm_pgoff
+    mem.flags[pfns] |= PG_anon | PG_anon_exclusive | PG_swapbacked
+    mem.mapcount[pfns] = 1
+
+
+def folio_add_new_anon_rmap_pmd(mem: PhysMem, head: int, vma: "Vma", haddr: int) -> None:
+    """``folio_add_new_anon_rmap()`` of a PMD-mapped THP: one entire mapping, every
+    subpage exclusive."""
+    av = vma.anon_vma
+    assert av is not None
+    nr = HPAGE_PMD_NR
+    mem.mapping[head] = av.mapping_id
+    mem.index[head:head + nr] = vma.linear_page_index(haddr) + np.arange(nr)
+    mem.flags[head:head + nr] |= PG_anon | PG_anon_exclusive | PG_swapbacked
+    mem.entire_mapcount[head] = 1
+
+
+def folio_try_dup_anon_rmap_ptes(mem: PhysMem, pfns: npt.NDArray[np.int64]) -> None:
+    """``folio_try_dup_anon_rmap_ptes()`` at fork: the pages become shared (no longer
+    AnonExclusive) and gain a mapping. (Pinned pages, which the kernel copies instead,
+    are not modelled.)"""
+    mem.flags[pfns] &= ~np.uint32(PG_anon_exclusive)
+    np.add.at(mem.mapcount, pfns, 1)
+
+
+def folio_try_dup_anon_rmap_pmd(mem: PhysMem, head: int) -> None:
+    nr = 1 << int(mem.order[head])
+    mem.flags[head:head + nr] &= ~np.uint32(PG_anon_exclusive)
+    mem.entire_mapcount[head] += 1
+
+
+# -- file rmap -----------------------------------------------------------------------------
+def folio_add_file_rmap_ptes(mem: PhysMem, pfns: npt.NDArray[np.int64] | int) -> None:
+    """``folio_add_file_rmap_ptes()``: file (or kernel) pages gain a pte mapping each."""
+    np.add.at(mem.mapcount, np.atleast_1d(np.asarray(pfns, np.int64)), 1)
+
+
+folio_dup_file_rmap_ptes = folio_add_file_rmap_ptes
+
+
+def folio_remove_rmap_ptes(mem: PhysMem, pfns: npt.NDArray[np.int64] | int) -> None:
+    """``folio_remove_rmap_ptes()``: pages lose one pte mapping each."""
+    np.subtract.at(mem.mapcount, np.atleast_1d(np.asarray(pfns, np.int64)), 1)
+
+
+def folio_remove_rmap_pmd(mem: PhysMem, head: int) -> None:
+    mem.entire_mapcount[head] -= 1
+
+
+# -- rmap walk -------------------------------------------------------------------------------
+def rmap_walk(mem: PhysMem, pfn: int) -> Iterator[tuple["Vma", int]]:
+    """``rmap_walk()``: every (vma, address) that may map page *pfn* (the caller checks the
+    page table). Anonymous pages: the VMAs on the folio's anon_vma; file pages: the
+    VMAs of the address_space's ``i_mmap`` covering the page's index."""
+    head = mem.compound_head(pfn)
+    obj = mem.mapping_obj(int(mem.mapping[head]))
+    if obj is None:
+        return
+    index = int(mem.index[pfn]) if mem.flags[head] & PG_anon else int(mem.index[head]) + (pfn - head)
+    vmas = obj.vmas if isinstance(obj, AnonVma) else obj.i_mmap
+    for vma in list(vmas):
+        addr = vma.address_of_index(index)
+        if vma.vm_start <= addr < vma.vm_end:
+            yield vma, addr

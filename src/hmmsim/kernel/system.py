@@ -1,0 +1,167 @@
+"""The simulated machine: RAM, page tables, locks, counters, device memory, processes.
+
+A :class:`System` is one booted kernel. Its configuration mirrors the knobs the HMM
+selftests care about: RAM size, THP mode (``/sys/kernel/mm/transparent_hugepage/
+enabled``), the huge zero page (``use_zero_page``), the hugetlb pool (``nr_hugepages``
+of 2 MiB), optional swap, and whether the ``test_hmm`` module is loaded (four dmirror
+devices: 0 and 1 device-private, 2 and 3 device-coherent).
+
+>>> from hmmsim import System
+>>> sys = System()
+>>> p = sys.spawn()
+>>> addr = p.mmap(4)
+>>> p.write(addr, b"hello"); p.read(addr, 5)
+b'hello'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .fs import AddressSpace
+from .hugetlb import HugetlbPool
+from .locking import LockState
+from .mm import MM
+from .page_types import HPAGE_PMD_NR, PAGE_SHIFT
+from .pgtable import PageTableStore
+from .physmem import PG_anon, PhysMem
+from .stats import Stats
+from .swap import SwapInfo
+from .task import Task
+
+if TYPE_CHECKING:
+    from ..hmm.memremap import DevPagemap
+    from ..process import Process
+
+__all__ = ("DEVMEM_CHUNK_PAGES", "System", "SystemConfig")
+
+MiB = 1 << 20
+GiB = 1 << 30
+#: test_hmm's DEVMEM_CHUNK_SIZE (256 MiB) in pages
+DEVMEM_CHUNK_PAGES = (256 * MiB) >> PAGE_SHIFT
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """Boot parameters of a :class:`System` (all sizes in bytes)."""
+
+    #: system RAM (``mem=``); page contents are allocated lazily
+    ram: int = 1 * GiB
+    #: THP mode: ``"always"``, ``"madvise"`` or ``"never"``
+    thp: str = "madvise"
+    #: map the huge zero page on read faults of THP-eligible ranges
+    huge_zero_page: bool = True
+    #: 2 MiB pages reserved for hugetlb at boot
+    hugetlb_pages: int = 32
+    #: swap slots (0: no swap device, like the reference environment)
+    swap_pages: int = 0
+    #: load test_hmm: dmirror devices 0, 1 (private) and, if *coherent*, 2, 3
+    test_hmm: bool = True
+    #: create the device-coherent dmirror devices (needs 2 x 256 MiB of SPM)
+    coherent: bool = True
+    #: pfn space for device-private chunks (``request_free_mem_region``)
+    device_private_space: int = 8 * GiB
+    #: kernel whose behaviour is modelled where versions differ
+    kernel: str = "6.12"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.thp not in ("always", "madvise", "never"):
+            raise ValueError(f"THP mode must be always, madvise or never, not {self.thp!r}")
+        if self.ram < 64 * MiB or self.ram % (2 * MiB):
+            raise ValueError("RAM must be a multiple of 2 MiB and at least 64 MiB")
+        if self.hugetlb_pages < 0 or self.hugetlb_pages * 2 * MiB > self.ram // 2:
+            raise ValueError("the hugetlb pool must fit in half of RAM")
+        if self.swap_pages < 0:
+            raise ValueError("swap_pages must be >= 0")
+
+
+class System:
+    """One simulated machine (see module docstring). Keyword arguments override
+    :class:`SystemConfig` fields: ``System(ram=2 << 30, thp="always")``."""
+
+    def __init__(self, config: SystemConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = SystemConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either a SystemConfig or keyword overrides")
+        self.config = config
+        self.stats = Stats()
+        self.ls = LockState(self.stats)
+        ram_pages = config.ram >> PAGE_SHIFT
+        coherent_pages = 2 * DEVMEM_CHUNK_PAGES if config.test_hmm and config.coherent else 0
+        self._coherent_base = ram_pages
+        data_pages = ram_pages + coherent_pages
+        self._private_base = (data_pages + DEVMEM_CHUNK_PAGES - 1) // DEVMEM_CHUNK_PAGES * DEVMEM_CHUNK_PAGES
+        self._private_next = self._private_base
+        max_pfn = self._private_base + (config.device_private_space >> PAGE_SHIFT)
+        self.mem = PhysMem(ram_pages, data_pages, max_pfn)
+        self.pt = PageTableStore()
+        self.hugetlb = HugetlbPool(self, config.hugetlb_pages)
+        self.swap: SwapInfo | None = SwapInfo(config.swap_pages + 1) if config.swap_pages else None
+        self.pgmaps: list[DevPagemap | None] = []
+        self.tasks: list[Task] = []
+        #: open invalidate_range_start() calls per mm (balance is asserted)
+        self.notifier_active: dict[int, int] = {}
+        self.dmirror_devices: list[Any] = []
+        if config.test_hmm:
+            from ..drivers.dmirror import hmm_dmirror_init
+            hmm_dmirror_init(self)
+
+    # -- processes ------------------------------------------------------------------------
+    def create_task(self, name: str = "") -> Task:
+        """A new process with an empty address space (what ``exec`` leaves behind)."""
+        t = Task(self, MM(self), name=name)
+        self.tasks.append(t)
+        return t
+
+    def spawn(self, name: str = "") -> "Process":
+        """A new process, wrapped in the friendly :class:`~hmmsim.process.Process` API."""
+        from ..process import Process
+        return Process(self, self.create_task(name))
+
+    # -- device memory ----------------------------------------------------------------------
+    def request_free_mem_region(self, nr_pages: int) -> int:
+        """``request_free_mem_region()``: a free physical range for device-private memory
+        (not CPU addressable); returns its first pfn or -1."""
+        start = self._private_next
+        if start + nr_pages > self.mem.max_pfn:
+            return -1
+        self._private_next += nr_pages
+        return start
+
+    def spm_range(self, index: int) -> int:
+        """First pfn of special-purpose (device-coherent) memory range *index* (0 or 1),
+        like test_hmm's ``spm_addr_dev0/1`` parameters; -1 if not configured."""
+        if not (self.config.test_hmm and self.config.coherent) or index not in (0, 1):
+            return -1
+        return self._coherent_base + index * DEVMEM_CHUNK_PAGES
+
+    def pgmap_of(self, pfn: int) -> "DevPagemap | None":
+        from ..hmm.memremap import page_pgmap
+        return page_pgmap(self, pfn)
+
+    def mapping_cache_of(self, pfn: int) -> AddressSpace | None:
+        """The page cache holding page *pfn*, if it is a file page."""
+        mem = self.mem
+        head = mem.compound_head(pfn)
+        if mem.flags[head] & PG_anon:
+            return None
+        obj = mem.mapping_obj(int(mem.mapping[head]))
+        return obj if isinstance(obj, AddressSpace) else None
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_invariants(self, full: bool = True) -> None:
+        """Verify frames, refcounts, mapcounts and rss against the page tables; raise
+        :class:`~hmmsim.kernel.invariants.InvariantError` naming the first bad pfn."""
+        from .invariants import check_invariants
+        check_invariants(self, full=full)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"System(ram={c.ram >> 20} MiB, thp={c.thp}, hugetlb={c.hugetlb_pages}, "
+                f"tasks={len(self.tasks)}, free={self.mem.nr_free} pages)")
+
+
+_ = HPAGE_PMD_NR

@@ -1,0 +1,246 @@
+"""The friendly API over a simulated process: mappings, CPU accesses, files, fork.
+
+Every method calls the kernel-level function that implements it (``do_mmap``,
+``do_mprotect``, ``translate_range`` ...) and turns a negative errno into an
+:class:`~hmmsim.errors.HmmError` subclass, or a signal into
+:class:`~hmmsim.errors.SegmentationFault`/:class:`~hmmsim.errors.BusError`. Sizes are in
+bytes and addresses are plain ints, as in C.
+
+>>> from hmmsim import System
+>>> p = System().spawn()
+>>> a = p.mmap(4 * 4096)
+>>> p.write(a + 10, b"xyz"); p.read(a + 9, 5)
+b'\\x00xyz\\x00'
+>>> p.mprotect(a, 4096, "r")
+>>> p.write(a, b"!")
+Traceback (most recent call last):
+hmmsim.errors.SegmentationFault: SIGSEGV: write of 0x7effffffc000
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import BusError, SegmentationFault, error_from_errno
+from .kernel.cpu import SIGBUS, translate_range, user_read_pages, user_write_pages
+from .kernel.errno import EBADF, EINVAL
+from .kernel.madvise import MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_PAGEOUT, do_madvise
+from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_HUGETLB, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED
+from .kernel.mprotect import change_prot_numa, do_mprotect
+from .kernel.mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, do_mremap
+from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE
+from .kernel.pgtable import decode_pte
+from .kernel.shmem import shmem_file_setup, shmem_pread, shmem_pwrite, shmem_truncate
+from .kernel.task import Task, vm_mmap, vm_munmap
+from .kernel.vma import PROT_EXEC, PROT_READ, PROT_WRITE
+
+if TYPE_CHECKING:
+    from .device import Device
+    from .kernel.system import System
+
+__all__ = ("Process", "parse_prot")
+
+_ADVICE = {"dontneed": MADV_DONTNEED, "free": MADV_FREE, "hugepage": MADV_HUGEPAGE,
+           "nohugepage": MADV_NOHUGEPAGE, "pageout": MADV_PAGEOUT}
+
+
+def parse_prot(prot: str | int) -> int:
+    """``"rw"`` -> ``PROT_READ | PROT_WRITE``; ``"none"`` -> 0; ints pass through."""
+    if isinstance(prot, int):
+        return prot
+    if prot == "none":
+        return 0
+    out = 0
+    for ch in prot:
+        bit = {"r": PROT_READ, "w": PROT_WRITE, "x": PROT_EXEC}.get(ch)
+        if bit is None:
+            raise ValueError(f"bad protection {prot!r}: use letters r, w, x or 'none'")
+        out |= bit
+    return out
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise error_from_errno(ret, what)
+    return ret
+
+
+class Process:
+    """A simulated process (``task_struct`` + ``mm_struct``) with a Pythonic API."""
+
+    def __init__(self, system: "System", task: Task) -> None:
+        self.system = system
+        self.task = task
+
+    @property
+    def mm(self):  # noqa: ANN201 - kernel struct
+        return self.task.mm
+
+    @property
+    def pid(self) -> int:
+        return self.task.pid
+
+    # -- mappings ----------------------------------------------------------------------------
+    def mmap(self, length: int, prot: str | int = "rw", *, shared: bool = False, fd: int | None = None,
+             offset: int = 0, hugetlb: bool = False, addr: int = 0, fixed: bool = False,
+             noreplace: bool = False, noreserve: bool = False) -> int:
+        """Map *length* bytes (anonymous unless *fd* is given); returns the address."""
+        flags = MAP_SHARED if shared else MAP_PRIVATE
+        file = None
+        if fd is None:
+            flags |= MAP_ANONYMOUS
+        else:
+            file = self.task.fget(fd)
+            if file is None:
+                raise error_from_errno(-EBADF, f"mmap: fd {fd}")
+        if hugetlb:
+            flags |= MAP_HUGETLB
+        if fixed:
+            flags |= MAP_FIXED
+        if noreplace:
+            flags |= MAP_FIXED_NOREPLACE
+        if noreserve:
+            flags |= MAP_NORESERVE
+        if offset % PAGE_SIZE:
+            raise error_from_errno(-EINVAL, "mmap: offset not page aligned")
+        return _check(vm_mmap(self.mm, file, addr, length, parse_prot(prot), flags, offset >> PAGE_SHIFT), "mmap")
+
+    def munmap(self, addr: int, length: int) -> None:
+        _check(vm_munmap(self.mm, addr, length), "munmap")
+
+    def mprotect(self, addr: int, length: int, prot: str | int) -> None:
+        _check(do_mprotect(self.mm, addr, length, parse_prot(prot)), "mprotect")
+
+    def madvise(self, addr: int, length: int, advice: str | int) -> None:
+        """*advice*: ``"hugepage"``, ``"nohugepage"``, ``"dontneed"``, ``"free"``,
+        ``"pageout"`` or a ``MADV_*`` number."""
+        adv = _ADVICE[advice] if isinstance(advice, str) else advice
+        _check(do_madvise(self.mm, addr, length, adv), "madvise")
+
+    def mremap(self, addr: int, old_length: int, new_length: int, *, new_addr: int | None = None,
+               dontunmap: bool = False, maymove: bool = True) -> int:
+        """Move/resize a mapping (MREMAP_MAYMOVE, plus MREMAP_FIXED if *new_addr*)."""
+        flags = MREMAP_MAYMOVE if maymove else 0
+        if new_addr is not None:
+            flags |= MREMAP_FIXED
+        if dontunmap:
+            flags |= MREMAP_DONTUNMAP
+        return _check(do_mremap(self.mm, addr, old_length, new_length, flags, new_addr or 0), "mremap")
+
+    def numa_hint(self, addr: int, length: int) -> None:
+        """Make the present ptes of the range NUMA-hinting (protnone) entries, as
+        automatic NUMA balancing would (``change_prot_numa``)."""
+        mm = self.mm
+        mm.mmap_lock.down_write()
+        try:
+            for vma in list(mm.vmas(addr, addr + length)):
+                change_prot_numa(vma, max(addr, vma.vm_start), min(addr + length, vma.vm_end))
+        finally:
+            mm.mmap_lock.up_write()
+
+    # -- CPU accesses ---------------------------------------------------------------------------
+    def _raise_sig(self, addr: int, sigs: list[tuple[int, int]], write: bool) -> None:
+        if sigs:
+            page, sig = sigs[0]
+            a = (addr & ~(PAGE_SIZE - 1)) + (page << PAGE_SHIFT)
+            raise (BusError if sig == SIGBUS else SegmentationFault)(max(a, addr), write)
+
+    def read(self, addr: int, n: int) -> bytes:
+        """The CPU reads *n* bytes at *addr* (faulting pages in as needed)."""
+        first = addr & ~(PAGE_SIZE - 1)
+        npages = (addr + n - first + PAGE_SIZE - 1) >> PAGE_SHIFT
+        data, sigs = user_read_pages(self.mm, first, npages)
+        self._raise_sig(addr, sigs, False)
+        off = addr - first
+        return data[off:off + n].tobytes()
+
+    def write(self, addr: int, data: bytes | bytearray | npt.NDArray) -> None:
+        """The CPU writes *data* at *addr*. Partial pages are read-modify-written."""
+        buf = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        n = len(buf)
+        if n == 0:
+            return
+        first = addr & ~(PAGE_SIZE - 1)
+        npages = (addr + n - first + PAGE_SIZE - 1) >> PAGE_SHIFT
+        off = addr - first
+        if off or n % PAGE_SIZE:
+            pfns, sigs = translate_range(self.mm, first, npages, write=True)
+            self._raise_sig(addr, sigs, True)
+            mem = self.system.mem
+            page = np.zeros(npages * PAGE_SIZE, np.uint8)
+            page[:] = mem.data[pfns].reshape(-1)
+            page[off:off + n] = buf
+            mem.data[pfns] = page.reshape(npages, PAGE_SIZE)
+            mem.mark_written(pfns)
+            return
+        sigs = user_write_pages(self.mm, first, buf)
+        self._raise_sig(addr, sigs, True)
+
+    def read_array(self, addr: int, count: int, dtype: npt.DTypeLike = np.int32) -> npt.NDArray:
+        """Read *count* elements of *dtype* at *addr*."""
+        dt = np.dtype(dtype)
+        return np.frombuffer(self.read(addr, count * dt.itemsize), dt).copy()
+
+    def write_array(self, addr: int, arr: npt.ArrayLike) -> None:
+        self.write(addr, np.ascontiguousarray(arr))
+
+    def touch(self, addr: int, length: int, write: bool = False) -> None:
+        """Access every page of the range once (read, or write without changing data)."""
+        first = addr & ~(PAGE_SIZE - 1)
+        npages = (addr + length - first + PAGE_SIZE - 1) >> PAGE_SHIFT
+        _pfns, sigs = translate_range(self.mm, first, npages, write)
+        self._raise_sig(addr, sigs, write)
+
+    def pte(self, addr: int) -> str:
+        """What maps *addr* in the CPU page table, for humans (``decode_pte``)."""
+        return decode_pte(self.mm.lookup_pte(addr))
+
+    # -- files -------------------------------------------------------------------------------
+    def open_tmpfile(self, size: int = 0) -> int:
+        """``open(O_TMPFILE | O_RDWR)`` on tmpfs + ``ftruncate(size)``; returns the fd."""
+        f = shmem_file_setup(self.system, "tmpfile", 0)
+        _check(shmem_truncate(f.f_inode, size), "ftruncate")  # type: ignore[arg-type]
+        return self.task.fd_install(f)
+
+    def _inode(self, fd: int):  # noqa: ANN202
+        f = self.task.fget(fd)
+        if f is None or f.f_inode is None:
+            raise error_from_errno(-EBADF, f"fd {fd}")
+        return f.f_inode
+
+    def pwrite(self, fd: int, data: bytes | npt.NDArray, offset: int) -> int:
+        return _check(shmem_pwrite(self._inode(fd), data, offset), "pwrite")
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        return shmem_pread(self._inode(fd), offset, n)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        _check(shmem_truncate(self._inode(fd), size), "ftruncate")
+
+    def close(self, fd: int) -> None:
+        _check(self.task.close_fd(fd), "close")
+
+    def open_device(self, minor: int) -> "Device":
+        """Open ``/dev/hmm_dmirror<minor>``; raises NoDevice if it does not exist."""
+        from .device import Device
+        from .drivers.dmirror import dmirror_open
+        fd = _check(dmirror_open(self.system, self.task, minor), f"open /dev/hmm_dmirror{minor}")
+        return Device(self, fd, minor)
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def fork(self) -> "Process":
+        """``fork()``: the child shares every private page copy-on-write."""
+        child = self.task.fork()
+        if isinstance(child, int):
+            raise error_from_errno(child, "fork")
+        return Process(self.system, child)
+
+    def exit(self) -> None:
+        """``exit()``: unmap everything (notifiers see ``MMU_NOTIFY_RELEASE``), close files."""
+        self.task.exit()
+
+    def __repr__(self) -> str:
+        return f"Process(pid={self.pid}, {self.mm.map_count} vmas)"
