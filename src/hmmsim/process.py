@@ -142,9 +142,9 @@ class Process:
             mm.mmap_lock.up_write()
 
     # -- CPU accesses ---------------------------------------------------------------------------
-    def _raise_sig(self, addr: int, sigs: list[tuple[int, int]], write: bool) -> None:
+    def _raise_sig(self, addr: int, sigs: list[tuple[int, int, int]], write: bool) -> None:
         if sigs:
-            page, sig = sigs[0]
+            page, _n, sig = sigs[0]
             a = (addr & ~(PAGE_SIZE - 1)) + (page << PAGE_SHIFT)
             raise (BusError if sig == SIGBUS else SegmentationFault)(max(a, addr), write)
 

@@ -82,54 +82,67 @@ def _walk(mm: MM, addr: int, n: int, write: bool) -> npt.NDArray[np.int64]:
     return out
 
 
-def do_user_addr_fault(mm: MM, addr: int, write: bool, npages: int = 1) -> tuple[int, int]:
+def do_user_addr_fault(mm: MM, addr: int, write: bool, npages: int = 1) -> tuple[int, int, int]:
     """``do_user_addr_fault()`` for the pages ``[addr, addr + npages)`` (one VMA is found
-    for *addr*; the run is cut at its end). Returns ``(signal or 0, pages handled)``."""
+    for *addr*; the run is cut at its end).
+
+    Returns ``(signal or 0, pages faulted in before the failing one, pages that fail
+    alike)``: without a VMA, or in a VMA that forbids the access, every page up to the
+    next VMA (or the end of this one) raises the same SIGSEGV and changes nothing."""
     mmap_read_lock(mm)
     try:
         vma = mm.find_vma(addr)
+        end = addr + (npages << PAGE_SHIFT)
         if vma is None or vma.vm_start > addr:
-            return SIGSEGV, 1
-        if write and not vma.vm_flags & VM_WRITE:
-            return SIGSEGV, 1
-        if not write and not vma_is_accessible(vma):
-            return SIGSEGV, 1
-        end = min(addr + (npages << PAGE_SHIFT), vma.vm_end)
+            stop = min(end, vma.vm_start) if vma is not None else end
+            return SIGSEGV, 0, (stop - addr) >> PAGE_SHIFT
+        if (write and not vma.vm_flags & VM_WRITE) or (not write and not vma_is_accessible(vma)):
+            return SIGSEGV, 0, (min(end, vma.vm_end) - addr) >> PAGE_SHIFT
+        end = min(end, vma.vm_end)
         flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0)
         ret, fail = handle_mm_fault_range(vma, addr, end, flags)
         done = (fail - addr) >> PAGE_SHIFT
         if not ret & VM_FAULT_ERROR:
-            return 0, done
+            return 0, done, 0
         mm.sys.stats.add("fault.user_error")
         if ret & VM_FAULT_OOM:
-            return SIGKILL, done
+            return SIGKILL, done, 1
         if ret & (VM_FAULT_SIGBUS | VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
-            return SIGBUS, done
+            return SIGBUS, done, 1
         if ret & VM_FAULT_SIGSEGV:
-            return SIGSEGV, done
+            return SIGSEGV, done, 1
         raise AssertionError(f"unexpected fault result {ret:#x}")
     finally:
         mmap_read_unlock(mm)
 
 
-def translate_range(mm: MM, addr: int, npages: int, write: bool) -> tuple[npt.NDArray[np.int64], list[tuple[int, int]]]:
+#: a run of pages whose access raised a signal: (first page index, number of pages, signal)
+SigRun = tuple[int, int, int]
+
+
+def translate_range(mm: MM, addr: int, npages: int, write: bool) -> tuple[npt.NDArray[np.int64], list[SigRun]]:
     """Access every page of ``[addr, addr + npages)`` in order, as a CPU loop would.
 
     Returns ``(pfns, signals)``: the pfn each page was accessed through (-1 for pages
-    whose access raised a signal) and ``(page index, signal)`` for those pages. A page's
-    access is retried after each successful fault until the MMU accepts it."""
+    whose access raised a signal) and the runs of such pages as ``(first page, count,
+    signal)``. A page's access is retried after each successful fault until the MMU
+    accepts it; a ``SIGKILL`` (out of memory) ends the loop."""
     pfns = np.full(npages, -1, np.int64)
-    sigs: list[tuple[int, int]] = []
+    sigs: list[SigRun] = []
     i = 0
     retries = 0
-    pending, pending_sig = -1, 0  # a page whose access is known to raise a signal
+    pending, pending_n, pending_sig = -1, 0, 0  # pages known to raise a signal
     while i < npages:
         if i == pending:
-            sigs.append((i, pending_sig))
+            n_fail = min(pending_n, npages - i)
+            if sigs and sigs[-1][0] + sigs[-1][1] == i and sigs[-1][2] == pending_sig:
+                sigs[-1] = (sigs[-1][0], sigs[-1][1] + n_fail, pending_sig)
+            else:
+                sigs.append((i, n_fail, pending_sig))
             if pending_sig == SIGKILL:
                 break
             pending = -1
-            i += 1
+            i += n_fail
             retries = 0
             continue
         a = addr + (i << PAGE_SHIFT)
@@ -148,9 +161,9 @@ def translate_range(mm: MM, addr: int, npages: int, write: bool) -> tuple[npt.ND
         contig = k
         while contig < n and got[contig] < 0:
             contig += 1
-        sig, done = do_user_addr_fault(mm, a + (k << PAGE_SHIFT), write, contig - k)
+        sig, done, nfail = do_user_addr_fault(mm, a + (k << PAGE_SHIFT), write, npages - i if contig == n else contig - k)
         if sig:
-            pending, pending_sig = i + done, sig
+            pending, pending_n, pending_sig = i + done, nfail, sig
             continue
         retries += 1
         if retries > _MAX_RETRIES:
@@ -161,14 +174,14 @@ def translate_range(mm: MM, addr: int, npages: int, write: bool) -> tuple[npt.ND
 def translate(mm: MM, addr: int, write: bool) -> int:
     """One page: its pfn, or ``-signal`` if the access raises a signal."""
     pfns, sigs = translate_range(mm, addr & ~(PAGE_SIZE - 1), 1, write)
-    return -sigs[0][1] if sigs else int(pfns[0])
+    return -sigs[0][2] if sigs else int(pfns[0])
 
 
 
 # -- data ---------------------------------------------------------------------------------------
-def user_read_pages(mm: MM, addr: int, npages: int) -> tuple[npt.NDArray[np.uint8], list[tuple[int, int]]]:
+def user_read_pages(mm: MM, addr: int, npages: int) -> tuple[npt.NDArray[np.uint8], list[SigRun]]:
     """The CPU reads whole pages ``[addr, addr + npages)``: returns their bytes (zeros for
-    pages that raised a signal) and the ``(page index, signal)`` list."""
+    pages that raised a signal) and the signal runs."""
     pfns, sigs = translate_range(mm, addr, npages, write=False)
     out = np.zeros((npages, PAGE_SIZE), np.uint8)
     ok = pfns >= 0
@@ -177,9 +190,9 @@ def user_read_pages(mm: MM, addr: int, npages: int) -> tuple[npt.NDArray[np.uint
     return out.reshape(-1), sigs
 
 
-def user_write_pages(mm: MM, addr: int, data: npt.NDArray[np.uint8]) -> list[tuple[int, int]]:
+def user_write_pages(mm: MM, addr: int, data: npt.NDArray[np.uint8]) -> list[SigRun]:
     """The CPU writes whole pages (``len(data)`` a multiple of PAGE_SIZE) at *addr*; pages
-    that raise a signal are skipped. Returns the ``(page index, signal)`` list."""
+    that raise a signal are skipped. Returns the signal runs."""
     npages = len(data) // PAGE_SIZE
     pfns, sigs = translate_range(mm, addr, npages, write=True)
     ok = pfns >= 0
