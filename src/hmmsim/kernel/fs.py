@@ -70,6 +70,7 @@ class Inode:
         self.i_size = size
         self.i_mapping = AddressSpace(self)
         system.mem.register_mapping(self.i_mapping)
+        system.inodes.append(self)
         self.nlink = 0
         self.i_count = 0
         self.name = name

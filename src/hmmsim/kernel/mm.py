@@ -80,6 +80,7 @@ class MM:
         self.dead = False
         # next free slot for scenario-style placement is the caller's business
         self.owner: Any = None
+        system.mms.append(self)
 
     # -- VMA tree ------------------------------------------------------------------------
     def find_vma(self, addr: int) -> Vma | None:

@@ -217,6 +217,8 @@ def shmem_truncate(inode: Inode, size: int) -> int:
 
 def evict_inode(inode: Inode) -> None:
     """``shmem_evict_inode()``: free the page cache of an inode nobody refers to."""
+    if inode in inode.sys.inodes:
+        inode.sys.inodes.remove(inode)
     if inode.kind == "hugetlbfs":
         from .hugetlb import hugetlbfs_evict_inode
         hugetlbfs_evict_inode(inode)

@@ -97,6 +97,12 @@ class System:
         self._private_next = self._private_base
         max_pfn = self._private_base + (config.device_private_space >> PAGE_SHIFT)
         self.mem = PhysMem(ram_pages, data_pages, max_pfn)
+        #: every address space created (exited ones have ``dead`` set)
+        self.mms: list[MM] = []
+        #: references held by in-flight kernel operations (pfn -> count), for the checker
+        self.extra_refs: dict[int, int] = {}
+        #: live inodes (tmpfs, hugetlbfs), whose page caches hold page references
+        self.inodes: list[Any] = []
         self.pt = PageTableStore()
         self.hugetlb = HugetlbPool(self, config.hugetlb_pages)
         self.swap: SwapInfo | None = SwapInfo(config.swap_pages + 1) if config.swap_pages else None
@@ -141,6 +147,10 @@ class System:
     def pgmap_of(self, pfn: int) -> "DevPagemap | None":
         from ..hmm.memremap import page_pgmap
         return page_pgmap(self, pfn)
+
+    def iter_address_spaces(self) -> list[AddressSpace]:
+        """The page caches of every live inode."""
+        return [i.i_mapping for i in self.inodes]
 
     def mapping_cache_of(self, pfn: int) -> AddressSpace | None:
         """The page cache holding page *pfn*, if it is a file page."""

@@ -60,8 +60,11 @@ def exit_mmap(mm: MM) -> None:
     for v in vmas:
         mm.remove_vma(v)
         remove_vma(v)
+    mm.sys.pt.free(mm.pgd)  # pgd_free(), done at the final mmdrop() in the kernel
     mm.dead = True
     mmap_write_unlock(mm)
+    if mm in mm.sys.mms:
+        mm.sys.mms.remove(mm)
     mm.sys.stats.add("mm.exit_mmap")
 
 

@@ -1,0 +1,289 @@
+"""Consistency checks of the whole machine (what ``CONFIG_DEBUG_VM`` would catch).
+
+:func:`check_invariants` recomputes, from every live page table, how often each page is
+mapped, how many references each folio must have and each mm's rss, and compares them
+with ``struct page`` arrays and mm counters. It also checks that no frame is lost (every
+RAM page is free, reserved, in the hugetlb pool or referenced), that nothing is mapped
+outside a VMA, that anonymous pages can be found by rmap, that no page-table page leaked
+and that every notifier invalidation ended.
+
+``full=False`` does only the O(1)-ish checks (allocator totals, notifier balance).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .page_types import HPAGE_PMD_NR, PAGE_SHIFT
+from .pgtable import (
+    _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_SPECIAL, PTE_PFN_MASK, SWP_DEVICE_EXCLUSIVE_READ,
+    SWP_DEVICE_EXCLUSIVE_WRITE, SWP_DEVICE_READ, SWP_DEVICE_WRITE, SWP_MIGRATION_READ,
+    SWP_MIGRATION_WRITE, MAX_SWAPFILES, pmd_leaf, pte_present, table_id,
+)
+from .physmem import PG_anon, PG_buddy, PG_hugetlb, PG_reserved, PG_swapbacked
+from .vma import VM_HUGETLB
+
+if TYPE_CHECKING:
+    from .mm import MM
+    from .system import System
+
+__all__ = ("InvariantError", "check_invariants")
+
+_U = np.uint64
+
+
+class InvariantError(AssertionError):
+    """The model's state is inconsistent; the message names the first bad pfn or address."""
+
+
+class _Tally:
+    """What the page tables say: mappings per pfn, rss per mm, tables reached."""
+
+    def __init__(self, n: int) -> None:
+        self.pte_maps = np.zeros(n, np.int64)
+        self.entire_maps = np.zeros(n, np.int64)
+        self.tables: set[int] = set()
+
+
+def _leaf_entries(tally: _Tally, mm: "MM", base: int, entries: npt.NDArray[np.uint64], rss: list[int]) -> None:
+    """Account one pte table's entries (*base* is the VA of entry 0)."""
+    sys = mm.sys
+    mem = sys.mem
+    nz = np.flatnonzero(entries)
+    if not len(nz):
+        return
+    _check_in_vma(mm, base, nz)
+    e = entries[nz]
+    present = (e & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+    normal = present & ((e & _U(_PAGE_SPECIAL)) == 0)
+    pfn = ((e & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
+    normal &= pfn < mem.max_pfn
+    if normal.any():
+        pf = pfn[normal]
+        np.add.at(tally.pte_maps, pf, 1)
+        heads = mem.heads(pf)
+        fl = mem.flags[heads]
+        anon = (fl & PG_anon) != 0
+        rss[1] += int(anon.sum())
+        shm = ~anon & ((fl & PG_swapbacked) != 0)
+        rss[3] += int(shm.sum())
+        rss[0] += int((~anon & ~shm).sum())
+        _check_anon_index(mm, base, nz[normal], pf, anon)
+    sw = ~present
+    if sw.any():
+        t = (e[sw] >> _U(59)).astype(np.int64)
+        spf = pfn[sw]
+        dev = (t == SWP_DEVICE_WRITE) | (t == SWP_DEVICE_READ) | (t == SWP_DEVICE_EXCLUSIVE_WRITE) | (t == SWP_DEVICE_EXCLUSIVE_READ)
+        if dev.any():
+            np.add.at(tally.pte_maps, spf[dev], 1)
+            rss[1] += int(dev.sum())
+        mig = (t >= SWP_MIGRATION_READ) & (t <= SWP_MIGRATION_WRITE)
+        if mig.any():
+            for p in spf[mig].tolist():
+                h = mem.compound_head(p)
+                fl = int(mem.flags[h])
+                rss[1 if fl & PG_anon else (3 if fl & PG_swapbacked else 0)] += 1
+        rss[2] += int((t < MAX_SWAPFILES).sum())
+
+
+def _check_in_vma(mm: "MM", base: int, idx: npt.NDArray[np.int64]) -> None:
+    first = base + (int(idx[0]) << PAGE_SHIFT)
+    last = base + (int(idx[-1]) << PAGE_SHIFT)
+    for a in {first, last}:
+        v = mm.vma_lookup(a)
+        if v is None:
+            raise InvariantError(f"{mm.name}: entry mapped at {a:#x} outside every VMA")
+    # a hole inside [first, last] between VMAs
+    for i in idx.tolist():
+        a = base + (i << PAGE_SHIFT)
+        if mm.vma_lookup(a) is None:
+            raise InvariantError(f"{mm.name}: entry mapped at {a:#x} outside every VMA")
+
+
+def _check_anon_index(mm: "MM", base: int, idx: npt.NDArray[np.int64], pfns: npt.NDArray[np.int64],
+                      anon: npt.NDArray[np.bool_]) -> None:
+    """An anonymous page mapped at address A of VMA V must have ``index ==
+    linear_page_index(V, A)`` and V must be on its anon_vma: rmap can find it."""
+    if not anon.any():
+        return
+    mem = mm.sys.mem
+    for i, p in zip(idx[anon].tolist(), pfns[anon].tolist()):
+        a = base + (i << PAGE_SHIFT)
+        v = mm.vma_lookup(a)
+        assert v is not None
+        if int(mem.index[p]) != v.linear_page_index(a):
+            raise InvariantError(f"pfn {p:#x} mapped at {a:#x}: index {int(mem.index[p]):#x} but the VMA "
+                                 f"says {v.linear_page_index(a):#x}")
+        av = mem.folio_mapping(p)
+        if av is None or v not in av.vmas:
+            raise InvariantError(f"pfn {p:#x} mapped at {a:#x} is not reachable by rmap from {v}")
+
+
+def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
+    """Tally every entry of *mm*; returns the recomputed rss."""
+    sys = mm.sys
+    mem = sys.mem
+    pt = sys.pt
+    rss = [0, 0, 0, 0]
+    hugetlb = 0
+    tally.tables.add(mm.pgd)
+    pgd = pt.table(mm.pgd)
+    for gi in np.flatnonzero(pgd).tolist():
+        pud_tid = table_id(int(pgd[gi]))
+        tally.tables.add(pud_tid)
+        pud = pt.table(pud_tid)
+        for ui in np.flatnonzero(pud).tolist():
+            ue = int(pud[ui])
+            ubase = (gi << 39) | (ui << 30)
+            if pmd_leaf(ue):
+                continue  # device-dax PUD leaves hold no struct-page counts here
+            pmd_tid = table_id(ue)
+            tally.tables.add(pmd_tid)
+            pmd = pt.table(pmd_tid)
+            for mi in np.flatnonzero(pmd).tolist():
+                me = int(pmd[mi])
+                mbase = ubase | (mi << 21)
+                if pmd_leaf(me) or not pte_present(me):
+                    v = mm.vma_lookup(mbase)
+                    if v is None:
+                        raise InvariantError(f"{mm.name}: huge entry at {mbase:#x} outside every VMA")
+                    pfn = (me & PTE_PFN_MASK) >> PAGE_SHIFT
+                    if v.vm_flags & VM_HUGETLB:
+                        hugetlb += HPAGE_PMD_NR
+                        if pte_present(me):
+                            tally.entire_maps[pfn] += 1
+                        continue
+                    if not pte_present(me):  # PMD migration entry
+                        if mem.flags[pfn] & PG_anon:
+                            rss[1] += HPAGE_PMD_NR
+                        continue
+                    if mem.is_huge_zero_pfn(pfn):
+                        continue
+                    tally.entire_maps[pfn] += 1
+                    if mem.flags[pfn] & PG_anon:
+                        rss[1] += HPAGE_PMD_NR
+                    continue
+                tid = table_id(me)
+                tally.tables.add(tid)
+                _leaf_entries(tally, mm, mbase, pt.table(tid), rss)
+    if hugetlb != mm.hugetlb_usage:
+        raise InvariantError(f"{mm.name}: hugetlb_usage {mm.hugetlb_usage} but page tables map {hugetlb}")
+    return rss
+
+
+def check_invariants(sys: "System", full: bool = True) -> None:
+    """Raise :class:`InvariantError` if the machine's state is inconsistent."""
+    mem = sys.mem
+    for k, v in sys.notifier_active.items():
+        if v:
+            raise InvariantError(f"an mmu notifier invalidation of mm {k:#x} never ended")
+    nfree = int(mem._free.sum())
+    if nfree != mem.nr_free:
+        raise InvariantError(f"allocator: nr_free {mem.nr_free} but {nfree} pages are free")
+    if (mem.refcount < 0).any():
+        p = int(np.flatnonzero(mem.refcount < 0)[0])
+        raise InvariantError(f"pfn {p:#x}: negative refcount {int(mem.refcount[p])}")
+    if (mem.mapcount < 0).any() or (mem.entire_mapcount < 0).any():
+        p = int(np.flatnonzero((mem.mapcount < 0) | (mem.entire_mapcount < 0))[0])
+        raise InvariantError(f"pfn {p:#x}: negative mapcount")
+    if not full:
+        return
+    n = mem.max_pfn
+    tally = _Tally(n)
+    for mm in sys.mms:
+        if mm.dead:
+            continue
+        rss = _walk_mm(tally, mm)
+        if rss != mm.rss:
+            raise InvariantError(f"{mm.name}: rss {mm.rss} but page tables say {rss} "
+                                 "(file, anon, swap, shmem)")
+    # mapcounts
+    bad = np.flatnonzero(tally.pte_maps != mem.mapcount)
+    if len(bad):
+        p = int(bad[0])
+        raise InvariantError(f"pfn {p:#x}: mapcount {int(mem.mapcount[p])} but {int(tally.pte_maps[p])} ptes map it")
+    bad = np.flatnonzero(tally.entire_maps != mem.entire_mapcount)
+    if len(bad):
+        p = int(bad[0])
+        raise InvariantError(f"pfn {p:#x}: entire_mapcount {int(mem.entire_mapcount[p])} but "
+                             f"{int(tally.entire_maps[p])} huge entries map it")
+    _check_refcounts(sys, tally)
+    _check_frames(sys)
+    leaked = set(sys.pt.allocated_ids().tolist()) - tally.tables
+    if leaked:
+        raise InvariantError(f"page tables {sorted(leaked)[:5]} are allocated but unreachable")
+
+
+def _expected_refs(sys: "System", tally: _Tally) -> npt.NDArray[np.int64]:
+    """The references each folio head must have: its mappings, its page-cache slot,
+    the device page that a backing page belongs to, and in-flight operations."""
+    mem = sys.mem
+    n = mem.max_pfn
+    exp = np.zeros(n, np.int64)
+    maps = tally.pte_maps
+    used = np.flatnonzero(maps)
+    if len(used):
+        np.add.at(exp, mem.heads(used), maps[used])
+    exp += tally.entire_maps
+    for mm_obj in sys.iter_address_spaces():
+        for pfn in mm_obj.pages.values():
+            exp[pfn] += 1
+    zdd = np.flatnonzero(mem.zone_device_data)
+    for p in zdd.tolist():
+        pg = sys.pgmap_of(p)
+        if pg is not None and pg.is_private:
+            exp[int(mem.zone_device_data[p])] += 1
+    for p, k in sys.extra_refs.items():
+        exp[mem.compound_head(p)] += k
+    return exp
+
+
+def _check_refcounts(sys: "System", tally: _Tally) -> None:
+    mem = sys.mem
+    exp = _expected_refs(sys, tally)
+    rc = mem.refcount.astype(np.int64)
+    # tail pages carry no references of their own
+    tails = np.flatnonzero(mem.head_off)
+    if len(tails) and rc[tails].any():
+        p = int(tails[np.flatnonzero(rc[tails])[0]])
+        raise InvariantError(f"tail page {p:#x} has refcount {int(rc[p])}")
+    zero_pages = mem.flags & PG_reserved
+    bad = np.flatnonzero((rc != exp) & (zero_pages == 0) & (mem.head_off == 0))
+    if len(bad):
+        p = int(bad[0])
+        raise InvariantError(f"pfn {p:#x}: refcount {int(rc[p])} but {int(exp[p])} references are known "
+                             f"(flags {int(mem.flags[p]):#x})")
+
+
+def _check_frames(sys: "System") -> None:
+    """Every RAM page is free, reserved, hugetlb or referenced; free pages are clean."""
+    mem = sys.mem
+    ram = mem.ram_pages
+    fl = mem.flags[:ram]
+    free = mem._free[:ram]
+    if ((fl & PG_buddy) != 0).astype(bool).tolist() != free.tolist():
+        p = int(np.flatnonzero(((fl & PG_buddy) != 0) != free)[0])
+        raise InvariantError(f"pfn {p:#x}: buddy flag and free bitmap disagree")
+    heads = mem.head_off[:ram] == 0
+    used = ~free & heads & ((fl & (PG_reserved | PG_hugetlb)) == 0)
+    lost = used & (mem.refcount[:ram] == 0)
+    if lost.any():
+        p = int(np.flatnonzero(lost)[0])
+        raise InvariantError(f"pfn {p:#x} is neither free nor referenced: a lost frame")
+    dirty_free = free & ((mem.refcount[:ram] != 0) | (mem.mapcount[:ram] != 0) | (mem.mapping[:ram] != 0))
+    if dirty_free.any():
+        p = int(np.flatnonzero(dirty_free)[0])
+        raise InvariantError(f"free pfn {p:#x} still has refcount/mapcount/mapping")
+    pool = sys.hugetlb
+    for h in pool.free:
+        if mem.refcount[h] != 0 or mem.entire_mapcount[h] != 0:
+            raise InvariantError(f"free hugetlb page {h:#x} is referenced")
+    hugetlb_heads = np.flatnonzero(((fl & PG_hugetlb) != 0) & (mem.head_off[:ram] == 0))
+    if len(hugetlb_heads) != pool.nr_huge_pages:
+        raise InvariantError(f"{len(hugetlb_heads)} hugetlb folios but the pool has {pool.nr_huge_pages}")
+    idle = [int(h) for h in hugetlb_heads if mem.refcount[h] == 0]
+    if sorted(idle) != sorted(pool.free):
+        raise InvariantError("hugetlb pages with no reference are not on the pool's free list")
