@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hmmsim.scenario.parse import Command, Fork, Scenario, ScenarioParseError, parse_scenario
 
-GOLDEN = Path("/work/shared/golden")
+GOLDEN = Path(__file__).parent / "golden"
 H = b"hmmsim-scenario 1\n"
 
 

@@ -191,7 +191,7 @@ def check_invariants(sys: "System", full: bool = True) -> None:
         raise InvariantError(f"pfn {p:#x}: negative mapcount")
     if not full:
         return
-    n = mem.max_pfn
+    n = sys.pfn_limit()
     tally = _Tally(n)
     for mm in sys.mms:
         if mm.dead:
@@ -201,11 +201,11 @@ def check_invariants(sys: "System", full: bool = True) -> None:
             raise InvariantError(f"{mm.name}: rss {mm.rss} but page tables say {rss} "
                                  "(file, anon, swap, shmem)")
     # mapcounts
-    bad = np.flatnonzero(tally.pte_maps != mem.mapcount)
+    bad = np.flatnonzero(tally.pte_maps != mem.mapcount[:n])
     if len(bad):
         p = int(bad[0])
         raise InvariantError(f"pfn {p:#x}: mapcount {int(mem.mapcount[p])} but {int(tally.pte_maps[p])} ptes map it")
-    bad = np.flatnonzero(tally.entire_maps != mem.entire_mapcount)
+    bad = np.flatnonzero(tally.entire_maps != mem.entire_mapcount[:n])
     if len(bad):
         p = int(bad[0])
         raise InvariantError(f"pfn {p:#x}: entire_mapcount {int(mem.entire_mapcount[p])} but "
@@ -221,7 +221,7 @@ def _expected_refs(sys: "System", tally: _Tally) -> npt.NDArray[np.int64]:
     """The references each folio head must have: its mappings, its page-cache slot,
     the device page that a backing page belongs to, and in-flight operations."""
     mem = sys.mem
-    n = mem.max_pfn
+    n = len(tally.pte_maps)
     exp = np.zeros(n, np.int64)
     maps = tally.pte_maps
     used = np.flatnonzero(maps)
@@ -231,7 +231,7 @@ def _expected_refs(sys: "System", tally: _Tally) -> npt.NDArray[np.int64]:
     for mm_obj in sys.iter_address_spaces():
         for pfn in mm_obj.pages.values():
             exp[pfn] += 1
-    zdd = np.flatnonzero(mem.zone_device_data)
+    zdd = np.flatnonzero(mem.zone_device_data[:n])
     for p in zdd.tolist():
         pg = sys.pgmap_of(p)
         if pg is not None and pg.is_private:
@@ -244,14 +244,16 @@ def _expected_refs(sys: "System", tally: _Tally) -> npt.NDArray[np.int64]:
 def _check_refcounts(sys: "System", tally: _Tally) -> None:
     mem = sys.mem
     exp = _expected_refs(sys, tally)
-    rc = mem.refcount.astype(np.int64)
+    n = len(exp)
+    rc = mem.refcount[:n].astype(np.int64)
+    head_off = mem.head_off[:n]
     # tail pages carry no references of their own
-    tails = np.flatnonzero(mem.head_off)
+    tails = np.flatnonzero(head_off)
     if len(tails) and rc[tails].any():
         p = int(tails[np.flatnonzero(rc[tails])[0]])
         raise InvariantError(f"tail page {p:#x} has refcount {int(rc[p])}")
-    zero_pages = mem.flags & PG_reserved
-    bad = np.flatnonzero((rc != exp) & (zero_pages == 0) & (mem.head_off == 0))
+    zero_pages = mem.flags[:n] & PG_reserved
+    bad = np.flatnonzero((rc != exp) & (zero_pages == 0) & (head_off == 0))
     if len(bad):
         p = int(bad[0])
         raise InvariantError(f"pfn {p:#x}: refcount {int(rc[p])} but {int(exp[p])} references are known "
@@ -264,7 +266,7 @@ def _check_frames(sys: "System") -> None:
     ram = mem.ram_pages
     fl = mem.flags[:ram]
     free = mem._free[:ram]
-    if ((fl & PG_buddy) != 0).astype(bool).tolist() != free.tolist():
+    if not np.array_equal((fl & PG_buddy) != 0, free):
         p = int(np.flatnonzero(((fl & PG_buddy) != 0) != free)[0])
         raise InvariantError(f"pfn {p:#x}: buddy flag and free bitmap disagree")
     heads = mem.head_off[:ram] == 0

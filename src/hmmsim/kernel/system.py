@@ -144,6 +144,11 @@ class System:
             return -1
         return self._coherent_base + index * DEVMEM_CHUNK_PAGES
 
+    def pfn_limit(self) -> int:
+        """One past the highest pfn that can be in use (RAM, coherent memory, the device
+        chunks handed out so far)."""
+        return max(self.mem.data_pages, self._private_next)
+
     def pgmap_of(self, pfn: int) -> "DevPagemap | None":
         from ..hmm.memremap import page_pgmap
         return page_pgmap(self, pfn)

@@ -12,6 +12,7 @@ hmm_cow_in_device, snapshot, double_map) arrive with migration support.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +20,17 @@ import numpy.typing as npt
 
 from ..drivers.dmirror import dmirror_open
 from ..drivers.test_hmm_uapi import (
-    HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_MIGRATE_TO_SYS, HMM_DMIRROR_READ, HmmDmirrorCmd,
+    HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_MIGRATE_TO_SYS, HMM_DMIRROR_PROT_PMD, HMM_DMIRROR_PROT_PUD,
+    HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_READ, HMM_DMIRROR_SNAPSHOT,
+    HMM_DMIRROR_WRITE, HmmDmirrorCmd,
 )
-from ..kernel.errno import EBADF
+from ..errors import HmmError
+from ..kernel.errno import EBADF, EFAULT, EPERM
+from ..kernel.page_types import HPAGE_PMD_SIZE
+from ..kernel.sched import Interleave
+from ..kernel.task import vm_munmap
 from ..process import Process
-from .harness import ASSERT_EQ, ASSERT_NE, TEST_F, FixtureState, Variant
+from .harness import ASSERT_EQ, ASSERT_GE, ASSERT_NE, SKIP, TEST_F, FixtureState, Variant
 
 __all__ = ("HMM_BUFFER_SIZE", "HmmBuffer", "hmm_buffer_free", "hmm_create_file", "hmm_dmirror_cmd",
            "hmm_open")
@@ -50,6 +57,8 @@ class HmmBuffer:
     fd: int = -1
     cpages: int = 0
     faults: int = 0
+    #: what ``malloc()`` gave ``mirror`` (free() knows it; the C struct does not need it)
+    mirror_size: int = 0
 
 
 def hmm_open(proc: Process, unit: int) -> int:
@@ -84,7 +93,7 @@ def hmm_buffer_free(proc: Process, buffer: HmmBuffer) -> None:
         proc.munmap(buffer.ptr, buffer.size)
         buffer.ptr = 0
     if buffer.mirror:
-        proc.munmap(buffer.mirror, buffer.size)
+        proc.munmap(buffer.mirror, buffer.mirror_size or buffer.size)
         buffer.mirror = 0
 
 
@@ -113,9 +122,25 @@ def set_ints(proc: Process, addr: int, values: npt.ArrayLike) -> None:
 
 def _new_buffer(proc: Process, size: int, mirror_size: int | None = None) -> HmmBuffer:
     b = HmmBuffer(fd=-1, size=size)
-    b.mirror = malloc(proc, mirror_size if mirror_size is not None else size)
+    b.mirror_size = mirror_size if mirror_size is not None else size
+    b.mirror = malloc(proc, b.mirror_size)
     ASSERT_NE(b.mirror, 0)
     return b
+
+
+def read_pmd_pagesize() -> int:
+    """``read_pmd_pagesize()``: /sys/kernel/mm/transparent_hugepage/hpage_pmd_size."""
+    return HPAGE_PMD_SIZE
+
+
+def default_huge_page_size() -> int:
+    """``default_huge_page_size()``: Hugepagesize of /proc/meminfo."""
+    return HPAGE_PMD_SIZE
+
+
+def hugetlb_free_default_pages(self: FixtureState) -> int:
+    """``hugetlb_free_default_pages()``: HugePages_Free of /proc/meminfo."""
+    return self.sys.hugetlb.free_huge_pages
 
 
 # -- tests -----------------------------------------------------------------------------------------
