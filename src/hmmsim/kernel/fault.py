@@ -347,10 +347,10 @@ def _do_fault_page(vmf: VmFault) -> int:
 
 
 def _put_page(sys: "System", pfn: int) -> None:
-    sys.mem.refcount[pfn] -= 1
-    if sys.mem.refcount[pfn] == 0:
-        from .memory import free_folio
-        free_folio(sys, pfn)
+    """``put_page()``: ``folio_put(page_folio(page))`` -- the reference belongs to the
+    folio, so a subpage of a large folio drops it on the head."""
+    from .memory import folio_put
+    folio_put(sys, pfn)
 
 
 def do_read_fault(vmf: VmFault) -> int:

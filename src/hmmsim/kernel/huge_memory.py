@@ -69,7 +69,7 @@ def thp_vma_allowable_order(vma: Vma, order: int, addr: int) -> bool:
     VM_HUGEPAGE; ``never``), never with VM_NOHUGEPAGE. PUD order: only mappings whose
     driver has a ``huge_fault`` (device-dax)."""
     ops = vma.vm_ops
-    if ops is not None and getattr(ops, "huge_fault", None) is not None:
+    if ops is not None and ops.huge_fault is not None:
         return thp_vma_suitable_order(vma, addr, order)
     if order != HPAGE_PMD_ORDER or not vma_is_anonymous(vma):
         return False
@@ -89,29 +89,28 @@ def create_huge_pmd(vmf: "VmFault") -> int:
     vma = vmf.vma
     if vma_is_anonymous(vma):
         return do_huge_pmd_anonymous_page(vmf)
-    huge_fault = getattr(vma.vm_ops, "huge_fault", None)
-    if huge_fault is not None:
-        return int(huge_fault(vmf, HPAGE_PMD_ORDER))
+    if vma.vm_ops is not None and vma.vm_ops.huge_fault is not None:
+        return int(vma.vm_ops.huge_fault(vmf, HPAGE_PMD_ORDER))
     return VM_FAULT_FALLBACK
 
 
 def create_huge_pud(vmf: "VmFault", pud: PtRef) -> int:
     """``create_huge_pud()``: only drivers with ``huge_fault`` map PUD leaves."""
     from .fault import VM_FAULT_FALLBACK
-    huge_fault = getattr(vmf.vma.vm_ops, "huge_fault", None)
-    if huge_fault is None:
+    ops = vmf.vma.vm_ops
+    if ops is None or ops.huge_fault is None:
         return VM_FAULT_FALLBACK
-    return int(huge_fault(vmf, 18))
+    return int(ops.huge_fault(vmf, 18))
 
 
 def huge_pud_fault(vmf: "VmFault", pud: PtRef, e: int) -> int:
     """A fault on a present PUD leaf: ``wp_huge_pud`` or ``huge_pud_set_accessed``."""
     from .fault import FAULT_FLAG_WRITE, VM_FAULT_SIGBUS
     if vmf.flags & FAULT_FLAG_WRITE and not pte_write(e):
-        huge_fault = getattr(vmf.vma.vm_ops, "huge_fault", None)
-        if huge_fault is None:
+        ops = vmf.vma.vm_ops
+        if ops is None or ops.huge_fault is None:
             return VM_FAULT_SIGBUS
-        return int(huge_fault(vmf, 18))
+        return int(ops.huge_fault(vmf, 18))
     pud.set(pte_mkyoung(e) if not vmf.flags & FAULT_FLAG_WRITE else pte_mkdirty(pte_mkyoung(e)))
     return 0
 

@@ -27,14 +27,17 @@ __all__ = ("Interleave",)
 
 class Interleave:
     """Run *action* as thread *name* at scheduling point number *at* (0 = the first one
-    after arming), retrying while it would block. Use as a context manager; afterwards
-    ``done`` says whether it ran, ``result`` holds its return value and ``point`` the
-    scheduling point where it ran (``where`` and lock class)."""
+    after arming; only points of kind *where* count if given: ``"lock"`` or ``"wait"``),
+    retrying while it would block. Use as a context manager; afterwards ``done`` says
+    whether it ran, ``result`` holds its return value and ``point`` the scheduling point
+    where it ran (kind and lock class)."""
 
-    def __init__(self, sys: "System", action: Callable[[], Any], at: int = 0, name: str = "racer") -> None:
+    def __init__(self, sys: "System", action: Callable[[], Any], at: int = 0, name: str = "racer",
+                 where: str | None = None) -> None:
         self.sys = sys
         self.action = action
         self.at = at
+        self.where = where
         self.thread = Thread(name)
         self.count = 0
         self.done = False
@@ -44,7 +47,7 @@ class Interleave:
         self.blocked = 0
 
     def _hook(self, ls: LockState, where: str, klass: str) -> None:
-        if self.done or self.running:
+        if self.done or self.running or (self.where is not None and where != self.where):
             return
         self.count += 1
         if self.count <= self.at:

@@ -94,17 +94,19 @@ class VmOps:
     ``name`` says which kind of mapping this is (``"shmem"``, ``"shmem-anon"``,
     ``"hugetlb"``, ``"dmirror"``); ``fault(vmf)`` returns a ``vm_fault_t``;
     ``map_pages(vmf, start_pgoff, end_pgoff)`` maps what is already cached (fault-around);
-    ``may_split(vma, addr)`` returns 0 or -errno.
+    ``may_split(vma, addr)`` returns 0 or -errno; ``huge_fault(vmf, order)`` maps a PMD
+    or PUD leaf (device-dax).
     """
 
-    __slots__ = ("name", "fault", "map_pages", "may_split")
+    __slots__ = ("name", "fault", "map_pages", "may_split", "huge_fault")
 
     def __init__(self, name: str, fault: Any = None, map_pages: Any = None,
-                 may_split: Any = None) -> None:
+                 may_split: Any = None, huge_fault: Any = None) -> None:
         self.name = name
         self.fault = fault
         self.map_pages = map_pages
         self.may_split = may_split
+        self.huge_fault = huge_fault
 
     def __repr__(self) -> str:
         return f"VmOps({self.name})"

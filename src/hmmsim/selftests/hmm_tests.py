@@ -178,3 +178,519 @@ def anon_read(self: FixtureState, variant: Variant) -> None:
     ASSERT_EQ(int(np.count_nonzero(got[:first])), 0)
     ASSERT_EQ(bool((got[first:] == np.arange(first, n)).all()), True)
     hmm_buffer_free(p, buffer)
+
+
+def ASSERT_ARRAY_EQ(got: npt.NDArray, expected: npt.ArrayLike) -> None:
+    """``for (i ...) ASSERT_EQ(ptr[i], expected[i])``: fails at the first differing
+    element, naming ``(i, value)`` as the C loop's ASSERT_EQ would."""
+    exp = np.broadcast_to(np.asarray(expected, dtype=got.dtype), got.shape)
+    bad = np.flatnonzero(got != exp)
+    if bad.size:
+        i = int(bad[0])
+        ASSERT_EQ((i, int(got[i])), (i, int(exp[i])))
+
+
+@TEST_F("hmm", "anon_read_prot")
+def anon_read_prot(self: FixtureState, variant: Variant) -> None:
+    """Read private anonymous memory which has been protected with
+    mprotect() PROT_NONE."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    buffer = _new_buffer(p, size)
+    buffer.ptr = p.mmap(size, "rw")
+    n = size // 4
+    # Initialize buffer in system memory.
+    set_ints(p, buffer.ptr, np.arange(n))
+    # Initialize mirror buffer so we can verify it isn't written.
+    set_ints(p, buffer.mirror, -np.arange(n))
+    # Protect buffer from reading.
+    p.mprotect(buffer.ptr, size, "none")
+    # Simulate a device reading system memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_READ, buffer, npages)
+    ASSERT_EQ(ret, -EFAULT)
+    # Allow CPU to read the buffer so we can check it.
+    p.mprotect(buffer.ptr, size, "r")
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
+    # Check what the device read.
+    ASSERT_ARRAY_EQ(ints(p, buffer.mirror, n), -np.arange(n))
+    hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "anon_write")
+def anon_write(self: FixtureState, variant: Variant) -> None:
+    """Write private anonymous memory."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    buffer = _new_buffer(p, size)
+    buffer.ptr = p.mmap(size, "rw")
+    n = size // 4
+    # Initialize data that the device will write to buffer->ptr.
+    set_ints(p, buffer.mirror, np.arange(n))
+    # Simulate a device writing system memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_WRITE, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+    ASSERT_EQ(buffer.faults, 1)
+    # Check what the device wrote.
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
+    hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "anon_write_prot")
+def anon_write_prot(self: FixtureState, variant: Variant) -> None:
+    """Write private anonymous memory which has been protected with
+    mprotect() PROT_READ."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    buffer = _new_buffer(p, size)
+    buffer.ptr = p.mmap(size, "r")
+    n = size // 4
+    # Simulate a device reading a zero page of memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_READ, buffer, 1)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, 1)
+    ASSERT_EQ(buffer.faults, 1)
+    # Initialize data that the device will write to buffer->ptr.
+    set_ints(p, buffer.mirror, np.arange(n))
+    # Simulate a device writing system memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_WRITE, buffer, npages)
+    ASSERT_EQ(ret, -EPERM)
+    # Check what the device wrote.
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), 0)
+    # Now allow writing and see that the zero page is replaced.
+    p.mprotect(buffer.ptr, size, "rw")
+    # Simulate a device writing system memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_WRITE, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+    ASSERT_EQ(buffer.faults, 1)
+    # Check what the device wrote.
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
+    hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "anon_write_child")
+def anon_write_child(self: FixtureState, variant: Variant) -> None:
+    """Check that a device writing an anonymous private mapping
+    will copy-on-write if a child process inherits the mapping.
+
+    Also verifies after fork() memory the device can be read by child.
+
+    Only the ``migrate = 0`` half of the kernel's loop: MIGRATE_TO_DEV is not modelled yet.
+    """
+    p = self.proc
+    migrate = 0
+    for use_thp in range(2):
+        npages = ALIGN(read_pmd_pagesize() if use_thp else HMM_BUFFER_SIZE,
+                       self.page_size) >> self.page_shift
+        ASSERT_NE(npages, 0)
+        size = npages << self.page_shift
+        n = size // 4
+
+        buffer = _new_buffer(p, size * 2, mirror_size=size)
+        buffer.ptr = p.mmap(size * 2, "rw")
+
+        old_ptr = buffer.ptr
+        if use_thp:
+            map_ = ALIGN(buffer.ptr, size)
+            p.madvise(map_, size, "hugepage")
+            buffer.ptr = map_
+
+        # Initialize buffer->ptr so we can tell if it is written.
+        set_ints(p, buffer.ptr, np.arange(n))
+        # Initialize data that the device will write to buffer->ptr.
+        set_ints(p, buffer.mirror, -np.arange(n))
+
+        child = p.fork()
+        try:
+            # Check that we see the parent's values.
+            ASSERT_ARRAY_EQ(ints(child, buffer.ptr, n), np.arange(n))
+            if not migrate:
+                ASSERT_ARRAY_EQ(ints(child, buffer.mirror, n), -np.arange(n))
+
+            # The child process needs its own mirror to its own mm.
+            child_fd = hmm_open(child, 0)
+            ASSERT_GE(child_fd, 0)
+
+            # Simulate a device writing system memory.
+            ret = hmm_dmirror_cmd(child, child_fd, HMM_DMIRROR_WRITE, buffer, npages)
+            ASSERT_EQ(ret, 0)
+            ASSERT_EQ(buffer.cpages, npages)
+            ASSERT_EQ(buffer.faults, 1)
+
+            # Check what the device wrote.
+            if not migrate:
+                ASSERT_ARRAY_EQ(ints(child, buffer.ptr, n), -np.arange(n))
+
+            child.close(child_fd)
+        finally:
+            # _exit(0), or the abort() of a failed child ASSERT: either way the parent's
+            # waitpid() reaps a dead child, and a failure fails the test.
+            child.exit()
+
+        # Check that the parent's buffer did not change.
+        ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
+
+        buffer.ptr = old_ptr
+        hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "anon_write_child_shared")
+def anon_write_child_shared(self: FixtureState, variant: Variant) -> None:
+    """Check that a device writing an anonymous shared mapping
+    will not copy-on-write if a child process inherits the mapping."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    n = size // 4
+    buffer = _new_buffer(p, size)
+    buffer.ptr = p.mmap(size, "rw", shared=True)
+
+    # Initialize buffer->ptr so we can tell if it is written.
+    set_ints(p, buffer.ptr, np.arange(n))
+    # Initialize data that the device will write to buffer->ptr.
+    set_ints(p, buffer.mirror, -np.arange(n))
+
+    child = p.fork()
+    try:
+        # Check that we see the parent's values.
+        ASSERT_ARRAY_EQ(ints(child, buffer.ptr, n), np.arange(n))
+        ASSERT_ARRAY_EQ(ints(child, buffer.mirror, n), -np.arange(n))
+
+        # The child process needs its own mirror to its own mm.
+        child_fd = hmm_open(child, 0)
+        ASSERT_GE(child_fd, 0)
+
+        # Simulate a device writing system memory.
+        ret = hmm_dmirror_cmd(child, child_fd, HMM_DMIRROR_WRITE, buffer, npages)
+        ASSERT_EQ(ret, 0)
+        ASSERT_EQ(buffer.cpages, npages)
+        ASSERT_EQ(buffer.faults, 1)
+
+        # Check what the device wrote.
+        ASSERT_ARRAY_EQ(ints(child, buffer.ptr, n), -np.arange(n))
+
+        child.close(child_fd)
+    finally:
+        child.exit()
+
+    # Check that the parent's buffer did change.
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), -np.arange(n))
+    # (the C parent returns here without hmm_buffer_free())
+
+
+@TEST_F("hmm", "anon_write_huge")
+def anon_write_huge(self: FixtureState, variant: Variant) -> None:
+    """Write private anonymous huge page."""
+    p = self.proc
+    size = 2 * read_pmd_pagesize()
+    buffer = _new_buffer(p, size)
+    buffer.ptr = p.mmap(size, "rw")
+
+    size //= 2
+    npages = size >> self.page_shift
+    map_ = ALIGN(buffer.ptr, size)
+    p.madvise(map_, size, "hugepage")
+    old_ptr = buffer.ptr
+    buffer.ptr = map_
+    n = size // 4
+
+    # Initialize data that the device will write to buffer->ptr.
+    set_ints(p, buffer.mirror, np.arange(n))
+
+    # Simulate a device writing system memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_WRITE, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+    ASSERT_EQ(buffer.faults, 1)
+
+    # Check what the device wrote.
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
+
+    buffer.ptr = old_ptr
+    hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "anon_write_hugetlbfs")
+def anon_write_hugetlbfs(self: FixtureState, variant: Variant) -> None:
+    """Write huge TLBFS page."""
+    p = self.proc
+    default_hsize = default_huge_page_size()
+    if not hugetlb_free_default_pages(self):
+        SKIP("Not enough huge pages")
+
+    size = ALIGN(TWOMEG, default_hsize)
+    npages = size >> self.page_shift
+    n = size // 4
+
+    buffer = HmmBuffer()
+    try:
+        buffer.ptr = p.mmap(size, "rw", hugetlb=True)
+    except HmmError:
+        SKIP("Huge page could not be allocated")
+
+    buffer.fd = -1
+    buffer.size = size
+    buffer.mirror_size = size
+    buffer.mirror = malloc(p, size)
+    ASSERT_NE(buffer.mirror, 0)
+
+    # Initialize data that the device will write to buffer->ptr.
+    set_ints(p, buffer.mirror, np.arange(n))
+
+    # Simulate a device writing system memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_WRITE, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+    ASSERT_EQ(buffer.faults, 1)
+
+    # Check what the device wrote.
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
+
+    p.munmap(buffer.ptr, buffer.size)
+    buffer.ptr = 0
+    hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "file_read")
+def file_read(self: FixtureState, variant: Variant) -> None:
+    """Read mmap'ed file memory."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    n = size // 4
+
+    fd = hmm_create_file(p, size)
+    ASSERT_GE(fd, 0)
+
+    buffer = _new_buffer(p, size)
+    buffer.fd = fd
+
+    # Write initial contents of the file.
+    set_ints(p, buffer.mirror, np.arange(n))
+    length = p.pwrite(fd, p.read(buffer.mirror, size), 0)
+    ASSERT_EQ(length, size)
+    p.write(buffer.mirror, bytes(size))
+
+    buffer.ptr = p.mmap(size, "r", shared=True, fd=buffer.fd)
+
+    # Simulate a device reading system memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_READ, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+    ASSERT_EQ(buffer.faults, 1)
+
+    # Check what the device read.
+    ASSERT_ARRAY_EQ(ints(p, buffer.mirror, n), np.arange(n))
+
+    hmm_buffer_free(p, buffer)
+    # (hmm_buffer_free() does not close buffer->fd: the C test leaves the file open)
+
+
+@TEST_F("hmm", "file_write")
+def file_write(self: FixtureState, variant: Variant) -> None:
+    """Write mmap'ed file memory."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    n = size // 4
+
+    fd = hmm_create_file(p, size)
+    ASSERT_GE(fd, 0)
+
+    buffer = _new_buffer(p, size)
+    buffer.fd = fd
+    buffer.ptr = p.mmap(size, "rw", shared=True, fd=buffer.fd)
+
+    # Initialize data that the device will write to buffer->ptr.
+    set_ints(p, buffer.mirror, np.arange(n))
+
+    # Simulate a device writing system memory.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_WRITE, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+    ASSERT_EQ(buffer.faults, 1)
+
+    # Check what the device wrote.
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
+
+    # Check that the device also wrote the file.
+    data = p.pread(fd, size, 0)
+    ASSERT_EQ(len(data), size)
+    p.write(buffer.mirror, data)
+    ASSERT_ARRAY_EQ(ints(p, buffer.mirror, n), np.arange(n))
+
+    hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "anon_read_multiple")
+def anon_read_multiple(self: FixtureState, variant: Variant) -> None:
+    """Read anonymous memory multiple times."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    n = size // 4
+
+    for c in range(NTIMES):
+        buffer = _new_buffer(p, size)
+        buffer.ptr = p.mmap(size, "rw")
+
+        # Initialize buffer in system memory.
+        set_ints(p, buffer.ptr, np.arange(n) + c)
+
+        # Simulate a device reading system memory.
+        ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_READ, buffer, npages)
+        ASSERT_EQ(ret, 0)
+        ASSERT_EQ(buffer.cpages, npages)
+        ASSERT_EQ(buffer.faults, 1)
+
+        # Check what the device read.
+        ASSERT_ARRAY_EQ(ints(p, buffer.mirror, n), np.arange(n) + c)
+
+        hmm_buffer_free(p, buffer)
+
+
+#: ``anon_teardown``: the racing munmap runs at a scheduling point drawn uniformly from
+#: ``[0, TEARDOWN_POINTS)`` (the kernel test sleeps a random 0..32 us instead); an
+#: unraced 1024-page HMM_DMIRROR_READ passes about 41 scheduling points
+TEARDOWN_POINTS = 48
+#: seed of iteration ``c`` of ``anon_teardown`` is ``TEARDOWN_SEED + c``
+TEARDOWN_SEED = 0x484D4D
+
+
+@TEST_F("hmm", "anon_teardown")
+def anon_teardown(self: FixtureState, variant: Variant) -> None:
+    """Try reading anonymous memory while it is being unmapped.
+
+    The thread ``unmap_buffer()`` is an :class:`Interleave` running ``munmap()`` of the
+    second half at a scheduling point chosen by ``random.Random(TEARDOWN_SEED + c)``."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    n = size // 4
+
+    for c in range(NTIMES):
+        buffer = _new_buffer(p, size)
+        buffer.ptr = p.mmap(size, "rw")
+
+        # Initialize buffer in system memory.
+        set_ints(p, buffer.ptr, np.arange(n) + c)
+
+        def unmap_buffer(buffer: HmmBuffer = buffer) -> int:
+            # Delay for a bit and then unmap buffer while it is being read.
+            ret = vm_munmap(p.mm, buffer.ptr + buffer.size // 2, buffer.size // 2)
+            buffer.ptr = 0
+            return ret
+
+        seed = TEARDOWN_SEED + c
+        at = random.Random(seed).randrange(TEARDOWN_POINTS)
+        thread = Interleave(self.sys, unmap_buffer, at=at, name="unmap_buffer")
+        with thread:
+            # Simulate a device reading system memory.
+            rc = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_READ, buffer, npages)
+            if rc == 0:
+                ASSERT_EQ(buffer.cpages, npages)
+                ASSERT_EQ(buffer.faults, 1)
+
+                # Check what the device read.
+                ASSERT_ARRAY_EQ(ints(p, buffer.mirror, n), np.arange(n) + c)
+        # pthread_join()
+        ASSERT_EQ(thread.done, True)
+        print(f"# anon_teardown c={c} seed={seed} at={at} rc={rc} munmap at {thread.point}")
+
+        # As in C, unmap_buffer() cleared buffer->ptr: the first half stays mapped.
+        hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "mixedmap")
+def mixedmap(self: FixtureState, variant: Variant) -> None:
+    """Test memory snapshot without faulting in pages accessed by the device."""
+    p = self.proc
+    npages = 1
+    size = npages << self.page_shift
+
+    buffer = _new_buffer(p, size, mirror_size=npages)
+
+    # Reserve a range of addresses.
+    buffer.ptr = p.mmap(size, "rw", fd=self.fd)
+
+    # Simulate a device snapshotting CPU pagetables.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_SNAPSHOT, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+
+    # Check what the device saw.
+    m = p.read(buffer.mirror, npages)
+    ASSERT_EQ(m[0], HMM_DMIRROR_PROT_READ)
+
+    hmm_buffer_free(p, buffer)
+
+
+@TEST_F("hmm", "compound")
+def compound(self: FixtureState, variant: Variant) -> None:
+    """Test the hmm_range_fault() handling of large pages (PMD or PUD)
+    that should be mapped by a large page table entry."""
+    p = self.proc
+    default_hsize = default_huge_page_size()
+
+    # Skip test if we can't allocate a hugetlbfs page.
+    if not hugetlb_free_default_pages(self):
+        SKIP("Not enough huge pages")
+
+    size = ALIGN(TWOMEG, default_hsize)
+    npages = size >> self.page_shift
+    n = size // 4
+
+    buffer = HmmBuffer()
+    try:
+        buffer.ptr = p.mmap(size, "rw", hugetlb=True)
+    except HmmError:
+        return
+
+    buffer.size = size
+    buffer.mirror_size = npages
+    buffer.mirror = malloc(p, npages)
+    ASSERT_NE(buffer.mirror, 0)
+
+    # Initialize the pages the device will snapshot in buffer->ptr.
+    set_ints(p, buffer.ptr, np.arange(n))
+
+    # Simulate a device snapshotting CPU pagetables.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_SNAPSHOT, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+
+    # Check what the device saw: every page at the level (PMD or PUD) of the first one.
+    m = p.read_array(buffer.mirror, npages, np.uint8)
+    prot = HMM_DMIRROR_PROT_WRITE | (HMM_DMIRROR_PROT_PUD if m[0] & HMM_DMIRROR_PROT_PUD
+                                     else HMM_DMIRROR_PROT_PMD)
+    ASSERT_ARRAY_EQ(m, prot)
+
+    # Make the region read-only.
+    p.mprotect(buffer.ptr, size, "r")
+
+    # Simulate a device snapshotting CPU pagetables.
+    ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_SNAPSHOT, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+
+    # Check what the device saw after mprotect(PROT_READ).
+    m = p.read_array(buffer.mirror, npages, np.uint8)
+    prot = HMM_DMIRROR_PROT_READ | (HMM_DMIRROR_PROT_PUD if m[0] & HMM_DMIRROR_PROT_PUD
+                                    else HMM_DMIRROR_PROT_PMD)
+    ASSERT_ARRAY_EQ(m, prot)
+
+    p.munmap(buffer.ptr, buffer.size)
+    buffer.ptr = 0
+    hmm_buffer_free(p, buffer)
