@@ -5,6 +5,11 @@ an anonymous mapping in the calling process (``ptr``), the counters come back in
 command struct, and a failure raises an :class:`~hmmsim.errors.HmmError` subclass with the
 errno (the counters are then not updated, as in the driver).
 
+The buffer lives in a scratch zone above the mmap area (:data:`SCRATCH_BASE`), reused and
+only ever grown, so that the facade never lands in a hole of the user's mappings and its
+own munmap never invalidates a mirrored page (dmirror erases one page past every
+invalidated range).
+
 >>> from hmmsim import System
 >>> p = System().spawn()
 >>> a = p.mmap(2 * 4096)
@@ -31,7 +36,7 @@ from .drivers.test_hmm_uapi import (
 )
 from .kernel.cpu import copy_from_user, copy_to_user
 from .kernel.errno import EBADF, EPERM
-from .kernel.mmap import MAP_ANONYMOUS, MAP_PRIVATE
+from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE
 from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE
 from .kernel.task import vm_mmap, vm_munmap
 from .kernel.vma import PROT_READ, PROT_WRITE
@@ -39,7 +44,10 @@ from .kernel.vma import PROT_READ, PROT_WRITE
 if TYPE_CHECKING:
     from .process import Process
 
-__all__ = ("Device", "DeviceAccess")
+__all__ = ("Device", "DeviceAccess", "SCRATCH_BASE")
+
+#: where the facade keeps its data buffers (between the mmap base and TASK_SIZE)
+SCRATCH_BASE = 0x7F80_0000_0000
 
 
 class DeviceAccess(NamedTuple):
@@ -69,25 +77,34 @@ class Device:
         assert f.f_op.unlocked_ioctl is not None
         return int(f.f_op.unlocked_ioctl(f, command, cmd, self.process.task))
 
+    def _scratch(self, size: int) -> int:
+        """The process's scratch buffer, at least *size* bytes (grown by remapping)."""
+        mm = self.process.mm
+        have = getattr(mm, "_facade_scratch", 0)
+        length = max((size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1), PAGE_SIZE)
+        if have < length:
+            if have:
+                vm_munmap(mm, SCRATCH_BASE, have)
+            buf = vm_mmap(mm, None, SCRATCH_BASE, length, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+            if buf < 0:
+                raise error_from_errno(buf, "device buffer")
+            mm._facade_scratch = length
+        return SCRATCH_BASE
+
     def _with_buffer(self, size: int, command: int, addr: int, npages: int,
                      data: npt.NDArray[np.uint8] | None = None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
         mm = self.process.mm
-        length = max(size, PAGE_SIZE)
-        buf = vm_mmap(mm, None, 0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
-        if buf < 0:
-            raise error_from_errno(buf, "device buffer")
-        try:
-            if data is not None and len(data):
-                left = copy_to_user(mm, buf, data)
-                assert not left
-            cmd = HmmDmirrorCmd(addr=addr, ptr=buf, npages=npages)
-            ret = self.ioctl(command, cmd)
-            if ret:
-                raise error_from_errno(ret, f"dmirror{self.minor} ioctl")
-            out, _ = copy_from_user(mm, buf, size)
-            return cmd, out
-        finally:
-            vm_munmap(mm, buf, length)
+        buf = self._scratch(size)
+        if data is not None and len(data):
+            left = copy_to_user(mm, buf, data)
+            assert not left
+        cmd = HmmDmirrorCmd(addr=addr, ptr=buf, npages=npages)
+        ret = self.ioctl(command, cmd)
+        if ret:
+            raise error_from_errno(ret, f"dmirror{self.minor} ioctl")
+        out, _ = copy_from_user(mm, buf, size)
+        return cmd, out
 
     def read(self, addr: int, npages: int) -> DeviceAccess:
         """HMM_DMIRROR_READ: the device reads *npages* at *addr* through its mirror."""

@@ -78,8 +78,9 @@ class MM:
         self.def_flags = 0
         #: mm has been torn down (exit_mmap done)
         self.dead = False
-        # next free slot for scenario-style placement is the caller's business
         self.owner: Any = None
+        #: size of the friendly API's scratch buffer (hmmsim.device), 0 if none
+        self._facade_scratch = 0
         system.mms.append(self)
 
     # -- VMA tree ------------------------------------------------------------------------

@@ -398,3 +398,5 @@ def mmu_notifier_release(mm: "MM") -> None:
     for mn in list(subs.list):
         if mn.release is not None:
             mn.release(mm)
+    # every classic subscription is unhooked: no callback after ->release
+    subs.list.clear()

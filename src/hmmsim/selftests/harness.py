@@ -70,8 +70,12 @@ def TEST_F(fixture: str, name: str) -> Callable[[TestFn], TestFn]:
 
 
 def _where() -> str:
-    fr = inspect.stack()[2]
-    return f"{os.path.basename(fr.filename)}:{fr.lineno}"
+    """file:line of the test code that called ASSERT_*/EXPECT_* (the first frame outside
+    this module)."""
+    for fr in inspect.stack()[1:]:
+        if fr.filename != __file__:
+            return f"{os.path.basename(fr.filename)}:{fr.lineno}"
+    return "?"
 
 
 def _fail(op: str, a: Any, b: Any) -> None:

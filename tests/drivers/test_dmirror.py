@@ -1,0 +1,201 @@
+"""The dmirror device (``lib/test_hmm.c``, 6.12): READ, WRITE, SNAPSHOT, CHECK_EXCLUSIVE,
+FLAGS, invalidation, open/close/mmap and the exact counters and error rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hmmsim import Process
+from hmmsim.drivers.dmirror import DmirrorPT, dmirror_open
+from hmmsim.drivers.test_hmm_uapi import (
+    HMM_DMIRROR_FLAGS, HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
+    HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO, HMM_DMIRROR_READ,
+    HMM_DMIRROR_WRITE, HmmDmirrorCmd,
+)
+from hmmsim.errors import BadAddress, InvalidArgument, NoDevice, NotSupportedError, PermissionDenied
+from hmmsim.kernel.errno import EBADF, EFAULT, EINVAL, ENODEV, ENOMEM, EPERM
+from hmmsim.kernel.page_types import PAGE_SIZE as P
+
+R, W, Z = HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO
+
+
+def pattern(n_pages: int, seed: int = 0) -> bytes:
+    return (np.arange(n_pages * P // 4, dtype=np.uint32) + seed).tobytes()
+
+
+def test_dmirror_read_faults_once_and_counts_pages(proc: Process) -> None:
+    a = proc.mmap(8 * P)
+    proc.write(a, pattern(8))
+    d = proc.open_device(0)
+    r = d.read(a, 8)
+    assert (r.cpages, r.faults) == (8, 1) and r.data.tobytes() == pattern(8)
+    r = d.read(a, 8)
+    assert (r.cpages, r.faults) == (8, 0), "the mirror still holds every page"
+    d.close()
+
+
+def test_dmirror_read_of_hole_is_efault_and_counters_untouched(proc: Process) -> None:
+    a = proc.mmap(4 * P)
+    proc.munmap(a + 2 * P, P)
+    d = proc.open_device(0)
+    cmd = HmmDmirrorCmd(addr=a, ptr=proc.mmap(4 * P), npages=4, cpages=77, faults=88)
+    assert d.ioctl(HMM_DMIRROR_READ, cmd) == -EFAULT
+    assert (cmd.cpages, cmd.faults) == (77, 88), "on error the command is not copied back"
+    with pytest.raises(BadAddress):
+        d.read(a, 4)
+    d.close()
+
+
+def test_dmirror_ioctl_rejects_unaligned_and_empty(proc: Process) -> None:
+    a = proc.mmap(P)
+    d = proc.open_device(0)
+    assert d.ioctl(HMM_DMIRROR_READ, HmmDmirrorCmd(addr=a + 8, npages=1)) == -EINVAL
+    assert d.ioctl(HMM_DMIRROR_READ, HmmDmirrorCmd(addr=a, npages=0)) == -EINVAL
+    assert d.ioctl(HMM_DMIRROR_READ, HmmDmirrorCmd(addr=(1 << 64) - P, npages=2)) == -EINVAL  # wraps
+    assert d.ioctl(HMM_DMIRROR_FLAGS, HmmDmirrorCmd(addr=0, npages=1)) == -EINVAL, "no FLAGS in 6.12"
+    assert d.ioctl(0xC0284899, HmmDmirrorCmd(addr=a, npages=1)) == -EINVAL
+    with pytest.raises(InvalidArgument):
+        d.read(a + 8, 1)
+    d.close()
+
+
+def test_dmirror_read_too_big_for_the_bounce_buffer_is_enomem(proc: Process) -> None:
+    d = proc.open_device(0)
+    npages = proc.system.mem.totalram_pages + 1
+    assert d.ioctl(HMM_DMIRROR_READ, HmmDmirrorCmd(addr=1 << 40, npages=npages)) == -ENOMEM
+    d.close()
+
+
+def test_dmirror_write_to_read_only_mapping_is_eperm(proc: Process) -> None:
+    a = proc.mmap(4 * P, "r")
+    d = proc.open_device(0)
+    with pytest.raises(PermissionDenied):
+        d.write(a, pattern(4))
+    assert proc.read(a, 4) == bytes(4)
+    d.close()
+
+
+def test_dmirror_failed_write_still_writes_the_mirrored_pages(proc: Process) -> None:
+    """Conventions section 8: a WRITE copies into the pages it already mirrors before the
+    fault of the first missing page fails."""
+    a = proc.mmap(8 * P)
+    proc.write(a, pattern(8, 3))
+    proc.munmap(a + 3 * P, P)
+    d = proc.open_device(0)
+    d.read(a, 3)
+    with pytest.raises(BadAddress):
+        d.write(a, pattern(8, 4))
+    assert proc.read(a, 3 * P) == pattern(8, 4)[:3 * P]
+    assert proc.read(a + 4 * P, 4 * P) == pattern(8, 3)[4 * P:]
+    d.close()
+
+
+def test_dmirror_invalidation_erases_one_page_past_the_range(proc: Process) -> None:
+    a = proc.mmap(8 * P)
+    proc.write(a, pattern(8))
+    d = proc.open_device(0)
+    d.read(a, 8)
+    proc.mprotect(a + 2 * P, 4 * P, "r")  # pages 2..5
+    dm = proc.task.fget(d.fd).private_data
+    present = dm.pt.load_range(a >> 12, 8) >= 0
+    assert present.tolist() == [True, True, False, False, False, False, False, True]
+    assert d.read(a, 8).faults == 1
+    d.close()
+
+
+def test_dmirror_snapshot_bytes(proc: Process) -> None:
+    a = proc.mmap(6 * P)
+    proc.write(a, b"w")  # page 0 written
+    proc.touch(a + P, P)  # page 1 zero page
+    proc.write(a + 2 * P, b"r")
+    proc.mprotect(a + 2 * P, P, "r")  # page 2 read-only
+    proc.munmap(a + 4 * P, P)  # page 4 hole; page 3 and 5 untouched
+    d = proc.open_device(0)
+    snap = d.snapshot(a, 6).tolist()
+    assert snap == [W, Z | R, R, HMM_DMIRROR_PROT_NONE, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE]
+    d.close()
+
+
+def test_dmirror_snapshot_crosses_64_page_windows(proc: Process) -> None:
+    a = proc.mmap(200 * P)
+    proc.write(a + 150 * P, b"x")
+    d = proc.open_device(1)
+    with proc.system.stats.measure() as st:
+        snap = d.snapshot(a, 200)
+    assert snap[150] == W and int(np.count_nonzero(snap)) == 1
+    assert st["mmu_notifier.interval_insert"] == 4, "one temporary notifier per 64-page window"
+    d.close()
+
+
+def test_dmirror_check_exclusive_without_atomic_entries(proc: Process) -> None:
+    a = proc.mmap(2 * P)
+    d = proc.open_device(0)
+    assert d.check_exclusive(a, 2)
+    d.close()
+
+
+def test_dmirror_open_missing_device_is_enodev(make_system) -> None:
+    s = make_system(coherent=False)
+    p = s.spawn()
+    assert dmirror_open(s, p.task, 2) == -ENODEV
+    assert dmirror_open(s, p.task, 7) == -ENODEV
+    with pytest.raises(NoDevice):
+        p.open_device(3)
+
+
+def test_dmirror_closed_fd_is_ebadf(proc: Process) -> None:
+    d = proc.open_device(0)
+    d.close()
+    assert d.ioctl(HMM_DMIRROR_READ, HmmDmirrorCmd(addr=0, npages=1)) == -EBADF
+
+
+def test_dmirror_inherited_handle_mirrors_the_opener(proc: Process) -> None:
+    """Conventions item 23: a handle inherited by a child works on the parent's mm."""
+    a = proc.mmap(2 * P)
+    proc.write(a, pattern(2, 1))
+    d = proc.open_device(0)
+    child = proc.fork()
+    child.write(a, pattern(2, 9))  # the child's private copy
+    f = child.task.fget(d.fd)
+    cmd = HmmDmirrorCmd(addr=a, ptr=child.mmap(2 * P), npages=2)
+    assert f.f_op.unlocked_ioctl(f, HMM_DMIRROR_READ, cmd, child.task) == 0
+    assert child.read(cmd.ptr, 2 * P) == pattern(2, 1), "the parent's data, copied into the child's buffer"
+    child.close(d.fd)  # releases nothing: the parent still holds the file
+    child.exit()
+    assert d.read(a, 2).data.tobytes() == pattern(2, 1)
+    d.close()
+
+
+def test_dmirror_mmap_of_the_device_file(proc: Process) -> None:
+    d = proc.open_device(0)
+    a = proc.mmap(2 * P, "rw", fd=d.fd)
+    vma = proc.mm.vma_lookup(a)
+    from hmmsim.kernel.vma import VM_MIXEDMAP
+    assert vma.vm_flags & VM_MIXEDMAP
+    assert d.snapshot(a, 2).tolist() == [R, R], "private mapping of inserted pages: read-only ptes"
+    proc.write(a, b"cow")  # a COW copy replaces the kernel page
+    assert d.snapshot(a, 2).tolist() == [W, R]
+    proc.munmap(a, 2 * P)
+    d.close()
+
+
+def test_dmirror_migration_commands_are_not_modelled_yet(proc: Process) -> None:
+    a = proc.mmap(P)
+    d = proc.open_device(0)
+    with pytest.raises(NotSupportedError):
+        d.ioctl(HMM_DMIRROR_MIGRATE_TO_DEV, HmmDmirrorCmd(addr=a, npages=1))
+    d.close()
+
+
+def test_dmirror_pt_erase_and_load() -> None:
+    pt = DmirrorPT()
+    pt.store_range(510, np.arange(4, dtype=np.int64) << 2)
+    assert pt.load_range(509, 6).tolist() == [-1, 0, 4, 8, 12, -1]
+    pt.erase_range(511, 512)
+    assert pt.load_range(510, 4).tolist() == [0, -1, -1, 12] and len(pt) == 2
+    pt.erase_range(0, (1 << 52))
+    assert len(pt) == 0 and pt.leaves == {}
+
+
+_ = (EPERM,)
