@@ -31,7 +31,7 @@ from ..drivers.test_hmm_uapi import (
     HMM_DMIRROR_WRITE, HmmDmirrorCmd,
 )
 from ..errors import KernelOops, NotSupportedError
-from ..kernel.cpu import SIGKILL, copy_to_user, translate_range, user_read_pages, user_write_pages
+from ..kernel.cpu import SIGKILL, translate_range, user_read_pages, user_write_pages
 from ..kernel.errno import EBADF
 from ..kernel.madvise import MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, do_madvise
 from ..kernel.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_HUGETLB, MAP_PRIVATE, MAP_SHARED
@@ -100,9 +100,11 @@ def _pattern(seed: int, first_word: int, nwords: int) -> npt.NDArray[np.uint8]:
 
 
 class _Runner:
-    def __init__(self, sys: System, emit: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, sys: System, emit: Callable[[dict[str, Any]], None],
+                 after: Callable[[System, Command], None] | None = None) -> None:
         self.sys = sys
         self.emit = emit
+        self.after = after
 
     # -- plumbing -----------------------------------------------------------------------------
     def out(self, ctx: _Ctx, cmd: Command | Fork, op: str, **fields: Any) -> None:
@@ -127,6 +129,8 @@ class _Runner:
                              "message": f"{node.op} needs device memory migration, not modelled yet"})
             try:
                 getattr(self, f"op_{node.op}")(ctx, node, *node.args)
+                if self.after is not None:
+                    self.after(self.sys, node)
             except KernelOops as e:
                 raise _Stop({"error": "kernel-oops", "line": node.line, "op": node.op, "message": str(e)}) from None
             except NotSupportedError as e:
@@ -146,7 +150,10 @@ class _Runner:
         finally:
             if not child.exited:
                 child.exit()
-        self.emit({"line": node.end_line, "op": "endfork", "ret": "child-died" if died else 0})
+        rec: dict[str, Any] = {"line": node.end_line, "op": "endfork", "ret": "child-died" if died else 0}
+        if ctx.depth:
+            rec["proc"] = ctx.depth
+        self.emit(rec)
 
     def region(self, ctx: _Ctx, name: str, off: int) -> int:
         return ctx.regions[name][0] + (off << PAGE_SHIFT)
@@ -381,12 +388,14 @@ class _Killed(Exception):
 
 
 def run_scenario(scenario: Scenario, emit: Callable[[dict[str, Any]], None],
-                 config: SystemConfig | None = None) -> System:
-    """Run a parsed scenario on a fresh System, calling *emit* with each output record.
+                 config: SystemConfig | None = None,
+                 after: Callable[[System, Command], None] | None = None) -> System:
+    """Run a parsed scenario on a fresh System, calling *emit* with each output record
+    (and *after*, if given, after each command: tests use it to check invariants).
     Returns the System (for inspection)."""
     sys = System(config or reference_config())
     task = sys.create_task("scenario")
-    runner = _Runner(sys, emit)
+    runner = _Runner(sys, emit, after)
     ctx = _Ctx(task, 0)
     try:
         runner.run_block(ctx, scenario.body)
@@ -406,15 +415,14 @@ def dumps(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
-def run_scenario_text(data: bytes | str, config: SystemConfig | None = None) -> list[str]:
+def run_scenario_text(data: bytes | str, config: SystemConfig | None = None,
+                      after: Callable[[System, Command], None] | None = None) -> list[str]:
     """Parse and run a scenario; returns its output lines (a parse error is one line)."""
     try:
         sc = parse_scenario(data)
     except ScenarioParseError as e:
         return [dumps({"error": "parse", "line": e.line})]
     lines: list[str] = []
-    run_scenario(sc, lambda r: lines.append(dumps(r)), config)
+    run_scenario(sc, lambda r: lines.append(dumps(r)), config, after)
     return lines
 
-
-_ = copy_to_user
