@@ -375,7 +375,7 @@ def dmirror_do_read(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBounc
     pfns = _kernel_pages(dmirror, entries[:k])
     off = (start - bounce.addr) & PAGE_MASK
     if k:
-        bounce.data[off:off + (k << PAGE_SHIFT)] = dmirror.sys.mem.data[pfns].reshape(-1)
+        dmirror.sys.mem.read_pages(pfns, bounce.data[off:off + (k << PAGE_SHIFT)])
     bounce.cpages += k
     return -ENOENT if k < n else 0
 
@@ -390,9 +390,7 @@ def dmirror_do_write(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBoun
     pfns = _kernel_pages(dmirror, entries[:k])
     off = (start - bounce.addr) & PAGE_MASK
     if k:
-        mem = dmirror.sys.mem
-        mem.data[pfns] = bounce.data[off:off + (k << PAGE_SHIFT)].reshape(k, PAGE_SIZE)
-        mem.mark_written(pfns)
+        dmirror.sys.mem.write_pages(pfns, bounce.data[off:off + (k << PAGE_SHIFT)])
     bounce.cpages += k
     return -ENOENT if k < n else 0
 

@@ -288,15 +288,54 @@ def _hmm_pte_table(walk: MmWalk, pmd: PtRef, tbl: npt.NDArray[np.uint64], addr: 
                    pfns: npt.NDArray[np.uint64]) -> int:
     """The per-pte loop of ``hmm_vma_walk_pmd()``/``hmm_vma_handle_pte()``, a table at a
     time: find the first entry that needs a fault, an error or a migration wait; write
-    the outputs of the entries before it; then act on it."""
+    the outputs of the entries before it; then act on it.
+
+    The output ``pfn | PRESENT << 63 | (PRESENT & RW) << 62`` is already right for none
+    entries (0), normal and zero-page ptes and protnone ptes (a bare pfn), so a table
+    holding only those, where no fault is needed, is done in a few array operations;
+    swap-format and raw special entries take the general path."""
     hvw: HmmVmaWalk = walk.private
     mem = walk.mm.sys.mem
-    vma = walk.vma
-    assert vma is not None
     n = len(pfns)
     i0 = (addr >> PAGE_SHIFT) & 511
     seg = tbl[i0:i0 + n]
     walk.mm.sys.stats.add("walk.pte_entries", n)
+    one = _U(1)
+    valid = seg & one
+    out = ((seg & _PFN_MASK) >> _U(PAGE_SHIFT)) | (valid << _U(63)) | (((seg >> one) & valid) << _U(62))
+    odd = bool((seg & _U(_PAGE_SPECIAL)).any()) or np.count_nonzero(seg) != np.count_nonzero(seg & _U(_PAGE_PRESENT | _PAGE_PROTNONE))
+    if not odd:
+        if not hvw.can_fault:
+            stop = n
+        elif hvw.mask == 0:
+            # one request for every page: the first entry that does not satisfy it
+            need_valid = bool(hvw.default & HMM_PFN_REQ_FAULT)
+            bit = HMM_PFN_WRITE if hvw.default & HMM_PFN_REQ_WRITE else HMM_PFN_VALID
+            miss = np.flatnonzero((out & _U(bit)) == 0) if need_valid else ()
+            stop = int(miss[0]) if len(miss) else n
+        else:
+            stop = -1
+        if stop >= 0:
+            if stop:
+                head = pfns[:stop]
+                head &= _INOUT
+                head |= out[:stop]
+            if stop == n:
+                return 0
+            a = addr + (stop << PAGE_SHIFT)
+            required = HMM_NEED_FAULT
+            if hvw.default & HMM_PFN_REQ_WRITE and not int(out[stop]) & HMM_PFN_WRITE:
+                required = HMM_NEED_ALL_BITS
+            return hmm_vma_fault(a, end, required, walk)
+    return _hmm_pte_table_slow(walk, pmd, seg, addr, end, pfns, out)
+
+
+def _hmm_pte_table_slow(walk: MmWalk, pmd: PtRef, seg: npt.NDArray[np.uint64], addr: int, end: int,
+                        pfns: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64]) -> int:
+    """:func:`_hmm_pte_table` with every entry class and per-page requests."""
+    hvw: HmmVmaWalk = walk.private
+    mem = walk.mm.sys.mem
+    n = len(pfns)
     present = (seg & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
     none = seg == 0
     swp = ~(present | none)
@@ -348,16 +387,16 @@ def _hmm_pte_table(walk: MmWalk, pmd: PtRef, tbl: npt.NDArray[np.uint64], addr: 
             swp_out[k] = val
     # outputs of the entries before the stop
     if stop:
-        out = pfn[:stop] | (valid[:stop].astype(np.uint64) << _U(63)) | (writable[:stop].astype(np.uint64) << _U(62))
-        out[none[:stop]] = 0
+        o = out[:stop].copy()
+        o[none[:stop]] = 0
         e = raw[:stop] & present[:stop]
         if e.any():
-            out[e] = _U(HMM_PFN_ERROR)
+            o[e] = _U(HMM_PFN_ERROR)
         for k, v in swp_out.items():
-            out[k] = _U(v)
+            o[k] = _U(v)
         head = pfns[:stop]
         head &= _INOUT
-        head |= out
+        head |= o
     if stop == n:
         return 0
     a = addr + (stop << PAGE_SHIFT)

@@ -185,7 +185,9 @@ def user_read_pages(mm: MM, addr: int, npages: int) -> tuple[npt.NDArray[np.uint
     pfns, sigs = translate_range(mm, addr, npages, write=False)
     out = np.zeros((npages, PAGE_SIZE), np.uint8)
     ok = pfns >= 0
-    if ok.any():
+    if ok.all():
+        mm.sys.mem.read_pages(pfns, out)
+    elif ok.any():
         out[ok] = mm.sys.mem.data[pfns[ok]]
     return out.reshape(-1), sigs
 
@@ -196,7 +198,9 @@ def user_write_pages(mm: MM, addr: int, data: npt.NDArray[np.uint8]) -> list[Sig
     npages = len(data) // PAGE_SIZE
     pfns, sigs = translate_range(mm, addr, npages, write=True)
     ok = pfns >= 0
-    if ok.any():
+    if ok.all():
+        mm.sys.mem.write_pages(pfns, data)
+    elif ok.any():
         mem = mm.sys.mem
         mem.data[pfns[ok]] = data.reshape(npages, PAGE_SIZE)[ok]
         mem.mark_written(pfns[ok])
@@ -207,6 +211,16 @@ def _span(addr: int, n: int) -> tuple[int, int]:
     first = addr & ~(PAGE_SIZE - 1)
     last = (addr + n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     return first, (last - first) >> PAGE_SHIFT
+
+
+def _page_slices(addr: int, n: int, npages: int) -> tuple[int, int, int]:
+    """For a copy of *n* bytes at *addr* over *npages* pages: (bytes in the first page,
+    index of the first whole page, number of whole pages in the middle)."""
+    off = addr & (PAGE_SIZE - 1)
+    head = min(n, PAGE_SIZE - off) if off else 0
+    first_whole = 1 if off else 0
+    whole = (n - head) >> PAGE_SHIFT
+    return head, first_whole, whole
 
 
 def copy_to_user(mm: MM, addr: int, data: npt.NDArray[np.uint8] | bytes) -> int:
@@ -220,18 +234,23 @@ def copy_to_user(mm: MM, addr: int, data: npt.NDArray[np.uint8] | bytes) -> int:
     pfns, sigs = translate_range(mm, first, npages, write=True)
     stop = sigs[0][0] if sigs else npages
     mem = mm.sys.mem
-    copied = 0
     off = addr - first
-    for k in range(stop):
-        lo = max(0, k * PAGE_SIZE - off)
-        hi = min(n, (k + 1) * PAGE_SIZE - off)
-        if hi <= lo:
-            continue
-        po = (off + lo) - k * PAGE_SIZE
-        mem.data[pfns[k], po:po + (hi - lo)] = buf[lo:hi]
-        mem.mark_written(int(pfns[k]))
-        copied = hi
-    return n - copied if stop < npages else 0
+    head, fw, whole = _page_slices(addr, n, npages)
+    done = 0
+    if head and stop > 0:
+        mem.data[pfns[0], off:off + head] = buf[:head]
+        done = head
+    w = max(0, min(whole, stop - fw))
+    if w:
+        mem.write_pages(pfns[fw:fw + w], buf[done:done + (w << PAGE_SHIFT)])
+        done += w << PAGE_SHIFT
+    tail_page = fw + whole
+    if done < n and tail_page < stop and w == whole:
+        rest = n - done
+        mem.data[pfns[tail_page], :rest] = buf[done:]
+        done = n
+    mem.mark_written(pfns[:stop][pfns[:stop] >= 0])
+    return n - done
 
 
 def copy_from_user(mm: MM, addr: int, n: int) -> tuple[npt.NDArray[np.uint8], int]:
@@ -245,13 +264,17 @@ def copy_from_user(mm: MM, addr: int, n: int) -> tuple[npt.NDArray[np.uint8], in
     stop = sigs[0][0] if sigs else npages
     mem = mm.sys.mem
     off = addr - first
-    copied = 0
-    for k in range(stop):
-        lo = max(0, k * PAGE_SIZE - off)
-        hi = min(n, (k + 1) * PAGE_SIZE - off)
-        if hi <= lo:
-            continue
-        po = (off + lo) - k * PAGE_SIZE
-        out[lo:hi] = mem.data[pfns[k], po:po + (hi - lo)]
-        copied = hi
-    return out, (n - copied if stop < npages else 0)
+    head, fw, whole = _page_slices(addr, n, npages)
+    done = 0
+    if head and stop > 0:
+        out[:head] = mem.data[pfns[0], off:off + head]
+        done = head
+    w = max(0, min(whole, stop - fw))
+    if w:
+        mem.read_pages(pfns[fw:fw + w], out[done:done + (w << PAGE_SHIFT)])
+        done += w << PAGE_SHIFT
+    tail_page = fw + whole
+    if done < n and tail_page < stop and w == whole:
+        out[done:] = mem.data[pfns[tail_page], :n - done]
+        done = n
+    return out, n - done

@@ -409,6 +409,11 @@ def hugetlbfs_file_mmap(file: File, vma: Vma) -> int:
     from .vma import VM_DONTEXPAND, VM_HUGETLB
     vma.vm_flags |= VM_HUGETLB | VM_DONTEXPAND
     vma.vm_ops = hugetlb_vm_ops
+    from .vma import VM_NORESERVE
+    if vma.vm_flags & VM_NORESERVE:
+        # hugetlb_reserve_pages(): "Only apply hugepage reservation if asked"; faults
+        # then allocate without reserves (and SIGBUS if the pool is empty)
+        return 0
     first = vma.vm_pgoff >> HPAGE_PMD_ORDER
     last = first + (vma.pages() >> HPAGE_PMD_ORDER)
     if vma.vm_flags & VM_MAYSHARE:

@@ -244,7 +244,11 @@ def _do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags
     anon_thp = (file is None and not flags & MAP_SHARED and length >= HPAGE_PMD_SIZE
                 and length % HPAGE_PMD_SIZE == 0 and not addr)
     fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
-    addr = get_unmapped_area(mm, addr, length, MAP_FIXED if fixed else 0, anon_thp)
+    if is_huge and addr and not fixed:
+        # hugetlb_get_unmapped_area(): the hint is rounded up to the huge page size
+        addr = (addr + HPAGE_PMD_SIZE - 1) & PMD_MASK
+    # hugetlbfs files get huge-page aligned addresses (info.align_mask), like big anon ones
+    addr = get_unmapped_area(mm, addr, length, MAP_FIXED if fixed else 0, anon_thp or is_huge)
     if addr < 0:
         return addr
     if is_huge and addr & (HPAGE_PMD_SIZE - 1):

@@ -31,7 +31,8 @@ from .pgtable import (
 from .physmem import PG_anon, PG_anon_exclusive
 from .vma import (
     VM_ACCOUNT, VM_EXEC, VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYWRITE, VM_NORESERVE,
-    VM_READ, VM_SHARED, VM_WRITE, Vma, calc_vm_prot_bits, vm_get_page_prot, vma_is_anonymous,
+    VM_READ, VM_SHARED, VM_WRITE, Vma, calc_vm_prot_bits, is_cow_mapping, vm_get_page_prot,
+    vma_is_anonymous,
 )
 
 __all__ = ("change_prot_numa", "change_protection", "do_mprotect", "mprotect_fixup")
@@ -91,6 +92,12 @@ def _change_pte_span(vma: Vma, tbl: np.ndarray, i0: int, i1: int, newprot: int, 
             mem = vma.vm_mm.sys.mem
             pf = ((seg & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
             skip = ((seg & _U(_PAGE_PRESENT)) == 0) | ((seg & _U(_PAGE_SPECIAL)) != 0) | (pf >= mem.max_pfn)
+            if is_cow_mapping(vma.vm_flags):
+                # "Also skip shared copy-on-write pages" (folio_likely_mapped_shared)
+                cand = np.flatnonzero(present & ~skip)
+                if len(cand):
+                    heads = mem.heads(pf[cand])
+                    skip[cand[(mem.mapcount[heads] > 1) | (mem.entire_mapcount[heads] > 0)]] = True
             present = present & ~skip
         new = (seg & _U(_PAGE_CHG_MASK)) | _U(newprot & ~_PAGE_CHG_MASK)
         if try_writable:
@@ -212,14 +219,16 @@ def do_mprotect(mm: MM, start: int, length: int, prot: int) -> int:
     hole have already been changed, as in the kernel) or ``-EACCES``."""
     if start & (PAGE_SIZE - 1):
         return -EINVAL
-    if prot & ~0x7:
-        return -EINVAL
     if not length:
         return 0
     length = PAGE_ALIGN(length)
     end = start + length
     if end <= start:
         return -ENOMEM
+    # arch_validate_prot(): PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM (0x8, a no-op)
+    if prot & ~0xF:
+        return -EINVAL
+    prot &= 0x7
     mm.mmap_lock.down_write()
     try:
         vma = mm.find_vma(start)

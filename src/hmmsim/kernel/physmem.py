@@ -275,6 +275,29 @@ class PhysMem:
         """Note that frames may now hold non-zero bytes (so the allocator must clear them)."""
         self.flags[pfns] |= PG_data
 
+    def read_pages(self, pfns: npt.NDArray[np.int64], out: npt.NDArray[np.uint8]) -> None:
+        """Gather the contents of *pfns* into *out* (``len(pfns) * PAGE_SIZE`` bytes).
+
+        Runs of consecutive pfns are copied as slices (memcpy speed); a fragmented list
+        falls back to 8-byte fancy indexing."""
+        dst = out.reshape(-1).view(np.uint64).reshape(len(pfns), PAGE_SIZE // 8)
+        for a, b, p in _runs(pfns):
+            if p < 0:
+                np.take(self.data.view(np.uint64), pfns[a:b], axis=0, out=dst[a:b])
+            else:
+                dst[a:b] = self.data[p:p + (b - a)].view(np.uint64)
+
+    def write_pages(self, pfns: npt.NDArray[np.int64], src: npt.NDArray[np.uint8]) -> None:
+        """Scatter *src* (``len(pfns) * PAGE_SIZE`` bytes) into the pages *pfns*."""
+        s64 = np.ascontiguousarray(src).reshape(-1).view(np.uint64).reshape(len(pfns), PAGE_SIZE // 8)
+        d64 = self.data.view(np.uint64)
+        for a, b, p in _runs(pfns):
+            if p < 0:
+                d64[pfns[a:b]] = s64[a:b]
+            else:
+                d64[p:p + (b - a)] = s64[a:b]
+        self.flags[pfns] |= PG_data
+
     def copy_pages(self, dst: npt.NDArray[np.int64] | int, src: npt.NDArray[np.int64] | int) -> None:
         """``copy_highpage()`` for one page or a batch (pairwise)."""
         self.data[dst] = self.data[src]
@@ -299,6 +322,19 @@ class PhysMem:
 
     def folio(self, pfn: int) -> "Folio":
         return Folio(self, self.compound_head(pfn))
+
+
+def _runs(pfns: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:
+    """Split *pfns* into ``(start, end, first pfn)`` runs of consecutive pfns; when there
+    are too many runs to be worth it, one ``(0, n, -1)`` entry asks for fancy indexing."""
+    n = len(pfns)
+    if n == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(pfns) != 1) + 1
+    if len(cuts) > max(8, n // 32):
+        return [(0, n, -1)]
+    bounds = [0, *cuts.tolist(), n]
+    return [(a, b, int(pfns[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class Folio:
