@@ -618,7 +618,9 @@ def do_numa_page(vmf: VmFault) -> int:
         mm.pte_unmap_unlock(tid)
         return 0
     pte = pte_mkyoung(pte_modify(vmf.orig_pte, vma.vm_page_prot))
-    if vma.vm_flags & VM_WRITE and not pte_write(pte):
+    from .pgtable import _PAGE_SOFT_DIRTY as _SD
+    from .vma import vma_soft_dirty_enabled
+    if vma.vm_flags & VM_WRITE and not pte_write(pte) and not (vma_soft_dirty_enabled(vma) and not pte & _SD):
         pfn = vm_normal_page(vma, vmf.address, pte)
         if vma.vm_flags & VM_SHARED:
             pte = pte_mkwrite(pte) if pte_dirty(pte) else pte

@@ -389,6 +389,9 @@ def change_huge_pmd(vma: Vma, pmd: PtRef, addr: int, newprot: int, try_writable:
         if prot_numa and (is_huge_zero_pmd(mm, e) or pte_protnone(e)):
             return 0
         entry = pte_modify(e, newprot)
+        from .vma import vma_soft_dirty_enabled
+        if vma_soft_dirty_enabled(vma) and not entry & _PAGE_SOFT_DIRTY:
+            try_writable = False  # pmd_needs_soft_dirty_wp()
         if try_writable and not pte_write(entry) and not pte_protnone(entry):
             pfn = pte_pfn(entry)
             if vma.vm_flags & VM_SHARED:

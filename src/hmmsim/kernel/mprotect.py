@@ -20,7 +20,7 @@ from .mmap import vm_enough_memory, vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, MmuNotifierRange, mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start
 from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, PMD_SIZE, PUD_SIZE
 from .pgtable import (
-    _PAGE_CHG_MASK, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SPECIAL,
+    _PAGE_CHG_MASK, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL,
     PAGE_NONE, PTE_PFN_MASK, is_device_exclusive_entry, is_writable_device_exclusive_entry,
     is_writable_device_private_entry, is_writable_migration_entry,
     make_readable_device_exclusive_entry, make_readable_device_private_entry,
@@ -32,7 +32,7 @@ from .physmem import PG_anon, PG_anon_exclusive
 from .vma import (
     VM_ACCOUNT, VM_EXEC, VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYWRITE, VM_NORESERVE,
     VM_READ, VM_SHARED, VM_WRITE, Vma, calc_vm_prot_bits, is_cow_mapping, vm_get_page_prot,
-    vma_is_anonymous,
+    vma_is_anonymous, vma_soft_dirty_enabled,
 )
 
 __all__ = ("change_prot_numa", "change_protection", "do_mprotect", "mprotect_fixup")
@@ -44,6 +44,8 @@ _VM_ACCESS_FLAGS = VM_READ | VM_WRITE | VM_EXEC
 def _try_writable_mask(vma: Vma, seg: np.ndarray, new: np.ndarray, present: np.ndarray) -> np.ndarray:
     """``can_change_pte_writable()`` over a table span."""
     cand = present & ((new & _U(_PAGE_RW)) == 0) & ((new & _U(_PAGE_PRESENT)) != 0)
+    if vma_soft_dirty_enabled(vma):
+        cand &= (new & _U(_PAGE_SOFT_DIRTY)) != 0  # pte_needs_soft_dirty_wp()
     if not cand.any():
         return cand
     if vma.vm_flags & VM_SHARED:

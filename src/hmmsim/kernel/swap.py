@@ -113,7 +113,8 @@ def do_swap_in(vmf: "VmFault", entry: int) -> int:
     if not exclusive:
         sys.mem.flags[pfn] &= ~np.uint32(PG_anon_exclusive)
     write_done = False
-    if exclusive and vma.vm_flags & VM_WRITE:
+    from .vma import vma_soft_dirty_enabled
+    if exclusive and vma.vm_flags & VM_WRITE and not (vma_soft_dirty_enabled(vma) and not pte & _PAGE_SOFT_DIRTY):
         pte = pte_mkwrite(pte)
         if vmf.flags & FAULT_FLAG_WRITE:
             pte = pte_mkdirty(pte)

@@ -24,7 +24,7 @@ __all__ = (
     "VM_MIXEDMAP", "VM_NOHUGEPAGE", "VM_NORESERVE", "VM_PFNMAP", "VM_READ", "VM_SHARED",
     "VM_SOFTDIRTY", "VM_SPECIAL", "VM_UFFD_MISSING", "VM_UFFD_WP", "VM_WIPEONFORK",
     "VM_WRITE", "VmOps", "Vma", "calc_vm_prot_bits", "decode_vm_flags", "is_cow_mapping",
-    "vm_get_page_prot", "vma_is_accessible", "vma_is_anonymous",
+    "vm_get_page_prot", "vma_is_accessible", "vma_is_anonymous", "vma_soft_dirty_enabled",
 )
 
 PROT_NONE = 0
@@ -173,6 +173,13 @@ def vma_is_anonymous(vma: Vma) -> bool:
 def vma_is_accessible(vma: Vma) -> bool:
     """``vma_is_accessible()``: any of read, write or exec."""
     return bool(vma.vm_flags & (VM_READ | VM_WRITE | VM_EXEC))
+
+
+def vma_soft_dirty_enabled(vma: Vma) -> bool:
+    """``vma_soft_dirty_enabled()``: soft-dirty tracking is active once ``clear_refs``
+    cleared VM_SOFTDIRTY; then ptes without their soft-dirty bit must stay
+    write-protected (``pte_needs_soft_dirty_wp``)."""
+    return not vma.vm_flags & VM_SOFTDIRTY
 
 
 def is_cow_mapping(flags: int) -> bool:
