@@ -193,6 +193,17 @@ def do_mremap(mm: MM, addr: int, old_len: int, new_len: int, flags: int, new_add
         vma = _vma_to_resize(mm, addr, old_len, new_len, flags)
         if isinstance(vma, int):
             return vma
+        # old_len reaches the end of the VMA: expand in place if the space after it is
+        # free (vma_expandable() + vma_merge_extend())
+        if old_len == vma.vm_end - addr:
+            delta = new_len - old_len
+            end = vma.vm_end + delta
+            if end <= TASK_SIZE and mm.find_vma_intersection(vma.vm_end, end) is None:
+                if vma.vm_flags & VM_ACCOUNT and vm_enough_memory(mm, delta >> PAGE_SHIFT):
+                    return -ENOMEM
+                mm.resize_vma(vma, vma.vm_start, end)
+                vma_try_merge(mm, vma)
+                return addr
         if not flags & MREMAP_MAYMOVE:
             return -ENOMEM
         dst = get_unmapped_area(mm, 0, new_len, 0)
