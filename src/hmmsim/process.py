@@ -6,6 +6,10 @@ Every method calls the kernel-level function that implements it (``do_mmap``,
 :class:`~hmmsim.errors.SegmentationFault`/:class:`~hmmsim.errors.BusError`. Sizes are in
 bytes and addresses are plain ints, as in C.
 
+CPU accesses behave like ``memcpy`` on a real CPU: pages are accessed in order and the
+first page that raises a signal ends the access; the pages before it were read or
+written (and faulted in), the pages after it are not touched.
+
 >>> from hmmsim import System
 >>> p = System().spawn()
 >>> a = p.mmap(4 * 4096)
@@ -25,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import BusError, SegmentationFault, error_from_errno
-from .kernel.cpu import SIGBUS, translate_range, user_read_pages, user_write_pages
+from .kernel.cpu import SIGBUS, translate_range
 from .kernel.errno import EBADF, EINVAL
 from .kernel.madvise import MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_PAGEOUT, do_madvise
 from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_HUGETLB, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED
@@ -150,34 +154,39 @@ class Process:
 
     def read(self, addr: int, n: int) -> bytes:
         """The CPU reads *n* bytes at *addr* (faulting pages in as needed)."""
-        first = addr & ~(PAGE_SIZE - 1)
-        npages = (addr + n - first + PAGE_SIZE - 1) >> PAGE_SHIFT
-        data, sigs = user_read_pages(self.mm, first, npages)
+        pfns, sigs, first = self._access(addr, n, write=False)
         self._raise_sig(addr, sigs, False)
+        buf = np.empty(len(pfns) * PAGE_SIZE, np.uint8)
+        self.system.mem.read_pages(pfns, buf)
         off = addr - first
-        return data[off:off + n].tobytes()
+        return buf[off:off + n].tobytes()
 
     def write(self, addr: int, data: bytes | bytearray | npt.NDArray) -> None:
-        """The CPU writes *data* at *addr*. Partial pages are read-modify-written."""
+        """The CPU writes *data* at *addr*, page by page, stopping at the first page that
+        raises a signal (the pages before it are written)."""
         buf = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
         n = len(buf)
         if n == 0:
             return
+        pfns, sigs, first = self._access(addr, n, write=True)
+        off = addr - first
+        done = len(pfns) if not sigs else sigs[0][0]
+        if done:
+            mem = self.system.mem
+            page = np.empty(done * PAGE_SIZE, np.uint8)
+            ok = pfns[:done]
+            if off or n % PAGE_SIZE:  # partial first/last page: read-modify-write
+                mem.read_pages(ok, page)
+            end = min(off + n, done * PAGE_SIZE)
+            page[off:end] = buf[:end - off]
+            mem.write_pages(ok, page)
+        self._raise_sig(addr, sigs, True)
+
+    def _access(self, addr: int, n: int, write: bool) -> tuple[npt.NDArray[np.int64], list[tuple[int, int, int]], int]:
         first = addr & ~(PAGE_SIZE - 1)
         npages = (addr + n - first + PAGE_SIZE - 1) >> PAGE_SHIFT
-        off = addr - first
-        if off or n % PAGE_SIZE:
-            pfns, sigs = translate_range(self.mm, first, npages, write=True)
-            self._raise_sig(addr, sigs, True)
-            mem = self.system.mem
-            page = np.zeros(npages * PAGE_SIZE, np.uint8)
-            page[:] = mem.data[pfns].reshape(-1)
-            page[off:off + n] = buf
-            mem.data[pfns] = page.reshape(npages, PAGE_SIZE)
-            mem.mark_written(pfns)
-            return
-        sigs = user_write_pages(self.mm, first, buf)
-        self._raise_sig(addr, sigs, True)
+        pfns, sigs = translate_range(self.mm, first, npages, write, stop_at_signal=True)
+        return pfns, sigs, first
 
     def read_array(self, addr: int, count: int, dtype: npt.DTypeLike = np.int32) -> npt.NDArray:
         """Read *count* elements of *dtype* at *addr*."""
@@ -189,9 +198,7 @@ class Process:
 
     def touch(self, addr: int, length: int, write: bool = False) -> None:
         """Access every page of the range once (read, or write without changing data)."""
-        first = addr & ~(PAGE_SIZE - 1)
-        npages = (addr + length - first + PAGE_SIZE - 1) >> PAGE_SHIFT
-        _pfns, sigs = translate_range(self.mm, first, npages, write)
+        _pfns, sigs, _first = self._access(addr, length, write)
         self._raise_sig(addr, sigs, write)
 
     def pte(self, addr: int) -> str:

@@ -120,13 +120,16 @@ def do_user_addr_fault(mm: MM, addr: int, write: bool, npages: int = 1) -> tuple
 SigRun = tuple[int, int, int]
 
 
-def translate_range(mm: MM, addr: int, npages: int, write: bool) -> tuple[npt.NDArray[np.int64], list[SigRun]]:
+def translate_range(mm: MM, addr: int, npages: int, write: bool,
+                    stop_at_signal: bool = False) -> tuple[npt.NDArray[np.int64], list[SigRun]]:
     """Access every page of ``[addr, addr + npages)`` in order, as a CPU loop would.
 
     Returns ``(pfns, signals)``: the pfn each page was accessed through (-1 for pages
     whose access raised a signal) and the runs of such pages as ``(first page, count,
     signal)``. A page's access is retried after each successful fault until the MMU
-    accepts it; a ``SIGKILL`` (out of memory) ends the loop."""
+    accepts it; a ``SIGKILL`` (out of memory) ends the loop, and so does any signal with
+    *stop_at_signal* (a ``memcpy`` that dies at the first bad page: later pages are not
+    touched)."""
     pfns = np.full(npages, -1, np.int64)
     sigs: list[SigRun] = []
     i = 0
@@ -139,7 +142,7 @@ def translate_range(mm: MM, addr: int, npages: int, write: bool) -> tuple[npt.ND
                 sigs[-1] = (sigs[-1][0], sigs[-1][1] + n_fail, pending_sig)
             else:
                 sigs.append((i, n_fail, pending_sig))
-            if pending_sig == SIGKILL:
+            if pending_sig == SIGKILL or stop_at_signal:
                 break
             pending = -1
             i += n_fail
