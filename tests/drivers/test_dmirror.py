@@ -11,10 +11,10 @@ from hmmsim.drivers.dmirror import DmirrorPT, dmirror_open
 from hmmsim.drivers.test_hmm_uapi import (
     HMM_DMIRROR_FLAGS, HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
     HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO, HMM_DMIRROR_READ,
-    HMM_DMIRROR_WRITE, HmmDmirrorCmd,
+    HmmDmirrorCmd,
 )
 from hmmsim.errors import BadAddress, InvalidArgument, NoDevice, NotSupportedError, PermissionDenied
-from hmmsim.kernel.errno import EBADF, EFAULT, EINVAL, ENODEV, ENOMEM, EPERM
+from hmmsim.kernel.errno import EBADF, EFAULT, EINVAL, ENODEV, ENOMEM
 from hmmsim.kernel.page_types import PAGE_SIZE as P
 
 R, W, Z = HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO
@@ -198,4 +198,3 @@ def test_dmirror_pt_erase_and_load() -> None:
     assert len(pt) == 0 and pt.leaves == {}
 
 
-_ = (EPERM,)

@@ -26,7 +26,7 @@ from hmmsim.kernel.memory import remap_pfn_range, vmf_insert_pfn
 from hmmsim.kernel.migrate import migrate_folio_move, migrate_folio_unmap
 from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
 from hmmsim.kernel.mmu_notifier import mmu_interval_read_begin
-from hmmsim.kernel.page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+from hmmsim.kernel.page_types import PAGE_SIZE, PMD_SIZE
 from hmmsim.kernel.pgtable import pte_pfn, pte_present, pte_to_swp_entry, is_migration_entry
 from hmmsim.kernel.sched import Interleave
 from hmmsim.kernel.task import vm_munmap
@@ -429,4 +429,3 @@ def test_hmm_range_fault_needs_mmap_lock(proc: Process, mirror: HmmMirror) -> No
         hmm_range_fault(r)
 
 
-_ = MASK_PFN

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from hmmsim.errors import BusError, OutOfMemory, SegmentationFault
-from hmmsim.kernel.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS
+from hmmsim.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES, MM_SWAPENTS
 from hmmsim.kernel.mmu_notifier import MmuNotifier, MmuNotifierEvent, mmu_notifier_register
-from hmmsim.kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+from hmmsim.kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 from hmmsim.kernel.pgtable import (
     _PAGE_PSE, decode_pte, is_swap_pte, non_swap_entry, pmd_leaf, pte_dirty, pte_pfn,
     pte_present, pte_protnone, pte_special, pte_to_swp_entry, pte_write, swp_offset, swp_type,

@@ -13,7 +13,7 @@ from hmmsim.errors import BadAddress, Exists, InvalidArgument, OutOfMemory, Segm
 from hmmsim.kernel.madvise import do_madvise
 from hmmsim.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES
 from hmmsim.kernel.mmu_notifier import MmuNotifier, MmuNotifierEvent, mmu_notifier_register
-from hmmsim.kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+from hmmsim.kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 from hmmsim.kernel.pgtable import _PAGE_PSE, pmd_leaf, pte_dirty, pte_pfn, pte_present, pte_write
 from hmmsim.kernel.vma import VM_ACCOUNT, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_READ, VM_WRITE
 
@@ -816,4 +816,3 @@ def test_mremap_hugetlb_unaligned_einval(proc) -> None:  # noqa: ANN001
         proc.mremap(a, HPAGE_PMD_SIZE, 2 * HPAGE_PMD_SIZE)
 
 
-_ = PAGE_SHIFT

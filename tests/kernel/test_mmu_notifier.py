@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hmmsim import Process, System
+from hmmsim import Process
 from hmmsim.kernel.errno import EINVAL, EOVERFLOW
 from hmmsim.kernel.locking import DeadlockError, LockdepError
 from hmmsim.kernel.mmu_notifier import (
@@ -223,4 +223,3 @@ def test_classic_mmu_notifier_sees_start_end_and_release(proc: Process) -> None:
     assert log == ["start MMU_NOTIFY_UNMAP", "end MMU_NOTIFY_UNMAP", "release"]
 
 
-_ = System

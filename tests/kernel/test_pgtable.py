@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hmmsim.kernel import pgtable as pg
 from hmmsim.kernel.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_PSE, _PAGE_RW,
     _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_SWP_SOFT_DIRTY,
@@ -280,4 +279,3 @@ def test_page_table_store_views_stay_valid_while_growing() -> None:
     assert pt.nr_tables == 1
 
 
-_ = pg

@@ -42,7 +42,7 @@ from ..kernel.migrate import is_pmd_migration_entry, migration_entry_wait, pmd_m
 from ..kernel.mm import PtRef, mmap_assert_locked
 from ..kernel.mmu_notifier import MmuIntervalNotifier, mmu_interval_check_retry
 from ..kernel.page_types import HPAGE_PMD_ORDER, PAGE_SHIFT, PMD_MASK, PUD_MASK, HPAGE_PUD_ORDER
-from ..kernel.pagewalk import ACTION_CONTINUE, ACTION_SUBTREE, MmWalk, MmWalkOps, walk_page_range
+from ..kernel.pagewalk import ACTION_CONTINUE, MmWalk, MmWalkOps, walk_page_range
 from ..kernel.pgtable import (
     _PAGE_DEVMAP, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SPECIAL, PTE_PFN_MASK,
     SWP_PTE_MARKER, is_device_exclusive_entry, is_device_private_entry, is_migration_entry,
@@ -295,7 +295,6 @@ def _hmm_pte_table(walk: MmWalk, pmd: PtRef, tbl: npt.NDArray[np.uint64], addr: 
     holding only those, where no fault is needed, is done in a few array operations;
     swap-format and raw special entries take the general path."""
     hvw: HmmVmaWalk = walk.private
-    mem = walk.mm.sys.mem
     n = len(pfns)
     i0 = (addr >> PAGE_SHIFT) & 511
     seg = tbl[i0:i0 + n]
@@ -460,7 +459,6 @@ def hmm_vma_walk_pud(pud: PtRef, start: int, end: int, walk: MmWalk) -> int:
     pfn = ((e & PTE_PFN_MASK) >> PAGE_SHIFT) + ((start & ~PUD_MASK) >> PAGE_SHIFT)
     pfns &= _INOUT
     pfns |= np.arange(pfn, pfn + len(pfns), dtype=np.uint64) | _U(cpu_flags)
-    _ = ACTION_SUBTREE
     return 0
 
 

@@ -22,24 +22,31 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked
+from . import huge_memory as hm
+from .hugetlb import hugetlb_fault
+from .memory import folio_put
+from .migrate import is_pmd_migration_entry, migration_entry_wait, pmd_migration_entry_wait
+from .swap import do_swap_in
+from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, PtRef, mmap_assert_locked
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_NR, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
-from .pagemap import folio_lock, folio_unlock
+from .page_types import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 from .pgtable import (
-    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SOFT_DIRTY,
+    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SOFT_DIRTY,
     PTE_MARKER_GUARD, PTE_MARKER_POISONED, PTE_MARKER_UFFD_WP, is_device_exclusive_entry,
     is_device_private_entry, is_hwpoison_entry, is_migration_entry, is_pte_marker_entry,
     non_swap_entry, pfn_pte, pmd_leaf, pte_dirty, pte_marker_get, pte_mkdirty, pte_mkspecial,
     pte_mkwrite, pte_mkyoung, pte_modify, pte_pfn, pte_present, pte_protnone, pte_special,
-    pte_swp_exclusive, pte_to_swp_entry, pte_write, swp_offset_pfn,
+    pte_to_swp_entry, pte_write, swp_offset_pfn,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_swapcache
 from .rmap import (
     anon_vma_prepare, folio_add_file_rmap_ptes, folio_add_new_anon_rmap,
     folio_add_new_anon_rmap_ptes, folio_remove_rmap_ptes,
 )
-from .vma import VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_PFNMAP, VM_SHARED, VM_WRITE, Vma, is_cow_mapping, vma_is_accessible, vma_is_anonymous
+from .vma import (
+    VM_HUGETLB, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_PFNMAP, VM_SHARED, VM_WRITE, Vma,
+    is_cow_mapping, vma_is_accessible, vma_is_anonymous, vma_soft_dirty_enabled,
+)
 
 if TYPE_CHECKING:
     from .system import System
@@ -153,15 +160,12 @@ def handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
             return VM_FAULT_SIGSEGV
         if not vma.vm_flags & VM_WRITE and not is_cow_mapping(vma.vm_flags):
             return VM_FAULT_SIGSEGV
-    from .vma import VM_HUGETLB
     if vma.vm_flags & VM_HUGETLB:
-        from .hugetlb import hugetlb_fault
         return hugetlb_fault(mm, vma, address, flags)
     return __handle_mm_fault(vma, address, flags)
 
 
 def __handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
-    from . import huge_memory as hm
     mm = vma.vm_mm
     vmf = VmFault(vma, address, flags)
     pud = mm.pud_table(address, alloc=True)
@@ -185,7 +189,6 @@ def __handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
     elif e:
         vmf.orig_pmd = e
         if not pte_present(e):
-            from .migrate import is_pmd_migration_entry, pmd_migration_entry_wait
             if is_pmd_migration_entry(e):
                 pmd_migration_entry_wait(mm, pmd)
             return 0
@@ -346,13 +349,6 @@ def _do_fault_page(vmf: VmFault) -> int:
     return int(vma.vm_ops.fault(vmf))
 
 
-def _put_page(sys: "System", pfn: int) -> None:
-    """``put_page()``: ``folio_put(page_folio(page))`` -- the reference belongs to the
-    folio, so a subpage of a large folio drops it on the head."""
-    from .memory import folio_put
-    folio_put(sys, pfn)
-
-
 def do_read_fault(vmf: VmFault) -> int:
     vma = vmf.vma
     sys = vma.vm_mm.sys
@@ -366,7 +362,7 @@ def do_read_fault(vmf: VmFault) -> int:
         return ret
     ret2 = finish_fault(vmf)
     if ret2:
-        _put_page(sys, vmf.page)
+        folio_put(sys, vmf.page)
     return ret2
 
 
@@ -385,7 +381,7 @@ def do_cow_fault(vmf: VmFault) -> int:
         return ret
     sys.mem.copy_pages(cow, vmf.page)
     ret = finish_fault(vmf)
-    _put_page(sys, vmf.page)
+    folio_put(sys, vmf.page)
     if ret:
         sys.mem.free_pages([cow])
     return ret
@@ -400,7 +396,7 @@ def do_shared_fault(vmf: VmFault) -> int:
         return ret
     ret = finish_fault(vmf)
     if ret:
-        _put_page(sys, vmf.page)
+        folio_put(sys, vmf.page)
     else:
         sys.mem.flags[sys.mem.compound_head(vmf.page)] |= PG_dirty
     return ret
@@ -491,7 +487,7 @@ def wp_page_copy(vmf: VmFault, old: int) -> int:
     new = mem.alloc_page()
     if new < 0:
         if old >= 0:
-            _put_page(sys, old)
+            folio_put(sys, old)
         return VM_FAULT_OOM
     if old >= 0:
         mem.copy_pages(new, old)
@@ -523,11 +519,11 @@ def wp_page_copy(vmf: VmFault, old: int) -> int:
             mm.pte_unmap_unlock(tid)
     if copied:
         if old >= 0:
-            _put_page(sys, old)  # the mapping's reference
+            folio_put(sys, old)  # the mapping's reference
     else:
         mem.free_pages([new])
     if old >= 0:
-        _put_page(sys, old)  # do_wp_page's reference
+        folio_put(sys, old)  # do_wp_page's reference
     return 0
 
 
@@ -542,7 +538,6 @@ def do_swap_page(vmf: VmFault) -> int:
     assert vmf.pmd is not None
     if non_swap_entry(entry):
         if is_migration_entry(entry):
-            from .migrate import migration_entry_wait
             migration_entry_wait(mm, vmf.pmd, vmf.address)
             return 0
         if is_device_exclusive_entry(entry):
@@ -566,7 +561,6 @@ def do_swap_page(vmf: VmFault) -> int:
             assert pgmap is not None and pgmap.ops.migrate_to_ram is not None
             sys.stats.add("fault.migrate_to_ram")
             ret = int(pgmap.ops.migrate_to_ram(vmf))
-            from .memory import folio_put
             folio_put(sys, head)
             return ret
         if is_hwpoison_entry(entry):
@@ -574,7 +568,6 @@ def do_swap_page(vmf: VmFault) -> int:
         if is_pte_marker_entry(entry):
             return _handle_pte_marker(vmf, entry)
         return VM_FAULT_SIGBUS
-    from .swap import do_swap_in
     return do_swap_in(vmf, entry)
 
 
@@ -618,9 +611,7 @@ def do_numa_page(vmf: VmFault) -> int:
         mm.pte_unmap_unlock(tid)
         return 0
     pte = pte_mkyoung(pte_modify(vmf.orig_pte, vma.vm_page_prot))
-    from .pgtable import _PAGE_SOFT_DIRTY as _SD
-    from .vma import vma_soft_dirty_enabled
-    if vma.vm_flags & VM_WRITE and not pte_write(pte) and not (vma_soft_dirty_enabled(vma) and not pte & _SD):
+    if vma.vm_flags & VM_WRITE and not pte_write(pte) and not (vma_soft_dirty_enabled(vma) and not pte & _PAGE_SOFT_DIRTY):
         pfn = vm_normal_page(vma, vmf.address, pte)
         if vma.vm_flags & VM_SHARED:
             pte = pte_mkwrite(pte) if pte_dirty(pte) else pte
@@ -658,9 +649,7 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
     :return: ``(vm_fault_t of the failing page or 0, address of the failing page or end)``
     """
     mm = vma.vm_mm
-    sys = mm.sys
     mmap_assert_locked(mm)
-    from .vma import VM_HUGETLB
     write = bool(flags & FAULT_FLAG_WRITE)
     addr = start
     while addr < end:
@@ -686,8 +675,7 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
                 # the rest of this huge mapping is already accessible: spurious faults
                 n = (nxt - addr) >> PAGE_SHIFT
                 if n > 0:
-                    from .huge_memory import huge_pmd_set_accessed_batch
-                    huge_pmd_set_accessed_batch(vma, pmd, write, n)
+                    hm.huge_pmd_set_accessed_batch(vma, pmd, write, n)
                 addr = nxt
             continue
         ret, addr = _fault_pte_run(vma, pmd, addr, nxt, flags)
@@ -790,4 +778,3 @@ def _anon_none_run(vma: Vma, pmd: PtRef, i0: int, i1: int, addr: int, write: boo
         mm.pte_unmap_unlock(tid)
 
 
-_ = (HPAGE_PMD_NR, MM_FILEPAGES, MM_SWAPENTS, _PAGE_PROTNONE, folio_lock, folio_unlock, pte_swp_exclusive)

@@ -22,7 +22,7 @@ from .pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PSE, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_UFFD_WP,
     mk_table_entry, pfn_pte, pmd_leaf, pte_dirty, pte_mkdirty, pte_mkold, pte_mkspecial,
     pte_mkwrite, pte_mkyoung, pte_modify, pte_pfn, pte_present, pte_protnone, pte_write,
-    pte_wrprotect, table_id,
+    pte_wrprotect,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_head, PG_hugetlb, PG_swapbacked, PG_uptodate
 from .rmap import anon_vma_prepare, folio_add_new_anon_rmap_pmd, folio_try_dup_anon_rmap_pmd

@@ -157,7 +157,6 @@ def _make_huge_pte(vma: Vma, head: int, writable: bool) -> int:
 def hugetlb_fault(mm: "MM", vma: Vma, address: int, flags: int) -> int:
     """``hugetlb_fault()``: allocate (``hugetlb_no_page``), share-break (``hugetlb_wp``)
     or just mark accessed. No free huge page gives ``VM_FAULT_SIGBUS``."""
-    from .fault import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_HWPOISON_LARGE
     sys = mm.sys
     sys.stats.add("fault.hugetlb_fault")
     ident = ("hugetlb_vma", id(vma))

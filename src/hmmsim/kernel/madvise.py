@@ -210,4 +210,3 @@ def do_madvise(mm: MM, start: int, len_in: int, behavior: int) -> int:
             mm.mmap_lock.up_read()
 
 
-_ = _U

@@ -28,10 +28,8 @@ from .pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SPECIAL,
     _PAGE_SWP_EXCLUSIVE, _PAGE_UFFD_WP, PTE_PFN_MASK, is_device_exclusive_entry,
     is_device_private_entry, is_migration_entry, is_pte_marker_entry,
-    is_readable_exclusive_migration_entry, is_writable_device_exclusive_entry,
-    is_writable_device_private_entry, is_writable_migration_entry,
-    make_readable_device_private_entry, make_readable_migration_entry, mk_table_entry,
-    non_swap_entry, pfn_pte, pmd_leaf, pte_marker_get, pte_mkspecial, pte_present,
+    is_readable_exclusive_migration_entry, is_writable_device_private_entry, is_writable_migration_entry,
+    make_readable_device_private_entry, make_readable_migration_entry, non_swap_entry, pfn_pte, pmd_leaf, pte_marker_get, pte_mkspecial, pte_present,
     pte_to_swp_entry, swp_entry_to_pte, swp_offset_pfn, table_id, PTE_MARKER_UFFD_WP,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_hugetlb, PG_reserved, PG_swapbacked
@@ -565,4 +563,3 @@ def remap_pfn_range(vma: Vma, addr: int, pfn: int, size: int) -> int:
     return 0
 
 
-_ = (mk_table_entry, MM_SHMEMPAGES)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errno import EACCES, EINVAL, ENOMEM
-from .mm import MM, mmap_assert_write_locked
+from .mm import MM
 from .mmap import vm_enough_memory, vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, MmuNotifierRange, mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start
 from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, PMD_SIZE, PUD_SIZE
@@ -30,7 +30,7 @@ from .pgtable import (
 )
 from .physmem import PG_anon, PG_anon_exclusive
 from .vma import (
-    VM_ACCOUNT, VM_EXEC, VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYWRITE, VM_NORESERVE,
+    VM_ACCOUNT, VM_EXEC, VM_HUGETLB, VM_NORESERVE,
     VM_READ, VM_SHARED, VM_WRITE, Vma, calc_vm_prot_bits, is_cow_mapping, vm_get_page_prot,
     vma_is_anonymous, vma_soft_dirty_enabled,
 )

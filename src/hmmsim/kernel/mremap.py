@@ -15,7 +15,7 @@ from __future__ import annotations
 from .errno import EFAULT, EINVAL, ENOMEM
 from .fs import get_file
 from .mm import MM
-from .mmap import MAP_FIXED, do_munmap, get_unmapped_area, split_vma, vm_enough_memory, vma_try_merge
+from .mmap import do_munmap, get_unmapped_area, vm_enough_memory, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, PMD_SIZE, TASK_SIZE
 from .pgtable import pmd_leaf, pte_present
@@ -33,8 +33,6 @@ def move_page_tables(vma: Vma, old_addr: int, new_vma: Vma, new_addr: int, lengt
     """``move_page_tables()``: move the entries of ``[old_addr, old_addr + length)`` to
     *new_addr*. Returns the length moved."""
     mm = vma.vm_mm
-    sys = mm.sys
-    pt = sys.pt
     if not length:
         return 0
     old_end = old_addr + length
@@ -100,8 +98,7 @@ def move_page_tables(vma: Vma, old_addr: int, new_vma: Vma, new_addr: int, lengt
                 mm.pte_unmap_unlock(stid)
             old_addr += extent
             new_addr += extent
-    sys.stats.add("mremap.move_page_tables")
-    _ = pt
+    mm.sys.stats.add("mremap.move_page_tables")
     return length
 
 
@@ -262,5 +259,4 @@ def _mremap_to(mm: MM, addr: int, old_len: int, new_addr: int, new_len: int, fla
             for cut in (addr, addr + old_len):
                 if vma.vm_start < cut < vma.vm_end and vma.vm_ops.may_split(vma, cut):
                     return -EINVAL
-    _ = (split_vma, MAP_FIXED)
     return _move_vma(mm, vma, addr, old_len, new_len, new_addr, flags)

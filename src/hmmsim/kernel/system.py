@@ -23,7 +23,7 @@ from .fs import AddressSpace
 from .hugetlb import HugetlbPool
 from .locking import LockState
 from .mm import MM
-from .page_types import HPAGE_PMD_NR, PAGE_SHIFT
+from .page_types import PAGE_SHIFT
 from .pgtable import PageTableStore
 from .physmem import PG_anon, PhysMem
 from .stats import Stats
@@ -179,4 +179,3 @@ class System:
                 f"tasks={len(self.tasks)}, free={self.mem.nr_free} pages)")
 
 
-_ = HPAGE_PMD_NR

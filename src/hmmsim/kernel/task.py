@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-from .errno import EBADF, EINVAL, ENOMEM
+from .errno import EBADF, ENOMEM
 from .fs import File, fput, get_file
 from .locking import Thread
 from .mm import MM, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
@@ -188,4 +188,3 @@ class Task:
         return f"Task({self.pid}, {self.name})"
 
 
-_ = (EINVAL,)
