@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from .helpers import BASE, Recorder, pte
 from hmmsim.errors import BusError, OutOfMemory, SegmentationFault
 from hmmsim.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES, MM_SWAPENTS
-from hmmsim.kernel.mmu_notifier import MmuNotifier, MmuNotifierEvent, mmu_notifier_register
+from hmmsim.kernel.mmu_notifier import MmuNotifierEvent
 from hmmsim.kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 from hmmsim.kernel.pgtable import (
     _PAGE_PSE, decode_pte, is_swap_pte, non_swap_entry, pmd_leaf, pte_dirty, pte_pfn,
@@ -22,29 +23,9 @@ from hmmsim.kernel.pgtable import (
 from hmmsim.kernel.physmem import PG_anon, PG_anon_exclusive
 from hmmsim.kernel.vma import VM_HUGEPAGE
 
-MiB = 1 << 20
-#: a 2 MiB-aligned address used for MAP_FIXED mappings (well inside TASK_SIZE)
-BASE = 0x7E00_0000_0000
 
 
-class Recorder:
-    """A classic MMU notifier that records every invalidation it sees."""
 
-    def __init__(self, proc) -> None:  # noqa: ANN001
-        self.ranges: list[tuple[MmuNotifierEvent, int, int]] = []
-        self.mn = MmuNotifier(invalidate_range_start=self._start)
-        assert mmu_notifier_register(self.mn, proc.mm) == 0
-
-    def _start(self, r) -> int:  # noqa: ANN001
-        self.ranges.append((r.event, r.start, r.end))
-        return 0
-
-    def events(self, event: MmuNotifierEvent) -> list[tuple[int, int]]:
-        return [(s, e) for ev, s, e in self.ranges if ev == event]
-
-
-def pte(proc, addr: int) -> int:  # noqa: ANN001
-    return proc.mm.lookup_pte(addr)
 
 
 def rss(proc, member: int) -> int:  # noqa: ANN001

@@ -6,35 +6,17 @@ Expectations follow Linux 6.12; the fixtures run the full invariant check afterw
 
 from __future__ import annotations
 
+from .helpers import BASE, Recorder, pte
 from hmmsim.kernel.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS
-from hmmsim.kernel.mmu_notifier import MmuNotifier, MmuNotifierEvent, mmu_notifier_register
+from hmmsim.kernel.mmu_notifier import MmuNotifierEvent
 from hmmsim.kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 from hmmsim.kernel.pgtable import pmd_leaf, pte_pfn, pte_write
 from hmmsim.kernel.physmem import PG_anon_exclusive
 
 P = PAGE_SIZE
-BASE = 0x7E00_0000_0000
 
 
-class Recorder:
-    """A classic MMU notifier recording invalidations and release calls."""
 
-    def __init__(self, proc) -> None:  # noqa: ANN001
-        self.ranges: list[tuple[MmuNotifierEvent, int, int]] = []
-        self.released = 0
-        self.mn = MmuNotifier(invalidate_range_start=self._start, release=self._release)
-        assert mmu_notifier_register(self.mn, proc.mm) == 0
-
-    def _start(self, r) -> int:  # noqa: ANN001
-        self.ranges.append((r.event, r.start, r.end))
-        return 0
-
-    def _release(self, mm) -> None:  # noqa: ANN001
-        self.released += 1
-
-
-def pte(proc, addr: int) -> int:  # noqa: ANN001
-    return proc.mm.lookup_pte(addr)
 
 
 def rss(proc) -> list[int]:  # noqa: ANN001

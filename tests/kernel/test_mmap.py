@@ -9,39 +9,19 @@ from __future__ import annotations
 
 import pytest
 
+from .helpers import BASE, MiB, OTHER, Recorder, pte
 from hmmsim.errors import BadAddress, Exists, InvalidArgument, OutOfMemory, SegmentationFault
 from hmmsim.kernel.madvise import do_madvise
 from hmmsim.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES
-from hmmsim.kernel.mmu_notifier import MmuNotifier, MmuNotifierEvent, mmu_notifier_register
+from hmmsim.kernel.mmu_notifier import MmuNotifierEvent
 from hmmsim.kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 from hmmsim.kernel.pgtable import _PAGE_PSE, pmd_leaf, pte_dirty, pte_pfn, pte_present, pte_write
 from hmmsim.kernel.vma import VM_ACCOUNT, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_READ, VM_WRITE
 
 P = PAGE_SIZE
-MiB = 1 << 20
-#: 2 MiB-aligned addresses for MAP_FIXED mappings
-BASE = 0x7E00_0000_0000
-OTHER = 0x7D00_0000_0000
 
 
-class Recorder:
-    """A classic MMU notifier recording (event, start, end) of every invalidation."""
 
-    def __init__(self, proc) -> None:  # noqa: ANN001
-        self.ranges: list[tuple[MmuNotifierEvent, int, int]] = []
-        self.mn = MmuNotifier(invalidate_range_start=self._start)
-        assert mmu_notifier_register(self.mn, proc.mm) == 0
-
-    def _start(self, r) -> int:  # noqa: ANN001
-        self.ranges.append((r.event, r.start, r.end))
-        return 0
-
-    def events(self, event: MmuNotifierEvent) -> list[tuple[int, int]]:
-        return [(s, e) for ev, s, e in self.ranges if ev == event]
-
-
-def pte(proc, addr: int) -> int:  # noqa: ANN001
-    return proc.mm.lookup_pte(addr)
 
 
 def spans(proc) -> list[tuple[int, int]]:  # noqa: ANN001
