@@ -395,26 +395,40 @@ def dmirror_do_write(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBoun
     return -ENOENT if k < n else 0
 
 
-def dmirror_read(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
-    """``dmirror_read()``: HMM_DMIRROR_READ."""
-    size = (cmd.npages << PAGE_SHIFT) & ULONG_MAX
+def _dmirror_copy_rounds(dmirror: Dmirror, cmd: HmmDmirrorCmd, end: int, bounce: DmirrorBounce,
+                         write: bool) -> int:
+    """The loop READ and WRITE share: copy through the mirror under the mutex until a
+    page is missing (``-ENOENT``), then fault from that page to the end (``cmd.faults``
+    counts the rounds) and try again."""
+    do_copy = dmirror_do_write if write else dmirror_do_read
     start = cmd.addr
-    end = (start + size) & ULONG_MAX
-    if end < start:
-        return -EINVAL
-    bounce = _bounce_init(dmirror.sys, start, size)
-    if isinstance(bounce, int):
-        return bounce
     while True:
         with dmirror.mutex.held():
-            ret = dmirror_do_read(dmirror, start, end, bounce)
+            ret = do_copy(dmirror, start, end, bounce)
         if ret != -ENOENT:
-            break
+            return ret
         start = cmd.addr + (bounce.cpages << PAGE_SHIFT)
-        ret = dmirror_fault(dmirror, start, end, False)
+        ret = dmirror_fault(dmirror, start, end, write)
         if ret:
-            break
+            return ret
         cmd.faults += 1
+
+
+def _dmirror_bounce_for(dmirror: Dmirror, cmd: HmmDmirrorCmd) -> tuple[int, DmirrorBounce | int]:
+    """The range check and bounce allocation both commands start with."""
+    size = (cmd.npages << PAGE_SHIFT) & ULONG_MAX
+    end = (cmd.addr + size) & ULONG_MAX
+    if end < cmd.addr:
+        return end, -EINVAL
+    return end, _bounce_init(dmirror.sys, cmd.addr, size)
+
+
+def dmirror_read(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
+    """``dmirror_read()``: HMM_DMIRROR_READ."""
+    end, bounce = _dmirror_bounce_for(dmirror, cmd)
+    if isinstance(bounce, int):
+        return bounce
+    ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=False)
     if ret == 0 and copy_to_user(caller.mm, cmd.ptr, bounce.data):
         ret = -EFAULT
     cmd.cpages = bounce.cpages
@@ -423,28 +437,14 @@ def dmirror_read(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
 
 def dmirror_write(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
     """``dmirror_write()``: HMM_DMIRROR_WRITE."""
-    size = (cmd.npages << PAGE_SHIFT) & ULONG_MAX
-    start = cmd.addr
-    end = (start + size) & ULONG_MAX
-    if end < start:
-        return -EINVAL
-    bounce = _bounce_init(dmirror.sys, start, size)
+    end, bounce = _dmirror_bounce_for(dmirror, cmd)
     if isinstance(bounce, int):
         return bounce
-    data, left = copy_from_user(caller.mm, cmd.ptr, size)
+    data, left = copy_from_user(caller.mm, cmd.ptr, bounce.size)
     if left:
         return -EFAULT
     bounce.data[:] = data
-    while True:
-        with dmirror.mutex.held():
-            ret = dmirror_do_write(dmirror, start, end, bounce)
-        if ret != -ENOENT:
-            break
-        start = cmd.addr + (bounce.cpages << PAGE_SHIFT)
-        ret = dmirror_fault(dmirror, start, end, True)
-        if ret:
-            break
-        cmd.faults += 1
+    ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=True)
     cmd.cpages = bounce.cpages
     return ret
 

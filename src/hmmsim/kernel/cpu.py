@@ -226,58 +226,56 @@ def _page_slices(addr: int, n: int, npages: int) -> tuple[int, int, int]:
     return head, first_whole, whole
 
 
-def copy_to_user(mm: MM, addr: int, data: npt.NDArray[np.uint8] | bytes) -> int:
-    """``copy_to_user()``: kernel writes *data* to user address *addr*, faulting pages in.
-    Returns the number of bytes not copied (0 on success)."""
-    buf = np.frombuffer(bytes(data), np.uint8) if isinstance(data, (bytes, bytearray)) else data.reshape(-1).view(np.uint8)
+def _user_copy(mm: MM, addr: int, buf: npt.NDArray[np.uint8], to_user: bool) -> int:
+    """Copy *buf* to (or fill it from) user memory at *addr*, page by page in order,
+    faulting pages in; stops at the first page that cannot be accessed. Returns the
+    number of bytes not copied."""
     n = len(buf)
     if n == 0:
         return 0
     first, npages = _span(addr, n)
-    pfns, sigs = translate_range(mm, first, npages, write=True)
+    pfns, sigs = translate_range(mm, first, npages, write=to_user, stop_at_signal=True)
     stop = sigs[0][0] if sigs else npages
     mem = mm.sys.mem
+    data = mem.data
     off = addr - first
     head, fw, whole = _page_slices(addr, n, npages)
     done = 0
-    if head and stop > 0:
-        mem.data[pfns[0], off:off + head] = buf[:head]
+    if head and stop > 0:  # a partial first page
+        if to_user:
+            data[pfns[0], off:off + head] = buf[:head]
+        else:
+            buf[:head] = data[pfns[0], off:off + head]
         done = head
     w = max(0, min(whole, stop - fw))
-    if w:
-        mem.write_pages(pfns[fw:fw + w], buf[done:done + (w << PAGE_SHIFT)])
+    if w:  # whole pages, a run at a time
+        seg = buf[done:done + (w << PAGE_SHIFT)]
+        if to_user:
+            mem.write_pages(pfns[fw:fw + w], seg)
+        else:
+            mem.read_pages(pfns[fw:fw + w], seg)
         done += w << PAGE_SHIFT
-    tail_page = fw + whole
-    if done < n and tail_page < stop and w == whole:
-        rest = n - done
-        mem.data[pfns[tail_page], :rest] = buf[done:]
+    tail = fw + whole
+    if done < n and tail < stop and w == whole:  # a partial last page
+        if to_user:
+            data[pfns[tail], :n - done] = buf[done:]
+        else:
+            buf[done:] = data[pfns[tail], :n - done]
         done = n
-    mem.mark_written(pfns[:stop][pfns[:stop] >= 0])
+    if to_user and stop:
+        mem.mark_written(pfns[:stop])
     return n - done
+
+
+def copy_to_user(mm: MM, addr: int, data: npt.NDArray[np.uint8] | bytes) -> int:
+    """``copy_to_user()``: kernel writes *data* to user address *addr*, faulting pages in.
+    Returns the number of bytes not copied (0 on success)."""
+    buf = np.frombuffer(bytes(data), np.uint8) if isinstance(data, (bytes, bytearray)) else data.reshape(-1).view(np.uint8)
+    return _user_copy(mm, addr, buf, to_user=True)
 
 
 def copy_from_user(mm: MM, addr: int, n: int) -> tuple[npt.NDArray[np.uint8], int]:
     """``copy_from_user()``: read *n* bytes at user address *addr*. Returns the bytes
     (zero-filled past a fault) and the number of bytes not copied."""
     out = np.zeros(n, np.uint8)
-    if n == 0:
-        return out, 0
-    first, npages = _span(addr, n)
-    pfns, sigs = translate_range(mm, first, npages, write=False)
-    stop = sigs[0][0] if sigs else npages
-    mem = mm.sys.mem
-    off = addr - first
-    head, fw, whole = _page_slices(addr, n, npages)
-    done = 0
-    if head and stop > 0:
-        out[:head] = mem.data[pfns[0], off:off + head]
-        done = head
-    w = max(0, min(whole, stop - fw))
-    if w:
-        mem.read_pages(pfns[fw:fw + w], out[done:done + (w << PAGE_SHIFT)])
-        done += w << PAGE_SHIFT
-    tail_page = fw + whole
-    if done < n and tail_page < stop and w == whole:
-        out[done:] = mem.data[pfns[tail_page], :n - done]
-        done = n
-    return out, n - done
+    return out, _user_copy(mm, addr, out, to_user=False)

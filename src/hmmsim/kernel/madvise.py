@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from .errno import EAGAIN, EINVAL, ENOMEM
-from .mm import MM
+from .mm import MM, PtRef
+from .pagewalk import MmWalk, MmWalkOps, walk_page_range
 from .mmap import vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, PMD_SIZE
+from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
 from .pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_SPECIAL, PTE_PFN_MASK, non_swap_entry,
     pmd_leaf, pte_present, pte_to_swp_entry, is_hwpoison_entry,
@@ -63,79 +64,76 @@ def _madvise_dontneed(vma: Vma, start: int, end: int) -> int:
     return 0
 
 
-def _madvise_free(vma: Vma, start: int, end: int) -> int:
-    """``madvise_free_single_vma()``."""
-    if vma.vm_flags & VM_HUGETLB:
-        return -EINVAL
-    if not vma_is_anonymous(vma):
-        return -EINVAL
-    mm = vma.vm_mm
+def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int:
+    """``madvise_free_pte_range()``: mark the small anonymous pages only this process maps
+    clean and old (lazily freeable); a THP wholly inside the range is marked as one, a
+    partly covered one is split first; swap entries are freed."""
+    vma = walk.vma
+    assert vma is not None
+    mm = walk.mm
     sys = mm.sys
     mem = sys.mem
+    e = pmd.get()
+    if pmd_leaf(e):
+        pfn = (e & PTE_PFN_MASK) >> PAGE_SHIFT
+        head = mem.compound_head(pfn)
+        if mem.is_huge_zero_pfn(pfn) or mem.folio_mapcount(head) != 1:
+            return 0
+        if end - addr == HPAGE_PMD_SIZE:
+            from .huge_memory import madvise_free_huge_pmd
+            madvise_free_huge_pmd(vma, pmd)
+            return 0
+        from .huge_memory import split_folio
+        split_folio(sys, head)
+    if not pte_present(pmd.get()) or pmd_leaf(pmd.get()):
+        return 0
+    got = mm.pte_offset_map_lock(pmd)
+    if got is None:
+        return 0
+    tbl, tid = got
+    try:
+        i0 = (addr >> PAGE_SHIFT) & 511
+        for i in range(i0, i0 + ((end - addr) >> PAGE_SHIFT)):
+            pte = int(tbl[i])
+            if pte == 0:
+                continue
+            if not pte_present(pte):
+                ent = pte_to_swp_entry(pte)
+                if not non_swap_entry(ent):
+                    from .mm import MM_SWAPENTS
+                    from .swap import free_swap_and_cache
+                    free_swap_and_cache(sys, ent)
+                    mm.add_mm_counter(MM_SWAPENTS, -1)
+                    tbl[i] = 0
+                elif is_hwpoison_entry(ent):
+                    tbl[i] = 0
+                continue
+            if pte & _PAGE_SPECIAL or not pte & _PAGE_PRESENT:
+                continue
+            pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
+            if pfn >= mem.max_pfn or mem.pgmap[pfn] != 0:
+                continue
+            head = mem.compound_head(pfn)
+            if not mem.flags[head] & PG_anon or mem.order[head] or mem.folio_mapcount(head) != 1:
+                continue
+            mem.flags[head] &= ~np.uint32(PG_dirty)
+            tbl[i] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
+    finally:
+        mm.pte_unmap_unlock(tid)
+    return 0
+
+
+madvise_free_walk_ops = MmWalkOps(pmd_entry=madvise_free_pte_range)
+
+
+def _madvise_free(vma: Vma, start: int, end: int) -> int:
+    """``madvise_free_single_vma()``: anonymous VMAs only, under ``MMU_NOTIFY_CLEAR``."""
+    if vma.vm_flags & VM_HUGETLB or not vma_is_anonymous(vma):
+        return -EINVAL
+    mm = vma.vm_mm
     with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, start, end):
-        addr = start
-        while addr < end:
-            nxt = min((addr + PMD_SIZE) & PMD_MASK, end)
-            pmd = mm.pmd_ref(addr)
-            if pmd is None or pmd.get() == 0:
-                addr = nxt
-                continue
-            e = pmd.get()
-            if pmd_leaf(e):
-                pfn = (e & PTE_PFN_MASK) >> PAGE_SHIFT
-                if mem.is_huge_zero_pfn(pfn):
-                    addr = nxt
-                    continue
-                head = mem.compound_head(pfn)
-                if mem.folio_mapcount(head) != 1:
-                    addr = nxt
-                    continue
-                if nxt - addr == HPAGE_PMD_SIZE:
-                    from .huge_memory import madvise_free_huge_pmd
-                    madvise_free_huge_pmd(vma, pmd)
-                    addr = nxt
-                    continue
-                from .huge_memory import split_folio
-                split_folio(sys, head)
-            if not pte_present(pmd.get()):
-                addr = nxt
-                continue
-            got = mm.pte_offset_map_lock(pmd)
-            if got is None:
-                addr = nxt
-                continue
-            tbl, tid = got
-            try:
-                i0 = (addr >> PAGE_SHIFT) & 511
-                for i in range(i0, i0 + ((nxt - addr) >> PAGE_SHIFT)):
-                    pte = int(tbl[i])
-                    if pte == 0:
-                        continue
-                    if not pte_present(pte):
-                        ent = pte_to_swp_entry(pte)
-                        if not non_swap_entry(ent):
-                            from .mm import MM_SWAPENTS
-                            from .swap import free_swap_and_cache
-                            free_swap_and_cache(sys, ent)
-                            mm.add_mm_counter(MM_SWAPENTS, -1)
-                            tbl[i] = 0
-                        elif is_hwpoison_entry(ent):
-                            tbl[i] = 0
-                        continue
-                    if pte & _PAGE_SPECIAL or not pte & _PAGE_PRESENT:
-                        continue
-                    pfn = (pte & PTE_PFN_MASK) >> PAGE_SHIFT
-                    if pfn >= mem.max_pfn or mem.pgmap[pfn] != 0:
-                        continue
-                    head = mem.compound_head(pfn)
-                    if not mem.flags[head] & PG_anon or mem.order[head] or mem.folio_mapcount(head) != 1:
-                        continue
-                    mem.flags[head] &= ~np.uint32(PG_dirty)
-                    tbl[i] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
-            finally:
-                mm.pte_unmap_unlock(tid)
-            addr = nxt
-    sys.stats.add("madvise.free")
+        walk_page_range(mm, start, end, madvise_free_walk_ops, None)
+    mm.sys.stats.add("madvise.free")
     return 0
 
 

@@ -157,15 +157,15 @@ class PhysMem:
         dirty = pfns[(self.flags[pfns] & PG_data) != 0]
         if len(dirty):
             self.data[dirty] = 0
-        self.flags[pfns] = 0
-        self.refcount[pfns] = 1
-        self.mapcount[pfns] = 0
-        self.entire_mapcount[pfns] = 0
-        self.order[pfns] = 0
-        self.head_off[pfns] = 0
-        self.mapping[pfns] = 0
-        self.index[pfns] = 0
-        self.private[pfns] = 0
+        self._reset(pfns, flags=0, refcount=1)
+
+    def _reset(self, pfns: npt.NDArray[np.int64], flags: Any, refcount: int) -> None:
+        """A fresh ``struct page`` for every pfn (allocation and freeing)."""
+        self.flags[pfns] = flags
+        self.refcount[pfns] = refcount
+        for arr in (self.mapcount, self.entire_mapcount, self.order, self.head_off, self.mapping,
+                    self.index, self.private, self.zone_device_data):
+            arr[pfns] = 0
 
     def alloc_pages_bulk(self, n: int) -> npt.NDArray[np.int64]:
         """Allocate *n* zeroed order-0 pages, lowest pfns first, preferring pageblocks
@@ -233,17 +233,7 @@ class PhysMem:
         if (self._free[pfns]).any() or (pfns >= self.ram_pages).any():
             bad = pfns[self._free[pfns] | (pfns >= self.ram_pages)][0]
             raise AssertionError(f"freeing pfn {bad:#x} that is free or not RAM")
-        keep = self.flags[pfns] & PG_data
-        self.flags[pfns] = PG_buddy | keep
-        self.refcount[pfns] = 0
-        self.mapcount[pfns] = 0
-        self.entire_mapcount[pfns] = 0
-        self.order[pfns] = 0
-        self.head_off[pfns] = 0
-        self.mapping[pfns] = 0
-        self.index[pfns] = 0
-        self.private[pfns] = 0
-        self.zone_device_data[pfns] = 0
+        self._reset(pfns, flags=PG_buddy | (self.flags[pfns] & PG_data), refcount=0)
         self._free[pfns] = True
         np.add.at(self._block_free, pfns // _BLOCK, 1)
         self.nr_free += len(pfns)
