@@ -152,7 +152,7 @@ class PhysMem:
 
     def _take(self, pfns: npt.NDArray[np.int64]) -> None:
         self._free[pfns] = False
-        np.subtract.at(self._block_free, pfns // _BLOCK, 1)
+        self._block_free -= np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
         self.nr_free -= len(pfns)
         dirty = pfns[(self.flags[pfns] & PG_data) != 0]
         if len(dirty):
@@ -235,7 +235,7 @@ class PhysMem:
             raise AssertionError(f"freeing pfn {bad:#x} that is free or not RAM")
         self._reset(pfns, flags=PG_buddy | (self.flags[pfns] & PG_data), refcount=0)
         self._free[pfns] = True
-        np.add.at(self._block_free, pfns // _BLOCK, 1)
+        self._block_free += np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
         self.nr_free += len(pfns)
 
     def is_free(self, pfn: int) -> bool:
