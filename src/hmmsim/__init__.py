@@ -8,8 +8,19 @@ The kernel-level API mirrors the kernel by name (``hmmsim.hmm.hmm.hmm_range_faul
 
 from .device import Device, DeviceAccess
 from .errors import (
-    BadAddress, BusError, Busy, HmmError, HmmsimError, InvalidArgument, KernelOops,
-    NoDevice, NoEntry, NotSupportedError, OutOfMemory, PermissionDenied, SegmentationFault,
+    BadAddress,
+    BusError,
+    Busy,
+    HmmError,
+    HmmsimError,
+    InvalidArgument,
+    KernelOops,
+    NoDevice,
+    NoEntry,
+    NotSupportedError,
+    OutOfMemory,
+    PermissionDenied,
+    SegmentationFault,
 )
 from .kernel.system import System, SystemConfig
 from .process import Process

@@ -29,11 +29,14 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from .errors import error_from_errno
 from .drivers.test_hmm_uapi import (
-    HMM_DMIRROR_CHECK_EXCLUSIVE, HMM_DMIRROR_READ, HMM_DMIRROR_SNAPSHOT, HMM_DMIRROR_WRITE,
+    HMM_DMIRROR_CHECK_EXCLUSIVE,
+    HMM_DMIRROR_READ,
+    HMM_DMIRROR_SNAPSHOT,
+    HMM_DMIRROR_WRITE,
     HmmDmirrorCmd,
 )
+from .errors import error_from_errno
 from .kernel.cpu import copy_from_user, copy_to_user
 from .kernel.errno import EBADF, EPERM
 from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE

@@ -14,7 +14,17 @@ Two more kinds are not errors of the caller but findings about the modelled kern
 from __future__ import annotations
 
 from .kernel.errno import (
-    EACCES, EBADF, EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM, errno_name,
+    EACCES,
+    EBADF,
+    EBUSY,
+    EEXIST,
+    EFAULT,
+    EINVAL,
+    ENODEV,
+    ENOENT,
+    ENOMEM,
+    EPERM,
+    errno_name,
 )
 
 __all__ = (

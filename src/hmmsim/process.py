@@ -31,8 +31,23 @@ import numpy.typing as npt
 from .errors import BusError, SegmentationFault, error_from_errno
 from .kernel.cpu import SIGBUS, translate_range
 from .kernel.errno import EBADF, EINVAL
-from .kernel.madvise import MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_PAGEOUT, do_madvise
-from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_HUGETLB, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED
+from .kernel.madvise import (
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    MADV_PAGEOUT,
+    do_madvise,
+)
+from .kernel.mmap import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_HUGETLB,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+)
 from .kernel.mprotect import change_prot_numa, do_mprotect
 from .kernel.mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, do_mremap
 from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE

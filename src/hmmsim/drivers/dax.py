@@ -17,13 +17,32 @@ import numpy as np
 from ..hmm.memremap import DevPagemap, DevPagemapOps, MemoryType
 from ..kernel.errno import EINVAL, ENOMEM
 from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
-from ..kernel.page_types import HPAGE_PMD_ORDER, HPAGE_PUD_ORDER, PAGE_SHIFT, PMD_SIZE, PUD_SIZE
-from ..kernel.pgtable import _PAGE_DEVMAP, _PAGE_DIRTY, _PAGE_PSE, _PAGE_RW, pfn_pte, pte_mkyoung
+from ..kernel.mm_types import (
+    FAULT_FLAG_WRITE,
+    VM_FAULT_FALLBACK,
+    VM_FAULT_NOPAGE,
+    VM_FAULT_SIGBUS,
+    VmFault,
+)
+from ..kernel.page_types import (
+    HPAGE_PMD_ORDER,
+    HPAGE_PUD_ORDER,
+    PAGE_SHIFT,
+    PMD_SIZE,
+    PUD_SIZE,
+)
+from ..kernel.pgtable import (
+    _PAGE_DEVMAP,
+    _PAGE_DIRTY,
+    _PAGE_PSE,
+    _PAGE_RW,
+    pfn_pte,
+    pte_mkyoung,
+)
 from ..kernel.physmem import PG_reserved
 from ..kernel.vma import VM_HUGEPAGE, VM_MIXEDMAP, VM_SHARED, VM_WRITE, VmOps
 
 if TYPE_CHECKING:
-    from ..kernel.fault import VmFault
     from ..kernel.system import System
     from ..kernel.vma import Vma
 
@@ -82,7 +101,6 @@ def dev_dax_mmap(file: File, vma: "Vma") -> int:
 
 def dev_dax_huge_fault(vmf: "VmFault", order: int) -> int:
     """``dev_dax_huge_fault()``: insert a devmap leaf of the device's alignment."""
-    from ..kernel.fault import FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_NOPAGE, VM_FAULT_SIGBUS
     vma = vmf.vma
     assert vma.vm_file is not None
     dax: DevDax = vma.vm_file.private_data
@@ -112,7 +130,6 @@ def dev_dax_huge_fault(vmf: "VmFault", order: int) -> int:
 
 def dev_dax_fault(vmf: "VmFault") -> int:
     """``dev_dax_fault()``: a page-size fault on a device with larger alignment."""
-    from ..kernel.fault import VM_FAULT_SIGBUS
     return VM_FAULT_SIGBUS
 
 

@@ -30,36 +30,76 @@ import numpy.typing as npt
 
 from ..errors import KernelOops, NotSupportedError
 from ..hmm.hmm import (
-    HMM_PFN_ERROR, HMM_PFN_FLAGS, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID,
-    HMM_PFN_WRITE, HMM_PFN_ORDER_SHIFT, HMM_PFN_ORDER_MASK, HmmRange, hmm_range_fault,
+    HMM_PFN_ERROR,
+    HMM_PFN_FLAGS,
+    HMM_PFN_ORDER_MASK,
+    HMM_PFN_ORDER_SHIFT,
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_REQ_WRITE,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    HmmRange,
+    hmm_range_fault,
 )
 from ..hmm.memremap import DevPagemap, DevPagemapOps, MemoryType, memremap_pages
 from ..kernel.cpu import copy_from_user, copy_to_user
 from ..kernel.errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM
+from ..kernel.folio import folio_put
 from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
 from ..kernel.locking import Lock
-from ..kernel.memory import folio_put, vm_insert_page
+from ..kernel.memory import vm_insert_page
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
+from ..kernel.mm_types import VmFault
 from ..kernel.mmu_notifier import (
-    MmuIntervalNotifier, MmuIntervalNotifierOps, MmuNotifierEvent, MmuNotifierRange,
-    mmu_interval_notifier_insert, mmu_interval_notifier_remove, mmu_interval_read_begin,
-    mmu_interval_read_retry, mmu_interval_set_seq, mmu_notifier_range_blockable,
+    MmuIntervalNotifier,
+    MmuIntervalNotifierOps,
+    MmuNotifierEvent,
+    MmuNotifierRange,
+    mmu_interval_notifier_insert,
+    mmu_interval_notifier_remove,
+    mmu_interval_read_begin,
+    mmu_interval_read_retry,
+    mmu_interval_set_seq,
+    mmu_notifier_range_blockable,
 )
-from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, ULONG_MAX, PAGE_MASK
+from ..kernel.module import module_init
+from ..kernel.page_types import (
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_SHIFT,
+    PUD_SHIFT,
+    ULONG_MAX,
+)
 from ..kernel.system import DEVMEM_CHUNK_PAGES
 from ..kernel.task import mmget_not_zero, mmput
 from .test_hmm_uapi import (
-    HMM_DMIRROR_CHECK_EXCLUSIVE, HMM_DMIRROR_EXCLUSIVE, HMM_DMIRROR_MEMORY_DEVICE_COHERENT,
-    HMM_DMIRROR_MEMORY_DEVICE_PRIVATE, HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_MIGRATE_TO_SYS,
-    HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL, HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE,
-    HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL, HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE,
-    HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE, HMM_DMIRROR_PROT_PMD, HMM_DMIRROR_PROT_PUD,
-    HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO, HMM_DMIRROR_READ,
-    HMM_DMIRROR_RELEASE, HMM_DMIRROR_SNAPSHOT, HMM_DMIRROR_WRITE, IOCTL_NAMES, HmmDmirrorCmd,
+    HMM_DMIRROR_CHECK_EXCLUSIVE,
+    HMM_DMIRROR_EXCLUSIVE,
+    HMM_DMIRROR_MEMORY_DEVICE_COHERENT,
+    HMM_DMIRROR_MEMORY_DEVICE_PRIVATE,
+    HMM_DMIRROR_MIGRATE_TO_DEV,
+    HMM_DMIRROR_MIGRATE_TO_SYS,
+    HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL,
+    HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE,
+    HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL,
+    HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE,
+    HMM_DMIRROR_PROT_ERROR,
+    HMM_DMIRROR_PROT_NONE,
+    HMM_DMIRROR_PROT_PMD,
+    HMM_DMIRROR_PROT_PUD,
+    HMM_DMIRROR_PROT_READ,
+    HMM_DMIRROR_PROT_WRITE,
+    HMM_DMIRROR_PROT_ZERO,
+    HMM_DMIRROR_READ,
+    HMM_DMIRROR_RELEASE,
+    HMM_DMIRROR_SNAPSHOT,
+    HMM_DMIRROR_WRITE,
+    IOCTL_NAMES,
+    HmmDmirrorCmd,
 )
 
 if TYPE_CHECKING:
-    from ..kernel.fault import VmFault
     from ..kernel.system import System
     from ..kernel.task import Task
     from ..kernel.vma import Vma
@@ -665,6 +705,7 @@ def dmirror_open(sys: "System", task: "Task", minor: int) -> int:
     return task.fd_install(f)
 
 
+@module_init("test_hmm")
 def hmm_dmirror_init(sys: "System") -> None:
     """``hmm_dmirror_init()``: create the devices, each with its first chunk."""
     types = [HMM_DMIRROR_MEMORY_DEVICE_PRIVATE, HMM_DMIRROR_MEMORY_DEVICE_PRIVATE]

@@ -37,17 +37,46 @@ import numpy.typing as npt
 
 from ..flags import decode_flags
 from ..kernel.errno import EBUSY, EFAULT, EPERM
-from ..kernel.fault import FAULT_FLAG_REMOTE, FAULT_FLAG_WRITE, VM_FAULT_ERROR, handle_mm_fault_range
-from ..kernel.migrate import is_pmd_migration_entry, migration_entry_wait, pmd_migration_entry_wait
+from ..kernel.fault import (
+    FAULT_FLAG_REMOTE,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_ERROR,
+    handle_mm_fault_range,
+)
+from ..kernel.migrate import (
+    is_pmd_migration_entry,
+    migration_entry_wait,
+    pmd_migration_entry_wait,
+)
 from ..kernel.mm import PtRef, mmap_assert_locked
 from ..kernel.mmu_notifier import MmuIntervalNotifier, mmu_interval_check_retry
-from ..kernel.page_types import HPAGE_PMD_ORDER, PAGE_SHIFT, PMD_MASK, PUD_MASK, HPAGE_PUD_ORDER
+from ..kernel.page_types import (
+    HPAGE_PMD_ORDER,
+    HPAGE_PUD_ORDER,
+    PAGE_SHIFT,
+    PMD_MASK,
+    PUD_MASK,
+)
 from ..kernel.pagewalk import ACTION_CONTINUE, MmWalk, MmWalkOps, walk_page_range
 from ..kernel.pgtable import (
-    _PAGE_DEVMAP, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SPECIAL, PTE_PFN_MASK,
-    SWP_PTE_MARKER, is_device_exclusive_entry, is_device_private_entry, is_migration_entry,
-    is_writable_device_private_entry, non_swap_entry, pmd_leaf, pte_present, pte_protnone,
-    pte_to_swp_entry, pte_write, swp_offset_pfn,
+    _PAGE_DEVMAP,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_RW,
+    _PAGE_SPECIAL,
+    PTE_PFN_MASK,
+    SWP_PTE_MARKER,
+    is_device_exclusive_entry,
+    is_device_private_entry,
+    is_migration_entry,
+    is_writable_device_private_entry,
+    non_swap_entry,
+    pmd_leaf,
+    pte_present,
+    pte_protnone,
+    pte_to_swp_entry,
+    pte_write,
+    swp_offset_pfn,
 )
 from ..kernel.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..kernel.errno import EINVAL
+from ..kernel.mm_types import VmFault
 from ..kernel.page_types import PAGE_SHIFT
 from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_locked
 
 if TYPE_CHECKING:
-    from ..kernel.fault import VmFault
     from ..kernel.system import System
 
 __all__ = (
@@ -79,6 +79,19 @@ class DevPagemap:
     def range(self) -> tuple[int, int]:
         """Physical address range ``[start, end]`` (inclusive, like ``struct range``)."""
         return self.start_pfn << PAGE_SHIFT, ((self.start_pfn + self.nr_pages) << PAGE_SHIFT) - 1
+
+    def free_zone_device_folio(self, sys: "System", pfn: int) -> None:
+        """``free_zone_device_folio()``: the last reference is gone; clear the anon state
+        and hand the page back to its driver through ``page_free``."""
+        mem = sys.mem
+        mem.mapping[pfn] = 0
+        mem.index[pfn] = 0
+        mem.flags[pfn] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
+        mem.refcount[pfn] = 0
+        self.nr_used -= 1
+        sys.stats.add("memremap.page_free")
+        assert self.ops.page_free is not None
+        self.ops.page_free(pfn)
 
     def __repr__(self) -> str:
         return (f"DevPagemap({self.type.name}, pfn {self.start_pfn:#x}+{self.nr_pages:#x}, "
@@ -154,14 +167,5 @@ def zone_device_page_init(sys: "System", pfn: int) -> None:
 
 
 def free_zone_device_folio(sys: "System", pgmap: DevPagemap, pfn: int) -> None:
-    """``free_zone_device_folio()``: the last reference is gone; clear the anon state
-    and hand the page back to its driver through ``page_free``."""
-    mem = sys.mem
-    mem.mapping[pfn] = 0
-    mem.index[pfn] = 0
-    mem.flags[pfn] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
-    mem.refcount[pfn] = 0
-    pgmap.nr_used -= 1
-    sys.stats.add("memremap.page_free")
-    assert pgmap.ops.page_free is not None
-    pgmap.ops.page_free(pfn)
+    """``free_zone_device_folio()``: the last reference to a device page is gone."""
+    pgmap.free_zone_device_folio(sys, pfn)

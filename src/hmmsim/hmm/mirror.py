@@ -28,11 +28,16 @@ from ..kernel.errno import EBUSY
 from ..kernel.locking import Lock
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.mmu_notifier import (
-    MmuIntervalNotifier, MmuIntervalNotifierOps, MmuNotifierRange, mmu_interval_notifier_insert,
-    mmu_interval_notifier_remove, mmu_interval_read_begin, mmu_interval_read_retry,
+    MmuIntervalNotifier,
+    MmuIntervalNotifierOps,
+    MmuNotifierRange,
+    mmu_interval_notifier_insert,
+    mmu_interval_notifier_remove,
+    mmu_interval_read_begin,
+    mmu_interval_read_retry,
     mmu_interval_set_seq,
 )
-from ..kernel.page_types import PAGE_SHIFT, PAGE_MASK, ULONG_MAX
+from ..kernel.page_types import PAGE_MASK, PAGE_SHIFT, ULONG_MAX
 from .hmm import HmmRange, hmm_range_fault
 
 if TYPE_CHECKING:

@@ -20,12 +20,26 @@ import numpy as np
 import numpy.typing as npt
 
 from .fault import (
-    FAULT_FLAG_USER, FAULT_FLAG_WRITE, VM_FAULT_ERROR, VM_FAULT_HWPOISON, VM_FAULT_HWPOISON_LARGE,
-    VM_FAULT_OOM, VM_FAULT_SIGBUS, VM_FAULT_SIGSEGV, handle_mm_fault_range,
+    FAULT_FLAG_USER,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_ERROR,
+    VM_FAULT_HWPOISON,
+    VM_FAULT_HWPOISON_LARGE,
+    VM_FAULT_OOM,
+    VM_FAULT_SIGBUS,
+    VM_FAULT_SIGSEGV,
+    handle_mm_fault_range,
 )
 from .mm import MM, mmap_read_lock, mmap_read_unlock
 from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
-from .pgtable import _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, PTE_PFN_MASK, pmd_leaf
+from .pgtable import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    PTE_PFN_MASK,
+    pmd_leaf,
+)
 from .vma import VM_WRITE, vma_is_accessible
 
 __all__ = ("SIGBUS", "SIGKILL", "SIGSEGV", "copy_from_user", "copy_to_user", "do_user_addr_fault",

@@ -23,29 +23,95 @@ import numpy as np
 import numpy.typing as npt
 
 from . import huge_memory as hm
+from .folio import folio_put
 from .hugetlb import hugetlb_fault
-from .memory import folio_put
-from .migrate import is_pmd_migration_entry, migration_entry_wait, pmd_migration_entry_wait
-from .swap import do_swap_in
-from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, PtRef, mmap_assert_locked
+from .migrate import (
+    is_pmd_migration_entry,
+    migration_entry_wait,
+    pmd_migration_entry_wait,
+)
+from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked
+from .mm_types import (  # noqa: F401  (re-exported: fault.py is where drivers look)
+    FAULT_FLAG_INSTRUCTION,
+    FAULT_FLAG_REMOTE,
+    FAULT_FLAG_UNSHARE,
+    FAULT_FLAG_USER,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_COMPLETED,
+    VM_FAULT_ERROR,
+    VM_FAULT_FALLBACK,
+    VM_FAULT_HWPOISON,
+    VM_FAULT_HWPOISON_LARGE,
+    VM_FAULT_LOCKED,
+    VM_FAULT_NOPAGE,
+    VM_FAULT_OOM,
+    VM_FAULT_RETRY,
+    VM_FAULT_SIGBUS,
+    VM_FAULT_SIGSEGV,
+    VmFault,
+    mm_counter_file,
+)
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 from .pgtable import (
-    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SOFT_DIRTY,
-    PTE_MARKER_GUARD, PTE_MARKER_POISONED, PTE_MARKER_UFFD_WP, is_device_exclusive_entry,
-    is_device_private_entry, is_hwpoison_entry, is_migration_entry, is_pte_marker_entry,
-    non_swap_entry, pfn_pte, pmd_leaf, pte_dirty, pte_marker_get, pte_mkdirty, pte_mkspecial,
-    pte_mkwrite, pte_mkyoung, pte_modify, pte_pfn, pte_present, pte_protnone, pte_special,
-    pte_to_swp_entry, pte_write, swp_offset_pfn,
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SWP_EXCLUSIVE,
+    _PAGE_SWP_SOFT_DIRTY,
+    _PAGE_SWP_UFFD_WP,
+    _PAGE_UFFD_WP,
+    PTE_MARKER_GUARD,
+    PTE_MARKER_POISONED,
+    PTE_MARKER_UFFD_WP,
+    is_device_exclusive_entry,
+    is_device_private_entry,
+    is_hwpoison_entry,
+    is_migration_entry,
+    is_pte_marker_entry,
+    non_swap_entry,
+    pfn_pte,
+    pmd_leaf,
+    pte_dirty,
+    pte_marker_get,
+    pte_mkdirty,
+    pte_mkspecial,
+    pte_mkwrite,
+    pte_mkyoung,
+    pte_modify,
+    pte_pfn,
+    pte_present,
+    pte_protnone,
+    pte_special,
+    pte_to_swp_entry,
+    pte_write,
+    swp_offset,
+    swp_offset_pfn,
 )
-from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_swapcache
+from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapcache
 from .rmap import (
-    anon_vma_prepare, folio_add_file_rmap_ptes, folio_add_new_anon_rmap,
-    folio_add_new_anon_rmap_ptes, folio_remove_rmap_ptes,
+    anon_vma_prepare,
+    folio_add_file_rmap_ptes,
+    folio_add_new_anon_rmap,
+    folio_add_new_anon_rmap_ptes,
+    folio_remove_rmap_ptes,
 )
+from .swap import free_swap_and_cache
 from .vma import (
-    VM_HUGETLB, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_PFNMAP, VM_SHARED, VM_WRITE, Vma,
-    is_cow_mapping, vma_is_accessible, vma_is_anonymous, vma_soft_dirty_enabled,
+    VM_HUGETLB,
+    VM_MAYSHARE,
+    VM_MAYWRITE,
+    VM_MIXEDMAP,
+    VM_PFNMAP,
+    VM_SHARED,
+    VM_WRITE,
+    Vma,
+    is_cow_mapping,
+    vma_is_accessible,
+    vma_is_anonymous,
+    vma_soft_dirty_enabled,
 )
 
 if TYPE_CHECKING:
@@ -60,67 +126,9 @@ __all__ = (
     "set_pte_range", "vm_normal_page",
 )
 
-# vm_fault_t bits (include/linux/mm_types.h)
-VM_FAULT_OOM = 0x000001
-VM_FAULT_SIGBUS = 0x000002
-VM_FAULT_MAJOR = 0x000004
-VM_FAULT_HWPOISON = 0x000010
-VM_FAULT_HWPOISON_LARGE = 0x000020
-VM_FAULT_SIGSEGV = 0x000040
-VM_FAULT_NOPAGE = 0x000100
-VM_FAULT_LOCKED = 0x000200
-VM_FAULT_RETRY = 0x000400
-VM_FAULT_FALLBACK = 0x000800
-VM_FAULT_DONE_COW = 0x001000
-VM_FAULT_COMPLETED = 0x004000
-VM_FAULT_ERROR = (VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV | VM_FAULT_HWPOISON
-                  | VM_FAULT_HWPOISON_LARGE | VM_FAULT_FALLBACK)
-
-# enum fault_flag
-FAULT_FLAG_WRITE = 1 << 0
-FAULT_FLAG_MKWRITE = 1 << 1
-FAULT_FLAG_ALLOW_RETRY = 1 << 2
-FAULT_FLAG_RETRY_NOWAIT = 1 << 3
-FAULT_FLAG_KILLABLE = 1 << 4
-FAULT_FLAG_TRIED = 1 << 5
-FAULT_FLAG_USER = 1 << 6
-FAULT_FLAG_REMOTE = 1 << 7
-FAULT_FLAG_INSTRUCTION = 1 << 8
-FAULT_FLAG_INTERRUPTIBLE = 1 << 9
-FAULT_FLAG_UNSHARE = 1 << 10
-
 #: fault_around_bytes / PAGE_SIZE (the default 64 KiB)
 FAULT_AROUND_PAGES = 16
 _U = np.uint64
-
-
-class VmFault:
-    """``struct vm_fault``: the state of one fault as it goes through the handlers."""
-
-    __slots__ = ("vma", "address", "real_address", "flags", "pgoff", "pmd", "orig_pmd",
-                 "orig_pte", "page", "cow_page")
-
-    def __init__(self, vma: Vma, address: int, flags: int) -> None:
-        self.vma = vma
-        self.real_address = address
-        self.address = address & PAGE_MASK
-        self.flags = flags
-        self.pgoff = vma.linear_page_index(self.address)
-        self.pmd: PtRef | None = None
-        self.orig_pmd = 0
-        self.orig_pte = 0
-        #: pfn of the page the fault resolved to (``vmf->page``), -1 if none
-        self.page = -1
-        self.cow_page = -1
-
-    @property
-    def pte_idx(self) -> int:
-        return (self.address >> PAGE_SHIFT) & 511
-
-
-def mm_counter_file(sys: "System", pfn: int) -> int:
-    """``mm_counter_file()``: shmem pages count as MM_SHMEMPAGES, others MM_FILEPAGES."""
-    return MM_SHMEMPAGES if sys.mem.flags[sys.mem.compound_head(pfn)] & PG_swapbacked else MM_FILEPAGES
 
 
 def vm_normal_page(vma: Vma, addr: int, pte: int) -> int:
@@ -569,6 +577,60 @@ def do_swap_page(vmf: VmFault) -> int:
             return _handle_pte_marker(vmf, entry)
         return VM_FAULT_SIGBUS
     return do_swap_in(vmf, entry)
+
+
+def do_swap_in(vmf: VmFault, entry: int) -> int:
+    """The swap-in half of ``do_swap_page()``: read the slot into a new page and map it;
+    writable at once if the entry was exclusive (or the slot is not shared) and the VMA
+    allows writes."""
+    from .fault import do_wp_page
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    si = sys.swap
+    if si is None:
+        return VM_FAULT_SIGBUS
+    slot = swp_offset(entry)
+    pfn = sys.mem.alloc_page()
+    if pfn < 0:
+        return VM_FAULT_OOM
+    sys.mem.data[pfn] = si.data[slot]
+    sys.mem.mark_written(pfn)
+    assert vmf.pmd is not None
+    got = mm.pte_offset_map_lock(vmf.pmd)
+    assert got is not None
+    tbl, tid = got
+    idx = vmf.pte_idx
+    if int(tbl[idx]) != vmf.orig_pte:
+        mm.pte_unmap_unlock(tid)
+        sys.mem.free_pages([pfn])
+        return 0
+    exclusive = bool(vmf.orig_pte & _PAGE_SWP_EXCLUSIVE) or int(si.swap_map[slot]) == 1
+    pte = pte_mkyoung(pfn_pte(pfn, vma.vm_page_prot))
+    if vmf.orig_pte & _PAGE_SWP_SOFT_DIRTY:
+        pte |= _PAGE_SOFT_DIRTY
+    if vmf.orig_pte & _PAGE_SWP_UFFD_WP:
+        pte |= _PAGE_UFFD_WP
+    anon_vma_prepare(vma)
+    folio_add_new_anon_rmap(sys.mem, pfn, vma, vmf.address)
+    if not exclusive:
+        sys.mem.flags[pfn] &= ~np.uint32(PG_anon_exclusive)
+    write_done = False
+    if exclusive and vma.vm_flags & VM_WRITE and not (vma_soft_dirty_enabled(vma) and not pte & _PAGE_SOFT_DIRTY):
+        pte = pte_mkwrite(pte)
+        if vmf.flags & FAULT_FLAG_WRITE:
+            pte = pte_mkdirty(pte)
+            write_done = True
+    tbl[idx] = pte
+    mm.add_mm_counter(MM_ANONPAGES, 1)
+    mm.add_mm_counter(MM_SWAPENTS, -1)
+    free_swap_and_cache(sys, entry)
+    sys.stats.add("swap.swapin")
+    if vmf.flags & FAULT_FLAG_WRITE and not write_done:
+        vmf.orig_pte = pte
+        return do_wp_page(vmf, tbl, tid)
+    mm.pte_unmap_unlock(tid)
+    return 0
 
 
 def _handle_pte_marker(vmf: VmFault, entry: int) -> int:

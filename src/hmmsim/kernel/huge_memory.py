@@ -16,20 +16,70 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .mm import MM_ANONPAGES, PtRef
+from .mm_types import (
+    FAULT_FLAG_UNSHARE,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_FALLBACK,
+    VM_FAULT_SIGBUS,
+    VmFault,
+)
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK, PUD_SIZE
+from .page_types import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_ORDER,
+    HPAGE_PMD_SIZE,
+    PAGE_SHIFT,
+    PMD_MASK,
+    PUD_SIZE,
+)
 from .pgtable import (
-    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PSE, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_UFFD_WP,
-    mk_table_entry, pfn_pte, pmd_leaf, pte_dirty, pte_mkdirty, pte_mkold, pte_mkspecial,
-    pte_mkwrite, pte_mkyoung, pte_modify, pte_pfn, pte_present, pte_protnone, pte_write,
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_UFFD_WP,
+    mk_table_entry,
+    pfn_pte,
+    pmd_leaf,
+    pte_dirty,
+    pte_mkdirty,
+    pte_mkold,
+    pte_mkspecial,
+    pte_mkwrite,
+    pte_mkyoung,
+    pte_modify,
+    pte_pfn,
+    pte_present,
+    pte_protnone,
+    pte_write,
     pte_wrprotect,
 )
-from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_head, PG_hugetlb, PG_swapbacked, PG_uptodate
-from .rmap import anon_vma_prepare, folio_add_new_anon_rmap_pmd, folio_try_dup_anon_rmap_pmd
-from .vma import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_SPECIAL, VM_WRITE, Vma, vma_is_anonymous
+from .physmem import (
+    PG_anon,
+    PG_anon_exclusive,
+    PG_dirty,
+    PG_head,
+    PG_hugetlb,
+    PG_swapbacked,
+    PG_uptodate,
+)
+from .rmap import (
+    anon_vma_prepare,
+    folio_add_new_anon_rmap_pmd,
+    folio_try_dup_anon_rmap_pmd,
+)
+from .vma import (
+    VM_HUGEPAGE,
+    VM_NOHUGEPAGE,
+    VM_SHARED,
+    VM_SPECIAL,
+    VM_WRITE,
+    Vma,
+    vma_is_anonymous,
+)
 
 if TYPE_CHECKING:
-    from .fault import VmFault
     from .mm import MM
     from .system import System
 
@@ -85,7 +135,6 @@ def thp_vma_allowable_order(vma: Vma, order: int, addr: int) -> bool:
 # -- faults ------------------------------------------------------------------------------------
 def create_huge_pmd(vmf: "VmFault") -> int:
     """``create_huge_pmd()``."""
-    from .fault import VM_FAULT_FALLBACK
     vma = vmf.vma
     if vma_is_anonymous(vma):
         return do_huge_pmd_anonymous_page(vmf)
@@ -96,7 +145,6 @@ def create_huge_pmd(vmf: "VmFault") -> int:
 
 def create_huge_pud(vmf: "VmFault", pud: PtRef) -> int:
     """``create_huge_pud()``: only drivers with ``huge_fault`` map PUD leaves."""
-    from .fault import VM_FAULT_FALLBACK
     ops = vmf.vma.vm_ops
     if ops is None or ops.huge_fault is None:
         return VM_FAULT_FALLBACK
@@ -105,7 +153,6 @@ def create_huge_pud(vmf: "VmFault", pud: PtRef) -> int:
 
 def huge_pud_fault(vmf: "VmFault", pud: PtRef, e: int) -> int:
     """A fault on a present PUD leaf: ``wp_huge_pud`` or ``huge_pud_set_accessed``."""
-    from .fault import FAULT_FLAG_WRITE, VM_FAULT_SIGBUS
     if vmf.flags & FAULT_FLAG_WRITE and not pte_write(e):
         ops = vmf.vma.vm_ops
         if ops is None or ops.huge_fault is None:
@@ -119,7 +166,6 @@ def do_huge_pmd_anonymous_page(vmf: "VmFault") -> int:
     """``do_huge_pmd_anonymous_page()``: the huge zero page for a read (if enabled), else
     a new zeroed THP mapped writable (if VM_WRITE); ``VM_FAULT_FALLBACK`` when no 2 MiB
     block is free."""
-    from .fault import FAULT_FLAG_WRITE, VM_FAULT_FALLBACK
     vma = vmf.vma
     mm = vma.vm_mm
     sys = mm.sys
@@ -163,7 +209,6 @@ def do_huge_pmd_anonymous_page(vmf: "VmFault") -> int:
 def do_huge_pmd_wp_page(vmf: "VmFault") -> int:
     """``do_huge_pmd_wp_page()``: reuse an exclusively owned THP, otherwise split the pmd
     (huge zero page or shared THP) and let the pte-level fault do the copy."""
-    from .fault import FAULT_FLAG_UNSHARE, VM_FAULT_FALLBACK
     vma = vmf.vma
     mm = vma.vm_mm
     mem = mm.sys.mem
@@ -195,7 +240,6 @@ def do_huge_pmd_wp_page(vmf: "VmFault") -> int:
 
 def huge_pmd_set_accessed(vmf: "VmFault") -> None:
     """``huge_pmd_set_accessed()``: a spurious fault on a present huge pmd."""
-    from .fault import FAULT_FLAG_WRITE
     pmd = vmf.pmd
     assert pmd is not None
     mm = vmf.vma.vm_mm

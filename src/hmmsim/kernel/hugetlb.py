@@ -19,17 +19,53 @@ import numpy as np
 
 from .errno import EINVAL
 from .fs import FMODE_READ, FMODE_WRITE, File, FileOperations, Inode
+from .mm_types import (
+    FAULT_FLAG_UNSHARE,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_HWPOISON_LARGE,
+    VM_FAULT_SIGBUS,
+)
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK
+from .page_types import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_ORDER,
+    HPAGE_PMD_SIZE,
+    PAGE_SHIFT,
+    PMD_MASK,
+)
 from .pgtable import (
-    _PAGE_DIRTY, _PAGE_PSE, _PAGE_UFFD_WP, is_migration_entry, is_hwpoison_entry, make_readable_migration_entry,
-    pfn_pte, pte_mkdirty, pte_mkold, pte_mkwrite, pte_mkyoung, pte_modify, pte_pfn, pte_present,
-    pte_to_swp_entry, pte_write, pte_wrprotect, swp_entry_to_pte, is_writable_migration_entry,
+    _PAGE_DIRTY,
+    _PAGE_PSE,
+    _PAGE_UFFD_WP,
+    is_hwpoison_entry,
+    is_migration_entry,
+    is_writable_migration_entry,
+    make_readable_migration_entry,
+    pfn_pte,
+    pte_mkdirty,
+    pte_mkold,
+    pte_mkwrite,
+    pte_mkyoung,
+    pte_modify,
+    pte_pfn,
+    pte_present,
+    pte_to_swp_entry,
+    pte_write,
+    pte_wrprotect,
+    swp_entry_to_pte,
     swp_offset_pfn,
 )
-from .physmem import PG_anon, PG_anon_exclusive, PG_data, PG_dirty, PG_head, PG_hugetlb, PG_swapbacked
+from .physmem import (
+    PG_anon,
+    PG_anon_exclusive,
+    PG_data,
+    PG_dirty,
+    PG_head,
+    PG_hugetlb,
+    PG_swapbacked,
+)
 from .rmap import anon_vma_prepare
-from .vma import VM_MAYSHARE, VM_SHARED, VM_WRITE, VmOps, Vma, is_cow_mapping
+from .vma import VM_MAYSHARE, VM_SHARED, VM_WRITE, Vma, VmOps, is_cow_mapping
 
 if TYPE_CHECKING:
     from .mm import MM
@@ -71,6 +107,21 @@ class HugetlbPool:
         """Free pages not promised to a reservation."""
         return len(self.free) - self.resv_huge_pages
 
+    def free_huge_folio(self, head: int) -> None:
+        """``free_huge_folio()``: a hugetlb page with no reference goes back to the pool."""
+        sys = self.sys
+        mem = sys.mem
+        nr = HPAGE_PMD_NR
+        mem.flags[head:head + nr] &= np.uint32(PG_hugetlb | PG_data)
+        mem.flags[head] |= PG_head
+        mem.mapping[head] = 0
+        mem.index[head:head + nr] = 0
+        mem.mapcount[head:head + nr] = 0
+        mem.entire_mapcount[head] = 0
+        self.free.append(head)
+        self.free.sort(reverse=True)
+        sys.stats.add("hugetlb.free")
+
 
 class ResvMap:
     """``struct resv_map`` of a private mapping: the huge-page indices still reserved."""
@@ -99,18 +150,7 @@ def _unreserve(pool: HugetlbPool, resv: ResvMap, indices: set[int]) -> None:
 
 def free_huge_folio(sys: "System", head: int) -> None:
     """``free_huge_folio()``: a hugetlb page with no reference goes back to the pool."""
-    mem = sys.mem
-    nr = HPAGE_PMD_NR
-    mem.flags[head:head + nr] &= np.uint32(PG_hugetlb | PG_data)
-    mem.flags[head] |= PG_head
-    mem.mapping[head] = 0
-    mem.index[head:head + nr] = 0
-    mem.mapcount[head:head + nr] = 0
-    mem.entire_mapcount[head] = 0
-    pool = sys.hugetlb
-    pool.free.append(head)
-    pool.free.sort(reverse=True)
-    sys.stats.add("hugetlb.free")
+    sys.hugetlb.free_huge_folio(head)
 
 
 def _alloc_hugetlb_folio(vma: Vma, idx: int) -> int:
@@ -168,7 +208,6 @@ def hugetlb_fault(mm: "MM", vma: Vma, address: int, flags: int) -> int:
 
 
 def _hugetlb_fault(mm: "MM", vma: Vma, address: int, flags: int) -> int:
-    from .fault import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_HWPOISON_LARGE
     haddr = address & PMD_MASK
     pmd = mm.pmd_ref(haddr, alloc=True)
     assert pmd is not None
@@ -193,7 +232,6 @@ def _hugetlb_fault(mm: "MM", vma: Vma, address: int, flags: int) -> int:
 
 
 def _hugetlb_no_page(vma: Vma, haddr: int, pmd: "object", flags: int) -> int:
-    from .fault import FAULT_FLAG_WRITE, VM_FAULT_SIGBUS
     mm = vma.vm_mm
     sys = mm.sys
     mem = sys.mem
@@ -246,7 +284,6 @@ def _hugetlb_no_page(vma: Vma, haddr: int, pmd: "object", flags: int) -> int:
 
 def _hugetlb_wp(vma: Vma, haddr: int, pmd: "object", flags: int) -> int:
     """``hugetlb_wp()``: reuse an exclusively mapped anon page, else copy it."""
-    from .fault import FAULT_FLAG_UNSHARE, VM_FAULT_SIGBUS
     mm = vma.vm_mm
     sys = mm.sys
     mem = sys.mem
@@ -275,7 +312,7 @@ def _hugetlb_wp(vma: Vma, haddr: int, pmd: "object", flags: int) -> int:
         ne = pfn_pte(new, vma.vm_page_prot) | _PAGE_PSE
         pmd.set(pte_mkyoung(pte_mkdirty(pte_mkwrite(ne))))  # type: ignore[attr-defined]
         mem.entire_mapcount[head] -= 1
-    from .memory import folio_put
+    from .folio import folio_put
     folio_put(sys, head)
     sys.stats.add("hugetlb.cow")
     return 0
@@ -304,7 +341,7 @@ def unmap_hugepage_range(vma: Vma, start: int, end: int) -> None:
                 elif is_migration_entry(pte_to_swp_entry(e)):
                     mm.hugetlb_usage -= HPAGE_PMD_NR
         addr += HPAGE_PMD_SIZE
-    from .memory import folio_put
+    from .folio import folio_put
     for h in puts:
         folio_put(sys, h)
 
@@ -438,7 +475,7 @@ def hugetlbfs_evict_inode(inode: Inode) -> None:
     pool = sys.hugetlb
     pool.resv_huge_pages -= inode.resv
     inode.resv = 0
-    from .memory import folio_put
+    from .folio import folio_put
     for idx in list(inode.i_mapping.pages):
         head = inode.i_mapping.pages.pop(idx)
         sys.mem.mapping[head] = 0

@@ -19,9 +19,20 @@ import numpy.typing as npt
 
 from .page_types import HPAGE_PMD_NR, PAGE_SHIFT
 from .pgtable import (
-    _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_SPECIAL, PTE_PFN_MASK, SWP_DEVICE_EXCLUSIVE_READ,
-    SWP_DEVICE_EXCLUSIVE_WRITE, SWP_DEVICE_READ, SWP_DEVICE_WRITE, SWP_MIGRATION_READ,
-    SWP_MIGRATION_WRITE, MAX_SWAPFILES, pmd_leaf, pte_present, table_id,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_SPECIAL,
+    MAX_SWAPFILES,
+    PTE_PFN_MASK,
+    SWP_DEVICE_EXCLUSIVE_READ,
+    SWP_DEVICE_EXCLUSIVE_WRITE,
+    SWP_DEVICE_READ,
+    SWP_DEVICE_WRITE,
+    SWP_MIGRATION_READ,
+    SWP_MIGRATION_WRITE,
+    pmd_leaf,
+    pte_present,
+    table_id,
 )
 from .physmem import PG_anon, PG_buddy, PG_hugetlb, PG_reserved, PG_swapbacked
 from .vma import VM_HUGETLB

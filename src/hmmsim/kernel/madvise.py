@@ -15,16 +15,32 @@ import numpy as np
 
 from .errno import EAGAIN, EINVAL, ENOMEM
 from .mm import MM, PtRef
-from .pagewalk import MmWalk, MmWalkOps, walk_page_range
 from .mmap import vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
+from .pagewalk import MmWalk, MmWalkOps, walk_page_range
 from .pgtable import (
-    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_SPECIAL, PTE_PFN_MASK, non_swap_entry,
-    pmd_leaf, pte_present, pte_to_swp_entry, is_hwpoison_entry,
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_SPECIAL,
+    PTE_PFN_MASK,
+    is_hwpoison_entry,
+    non_swap_entry,
+    pmd_leaf,
+    pte_present,
+    pte_to_swp_entry,
 )
 from .physmem import PG_anon, PG_dirty
-from .vma import VM_HUGEPAGE, VM_HUGETLB, VM_LOCKED, VM_NOHUGEPAGE, VM_PFNMAP, Vma, vma_is_anonymous
+from .vma import (
+    VM_HUGEPAGE,
+    VM_HUGETLB,
+    VM_LOCKED,
+    VM_NOHUGEPAGE,
+    VM_PFNMAP,
+    Vma,
+    vma_is_anonymous,
+)
 
 __all__ = ("MADV_DONTNEED", "MADV_FREE", "MADV_HUGEPAGE", "MADV_NOHUGEPAGE", "MADV_PAGEOUT",
            "do_madvise")

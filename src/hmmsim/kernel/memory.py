@@ -8,9 +8,7 @@
 * ``copy_page_range``: fork's copy of a VMA's page tables, write-protecting both sides of
   copy-on-write mappings under ``MMU_NOTIFY_PROTECTION_PAGE``;
 * ``vm_insert_page``, ``vmf_insert_pfn``, ``vmf_insert_mixed``, ``remap_pfn_range``:
-  what drivers use to populate special mappings;
-* ``folio_put`` / ``free_folio``: the last reference frees a page to the allocator, the
-  hugetlb pool, or (ZONE_DEVICE) its pgmap's ``page_free``.
+  what drivers use to populate special mappings.
 """
 
 from __future__ import annotations
@@ -21,26 +19,71 @@ import numpy as np
 import numpy.typing as npt
 
 from .errno import EBUSY, EFAULT, EINVAL
+from .folio import folios_put
 from .mm import MM, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, PtRef
+from .mm_types import mm_counter_file
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, PMD_SIZE, PUD_SIZE
-from .pgtable import (
-    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SPECIAL,
-    _PAGE_SWP_EXCLUSIVE, _PAGE_UFFD_WP, PTE_PFN_MASK, is_device_exclusive_entry,
-    is_device_private_entry, is_migration_entry, is_pte_marker_entry,
-    is_readable_exclusive_migration_entry, is_writable_device_private_entry, is_writable_migration_entry,
-    make_readable_device_private_entry, make_readable_migration_entry, non_swap_entry, pfn_pte, pmd_leaf, pte_marker_get, pte_mkspecial, pte_present,
-    pte_to_swp_entry, swp_entry_to_pte, swp_offset_pfn, table_id, PTE_MARKER_UFFD_WP,
+from .page_types import (
+    HPAGE_PMD_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_MASK,
+    PMD_SIZE,
+    PUD_SIZE,
 )
-from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_hugetlb, PG_reserved, PG_swapbacked
-from .vma import VM_DONTEXPAND, VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_SHARED, VM_UFFD_WP, Vma, is_cow_mapping
+from .pgtable import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_RW,
+    _PAGE_SPECIAL,
+    _PAGE_SWP_EXCLUSIVE,
+    _PAGE_UFFD_WP,
+    PTE_MARKER_UFFD_WP,
+    PTE_PFN_MASK,
+    is_device_exclusive_entry,
+    is_device_private_entry,
+    is_migration_entry,
+    is_pte_marker_entry,
+    is_readable_exclusive_migration_entry,
+    is_writable_device_private_entry,
+    is_writable_migration_entry,
+    make_readable_device_private_entry,
+    make_readable_migration_entry,
+    non_swap_entry,
+    pfn_pte,
+    pmd_leaf,
+    pte_marker_get,
+    pte_mkspecial,
+    pte_present,
+    pte_to_swp_entry,
+    swp_entry_to_pte,
+    swp_offset_pfn,
+    table_id,
+)
+from .physmem import (
+    PG_anon,
+    PG_anon_exclusive,
+    PG_dirty,
+    PG_swapbacked,
+)
+from .vma import (
+    VM_DONTEXPAND,
+    VM_IO,
+    VM_MIXEDMAP,
+    VM_PFNMAP,
+    VM_SHARED,
+    VM_UFFD_WP,
+    Vma,
+    is_cow_mapping,
+)
 
 if TYPE_CHECKING:
     from .fs import AddressSpace
-    from .system import System
 
 __all__ = (
-    "copy_page_range", "folio_put", "folios_put", "free_folio", "free_pgtables",
+    "copy_page_range", "free_pgtables",
     "remap_pfn_range", "unmap_mapping_pages", "unmap_single_vma", "unmap_vmas",
     "vm_insert_page", "vma_needs_copy", "vmf_insert_mixed", "vmf_insert_pfn",
     "zap_page_range_single",
@@ -48,60 +91,6 @@ __all__ = (
 
 _U = np.uint64
 _PRESENT_ANY = _U(_PAGE_PRESENT | _PAGE_PROTNONE)
-
-
-# -- freeing ------------------------------------------------------------------------------------
-def free_folio(sys: "System", head: int) -> None:
-    """The last reference to the folio at *head* is gone: give it back."""
-    mem = sys.mem
-    head = mem.compound_head(head)
-    if mem.pgmap[head] != 0:
-        pgmap = sys.pgmap_of(head)
-        assert pgmap is not None
-        from ..hmm.memremap import free_zone_device_folio
-        free_zone_device_folio(sys, pgmap, head)
-        return
-    if mem.flags[head] & PG_hugetlb:
-        from .hugetlb import free_huge_folio
-        free_huge_folio(sys, head)
-        return
-    if mem.flags[head] & PG_reserved:  # the zero pages are never freed
-        raise AssertionError(f"freeing reserved page {head:#x}")
-    sys.stats.add("page.free")
-    mem.free_pages([head])
-
-
-def folio_put(sys: "System", pfn: int) -> None:
-    """``folio_put()``: drop a reference; the last one frees the folio."""
-    mem = sys.mem
-    head = mem.compound_head(pfn)
-    mem.refcount[head] -= 1
-    if mem.refcount[head] == 0:
-        free_folio(sys, head)
-    elif mem.refcount[head] < 0:
-        raise AssertionError(f"refcount underflow on pfn {head:#x}")
-
-
-def folios_put(sys: "System", heads: npt.NDArray[np.int64]) -> None:
-    """``folios_put()``: drop one reference on each (possibly repeated) folio head."""
-    if len(heads) == 0:
-        return
-    mem = sys.mem
-    np.subtract.at(mem.refcount, heads, 1)
-    uniq = np.unique(heads)
-    rc = mem.refcount[uniq]
-    if (rc < 0).any():
-        raise AssertionError(f"refcount underflow on pfn {int(uniq[rc < 0][0]):#x}")
-    dead = uniq[rc == 0]
-    if len(dead) == 0:
-        return
-    plain = (mem.pgmap[dead] == 0) & ((mem.flags[dead] & (PG_hugetlb | PG_reserved)) == 0)
-    if plain.all():
-        sys.stats.add("page.free", len(dead))
-        mem.free_pages(dead)
-    else:
-        for h in dead.tolist():
-            free_folio(sys, h)
 
 
 # -- zapping --------------------------------------------------------------------------------------
@@ -515,7 +504,6 @@ def vm_insert_page(vma: Vma, addr: int, pfn: int) -> int:
         if tbl[idx] != 0:
             return -EBUSY
         mem.refcount[pfn] += 1
-        from .fault import mm_counter_file
         mm.add_mm_counter(mm_counter_file(mm.sys, pfn), 1)
         mem.mapcount[pfn] += 1
         tbl[idx] = pfn_pte(pfn, vma.vm_page_prot)

@@ -27,13 +27,32 @@ from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
 from .pagemap import folio_test_locked, folio_unlock, folio_wait_locked
 from .pgtable import (
-    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PSE, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SWP_SOFT_DIRTY,
-    _PAGE_SWP_UFFD_WP, _PAGE_UFFD_WP, _SWP_MIG_DIRTY, _SWP_MIG_YOUNG, is_migration_entry,
-    is_readable_exclusive_migration_entry, is_writable_migration_entry,
-    make_readable_device_private_entry, make_readable_exclusive_migration_entry,
-    make_readable_migration_entry, make_writable_device_private_entry,
-    make_writable_migration_entry, pfn_pte, pmd_leaf, pte_present, pte_pfn, pte_to_swp_entry,
-    swp_entry_to_pte, swp_offset, swp_offset_pfn,
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SWP_SOFT_DIRTY,
+    _PAGE_SWP_UFFD_WP,
+    _PAGE_UFFD_WP,
+    _SWP_MIG_DIRTY,
+    _SWP_MIG_YOUNG,
+    is_migration_entry,
+    is_readable_exclusive_migration_entry,
+    is_writable_migration_entry,
+    make_readable_device_private_entry,
+    make_readable_exclusive_migration_entry,
+    make_readable_migration_entry,
+    make_writable_device_private_entry,
+    make_writable_migration_entry,
+    pfn_pte,
+    pmd_leaf,
+    pte_pfn,
+    pte_present,
+    pte_to_swp_entry,
+    swp_entry_to_pte,
+    swp_offset,
+    swp_offset_pfn,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_uptodate
 from .rmap import rmap_walk
@@ -274,7 +293,7 @@ def migrate_folio_unmap(sys: "System", pfn: int) -> MigrationTicket | None:
 def migrate_folio_move(sys: "System", t: MigrationTicket, abandon: bool = False) -> int:
     """Second half: copy to a new page and remap there (or, if *abandon*, remap the old
     page), unlock, drop the isolation reference. Returns the pfn now mapped."""
-    from .memory import folio_put
+    from .folio import folio_put
     mem = sys.mem
     src = t.src
     dst = src if abandon else mem.alloc_page()

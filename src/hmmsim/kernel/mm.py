@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .locking import WRITE, Lock
-from .page_types import PMD_SHIFT, PUD_SHIFT, PGDIR_SHIFT, PAGE_SHIFT
+from .page_types import PAGE_SHIFT, PGDIR_SHIFT, PMD_SHIFT, PUD_SHIFT
 from .pgtable import _PAGE_PSE, mk_table_entry, pte_present, table_id
 from .vma import Vma
 

@@ -18,11 +18,30 @@ from typing import TYPE_CHECKING
 from .errno import EACCES, EEXIST, EINVAL, ENODEV, ENOMEM, EOVERFLOW
 from .fs import FMODE_READ, FMODE_WRITE, File, fput, get_file
 from .mm import MM
-from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, TASK_SIZE
+from .page_types import (
+    HPAGE_PMD_SIZE,
+    PAGE_ALIGN,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_MASK,
+    TASK_SIZE,
+)
 from .rmap import anon_vma_clone, unlink_anon_vmas
 from .vma import (
-    VM_ACCOUNT, VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_NORESERVE,
-    VM_SHARED, VM_SOFTDIRTY, VM_SPECIAL, VM_WRITE, VmOps, Vma, calc_vm_prot_bits,
+    VM_ACCOUNT,
+    VM_HUGETLB,
+    VM_MAYEXEC,
+    VM_MAYREAD,
+    VM_MAYSHARE,
+    VM_MAYWRITE,
+    VM_NORESERVE,
+    VM_SHARED,
+    VM_SOFTDIRTY,
+    VM_SPECIAL,
+    VM_WRITE,
+    Vma,
+    VmOps,
+    calc_vm_prot_bits,
     vm_get_page_prot,
 )
 

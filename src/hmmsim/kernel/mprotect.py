@@ -17,22 +17,62 @@ import numpy as np
 from .errno import EACCES, EINVAL, ENOMEM
 from .mm import MM
 from .mmap import vm_enough_memory, vma_modify, vma_try_merge
-from .mmu_notifier import MmuNotifierEvent, MmuNotifierRange, mmu_notifier_invalidate_range_end, mmu_notifier_invalidate_range_start
-from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, PMD_SIZE, PUD_SIZE
+from .mmu_notifier import (
+    MmuNotifierEvent,
+    MmuNotifierRange,
+    mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start,
+)
+from .page_types import (
+    HPAGE_PMD_SIZE,
+    PAGE_ALIGN,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_MASK,
+    PMD_SIZE,
+    PUD_SIZE,
+)
 from .pgtable import (
-    _PAGE_CHG_MASK, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL,
-    PAGE_NONE, PTE_PFN_MASK, is_device_exclusive_entry, is_writable_device_exclusive_entry,
-    is_writable_device_private_entry, is_writable_migration_entry,
-    make_readable_device_exclusive_entry, make_readable_device_private_entry,
-    make_readable_exclusive_migration_entry, make_readable_migration_entry, pmd_leaf,
-    pte_present, pte_to_swp_entry, swp_entry_to_pte, swp_offset, _PAGE_SWP_SOFT_DIRTY,
+    _PAGE_CHG_MASK,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
+    _PAGE_SWP_SOFT_DIRTY,
     _PAGE_SWP_UFFD_WP,
+    PAGE_NONE,
+    PTE_PFN_MASK,
+    is_device_exclusive_entry,
+    is_writable_device_exclusive_entry,
+    is_writable_device_private_entry,
+    is_writable_migration_entry,
+    make_readable_device_exclusive_entry,
+    make_readable_device_private_entry,
+    make_readable_exclusive_migration_entry,
+    make_readable_migration_entry,
+    pmd_leaf,
+    pte_present,
+    pte_to_swp_entry,
+    swp_entry_to_pte,
+    swp_offset,
 )
 from .physmem import PG_anon, PG_anon_exclusive
 from .vma import (
-    VM_ACCOUNT, VM_EXEC, VM_HUGETLB, VM_NORESERVE,
-    VM_READ, VM_SHARED, VM_WRITE, Vma, calc_vm_prot_bits, is_cow_mapping, vm_get_page_prot,
-    vma_is_anonymous, vma_soft_dirty_enabled,
+    VM_ACCOUNT,
+    VM_EXEC,
+    VM_HUGETLB,
+    VM_NORESERVE,
+    VM_READ,
+    VM_SHARED,
+    VM_WRITE,
+    Vma,
+    calc_vm_prot_bits,
+    is_cow_mapping,
+    vm_get_page_prot,
+    vma_is_anonymous,
+    vma_soft_dirty_enabled,
 )
 
 __all__ = ("change_prot_numa", "change_protection", "do_mprotect", "mprotect_fixup")

@@ -17,10 +17,26 @@ from .fs import get_file
 from .mm import MM
 from .mmap import do_munmap, get_unmapped_area, vm_enough_memory, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, PMD_SIZE, TASK_SIZE
+from .page_types import (
+    HPAGE_PMD_SIZE,
+    PAGE_ALIGN,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_MASK,
+    PMD_SIZE,
+    TASK_SIZE,
+)
 from .pgtable import pmd_leaf, pte_present
 from .rmap import unlink_anon_vmas
-from .vma import VM_ACCOUNT, VM_DONTEXPAND, VM_HUGETLB, VM_LOCKED, VM_MAYSHARE, VM_PFNMAP, Vma
+from .vma import (
+    VM_ACCOUNT,
+    VM_DONTEXPAND,
+    VM_HUGETLB,
+    VM_LOCKED,
+    VM_MAYSHARE,
+    VM_PFNMAP,
+    Vma,
+)
 
 __all__ = ("MREMAP_DONTUNMAP", "MREMAP_FIXED", "MREMAP_MAYMOVE", "do_mremap", "move_page_tables")
 

@@ -15,7 +15,15 @@ from .mm import MM, PtRef
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import PAGE_SHIFT, ULONG_MAX
 from .pagewalk import PGWALK_WRLOCK, MmWalk, MmWalkOps, walk_page_range
-from .pgtable import _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SWP_SOFT_DIRTY, pmd_leaf, pte_present
+from .pgtable import (
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SWP_SOFT_DIRTY,
+    pmd_leaf,
+    pte_present,
+)
 from .vma import VM_SOFTDIRTY
 
 __all__ = ("CLEAR_REFS_ALL", "CLEAR_REFS_SOFT_DIRTY", "clear_refs")

@@ -17,12 +17,18 @@ import numpy as np
 
 from .errno import EINVAL, ENOMEM
 from .fs import FMODE_READ, FMODE_WRITE, File, FileOperations, Inode
+from .mm_types import (
+    VM_FAULT_LOCKED,
+    VM_FAULT_NOPAGE,
+    VM_FAULT_OOM,
+    VM_FAULT_SIGBUS,
+    VmFault,
+)
 from .page_types import PAGE_SHIFT, PAGE_SIZE
 from .physmem import PG_swapbacked, PG_uptodate
 from .vma import VmOps
 
 if TYPE_CHECKING:
-    from .fault import VmFault
     from .system import System
     from .vma import Vma
 
@@ -60,7 +66,6 @@ def shmem_fault(vmf: "VmFault") -> int:
     """``shmem_fault()``: find or allocate the page at ``vmf.pgoff``; returns
     ``VM_FAULT_SIGBUS`` past end of file, else ``VM_FAULT_LOCKED`` with ``vmf.page`` set
     and a reference taken for the mapping about to be made."""
-    from .fault import VM_FAULT_LOCKED, VM_FAULT_OOM, VM_FAULT_SIGBUS
     vma = vmf.vma
     assert vma.vm_file is not None and vma.vm_file.f_inode is not None
     inode = vma.vm_file.f_inode
@@ -79,7 +84,7 @@ def filemap_map_pages(vmf: "VmFault", start_pgoff: int, end_pgoff: int) -> int:
     already cached (and within i_size) into empty ptes of the faulting table.
 
     Returns ``VM_FAULT_NOPAGE`` if the faulting address itself got mapped."""
-    from .fault import VM_FAULT_NOPAGE, set_pte_range
+    from .fault import set_pte_range
     vma = vmf.vma
     assert vma.vm_file is not None and vma.vm_file.f_inode is not None
     inode = vma.vm_file.f_inode

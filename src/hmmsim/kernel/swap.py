@@ -1,8 +1,9 @@
 """Swap: a swap device, page-out of anonymous pages and swap-in on fault.
 
 Models the parts of ``mm/swapfile.c``, ``mm/vmscan.c`` (``reclaim_pages`` as driven by
-``MADV_PAGEOUT``), ``mm/rmap.c:try_to_unmap_one`` and the swap-in half of
-``do_swap_page`` that are needed for the "swap entry" state HMM must handle. The
+``MADV_PAGEOUT``) and ``mm/rmap.c:try_to_unmap_one`` that are needed for the "swap
+entry" state HMM must handle; swapping back in is ``do_swap_page`` in
+:mod:`hmmsim.kernel.fault`. The
 reference environment has no swap; a :class:`~hmmsim.kernel.system.System` gets a swap
 device only when asked (``swap_pages=N``).
 
@@ -22,19 +23,25 @@ from .mm import MM_ANONPAGES, MM_SWAPENTS
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import PAGE_SHIFT, PAGE_SIZE
 from .pgtable import (
-    _PAGE_SOFT_DIRTY, _PAGE_SWP_EXCLUSIVE, _PAGE_SWP_SOFT_DIRTY, _PAGE_UFFD_WP,
-    _PAGE_SWP_UFFD_WP, pfn_pte, pte_mkdirty, pte_mkwrite, pte_mkyoung, pte_pfn,
-    pte_present, pte_special, swp_entry, swp_entry_to_pte, swp_offset,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SWP_EXCLUSIVE,
+    _PAGE_SWP_SOFT_DIRTY,
+    _PAGE_SWP_UFFD_WP,
+    _PAGE_UFFD_WP,
+    pte_pfn,
+    pte_present,
+    pte_special,
+    swp_entry,
+    swp_entry_to_pte,
+    swp_offset,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty
-from .rmap import folio_add_new_anon_rmap
 
 if TYPE_CHECKING:
-    from .fault import VmFault
     from .system import System
     from .vma import Vma
 
-__all__ = ("SwapInfo", "do_swap_in", "free_swap_and_cache", "reclaim_pages", "swap_duplicate")
+__all__ = ("SwapInfo", "free_swap_and_cache", "reclaim_pages", "swap_duplicate")
 
 
 class SwapInfo:
@@ -74,68 +81,11 @@ def free_swap_and_cache(sys: "System", entry: int) -> None:
         si.inuse -= 1
 
 
-def do_swap_in(vmf: "VmFault", entry: int) -> int:
-    """The swap-in half of ``do_swap_page()``: read the slot into a new page and map it;
-    writable at once if the entry was exclusive (or the slot is not shared) and the VMA
-    allows writes."""
-    from .fault import FAULT_FLAG_WRITE, VM_FAULT_OOM, VM_FAULT_SIGBUS, do_wp_page
-    from .vma import VM_WRITE
-    vma = vmf.vma
-    mm = vma.vm_mm
-    sys = mm.sys
-    si = sys.swap
-    if si is None:
-        return VM_FAULT_SIGBUS
-    slot = swp_offset(entry)
-    pfn = sys.mem.alloc_page()
-    if pfn < 0:
-        return VM_FAULT_OOM
-    sys.mem.data[pfn] = si.data[slot]
-    sys.mem.mark_written(pfn)
-    assert vmf.pmd is not None
-    got = mm.pte_offset_map_lock(vmf.pmd)
-    assert got is not None
-    tbl, tid = got
-    idx = vmf.pte_idx
-    if int(tbl[idx]) != vmf.orig_pte:
-        mm.pte_unmap_unlock(tid)
-        sys.mem.free_pages([pfn])
-        return 0
-    exclusive = bool(vmf.orig_pte & _PAGE_SWP_EXCLUSIVE) or int(si.swap_map[slot]) == 1
-    pte = pte_mkyoung(pfn_pte(pfn, vma.vm_page_prot))
-    if vmf.orig_pte & _PAGE_SWP_SOFT_DIRTY:
-        pte |= _PAGE_SOFT_DIRTY
-    if vmf.orig_pte & _PAGE_SWP_UFFD_WP:
-        pte |= _PAGE_UFFD_WP
-    from .rmap import anon_vma_prepare
-    anon_vma_prepare(vma)
-    folio_add_new_anon_rmap(sys.mem, pfn, vma, vmf.address)
-    if not exclusive:
-        sys.mem.flags[pfn] &= ~np.uint32(PG_anon_exclusive)
-    write_done = False
-    from .vma import vma_soft_dirty_enabled
-    if exclusive and vma.vm_flags & VM_WRITE and not (vma_soft_dirty_enabled(vma) and not pte & _PAGE_SOFT_DIRTY):
-        pte = pte_mkwrite(pte)
-        if vmf.flags & FAULT_FLAG_WRITE:
-            pte = pte_mkdirty(pte)
-            write_done = True
-    tbl[idx] = pte
-    mm.add_mm_counter(MM_ANONPAGES, 1)
-    mm.add_mm_counter(MM_SWAPENTS, -1)
-    free_swap_and_cache(sys, entry)
-    sys.stats.add("swap.swapin")
-    if vmf.flags & FAULT_FLAG_WRITE and not write_done:
-        vmf.orig_pte = pte
-        return do_wp_page(vmf, tbl, tid)
-    mm.pte_unmap_unlock(tid)
-    return 0
-
-
 def reclaim_pages(vma: "Vma", start: int, end: int) -> int:
     """``MADV_PAGEOUT``: page out the small anonymous pages of ``[start, end)`` that only
     this mapping uses, replacing each pte by a swap entry (one ``MMU_NOTIFY_CLEAR`` per
     page, as ``try_to_unmap_one`` does). Returns the number of pages swapped out."""
-    from .memory import folio_put
+    from .folio import folio_put
     mm = vma.vm_mm
     sys = mm.sys
     si = sys.swap

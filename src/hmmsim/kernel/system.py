@@ -23,6 +23,7 @@ from .fs import AddressSpace
 from .hugetlb import HugetlbPool
 from .locking import LockState
 from .mm import MM
+from .module import load_module
 from .page_types import PAGE_SHIFT
 from .pgtable import PageTableStore
 from .physmem import PG_anon, PhysMem
@@ -111,9 +112,9 @@ class System:
         #: open invalidate_range_start() calls per mm (balance is asserted)
         self.notifier_active: dict[int, int] = {}
         self.dmirror_devices: list[Any] = []
+        self.modules_loaded: list[str] = []
         if config.test_hmm:
-            from ..drivers.dmirror import hmm_dmirror_init
-            hmm_dmirror_init(self)
+            load_module(self, "test_hmm")
 
     # -- processes ------------------------------------------------------------------------
     def create_task(self, name: str = "") -> Task:
@@ -150,8 +151,9 @@ class System:
         return max(self.mem.data_pages, self._private_next)
 
     def pgmap_of(self, pfn: int) -> "DevPagemap | None":
-        from ..hmm.memremap import page_pgmap
-        return page_pgmap(self, pfn)
+        """``page_pgmap()``: the ZONE_DEVICE pagemap of *pfn*, or None."""
+        pid = int(self.mem.pgmap[pfn]) if 0 <= pfn < self.mem.max_pfn else 0
+        return self.pgmaps[pid - 1] if pid else None
 
     def iter_address_spaces(self) -> list[AddressSpace]:
         """The page caches of every live inode."""

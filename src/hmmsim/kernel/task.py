@@ -19,7 +19,14 @@ from .locking import Thread
 from .mm import MM, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from .mmap import do_mmap, do_munmap, remove_vma, vm_enough_memory
 from .page_types import ULONG_MAX
-from .vma import VM_ACCOUNT, VM_DONTCOPY, VM_HUGETLB, VM_LOCKED, VM_MAYSHARE, VM_WIPEONFORK
+from .vma import (
+    VM_ACCOUNT,
+    VM_DONTCOPY,
+    VM_HUGETLB,
+    VM_LOCKED,
+    VM_MAYSHARE,
+    VM_WIPEONFORK,
+)
 
 if TYPE_CHECKING:
     from .system import System

@@ -27,13 +27,23 @@ import numpy.typing as npt
 
 from ..drivers.dmirror import dmirror_open
 from ..drivers.test_hmm_uapi import (
-    HMM_DMIRROR_CHECK_EXCLUSIVE, HMM_DMIRROR_FLAGS, HMM_DMIRROR_READ, HMM_DMIRROR_SNAPSHOT,
-    HMM_DMIRROR_WRITE, HmmDmirrorCmd,
+    HMM_DMIRROR_CHECK_EXCLUSIVE,
+    HMM_DMIRROR_FLAGS,
+    HMM_DMIRROR_READ,
+    HMM_DMIRROR_SNAPSHOT,
+    HMM_DMIRROR_WRITE,
+    HmmDmirrorCmd,
 )
 from ..errors import KernelOops, NotSupportedError
 from ..kernel.cpu import SIGKILL, translate_range, user_read_pages, user_write_pages
 from ..kernel.errno import EBADF
-from ..kernel.madvise import MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, do_madvise
+from ..kernel.madvise import (
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    do_madvise,
+)
 from ..kernel.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_HUGETLB, MAP_PRIVATE, MAP_SHARED
 from ..kernel.mprotect import do_mprotect
 from ..kernel.mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, do_mremap

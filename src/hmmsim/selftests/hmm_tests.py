@@ -20,9 +20,16 @@ import numpy.typing as npt
 
 from ..drivers.dmirror import dmirror_open
 from ..drivers.test_hmm_uapi import (
-    HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_MIGRATE_TO_SYS, HMM_DMIRROR_PROT_PMD, HMM_DMIRROR_PROT_PUD,
-    HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_READ, HMM_DMIRROR_SNAPSHOT,
-    HMM_DMIRROR_WRITE, HmmDmirrorCmd,
+    HMM_DMIRROR_MIGRATE_TO_DEV,
+    HMM_DMIRROR_MIGRATE_TO_SYS,
+    HMM_DMIRROR_PROT_PMD,
+    HMM_DMIRROR_PROT_PUD,
+    HMM_DMIRROR_PROT_READ,
+    HMM_DMIRROR_PROT_WRITE,
+    HMM_DMIRROR_READ,
+    HMM_DMIRROR_SNAPSHOT,
+    HMM_DMIRROR_WRITE,
+    HmmDmirrorCmd,
 )
 from ..errors import HmmError
 from ..kernel.errno import EBADF, EFAULT, EPERM
@@ -30,7 +37,15 @@ from ..kernel.page_types import HPAGE_PMD_SIZE
 from ..kernel.sched import Interleave
 from ..kernel.task import vm_munmap
 from ..process import Process
-from .harness import ASSERT_EQ, ASSERT_GE, ASSERT_NE, SKIP, TEST_F, FixtureState, Variant
+from .harness import (
+    ASSERT_EQ,
+    ASSERT_GE,
+    ASSERT_NE,
+    SKIP,
+    TEST_F,
+    FixtureState,
+    Variant,
+)
 
 __all__ = ("HMM_BUFFER_SIZE", "HmmBuffer", "hmm_buffer_free", "hmm_create_file", "hmm_dmirror_cmd",
            "hmm_open")
