@@ -6,6 +6,7 @@ The kernel-level API mirrors the kernel by name (``hmmsim.hmm.hmm.hmm_range_faul
 :mod:`hmmsim.errors`.
 """
 
+from . import drivers  # noqa: E402,F401,I001  (registers the drivers' modules: test_hmm, ...)
 from .device import Device, DeviceAccess
 from .errors import (
     BadAddress,
@@ -22,8 +23,8 @@ from .errors import (
     PermissionDenied,
     SegmentationFault,
 )
-from .kernel.system import System, SystemConfig
 from .process import Process
+from .system import System, SystemConfig
 
 __all__ = (
     "BadAddress", "BusError", "Busy", "Device", "DeviceAccess", "HmmError", "HmmsimError",

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from .device import Device
+from .drivers.dmirror import dmirror_open
 from .errors import BusError, SegmentationFault, error_from_errno
 from .kernel.cpu import SIGBUS, translate_range
 from .kernel.errno import EBADF, EINVAL
@@ -247,8 +249,6 @@ class Process:
 
     def open_device(self, minor: int) -> "Device":
         """Open ``/dev/hmm_dmirror<minor>``; raises NoDevice if it does not exist."""
-        from .device import Device
-        from .drivers.dmirror import dmirror_open
         fd = _check(dmirror_open(self.system, self.task, minor), f"open /dev/hmm_dmirror{minor}")
         return Device(self, fd, minor)
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..hmm.memremap import DevPagemap, DevPagemapOps, MemoryType
 from ..kernel.errno import EINVAL, ENOMEM
 from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
+from ..kernel.memremap import DevPagemap, DevPagemapOps, MemoryType
 from ..kernel.mm_types import (
     FAULT_FLAG_WRITE,
     VM_FAULT_FALLBACK,

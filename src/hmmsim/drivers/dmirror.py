@@ -41,13 +41,13 @@ from ..hmm.hmm import (
     HmmRange,
     hmm_range_fault,
 )
-from ..hmm.memremap import DevPagemap, DevPagemapOps, MemoryType, memremap_pages
 from ..kernel.cpu import copy_from_user, copy_to_user
 from ..kernel.errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM
 from ..kernel.folio import folio_put
 from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
 from ..kernel.locking import Lock
 from ..kernel.memory import vm_insert_page
+from ..kernel.memremap import DevPagemap, DevPagemapOps, MemoryType, memremap_pages
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.mm_types import VmFault
 from ..kernel.mmu_notifier import (

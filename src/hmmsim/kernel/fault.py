@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import NotSupportedError
 from . import huge_memory as hm
 from .folio import folio_put
 from .hugetlb import hugetlb_fault
@@ -549,9 +550,8 @@ def do_swap_page(vmf: VmFault) -> int:
             migration_entry_wait(mm, vmf.pmd, vmf.address)
             return 0
         if is_device_exclusive_entry(entry):
-            vmf.page = swp_offset_pfn(entry)
-            from ..hmm.exclusive import remove_device_exclusive_entry
-            return remove_device_exclusive_entry(vmf)
+            raise NotSupportedError("CPU fault on a device-exclusive entry "
+                                    "(remove_device_exclusive_entry): not modelled yet")
         if is_device_private_entry(entry):
             pfn = swp_offset_pfn(entry)
             got = mm.pte_offset_map_lock(vmf.pmd)
@@ -583,7 +583,6 @@ def do_swap_in(vmf: VmFault, entry: int) -> int:
     """The swap-in half of ``do_swap_page()``: read the slot into a new page and map it;
     writable at once if the entry was exclusive (or the slot is not shared) and the VMA
     allows writes."""
-    from .fault import do_wp_page
     vma = vmf.vma
     mm = vma.vm_mm
     sys = mm.sys

@@ -3,8 +3,9 @@
 Models ``struct file`` / ``struct inode`` / ``struct address_space``
 (``include/linux/fs.h``) and ``fget``/``fput`` reference counting (``fs/file_table.c``).
 A VMA mapping a file holds a reference on it, like ``vma->vm_file``; the last ``fput``
-calls the file's ``release``; an unlinked inode is evicted (its page cache freed) once no
-file refers to it.
+calls the file's ``release``; an unlinked inode is evicted once no file refers to it, by
+its filesystem's ``super_operations.evict_inode`` (tmpfs and hugetlbfs free their page
+caches there).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from .vma import Vma
 
 __all__ = ("AddressSpace", "FMODE_READ", "FMODE_WRITE", "File", "FileOperations", "Inode",
-           "fput", "get_file")
+           "SuperOperations", "evict", "fput", "get_file")
 
 FMODE_READ = 1
 FMODE_WRITE = 2
@@ -35,6 +36,16 @@ class FileOperations:
         self.mmap = mmap
         self.release = release
         self.unlocked_ioctl = unlocked_ioctl
+
+
+class SuperOperations:
+    """``struct super_operations`` of a filesystem: what it does with its inodes."""
+
+    __slots__ = ("name", "evict_inode")
+
+    def __init__(self, name: str, evict_inode: Callable[["Inode"], None]) -> None:
+        self.name = name
+        self.evict_inode = evict_inode
 
 
 class AddressSpace:
@@ -59,14 +70,17 @@ class AddressSpace:
 
 
 class Inode:
-    """``struct inode`` of tmpfs (``"shmem"``) or hugetlbfs (``"hugetlbfs"``)."""
+    """``struct inode`` of tmpfs (``"shmem"``) or hugetlbfs (``"hugetlbfs"``); *s_op*
+    stands for ``inode->i_sb->s_op``."""
 
-    __slots__ = ("sys", "kind", "i_size", "i_mapping", "nlink", "i_count", "name",
+    __slots__ = ("sys", "kind", "s_op", "i_size", "i_mapping", "nlink", "i_count", "name",
                  "huge", "resv")
 
-    def __init__(self, system: "System", kind: str, size: int, name: str = "") -> None:
+    def __init__(self, system: "System", kind: str, s_op: SuperOperations, size: int,
+                 name: str = "") -> None:
         self.sys = system
         self.kind = kind
+        self.s_op = s_op
         self.i_size = size
         self.i_mapping = AddressSpace(self)
         system.mem.register_mapping(self.i_mapping)
@@ -123,5 +137,12 @@ def fput(f: File) -> None:
     if inode is not None:
         inode.i_count -= 1
         if inode.i_count == 0 and inode.nlink == 0:
-            from .shmem import evict_inode
-            evict_inode(inode)
+            evict(inode)
+
+
+def evict(inode: Inode) -> None:
+    """``evict()``: the last reference to an unlinked inode is gone; its filesystem frees
+    what it holds."""
+    if inode in inode.sys.inodes:
+        inode.sys.inodes.remove(inode)
+    inode.s_op.evict_inode(inode)

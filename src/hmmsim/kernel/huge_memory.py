@@ -15,6 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errno import EBUSY
+from .migrate import (
+    change_pmd_migration_entry,
+    copy_pmd_migration_entry,
+    split_huge_pmd_migration_entry,
+    zap_pmd_migration_entry,
+)
 from .mm import MM_ANONPAGES, PtRef
 from .mm_types import (
     FAULT_FLAG_UNSHARE,
@@ -68,6 +75,7 @@ from .rmap import (
     anon_vma_prepare,
     folio_add_new_anon_rmap_pmd,
     folio_try_dup_anon_rmap_pmd,
+    rmap_walk,
 )
 from .vma import (
     VM_HUGEPAGE,
@@ -77,6 +85,7 @@ from .vma import (
     VM_WRITE,
     Vma,
     vma_is_anonymous,
+    vma_soft_dirty_enabled,
 )
 
 if TYPE_CHECKING:
@@ -304,7 +313,6 @@ def __split_huge_pmd_locked(vma: Vma, haddr: int, pmd: PtRef) -> None:
         pmd.set(mk_table_entry(tid))
         return
     if not pte_present(old):
-        from .migrate import split_huge_pmd_migration_entry
         split_huge_pmd_migration_entry(vma, haddr, pmd, tbl, tid)
         return
     head = mem.compound_head(pfn)
@@ -381,7 +389,6 @@ def zap_huge_pmd(vma: Vma, pmd: PtRef, addr: int) -> list[int]:
     pmd.set(0)
     mm.spin_unlock(ptl)
     if not pte_present(e):
-        from .migrate import zap_pmd_migration_entry
         return zap_pmd_migration_entry(vma, e)
     pfn = pte_pfn(e)
     if mem.is_huge_zero_pfn(pfn):
@@ -405,7 +412,6 @@ def copy_huge_pmd(dst_vma: Vma, src_vma: Vma, dst_pmd: PtRef, src_pmd: PtRef, ad
         return 0
     e = src_pmd.get()
     if not pte_present(e):
-        from .migrate import copy_pmd_migration_entry
         return copy_pmd_migration_entry(dst_vma, src_vma, dst_pmd, src_pmd, e)
     pfn = pte_pfn(e)
     if not mem.is_huge_zero_pfn(pfn):
@@ -428,12 +434,10 @@ def change_huge_pmd(vma: Vma, pmd: PtRef, addr: int, newprot: int, try_writable:
     try:
         e = pmd.get()
         if not pte_present(e):
-            from .migrate import change_pmd_migration_entry
             return change_pmd_migration_entry(vma, pmd, e)
         if prot_numa and (is_huge_zero_pmd(mm, e) or pte_protnone(e)):
             return 0
         entry = pte_modify(e, newprot)
-        from .vma import vma_soft_dirty_enabled
         if vma_soft_dirty_enabled(vma) and not entry & _PAGE_SOFT_DIRTY:
             try_writable = False  # pmd_needs_soft_dirty_wp()
         if try_writable and not pte_write(entry) and not pte_protnone(entry):
@@ -466,8 +470,6 @@ def split_folio(sys: "System", head: int) -> int:
     folio's extent), split into order-0 folios that keep their data, flags and pte
     mappings, and remapped. Returns 0, or ``-EBUSY`` for a folio that cannot be split
     (not anonymous, or hugetlb)."""
-    from .errno import EBUSY
-    from .rmap import rmap_walk
     mem = sys.mem
     head = mem.compound_head(head)
     order = int(mem.order[head])

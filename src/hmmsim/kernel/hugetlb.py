@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errno import EINVAL
-from .fs import FMODE_READ, FMODE_WRITE, File, FileOperations, Inode
+from .errno import EINVAL, ENOMEM
+from .folio import folio_put
+from .fs import FMODE_READ, FMODE_WRITE, File, FileOperations, Inode, SuperOperations
+from .migrate import pmd_migration_entry_wait
 from .mm_types import (
     FAULT_FLAG_UNSHARE,
     FAULT_FLAG_WRITE,
@@ -65,7 +67,17 @@ from .physmem import (
     PG_swapbacked,
 )
 from .rmap import anon_vma_prepare
-from .vma import VM_MAYSHARE, VM_SHARED, VM_WRITE, Vma, VmOps, is_cow_mapping
+from .vma import (
+    VM_DONTEXPAND,
+    VM_HUGETLB,
+    VM_MAYSHARE,
+    VM_NORESERVE,
+    VM_SHARED,
+    VM_WRITE,
+    Vma,
+    VmOps,
+    is_cow_mapping,
+)
 
 if TYPE_CHECKING:
     from .mm import MM
@@ -74,7 +86,7 @@ if TYPE_CHECKING:
 __all__ = (
     "HugetlbPool", "ResvMap", "copy_hugetlb_page_range", "free_huge_folio",
     "hugetlb_change_protection", "hugetlb_fault", "hugetlb_file_setup",
-    "hugetlb_reserve_pages", "hugetlb_vm_ops", "hugetlbfs_evict_inode",
+    "hugetlb_reserve_pages", "hugetlb_vm_ops", "hugetlbfs_evict_inode", "hugetlbfs_ops",
     "unmap_hugepage_range",
 )
 
@@ -217,7 +229,6 @@ def _hugetlb_fault(mm: "MM", vma: Vma, address: int, flags: int) -> int:
     if not pte_present(e):
         ent = pte_to_swp_entry(e)
         if is_migration_entry(ent):
-            from .migrate import pmd_migration_entry_wait
             pmd_migration_entry_wait(mm, pmd)
             return 0
         if is_hwpoison_entry(ent):
@@ -312,7 +323,6 @@ def _hugetlb_wp(vma: Vma, haddr: int, pmd: "object", flags: int) -> int:
         ne = pfn_pte(new, vma.vm_page_prot) | _PAGE_PSE
         pmd.set(pte_mkyoung(pte_mkdirty(pte_mkwrite(ne))))  # type: ignore[attr-defined]
         mem.entire_mapcount[head] -= 1
-    from .folio import folio_put
     folio_put(sys, head)
     sys.stats.add("hugetlb.cow")
     return 0
@@ -341,7 +351,6 @@ def unmap_hugepage_range(vma: Vma, start: int, end: int) -> None:
                 elif is_migration_entry(pte_to_swp_entry(e)):
                     mm.hugetlb_usage -= HPAGE_PMD_NR
         addr += HPAGE_PMD_SIZE
-    from .folio import folio_put
     for h in puts:
         folio_put(sys, h)
 
@@ -432,7 +441,7 @@ def hugetlb_change_protection(vma: Vma, start: int, end: int, newprot: int) -> i
 
 def hugetlb_file_setup(sys: "System", size: int, shared: bool) -> File:
     """``hugetlb_file_setup()``: the internal hugetlbfs file behind ``MAP_HUGETLB``."""
-    inode = Inode(sys, "hugetlbfs", size, "anon_hugepage")
+    inode = Inode(sys, "hugetlbfs", hugetlbfs_ops, size, "anon_hugepage")
     inode.huge = HPAGE_PMD_ORDER
     return File(inode, hugetlbfs_file_operations, FMODE_READ | FMODE_WRITE, name="anon_hugepage")
 
@@ -442,10 +451,8 @@ def hugetlbfs_file_mmap(file: File, vma: Vma) -> int:
     sys = vma.vm_mm.sys
     inode = file.f_inode
     assert inode is not None
-    from .vma import VM_DONTEXPAND, VM_HUGETLB
     vma.vm_flags |= VM_HUGETLB | VM_DONTEXPAND
     vma.vm_ops = hugetlb_vm_ops
-    from .vma import VM_NORESERVE
     if vma.vm_flags & VM_NORESERVE:
         # hugetlb_reserve_pages(): "Only apply hugepage reservation if asked"; faults
         # then allocate without reserves (and SIGBUS if the pool is empty)
@@ -455,7 +462,6 @@ def hugetlbfs_file_mmap(file: File, vma: Vma) -> int:
     if vma.vm_flags & VM_MAYSHARE:
         need = max(0, last - max(first, 0)) - len([i for i in inode.i_mapping.pages if first <= i < last]) - inode.resv
         if need > sys.hugetlb.available():
-            from .errno import ENOMEM
             return -ENOMEM
         if need > 0:
             inode.resv += need
@@ -463,7 +469,6 @@ def hugetlbfs_file_mmap(file: File, vma: Vma) -> int:
         return 0
     resv = hugetlb_reserve_pages(sys.hugetlb, first, last)
     if resv is None:
-        from .errno import ENOMEM
         return -ENOMEM
     vma.vm_private_data = resv
     return 0
@@ -475,7 +480,6 @@ def hugetlbfs_evict_inode(inode: Inode) -> None:
     pool = sys.hugetlb
     pool.resv_huge_pages -= inode.resv
     inode.resv = 0
-    from .folio import folio_put
     for idx in list(inode.i_mapping.pages):
         head = inode.i_mapping.pages.pop(idx)
         sys.mem.mapping[head] = 0
@@ -483,4 +487,5 @@ def hugetlbfs_evict_inode(inode: Inode) -> None:
 
 
 hugetlbfs_file_operations = FileOperations("hugetlbfs", mmap=hugetlbfs_file_mmap)
+hugetlbfs_ops = SuperOperations("hugetlbfs", evict_inode=hugetlbfs_evict_inode)
 

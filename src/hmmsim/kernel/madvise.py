@@ -14,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from .errno import EAGAIN, EINVAL, ENOMEM
-from .mm import MM, PtRef
+from .huge_memory import madvise_free_huge_pmd, split_folio
+from .memory import zap_page_range_single
+from .mm import MM, MM_SWAPENTS, PtRef
 from .mmap import vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
@@ -32,6 +34,7 @@ from .pgtable import (
     pte_to_swp_entry,
 )
 from .physmem import PG_anon, PG_dirty
+from .swap import free_swap_and_cache, reclaim_pages
 from .vma import (
     VM_HUGEPAGE,
     VM_HUGETLB,
@@ -67,7 +70,6 @@ def _madvise_update_vma(mm: MM, vma: Vma, start: int, end: int, new_flags: int) 
 
 
 def _madvise_dontneed(vma: Vma, start: int, end: int) -> int:
-    from .memory import zap_page_range_single
     if vma.vm_flags & VM_HUGETLB:
         if start & ~PMD_MASK:
             return -EINVAL
@@ -96,10 +98,8 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
         if mem.is_huge_zero_pfn(pfn) or mem.folio_mapcount(head) != 1:
             return 0
         if end - addr == HPAGE_PMD_SIZE:
-            from .huge_memory import madvise_free_huge_pmd
             madvise_free_huge_pmd(vma, pmd)
             return 0
-        from .huge_memory import split_folio
         split_folio(sys, head)
     if not pte_present(pmd.get()) or pmd_leaf(pmd.get()):
         return 0
@@ -116,8 +116,6 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
             if not pte_present(pte):
                 ent = pte_to_swp_entry(pte)
                 if not non_swap_entry(ent):
-                    from .mm import MM_SWAPENTS
-                    from .swap import free_swap_and_cache
                     free_swap_and_cache(sys, ent)
                     mm.add_mm_counter(MM_SWAPENTS, -1)
                     tbl[i] = 0
@@ -161,7 +159,6 @@ def _madvise_vma(mm: MM, vma: Vma, start: int, end: int, behavior: int) -> int:
         return _madvise_free(vma, start, end)
     if behavior == MADV_PAGEOUT:
         if vma_is_anonymous(vma):
-            from .swap import reclaim_pages
             reclaim_pages(vma, start, end)
         return 0
     flags = vma.vm_flags

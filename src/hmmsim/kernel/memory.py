@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import NotSupportedError
 from .errno import EBUSY, EFAULT, EINVAL
 from .folio import folios_put
+from .huge_memory import __split_huge_pmd, copy_huge_pmd, split_huge_pud, zap_huge_pmd
+from .hugetlb import copy_hugetlb_page_range, unmap_hugepage_range
 from .mm import MM, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, PtRef
 from .mm_types import mm_counter_file
 from .mmu_notifier import MmuNotifierEvent, notify_range
@@ -68,8 +71,10 @@ from .physmem import (
     PG_dirty,
     PG_swapbacked,
 )
+from .swap import free_swap_and_cache, swap_duplicate
 from .vma import (
     VM_DONTEXPAND,
+    VM_HUGETLB,
     VM_IO,
     VM_MIXEDMAP,
     VM_PFNMAP,
@@ -107,7 +112,6 @@ def _zap_nonpresent(vma: Vma, pte: int, rss: list[int], puts: list[int]) -> None
         puts.append(head)
     elif not non_swap_entry(entry):
         rss[MM_SWAPENTS] -= 1
-        from .swap import free_swap_and_cache
         free_swap_and_cache(sys, entry)
     elif is_migration_entry(entry):
         pfn = swp_offset_pfn(entry)
@@ -164,9 +168,7 @@ def unmap_single_vma(vma: Vma, start: int, end: int) -> None:
     end = min(end, vma.vm_end)
     if start >= end:
         return
-    from .vma import VM_HUGETLB
     if vma.vm_flags & VM_HUGETLB:
-        from .hugetlb import unmap_hugepage_range
         unmap_hugepage_range(vma, start, end)
         return
     mm = vma.vm_mm
@@ -186,7 +188,6 @@ def unmap_single_vma(vma: Vma, start: int, end: int) -> None:
             addr = pud_next
             continue
         if pmd_leaf(pe):
-            from .huge_memory import split_huge_pud
             split_huge_pud(vma, PtRef(ptbl, pidx, -1), addr)
             addr = pud_next
             continue
@@ -200,10 +201,8 @@ def unmap_single_vma(vma: Vma, start: int, end: int) -> None:
                 continue
             if pmd_leaf(e) or not pte_present(e):
                 if nxt - addr != HPAGE_PMD_SIZE:
-                    from .huge_memory import __split_huge_pmd
                     __split_huge_pmd(vma, pmd, addr)
                 else:
-                    from .huge_memory import zap_huge_pmd
                     for h in zap_huge_pmd(vma, pmd, addr):
                         puts.append(np.asarray([h], np.int64))
                     addr = nxt
@@ -321,7 +320,6 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
     cow = is_cow_mapping(src_vma.vm_flags)
     soft = pte & ~(PTE_PFN_MASK | (0x1F << 59) | (3 << 52))
     if not non_swap_entry(entry):
-        from .swap import swap_duplicate
         swap_duplicate(sys, entry)
         rss[MM_SWAPENTS] += 1
         if pte & _PAGE_SWP_EXCLUSIVE:
@@ -348,16 +346,14 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
             stbl[i] = pte
         return pte
     if is_device_exclusive_entry(entry):
-        raise _RetryPresent()
+        # the kernel restores the parent's entry first (restore_exclusive_pte) and retries
+        raise NotSupportedError("fork of a device-exclusive entry: not modelled yet")
     if is_pte_marker_entry(entry):
         if pte_marker_get(entry) & PTE_MARKER_UFFD_WP and dst_vma.vm_flags & VM_UFFD_WP:
             return pte
         return 0
     return pte
 
-
-class _RetryPresent(Exception):
-    """A device-exclusive entry must be restored in the parent before it is copied."""
 
 
 def _copy_pte_table(dst_vma: Vma, src_vma: Vma, dtbl: npt.NDArray[np.uint64], stbl: npt.NDArray[np.uint64],
@@ -407,9 +403,7 @@ def copy_page_range(dst_vma: Vma, src_vma: Vma) -> int:
     ``MMU_NOTIFY_PROTECTION_PAGE`` invalidation of the whole VMA. Returns 0."""
     if not vma_needs_copy(dst_vma, src_vma):
         return 0
-    from .vma import VM_HUGETLB
     if src_vma.vm_flags & VM_HUGETLB:
-        from .hugetlb import copy_hugetlb_page_range
         return copy_hugetlb_page_range(dst_vma, src_vma)
     src_mm = src_vma.vm_mm
     dst_mm = dst_vma.vm_mm
@@ -433,11 +427,9 @@ def copy_page_range(dst_vma: Vma, src_vma: Vma) -> int:
             assert dpmd is not None
             if pmd_leaf(e) or not pte_present(e):
                 if nxt - addr == HPAGE_PMD_SIZE:
-                    from .huge_memory import copy_huge_pmd
                     copy_huge_pmd(dst_vma, src_vma, dpmd, spmd, addr)
                     addr = nxt
                     continue
-                from .huge_memory import __split_huge_pmd
                 __split_huge_pmd(src_vma, spmd, addr)
             got_s = src_mm.pte_offset_map_lock(spmd)
             assert got_s is not None
@@ -448,18 +440,7 @@ def copy_page_range(dst_vma: Vma, src_vma: Vma) -> int:
             i0 = (addr >> PAGE_SHIFT) & 511
             i1 = i0 + ((nxt - addr) >> PAGE_SHIFT)
             try:
-                while True:
-                    try:
-                        _copy_pte_table(dst_vma, src_vma, dtbl, stbl, i0, i1, addr, rss)
-                        break
-                    except _RetryPresent:
-                        dst_mm.pte_unmap_unlock(dtid)
-                        src_mm.pte_unmap_unlock(stid)
-                        from ..hmm.exclusive import restore_exclusive_ptes
-                        if restore_exclusive_ptes(src_vma, addr, nxt):
-                            return -EBUSY
-                        src_mm.pte_offset_map_lock(spmd)
-                        dst_mm.pte_offset_map_lock(dpmd)
+                _copy_pte_table(dst_vma, src_vma, dtbl, stbl, i0, i1, addr, rss)
             finally:
                 dst_mm.pte_unmap_unlock(dtid)
                 src_mm.pte_unmap_unlock(stid)

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from .folio import folio_put
 from .mm import MM, MM_ANONPAGES, PtRef
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
-from .pagemap import folio_test_locked, folio_unlock, folio_wait_locked
+from .pagemap import folio_test_locked, folio_trylock, folio_unlock, folio_wait_locked
 from .pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -45,6 +46,7 @@ from .pgtable import (
     make_readable_migration_entry,
     make_writable_device_private_entry,
     make_writable_migration_entry,
+    mk_table_entry,
     pfn_pte,
     pmd_leaf,
     pte_pfn,
@@ -56,6 +58,7 @@ from .pgtable import (
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_uptodate
 from .rmap import rmap_walk
+from .vma import is_cow_mapping
 
 if TYPE_CHECKING:
     from .system import System
@@ -280,7 +283,6 @@ def migrate_folio_unmap(sys: "System", pfn: int) -> MigrationTicket | None:
     isolation reference, and replace its mappings by migration entries. Returns None
     (nothing changed) if the folio is locked by someone else or is not a small mapped
     anon/file page."""
-    from .pagemap import folio_trylock
     mem = sys.mem
     head = mem.compound_head(pfn)
     if mem.order[head] or mem.refcount[head] <= 0 or not folio_trylock(sys, head):
@@ -293,7 +295,6 @@ def migrate_folio_unmap(sys: "System", pfn: int) -> MigrationTicket | None:
 def migrate_folio_move(sys: "System", t: MigrationTicket, abandon: bool = False) -> int:
     """Second half: copy to a new page and remap there (or, if *abandon*, remap the old
     page), unlock, drop the isolation reference. Returns the pfn now mapped."""
-    from .folio import folio_put
     mem = sys.mem
     src = t.src
     dst = src if abandon else mem.alloc_page()
@@ -316,7 +317,6 @@ def migrate_folio_move(sys: "System", t: MigrationTicket, abandon: bool = False)
 # -- PMD migration entries in the generic paths --------------------------------------------------
 def split_huge_pmd_migration_entry(vma: "Vma", haddr: int, pmd: PtRef, tbl: npt.NDArray[np.uint64], tid: int) -> None:
     """``__split_huge_pmd_locked()`` for a PMD migration entry: 512 pte migration entries."""
-    from .pgtable import mk_table_entry
     e = pmd.get()
     ent = pte_to_swp_entry(e)
     head = swp_offset_pfn(ent)
@@ -337,7 +337,6 @@ def zap_pmd_migration_entry(vma: "Vma", e: int) -> list[int]:
 
 def copy_pmd_migration_entry(dst_vma: "Vma", src_vma: "Vma", dst_pmd: PtRef, src_pmd: PtRef, e: int) -> int:
     """``copy_huge_pmd()`` of a PMD migration entry: writable becomes readable in both."""
-    from .vma import is_cow_mapping
     ent = pte_to_swp_entry(e)
     if is_writable_migration_entry(ent) and is_cow_mapping(src_vma.vm_flags):
         e = swp_entry_to_pte(make_readable_migration_entry(swp_offset(ent))) | _PAGE_PSE

@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING
 
 from .errno import EACCES, EEXIST, EINVAL, ENODEV, ENOMEM, EOVERFLOW
 from .fs import FMODE_READ, FMODE_WRITE, File, fput, get_file
-from .mm import MM
+from .huge_memory import vma_adjust_trans_huge
+from .hugetlb import hugetlb_file_setup, hugetlb_vm_op_close
+from .memory import free_pgtables, unmap_vmas
+from .mm import MM, mmap_assert_write_locked
 from .page_types import (
     HPAGE_PMD_SIZE,
     PAGE_ALIGN,
@@ -27,6 +30,7 @@ from .page_types import (
     TASK_SIZE,
 )
 from .rmap import anon_vma_clone, unlink_anon_vmas
+from .shmem import shmem_zero_setup
 from .vma import (
     VM_ACCOUNT,
     VM_HUGETLB,
@@ -123,7 +127,6 @@ def split_vma(mm: MM, vma: Vma, addr: int, new_below: bool) -> Vma | int:
             return int(err)
     if mm.map_count >= MAX_MAP_COUNT:
         return -ENOMEM
-    from .huge_memory import vma_adjust_trans_huge
     vma_adjust_trans_huge(vma, vma.vm_start, addr, 0) if new_below else vma_adjust_trans_huge(vma, addr, vma.vm_end, 0)
     new = vma.clone()
     mm.remove_vma(vma)
@@ -212,7 +215,6 @@ def _unlink_vma(vma: Vma) -> None:
 
 def remove_vma(vma: Vma) -> None:
     """``remove_vma()``: ``vm_ops->close``, drop the file and anon_vma links."""
-    from .hugetlb import hugetlb_vm_op_close
     if vma.vm_flags & VM_HUGETLB:
         hugetlb_vm_op_close(vma)
     _unlink_vma(vma)
@@ -226,8 +228,6 @@ def do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags:
     :return: the address, or a negative errno (``-EINVAL``, ``-ENOMEM``, ``-EACCES``,
         ``-ENODEV``, ``-EEXIST``, ``-EOVERFLOW``, or what the driver's mmap returned)
     """
-    from .hugetlb import hugetlb_file_setup
-    from .mm import mmap_assert_write_locked
     mmap_assert_write_locked(mm)
     own_file = False
     if file is None and flags & MAP_HUGETLB:
@@ -330,7 +330,6 @@ def mmap_region(mm: MM, file: File | None, addr: int, length: int, vm_flags: int
         assert file.f_op.mmap is not None
         err = file.f_op.mmap(file, vma)
         if err:
-            from .memory import free_pgtables, unmap_vmas
             unmap_vmas(mm, [vma], vma.vm_start, vma.vm_end)
             mm.remove_vma(vma)
             free_pgtables(mm, vma.vm_start, vma.vm_end, 0, 0)
@@ -340,7 +339,6 @@ def mmap_region(mm: MM, file: File | None, addr: int, length: int, vm_flags: int
         if file.f_inode is not None:
             file.f_inode.i_mapping.i_mmap.append(vma)
     elif vm_flags & VM_SHARED:
-        from .shmem import shmem_zero_setup
         shmem_zero_setup(vma)
         assert vma.vm_file is not None and vma.vm_file.f_inode is not None
         vma.vm_file.f_inode.i_mapping.i_mmap.append(vma)
@@ -362,7 +360,6 @@ def do_munmap(mm: MM, start: int, length: int) -> int:
     Splits the VMAs at the edges (which may fail, e.g. inside a hugetlb page), zaps the
     range under one ``MMU_NOTIFY_UNMAP`` invalidation of the whole request, frees page
     tables no VMA needs, and removes the VMAs. Returns 0 or ``-EINVAL``/``-ENOMEM``."""
-    from .memory import free_pgtables, unmap_vmas
     if start & (PAGE_SIZE - 1) or start > TASK_SIZE or length > TASK_SIZE - start:
         return -EINVAL
     end = start + PAGE_ALIGN(length)

@@ -1,7 +1,8 @@
 """Loadable modules: ``module_init()`` registration and loading into a machine
 (``include/linux/module.h``). Drivers register their init function under their module
-name when imported; a :class:`~hmmsim.kernel.system.System` loads the ones its config
-asks for, so the core never imports a driver."""
+name when imported (the ``hmmsim`` package imports :mod:`hmmsim.drivers`, so every
+driver is registered before any machine boots); a :class:`~hmmsim.kernel.system.System`
+loads the ones its config asks for, so the core never imports a driver."""
 
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ def module_init(name: str) -> Callable[[Callable[["System"], None]], Callable[["
 
 def load_module(sys: "System", name: str) -> None:
     """``modprobe name`` on *sys*."""
-    if name not in _MODULES:
-        import hmmsim.drivers  # noqa: F401  (importing the drivers registers them)
     try:
         init = _MODULES[name]
     except KeyError:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errno import EACCES, EINVAL, ENOMEM
+from .huge_memory import __split_huge_pmd, change_huge_pmd
+from .hugetlb import hugetlb_change_protection
 from .mm import MM
 from .mmap import vm_enough_memory, vma_modify, vma_try_merge
 from .mmu_notifier import (
@@ -165,7 +167,6 @@ def change_protection(vma: Vma, start: int, end: int, try_writable: bool = False
     mm = vma.vm_mm
     newprot = PAGE_NONE if prot_numa else vma.vm_page_prot
     if vma.vm_flags & VM_HUGETLB:
-        from .hugetlb import hugetlb_change_protection
         return hugetlb_change_protection(vma, start, end, newprot)
     rng: MmuNotifierRange | None = None
     pages = 0
@@ -192,10 +193,8 @@ def change_protection(vma: Vma, start: int, end: int, try_writable: bool = False
                     continue
                 if pmd_leaf(e) or not pte_present(e):
                     if nxt - addr != HPAGE_PMD_SIZE:
-                        from .huge_memory import __split_huge_pmd
                         __split_huge_pmd(vma, pmd, addr)
                     else:
-                        from .huge_memory import change_huge_pmd
                         pages += change_huge_pmd(vma, pmd, addr, newprot, try_writable, prot_numa)
                         addr = nxt
                         continue

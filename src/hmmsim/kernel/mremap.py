@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from .errno import EFAULT, EINVAL, ENOMEM
 from .fs import get_file
+from .huge_memory import __split_huge_pmd, move_huge_pmd
+from .hugetlb import ResvMap
 from .mm import MM
 from .mmap import do_munmap, get_unmapped_area, vm_enough_memory, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
@@ -76,12 +78,10 @@ def move_page_tables(vma: Vma, old_addr: int, new_vma: Vma, new_addr: int, lengt
             e = src.get()
             if pmd_leaf(e) or not pte_present(e):
                 if extent == HPAGE_PMD_SIZE and dst.get() == 0:
-                    from .huge_memory import move_huge_pmd
                     if move_huge_pmd(vma, src, dst):
                         old_addr += extent
                         new_addr += extent
                         continue
-                from .huge_memory import __split_huge_pmd
                 __split_huge_pmd(vma, src, old_addr)
             elif extent == PMD_SIZE and dst.get() == 0:
                 # move_normal_pmd(): hand the whole pte table over
@@ -151,7 +151,6 @@ def _move_vma(mm: MM, vma: Vma, old_addr: int, old_len: int, new_len: int, new_a
     new_vma = _copy_vma(mm, vma, new_addr, new_len, new_pgoff)
     move_page_tables(vma, old_addr, new_vma, new_addr, old_len)
     if vma.vm_flags & VM_HUGETLB:
-        from .hugetlb import ResvMap
         if isinstance(vma.vm_private_data, ResvMap):
             new_vma.vm_private_data = vma.vm_private_data
             vma.vm_private_data = None

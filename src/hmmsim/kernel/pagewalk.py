@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errno import EINVAL
+from .huge_memory import split_huge_pmd, split_huge_pud
 from .locking import READ
 from .mm import MM, PtRef, mmap_assert_locked, mmap_assert_write_locked
 from .page_types import HPAGE_PMD_SIZE, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE
@@ -129,7 +130,6 @@ def walk_pmd_range(pmd_tid: int, addr: int, end: int, walk: MmWalk) -> int:
                     or walk.action == ACTION_CONTINUE or ops.pte_entry is None):
                 break
             if walk.vma is not None:
-                from .huge_memory import split_huge_pmd
                 split_huge_pmd(walk.vma, ref, addr)
                 e = int(tbl[idx])
                 if e == 0 or _is_leaf(e) or not pte_present(e):
@@ -199,7 +199,6 @@ def walk_pud_range(pud_tid: int, addr: int, end: int, walk: MmWalk) -> int:
                     or (ops.pmd_entry is None and ops.pte_entry is None)):
                 break
             if walk.vma is not None and _is_leaf(e):
-                from .huge_memory import split_huge_pud
                 split_huge_pud(walk.vma, ref, addr)
             if int(tbl[idx]) == 0:
                 continue

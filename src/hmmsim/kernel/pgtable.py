@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from ..flags import decode_flags
 from .page_types import PTRS_PER_PTE
 
 __all__ = (
@@ -349,7 +350,6 @@ def pte_marker_get(entry: int) -> int:
 def decode_pte(pte: int) -> str:
     """Describe an entry for humans: ``"none"``, ``"pfn 0x1234 PRESENT|RW|..."`` or the
     swap-format kind with its offset."""
-    from ..flags import decode_flags
     if pte == 0:
         return "none"
     if pte_present(pte):

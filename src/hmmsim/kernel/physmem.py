@@ -7,7 +7,7 @@ Models the parts of ``include/linux/mm_types.h`` (``struct page``/``struct folio
 Layout of the pfn space: system RAM is ``[0, ram_pages)``; the first pageblock is
 reserved for "the kernel" and holds the shared zero page; CPU-addressable device memory
 (device-coherent ZONE_DEVICE ranges) follows up to ``data_pages``, and device-private
-ranges, which have no CPU-visible contents, lie above (:mod:`hmmsim.hmm.memremap`).
+ranges, which have no CPU-visible contents, lie above (:mod:`hmmsim.kernel.memremap`).
 Every pfn has one entry in each metadata array (a struct-of-arrays, like
 ``scipy.sparse`` keeps its coordinates). All metadata arrays default to zero, so they are
 calloc-backed and only the pfns actually used cost memory; page contents live in one
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..flags import decode_flags
 from .page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SIZE
 
 __all__ = (
@@ -364,6 +365,5 @@ class Folio:
         return self.mem.folio_mapping(self.pfn)
 
     def __repr__(self) -> str:
-        from ..flags import decode_flags
         return (f"Folio(pfn={self.pfn:#x}, order={self.order}, ref={self.refcount}, "
                 f"map={self.mapcount}, flags={decode_flags(self.flags, PAGEFLAG_NAMES, False)})")

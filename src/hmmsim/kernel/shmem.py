@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errno import EINVAL, ENOMEM
-from .fs import FMODE_READ, FMODE_WRITE, File, FileOperations, Inode
+from .fault import set_pte_range
+from .fs import FMODE_READ, FMODE_WRITE, File, FileOperations, Inode, SuperOperations
+from .memory import unmap_mapping_pages
 from .mm_types import (
     VM_FAULT_LOCKED,
     VM_FAULT_NOPAGE,
@@ -33,8 +35,9 @@ if TYPE_CHECKING:
     from .vma import Vma
 
 __all__ = (
-    "evict_inode", "filemap_map_pages", "shmem_fault", "shmem_file_setup", "shmem_get_folio",
-    "shmem_mmap", "shmem_pread", "shmem_pwrite", "shmem_truncate", "shmem_zero_setup",
+    "filemap_map_pages", "shmem_evict_inode", "shmem_fault", "shmem_file_setup",
+    "shmem_get_folio", "shmem_mmap", "shmem_ops", "shmem_pread", "shmem_pwrite",
+    "shmem_truncate", "shmem_zero_setup",
 )
 
 
@@ -84,7 +87,6 @@ def filemap_map_pages(vmf: "VmFault", start_pgoff: int, end_pgoff: int) -> int:
     already cached (and within i_size) into empty ptes of the faulting table.
 
     Returns ``VM_FAULT_NOPAGE`` if the faulting address itself got mapped."""
-    from .fault import set_pte_range
     vma = vmf.vma
     assert vma.vm_file is not None and vma.vm_file.f_inode is not None
     inode = vma.vm_file.f_inode
@@ -135,7 +137,7 @@ shmem_file_operations = FileOperations("shmem", mmap=shmem_mmap)
 def shmem_file_setup(system: "System", name: str, size: int, mode: int = FMODE_READ | FMODE_WRITE) -> File:
     """``shmem_file_setup()`` / ``open(O_TMPFILE)``: a new unlinked tmpfs file of *size*
     bytes (sparse: no page is allocated until touched)."""
-    inode = Inode(system, "shmem", size, name)
+    inode = Inode(system, "shmem", shmem_ops, size, name)
     return File(inode, shmem_file_operations, mode, name=name)
 
 
@@ -208,7 +210,6 @@ def shmem_truncate(inode: Inode, size: int) -> int:
         return -EINVAL
     if size < inode.i_size:
         first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
-        from .memory import unmap_mapping_pages
         unmap_mapping_pages(inode.i_mapping, first, None)
         for index in [i for i in inode.i_mapping.pages if i >= first]:
             _drop_cache_page(inode, index)
@@ -220,13 +221,10 @@ def shmem_truncate(inode: Inode, size: int) -> int:
     return 0
 
 
-def evict_inode(inode: Inode) -> None:
+def shmem_evict_inode(inode: Inode) -> None:
     """``shmem_evict_inode()``: free the page cache of an inode nobody refers to."""
-    if inode in inode.sys.inodes:
-        inode.sys.inodes.remove(inode)
-    if inode.kind == "hugetlbfs":
-        from .hugetlb import hugetlbfs_evict_inode
-        hugetlbfs_evict_inode(inode)
-        return
     for index in list(inode.i_mapping.pages):
         _drop_cache_page(inode, index)
+
+
+shmem_ops = SuperOperations("tmpfs", evict_inode=shmem_evict_inode)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .folio import folio_put
 from .mm import MM_ANONPAGES, MM_SWAPENTS
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import PAGE_SHIFT, PAGE_SIZE
@@ -85,7 +86,6 @@ def reclaim_pages(vma: "Vma", start: int, end: int) -> int:
     """``MADV_PAGEOUT``: page out the small anonymous pages of ``[start, end)`` that only
     this mapping uses, replacing each pte by a swap entry (one ``MMU_NOTIFY_CLEAR`` per
     page, as ``try_to_unmap_one`` does). Returns the number of pages swapped out."""
-    from .folio import folio_put
     mm = vma.vm_mm
     sys = mm.sys
     si = sys.swap

@@ -6,12 +6,14 @@ enabled``), the huge zero page (``use_zero_page``), the hugetlb pool (``nr_hugep
 of 2 MiB), optional swap, and whether the ``test_hmm`` module is loaded (four dmirror
 devices: 0 and 1 device-private, 2 and 3 device-coherent).
 
->>> from hmmsim import System
->>> sys = System()
->>> p = sys.spawn()
->>> addr = p.mmap(4)
->>> p.write(addr, b"hello"); p.read(addr, 5)
-b'hello'
+>>> from hmmsim.kernel.system import System
+>>> sys = System(ram=256 << 20, coherent=False)
+>>> task = sys.create_task("a.out")
+>>> sys.modules_loaded, len(sys.dmirror_devices)
+(['test_hmm'], 2)
+
+:class:`hmmsim.System` is this machine with the friendly process API on top
+(``System().spawn()``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .fs import AddressSpace
 from .hugetlb import HugetlbPool
+from .invariants import check_invariants
 from .locking import LockState
 from .mm import MM
 from .module import load_module
@@ -32,8 +35,7 @@ from .swap import SwapInfo
 from .task import Task
 
 if TYPE_CHECKING:
-    from ..hmm.memremap import DevPagemap
-    from ..process import Process
+    from .memremap import DevPagemap
 
 __all__ = ("DEVMEM_CHUNK_PAGES", "System", "SystemConfig")
 
@@ -123,11 +125,6 @@ class System:
         self.tasks.append(t)
         return t
 
-    def spawn(self, name: str = "") -> "Process":
-        """A new process, wrapped in the friendly :class:`~hmmsim.process.Process` API."""
-        from ..process import Process
-        return Process(self, self.create_task(name))
-
     # -- device memory ----------------------------------------------------------------------
     def request_free_mem_region(self, nr_pages: int) -> int:
         """``request_free_mem_region()``: a free physical range for device-private memory
@@ -172,7 +169,6 @@ class System:
     def check_invariants(self, full: bool = True) -> None:
         """Verify frames, refcounts, mapcounts and rss against the page tables; raise
         :class:`~hmmsim.kernel.invariants.InvariantError` naming the first bad pfn."""
-        from .invariants import check_invariants
         check_invariants(self, full=full)
 
     def __repr__(self) -> str:

@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING
 from .errno import EBADF, ENOMEM
 from .fs import File, fput, get_file
 from .locking import Thread
+from .memory import copy_page_range, free_pgtables, unmap_vmas
 from .mm import MM, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from .mmap import do_mmap, do_munmap, remove_vma, vm_enough_memory
+from .mmu_notifier import mmu_notifier_release
 from .page_types import ULONG_MAX
+from .rmap import anon_vma_fork
 from .vma import (
     VM_ACCOUNT,
     VM_DONTCOPY,
@@ -53,8 +56,6 @@ def mmput(mm: MM) -> None:
 
 def exit_mmap(mm: MM) -> None:
     """``exit_mmap()``: release notifiers, unmap everything, free all page tables."""
-    from .memory import free_pgtables, unmap_vmas
-    from .mmu_notifier import mmu_notifier_release
     mmu_notifier_release(mm)
     mmap_read_lock(mm)
     vmas = mm.vma_list()
@@ -132,8 +133,6 @@ class Task:
     def fork(self) -> "Task | int":
         """``fork()``: a child with a copy of this address space (copy-on-write) and of the
         file table. Returns the child or a negative errno."""
-        from .memory import copy_page_range
-        from .rmap import anon_vma_fork
         sys = self.sys
         old = self.mm
         new = MM(sys, name=f"{old.name}'")

@@ -20,9 +20,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from ..drivers.dmirror import dmirror_open
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE
-from ..kernel.system import System, SystemConfig
+from ..kernel.system import SystemConfig
 from ..process import Process
+from ..scenario.run import reference_config
+from ..system import System
 
 __all__ = (
     "ASSERT_EQ", "ASSERT_FALSE", "ASSERT_GE", "ASSERT_GT", "ASSERT_LE", "ASSERT_LT", "ASSERT_NE",
@@ -156,8 +159,6 @@ class FixtureState:
 
 
 def _setup(variant: Variant, config: SystemConfig | None) -> FixtureState:
-    from ..drivers.dmirror import dmirror_open
-    from ..scenario.run import reference_config
     sys = System(config or reference_config())
     proc = sys.spawn("hmm-tests")
     self = FixtureState(sys, proc)

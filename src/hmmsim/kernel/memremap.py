@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..kernel.errno import EINVAL
-from ..kernel.mm_types import VmFault
-from ..kernel.page_types import PAGE_SHIFT
-from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_locked
+from .errno import EINVAL
+from .mm_types import VmFault
+from .page_types import PAGE_SHIFT
+from .pagemap import folio_lock
+from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_locked
 
 if TYPE_CHECKING:
-    from ..kernel.system import System
+    from .system import System
 
 __all__ = (
     "DevPagemap", "DevPagemapOps", "MemoryType", "free_zone_device_folio",
@@ -157,7 +158,6 @@ def is_device_coherent_page(sys: "System", pfn: int) -> bool:
 def zone_device_page_init(sys: "System", pfn: int) -> None:
     """``zone_device_page_init()``: a driver hands out a free device page: refcount 1,
     locked (the caller unlocks it), pgmap reference taken."""
-    from ..kernel.pagemap import folio_lock
     mem = sys.mem
     pg = page_pgmap(sys, pfn)
     assert pg is not None and mem.refcount[pfn] == 0, f"pfn {pfn:#x} is not a free device page"
