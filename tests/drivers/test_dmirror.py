@@ -15,6 +15,8 @@ from hmmsim.drivers.test_hmm_uapi import (
 )
 from hmmsim.errors import BadAddress, InvalidArgument, NoDevice, NotSupportedError, PermissionDenied
 from hmmsim.kernel.errno import EBADF, EFAULT, EINVAL, ENODEV, ENOMEM
+from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
+from hmmsim.kernel.mmu_notifier import MmuNotifierEvent, notify_range
 from hmmsim.kernel.page_types import PAGE_SIZE as P
 
 R, W, Z = HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO
@@ -198,3 +200,35 @@ def test_dmirror_pt_erase_and_load() -> None:
     assert len(pt) == 0 and pt.leaves == {}
 
 
+
+
+def test_dmirror_ignores_migrate_invalidations_of_its_own_device(proc: Process) -> None:
+    """``dmirror_interval_invalidate()`` skips MMU_NOTIFY_MIGRATE ranges owned by its own
+    device (the migration keeps its mirror in step itself) and does not bump the sequence;
+    the same event owned by another device, or any other event, erases the mirror."""
+    a = proc.mmap(8 * P)
+    proc.write(a, pattern(8))
+    d0, d1 = proc.open_device(0), proc.open_device(1)
+    d0.read(a, 8)
+    d1.read(a, 8)
+    dm0 = proc.task.fget(d0.fd).private_data
+    dm1 = proc.task.fget(d1.fd).private_data
+    seq0 = dm0.notifier.invalidate_seq
+
+    def mirrored(dm) -> int:
+        return int((dm.pt.load_range(a >> 12, 8) >= 0).sum())
+
+    mmap_read_lock(proc.mm)
+    with notify_range(MmuNotifierEvent.MMU_NOTIFY_MIGRATE, proc.mm, a, a + 8 * P, owner=dm0.mdevice):
+        pass
+    mmap_read_unlock(proc.mm)
+    assert (mirrored(dm0), mirrored(dm1)) == (8, 0)
+    assert dm0.notifier.invalidate_seq == seq0
+    d1.read(a, 8)
+    mmap_read_lock(proc.mm)
+    with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, proc.mm, a, a + 4 * P, owner=dm0.mdevice):
+        pass
+    mmap_read_unlock(proc.mm)
+    assert (mirrored(dm0), mirrored(dm1)) == (3, 3)  # [a, a+4P) plus one page past the end
+    d0.close()
+    d1.close()
