@@ -45,6 +45,10 @@ GiB = 1 << 30
 DEVMEM_CHUNK_PAGES = (256 * MiB) >> PAGE_SHIFT
 
 
+#: kernel versions whose behaviour the model reproduces
+SUPPORTED_KERNELS = ("6.12",)
+
+
 @dataclass(frozen=True)
 class SystemConfig:
     """Boot parameters of a :class:`System` (all sizes in bytes)."""
@@ -65,7 +69,8 @@ class SystemConfig:
     coherent: bool = True
     #: pfn space for device-private chunks (``request_free_mem_region``)
     device_private_space: int = 8 * GiB
-    #: kernel whose behaviour is modelled where versions differ
+    #: kernel whose behaviour is modelled where versions differ (only 6.12 so far; the
+    #: hmm_range_fault pfn layout is the 6.16+ one, as the inventory specifies)
     kernel: str = "6.12"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +83,9 @@ class SystemConfig:
             raise ValueError("the hugetlb pool must fit in half of RAM")
         if self.swap_pages < 0:
             raise ValueError("swap_pages must be >= 0")
+        if self.kernel not in SUPPORTED_KERNELS:
+            raise ValueError(f"kernel {self.kernel!r} is not modelled; supported: "
+                             f"{', '.join(SUPPORTED_KERNELS)}")
 
 
 class System:
