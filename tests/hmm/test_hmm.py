@@ -20,14 +20,22 @@ from hmmsim.hmm.hmm import (
 )
 from hmmsim.hmm.mirror import HmmMirror
 from hmmsim.kernel.errno import EBUSY, EFAULT, EINVAL, EPERM
+from hmmsim.kernel.folio import folio_put
 from hmmsim.kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
 from hmmsim.kernel.locking import DeadlockError
 from hmmsim.kernel.memory import remap_pfn_range, vmf_insert_pfn
+from hmmsim.kernel.memremap import (
+    DevPagemap, DevPagemapOps, MemoryType, memremap_pages, zone_device_page_init,
+)
 from hmmsim.kernel.migrate import migrate_folio_move, migrate_folio_unmap
 from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
 from hmmsim.kernel.mmu_notifier import mmu_interval_read_begin
 from hmmsim.kernel.page_types import PAGE_SIZE, PMD_SIZE
-from hmmsim.kernel.pgtable import pte_pfn, pte_present, pte_to_swp_entry, is_migration_entry
+from hmmsim.kernel.pagemap import folio_unlock
+from hmmsim.kernel.pgtable import (
+    is_migration_entry, make_readable_device_private_entry, make_writable_device_private_entry,
+    pte_pfn, pte_present, pte_to_swp_entry, swp_entry_to_pte,
+)
 from hmmsim.kernel.sched import Interleave
 from hmmsim.kernel.task import vm_munmap
 from hmmsim.kernel.vma import VM_MIXEDMAP
@@ -429,3 +437,77 @@ def test_hmm_range_fault_needs_mmap_lock(proc: Process, mirror: HmmMirror) -> No
         hmm_range_fault(r)
 
 
+
+
+class _HandMigrated:
+    """One anonymous page moved by hand to a device-private page of a test pagemap,
+    as ``migrate_vma_*`` would leave it (the source page is kept aside, not freed, so
+    that ``migrate_to_ram`` can put it back). Migration itself is the next layer; this
+    exercises only hmm_range_fault's and do_swap_page's handling of the entry."""
+
+    def __init__(self, proc: Process, addr: int, writable: bool = True) -> None:
+        self.sys = sys = proc.mm.sys
+        self.mm, self.addr = proc.mm, addr
+        self.owner = object()
+        self.freed: list[int] = []
+        start = sys.request_free_mem_region(512)
+        self.pgmap = DevPagemap(MemoryType.MEMORY_DEVICE_PRIVATE, start, 512,
+                                DevPagemapOps(page_free=self.freed.append,
+                                              migrate_to_ram=self._migrate_to_ram), self.owner)
+        assert memremap_pages(sys, self.pgmap) == 0
+        self.dpfn = start
+        zone_device_page_init(sys, self.dpfn)
+        folio_unlock(sys, self.dpfn)
+        pmd = proc.mm.pmd_ref(addr)
+        tbl, tid = proc.mm.pte_offset_map_lock(pmd)
+        self.orig = int(tbl[(addr >> 12) & 511])
+        make = make_writable_device_private_entry if writable else make_readable_device_private_entry
+        tbl[(addr >> 12) & 511] = swp_entry_to_pte(make(self.dpfn))
+        proc.mm.pte_unmap_unlock(tid)
+        self.calls = 0
+
+    def _migrate_to_ram(self, vmf) -> int:
+        """The driver's ``migrate_to_ram``: put the original page back, drop the device
+        page (its last reference: ``page_free`` runs)."""
+        self.calls += 1
+        assert vmf.address == self.addr
+        tbl, tid = self.mm.pte_offset_map_lock(self.mm.pmd_ref(self.addr))
+        tbl[(self.addr >> 12) & 511] = self.orig
+        self.mm.pte_unmap_unlock(tid)
+        folio_put(self.sys, self.dpfn)  # the reference the mapping held
+        return 0
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_hmm_range_fault_device_private_entry_of_the_owner(proc: Process, mirror: HmmMirror,
+                                                           writable: bool) -> None:
+    a = proc.mmap(3 * P)
+    proc.write(a, b"x" * (3 * P))
+    dev = _HandMigrated(proc, a + P, writable)
+    want = HMM_PFN_VALID | (HMM_PFN_WRITE if writable else 0)
+    # the owner sees the device pfn, even when a write fault was requested
+    for req in (0, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE):
+        ret, r = mirror.range_fault(a, a + 3 * P, default_flags=req, dev_private_owner=dev.owner)
+        assert ret == 0 and int(r[1]) == dev.dpfn | want
+    # anyone else: 0 without a fault request
+    ret, r = snap(mirror, a, 3)
+    assert ret == 0 and int(r[1]) == 0 and flags(int(r[0])) == flags(int(r[2])) == HMM_PFN_VALID | HMM_PFN_WRITE
+    assert dev.calls == 0 and dev.freed == []
+    dev._migrate_to_ram(type("V", (), {"address": a + P})())  # restore for the next case
+    assert dev.freed == [dev.dpfn]
+
+
+def test_hmm_range_fault_device_private_entry_faults_through_migrate_to_ram(
+        proc: Process, mirror: HmmMirror) -> None:
+    """Another owner asking for the page faults it: do_swap_page calls the pagemap's
+    migrate_to_ram, the walk restarts and reports the system page."""
+    a = proc.mmap(2 * P)
+    proc.write(a, b"y" * (2 * P))
+    dev = _HandMigrated(proc, a)
+    sys_page = pte_pfn(dev.orig)
+    with proc.mm.sys.stats.measure() as d:
+        ret, r = fault(mirror, a, 2)
+    assert ret == 0 and dev.calls == 1 and d["fault.migrate_to_ram"] == 1
+    assert hmm_pfn_to_pfn(r[0]) == sys_page and flags(r[0]) == HMM_PFN_VALID | HMM_PFN_WRITE
+    assert dev.freed == [dev.dpfn] and dev.pgmap.nr_used == 0
+    assert proc.read(a, 2) == b"yy"
