@@ -110,9 +110,9 @@ from .vma import (
     VM_WRITE,
     Vma,
     is_cow_mapping,
+    pte_needs_soft_dirty_wp,
     vma_is_accessible,
     vma_is_anonymous,
-    vma_soft_dirty_enabled,
 )
 
 if TYPE_CHECKING:
@@ -615,7 +615,7 @@ def do_swap_in(vmf: VmFault, entry: int) -> int:
     if not exclusive:
         sys.mem.flags[pfn] &= ~np.uint32(PG_anon_exclusive)
     write_done = False
-    if exclusive and vma.vm_flags & VM_WRITE and not (vma_soft_dirty_enabled(vma) and not pte & _PAGE_SOFT_DIRTY):
+    if exclusive and vma.vm_flags & VM_WRITE and not pte_needs_soft_dirty_wp(vma, pte):
         pte = pte_mkwrite(pte)
         if vmf.flags & FAULT_FLAG_WRITE:
             pte = pte_mkdirty(pte)
@@ -672,7 +672,7 @@ def do_numa_page(vmf: VmFault) -> int:
         mm.pte_unmap_unlock(tid)
         return 0
     pte = pte_mkyoung(pte_modify(vmf.orig_pte, vma.vm_page_prot))
-    if vma.vm_flags & VM_WRITE and not pte_write(pte) and not (vma_soft_dirty_enabled(vma) and not pte & _PAGE_SOFT_DIRTY):
+    if vma.vm_flags & VM_WRITE and not pte_write(pte) and not pte_needs_soft_dirty_wp(vma, pte):
         pfn = vm_normal_page(vma, vmf.address, pte)
         if vma.vm_flags & VM_SHARED:
             pte = pte_mkwrite(pte) if pte_dirty(pte) else pte

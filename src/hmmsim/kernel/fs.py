@@ -70,16 +70,15 @@ class AddressSpace:
 
 
 class Inode:
-    """``struct inode`` of tmpfs (``"shmem"``) or hugetlbfs (``"hugetlbfs"``); *s_op*
-    stands for ``inode->i_sb->s_op``."""
+    """``struct inode`` of tmpfs or hugetlbfs; *s_op* stands for ``inode->i_sb->s_op``
+    (its name says which filesystem the inode belongs to)."""
 
-    __slots__ = ("sys", "kind", "s_op", "i_size", "i_mapping", "nlink", "i_count", "name",
+    __slots__ = ("sys", "s_op", "i_size", "i_mapping", "nlink", "i_count", "name",
                  "huge", "resv")
 
-    def __init__(self, system: "System", kind: str, s_op: SuperOperations, size: int,
+    def __init__(self, system: "System", s_op: SuperOperations, size: int,
                  name: str = "") -> None:
         self.sys = system
-        self.kind = kind
         self.s_op = s_op
         self.i_size = size
         self.i_mapping = AddressSpace(self)
@@ -94,7 +93,7 @@ class Inode:
         self.resv = 0
 
     def __repr__(self) -> str:
-        return f"Inode({self.kind}:{self.name}, size={self.i_size})"
+        return f"Inode({self.s_op.name}:{self.name}, size={self.i_size})"
 
 
 class File:

@@ -84,8 +84,8 @@ from .vma import (
     VM_SPECIAL,
     VM_WRITE,
     Vma,
+    pte_needs_soft_dirty_wp,
     vma_is_anonymous,
-    vma_soft_dirty_enabled,
 )
 
 if TYPE_CHECKING:
@@ -438,8 +438,8 @@ def change_huge_pmd(vma: Vma, pmd: PtRef, addr: int, newprot: int, try_writable:
         if prot_numa and (is_huge_zero_pmd(mm, e) or pte_protnone(e)):
             return 0
         entry = pte_modify(e, newprot)
-        if vma_soft_dirty_enabled(vma) and not entry & _PAGE_SOFT_DIRTY:
-            try_writable = False  # pmd_needs_soft_dirty_wp()
+        if pte_needs_soft_dirty_wp(vma, entry):  # pmd_needs_soft_dirty_wp()
+            try_writable = False
         if try_writable and not pte_write(entry) and not pte_protnone(entry):
             pfn = pte_pfn(entry)
             if vma.vm_flags & VM_SHARED:

@@ -84,10 +84,9 @@ if TYPE_CHECKING:
     from .system import System
 
 __all__ = (
-    "HugetlbPool", "ResvMap", "copy_hugetlb_page_range", "free_huge_folio",
-    "hugetlb_change_protection", "hugetlb_fault", "hugetlb_file_setup",
-    "hugetlb_reserve_pages", "hugetlb_vm_ops", "hugetlbfs_evict_inode", "hugetlbfs_ops",
-    "unmap_hugepage_range",
+    "HugetlbPool", "ResvMap", "copy_hugetlb_page_range", "hugetlb_change_protection",
+    "hugetlb_fault", "hugetlb_file_setup", "hugetlb_reserve_pages", "hugetlb_vm_ops",
+    "hugetlbfs_evict_inode", "hugetlbfs_ops", "is_file_hugepages", "unmap_hugepage_range",
 )
 
 _U = np.uint64
@@ -158,11 +157,6 @@ def _unreserve(pool: HugetlbPool, resv: ResvMap, indices: set[int]) -> None:
     gone = resv.indices & indices
     resv.indices -= gone
     pool.resv_huge_pages -= len(gone)
-
-
-def free_huge_folio(sys: "System", head: int) -> None:
-    """``free_huge_folio()``: a hugetlb page with no reference goes back to the pool."""
-    sys.hugetlb.free_huge_folio(head)
 
 
 def _alloc_hugetlb_folio(vma: Vma, idx: int) -> int:
@@ -441,7 +435,7 @@ def hugetlb_change_protection(vma: Vma, start: int, end: int, newprot: int) -> i
 
 def hugetlb_file_setup(sys: "System", size: int, shared: bool) -> File:
     """``hugetlb_file_setup()``: the internal hugetlbfs file behind ``MAP_HUGETLB``."""
-    inode = Inode(sys, "hugetlbfs", hugetlbfs_ops, size, "anon_hugepage")
+    inode = Inode(sys, hugetlbfs_ops, size, "anon_hugepage")
     inode.huge = HPAGE_PMD_ORDER
     return File(inode, hugetlbfs_file_operations, FMODE_READ | FMODE_WRITE, name="anon_hugepage")
 
@@ -487,5 +481,12 @@ def hugetlbfs_evict_inode(inode: Inode) -> None:
 
 
 hugetlbfs_file_operations = FileOperations("hugetlbfs", mmap=hugetlbfs_file_mmap)
+
+
+def is_file_hugepages(file: File | None) -> bool:
+    """``is_file_hugepages()``: is *file* a hugetlbfs file (``MAP_HUGETLB``'s included)?"""
+    return file is not None and file.f_op is hugetlbfs_file_operations
+
+
 hugetlbfs_ops = SuperOperations("hugetlbfs", evict_inode=hugetlbfs_evict_inode)
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .system import System
 
 __all__ = (
-    "DevPagemap", "DevPagemapOps", "MemoryType", "free_zone_device_folio",
+    "DevPagemap", "DevPagemapOps", "MemoryType",
     "is_device_coherent_page", "is_device_private_page", "is_zone_device_page",
     "memremap_pages", "memunmap_pages", "page_pgmap", "zone_device_page_init",
 )
@@ -137,8 +137,7 @@ def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:
 
 def page_pgmap(sys: "System", pfn: int) -> DevPagemap | None:
     """``page_pgmap()``: the pagemap of a ZONE_DEVICE page, else None."""
-    pid = int(sys.mem.pgmap[pfn]) if 0 <= pfn < sys.mem.max_pfn else 0
-    return sys.pgmaps[pid - 1] if pid else None
+    return sys.pgmap_of(pfn)
 
 
 def is_zone_device_page(sys: "System", pfn: int) -> bool:
@@ -164,8 +163,3 @@ def zone_device_page_init(sys: "System", pfn: int) -> None:
     mem.refcount[pfn] = 1
     pg.nr_used += 1
     folio_lock(sys, pfn)
-
-
-def free_zone_device_folio(sys: "System", pgmap: DevPagemap, pfn: int) -> None:
-    """``free_zone_device_folio()``: the last reference to a device page is gone."""
-    pgmap.free_zone_device_folio(sys, pfn)

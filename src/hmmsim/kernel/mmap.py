@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .errno import EACCES, EEXIST, EINVAL, ENODEV, ENOMEM, EOVERFLOW
 from .fs import FMODE_READ, FMODE_WRITE, File, fput, get_file
 from .huge_memory import vma_adjust_trans_huge
-from .hugetlb import hugetlb_file_setup, hugetlb_vm_op_close
+from .hugetlb import hugetlb_file_setup, hugetlb_vm_op_close, is_file_hugepages
 from .memory import free_pgtables, unmap_vmas
 from .mm import MM, mmap_assert_write_locked
 from .page_types import (
@@ -237,7 +237,7 @@ def do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags:
         file = hugetlb_file_setup(mm.sys, length, bool(flags & MAP_SHARED))
         own_file = True
     elif file is not None:
-        if file.f_inode is not None and file.f_inode.kind == "hugetlbfs":
+        if is_file_hugepages(file):
             length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK
         elif flags & MAP_HUGETLB:
             return -EINVAL
@@ -256,7 +256,7 @@ def _do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags
         return -ENOMEM
     if mm.map_count > MAX_MAP_COUNT:
         return -ENOMEM
-    is_huge = file is not None and file.f_inode is not None and file.f_inode.kind == "hugetlbfs"
+    is_huge = is_file_hugepages(file)
     if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
         if addr & (PAGE_SIZE - 1) or (is_huge and addr & (HPAGE_PMD_SIZE - 1)):
             return -EINVAL
@@ -313,7 +313,7 @@ def mmap_region(mm: MM, file: File | None, addr: int, length: int, vm_flags: int
         ret = do_munmap(mm, addr, length)
         if ret:
             return ret
-    is_huge = file is not None and file.f_inode is not None and file.f_inode.kind == "hugetlbfs"
+    is_huge = is_file_hugepages(file)
     accountable = not is_huge and (vm_flags & (VM_NORESERVE | VM_SHARED | VM_WRITE)) == VM_WRITE
     if accountable:
         if vm_enough_memory(mm, length >> PAGE_SHIFT):

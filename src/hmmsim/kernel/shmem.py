@@ -137,7 +137,7 @@ shmem_file_operations = FileOperations("shmem", mmap=shmem_mmap)
 def shmem_file_setup(system: "System", name: str, size: int, mode: int = FMODE_READ | FMODE_WRITE) -> File:
     """``shmem_file_setup()`` / ``open(O_TMPFILE)``: a new unlinked tmpfs file of *size*
     bytes (sparse: no page is allocated until touched)."""
-    inode = Inode(system, "shmem", shmem_ops, size, name)
+    inode = Inode(system, shmem_ops, size, name)
     return File(inode, shmem_file_operations, mode, name=name)
 
 

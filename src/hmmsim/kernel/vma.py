@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..flags import decode_flags
 from .page_types import PAGE_SHIFT
-from .pgtable import PAGE_COPY, PAGE_NONE, PAGE_READONLY, PAGE_SHARED
+from .pgtable import _PAGE_SOFT_DIRTY, PAGE_COPY, PAGE_NONE, PAGE_READONLY, PAGE_SHARED
 
 if TYPE_CHECKING:
     from .mm import MM
@@ -24,7 +24,8 @@ __all__ = (
     "VM_MIXEDMAP", "VM_NOHUGEPAGE", "VM_NORESERVE", "VM_PFNMAP", "VM_READ", "VM_SHARED",
     "VM_SOFTDIRTY", "VM_SPECIAL", "VM_UFFD_MISSING", "VM_UFFD_WP", "VM_WIPEONFORK",
     "VM_WRITE", "VmOps", "Vma", "calc_vm_prot_bits", "decode_vm_flags", "is_cow_mapping",
-    "vm_get_page_prot", "vma_is_accessible", "vma_is_anonymous", "vma_soft_dirty_enabled",
+    "vm_get_page_prot", "vma_is_accessible", "pte_needs_soft_dirty_wp", "vma_is_anonymous",
+    "vma_soft_dirty_enabled",
 )
 
 PROT_NONE = 0
@@ -180,6 +181,12 @@ def vma_soft_dirty_enabled(vma: Vma) -> bool:
     cleared VM_SOFTDIRTY; then ptes without their soft-dirty bit must stay
     write-protected (``pte_needs_soft_dirty_wp``)."""
     return not vma.vm_flags & VM_SOFTDIRTY
+
+
+def pte_needs_soft_dirty_wp(vma: Vma, pte: int) -> bool:
+    """``pte_needs_soft_dirty_wp()`` (and ``pmd_needs_soft_dirty_wp()``, the same bit on
+    x86): the entry must stay write-protected so that the next write marks it soft-dirty."""
+    return vma_soft_dirty_enabled(vma) and not pte & _PAGE_SOFT_DIRTY
 
 
 def is_cow_mapping(flags: int) -> bool:
