@@ -81,9 +81,12 @@ class Device:
         return int(f.f_op.unlocked_ioctl(f, command, cmd, self.process.task))
 
     def _scratch(self, size: int) -> int:
-        """The process's scratch buffer, at least *size* bytes (grown by remapping)."""
+        """The process's scratch buffer, at least *size* bytes (grown by remapping). Its
+        current size is read from the VMA tree, so a forked child, which inherits the
+        mapping, reuses it."""
         mm = self.process.mm
-        have = getattr(mm, "_facade_scratch", 0)
+        vma = mm.find_vma(SCRATCH_BASE)
+        have = vma.vm_end - SCRATCH_BASE if vma is not None and vma.vm_start <= SCRATCH_BASE else 0
         length = max((size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1), PAGE_SIZE)
         if have < length:
             if have:
@@ -92,7 +95,6 @@ class Device:
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
             if buf < 0:
                 raise error_from_errno(buf, "device buffer")
-            mm._facade_scratch = length
         return SCRATCH_BASE
 
     def _with_buffer(self, size: int, command: int, addr: int, npages: int,

@@ -232,3 +232,21 @@ def test_dmirror_ignores_migrate_invalidations_of_its_own_device(proc: Process) 
     assert (mirrored(dm0), mirrored(dm1)) == (3, 3)  # [a, a+4P) plus one page past the end
     d0.close()
     d1.close()
+
+
+def test_device_api_in_a_child_that_inherited_the_scratch_buffer(proc: Process) -> None:
+    """The facade's scratch buffer is inherited by fork; the child's Device reuses (and
+    grows) it instead of failing to map it again."""
+    from hmmsim.device import SCRATCH_BASE
+
+    a = proc.mmap(4 * P)
+    proc.write(a, pattern(4, 3))
+    assert proc.open_device(0).read(a, 1).cpages == 1  # maps one scratch page
+    child = proc.fork()
+    dc = child.open_device(0)
+    got = dc.read(a, 4)  # needs a bigger buffer than the inherited one
+    assert got.cpages == 4 and got.data.tobytes() == pattern(4, 3)
+    scratch = child.mm.find_vma(SCRATCH_BASE)
+    assert scratch is not None and (scratch.vm_start, scratch.vm_end) == (SCRATCH_BASE, SCRATCH_BASE + 4 * P)
+    dc.close()
+    child.exit()

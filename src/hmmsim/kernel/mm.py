@@ -79,8 +79,6 @@ class MM:
         #: mm has been torn down (exit_mmap done)
         self.dead = False
         self.owner: Any = None
-        #: size of the friendly API's scratch buffer (hmmsim.device), 0 if none
-        self._facade_scratch = 0
         system.mms.append(self)
 
     # -- VMA tree ------------------------------------------------------------------------
