@@ -38,7 +38,7 @@ from .drivers.test_hmm_uapi import (
 )
 from .errors import error_from_errno
 from .kernel.cpu import copy_from_user, copy_to_user
-from .kernel.errno import EBADF, EPERM
+from .kernel.errno import EPERM
 from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE
 from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE
 from .kernel.task import vm_mmap, vm_munmap
@@ -74,11 +74,7 @@ class Device:
 
     def ioctl(self, command: int, cmd: HmmDmirrorCmd) -> int:
         """The raw ``ioctl(fd, command, &cmd)``: 0 or a negative errno."""
-        f = self.process.task.fget(self.fd)
-        if f is None:
-            return -EBADF
-        assert f.f_op.unlocked_ioctl is not None
-        return int(f.f_op.unlocked_ioctl(f, command, cmd, self.process.task))
+        return self.process.task.ioctl(self.fd, command, cmd)
 
     def _scratch(self, size: int) -> int:
         """The process's scratch buffer, at least *size* bytes (grown by remapping). Its

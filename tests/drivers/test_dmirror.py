@@ -14,7 +14,7 @@ from hmmsim.drivers.test_hmm_uapi import (
     HmmDmirrorCmd,
 )
 from hmmsim.errors import BadAddress, InvalidArgument, NoDevice, NotSupportedError, PermissionDenied
-from hmmsim.kernel.errno import EBADF, EFAULT, EINVAL, ENODEV, ENOMEM
+from hmmsim.kernel.errno import EBADF, EFAULT, EINVAL, ENODEV, ENOMEM, ENOTTY
 from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
 from hmmsim.kernel.mmu_notifier import MmuNotifierEvent, notify_range
 from hmmsim.kernel.page_types import PAGE_SIZE as P
@@ -159,9 +159,8 @@ def test_dmirror_inherited_handle_mirrors_the_opener(proc: Process) -> None:
     d = proc.open_device(0)
     child = proc.fork()
     child.write(a, pattern(2, 9))  # the child's private copy
-    f = child.task.fget(d.fd)
     cmd = HmmDmirrorCmd(addr=a, ptr=child.mmap(2 * P), npages=2)
-    assert f.f_op.unlocked_ioctl(f, HMM_DMIRROR_READ, cmd, child.task) == 0
+    assert child.task.ioctl(d.fd, HMM_DMIRROR_READ, cmd) == 0
     assert child.read(cmd.ptr, 2 * P) == pattern(2, 1), "the parent's data, copied into the child's buffer"
     child.close(d.fd)  # releases nothing: the parent still holds the file
     child.exit()
@@ -250,3 +249,11 @@ def test_device_api_in_a_child_that_inherited_the_scratch_buffer(proc: Process) 
     assert scratch is not None and (scratch.vm_start, scratch.vm_end) == (SCRATCH_BASE, SCRATCH_BASE + 4 * P)
     dc.close()
     child.exit()
+
+
+def test_ioctl_needs_an_open_file_with_ioctls(proc: Process) -> None:
+    """``ioctl()``: ``-EBADF`` for a closed fd, ``-ENOTTY`` for a tmpfs file."""
+    fd = proc.open_tmpfile(P)
+    assert proc.task.ioctl(fd, HMM_DMIRROR_READ, HmmDmirrorCmd(npages=1)) == -ENOTTY
+    assert proc.task.ioctl(fd + 100, HMM_DMIRROR_READ, HmmDmirrorCmd(npages=1)) == -EBADF
+    proc.close(fd)

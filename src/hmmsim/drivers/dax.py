@@ -16,7 +16,7 @@ import numpy as np
 
 from ..kernel.errno import EINVAL, ENOMEM
 from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
-from ..kernel.memremap import DevPagemap, DevPagemapOps, MemoryType
+from ..kernel.memremap import DevPagemap, DevPagemapOps, MemoryType, pagemap_range
 from ..kernel.mm_types import (
     FAULT_FLAG_WRITE,
     VM_FAULT_FALLBACK,
@@ -76,13 +76,11 @@ def devdax_create(sys: "System", size: int = PUD_SIZE, align: int = PUD_SIZE) ->
         if mem._free[start:start + nr].all():
             pfns = np.arange(start, start + nr, dtype=np.int64)
             mem._take(pfns)
-            mem.refcount[start:start + nr] = 0
             mem.flags[start:start + nr] |= PG_reserved
             dax = DevDax(sys, start, nr, align)
-            # the range is RAM taken out of the allocator; register it as a GENERIC pgmap
-            dax.pgmap.id = len(sys.pgmaps) + 1
-            sys.pgmaps.append(dax.pgmap)
-            mem.pgmap[start:start + nr] = dax.pgmap.id
+            # RAM taken out of the allocator (as memmap= does), so memremap_pages()'s
+            # "not System RAM" check does not apply: register the GENERIC pgmap directly
+            pagemap_range(sys, dax.pgmap)
             return dax
     return -ENOMEM
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = (
     "DevPagemap", "DevPagemapOps", "MemoryType",
     "is_device_coherent_page", "is_device_private_page", "is_zone_device_page",
-    "memremap_pages", "memunmap_pages", "page_pgmap", "zone_device_page_init",
+    "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_page_init",
 )
 
 
@@ -116,12 +116,20 @@ def memremap_pages(sys: "System", pgmap: DevPagemap) -> int:
         return -EINVAL
     if pgmap.type == MemoryType.MEMORY_DEVICE_COHERENT and b > mem.data_pages:
         return -EINVAL
+    pagemap_range(sys, pgmap)
+    return 0
+
+
+def pagemap_range(sys: "System", pgmap: DevPagemap) -> None:
+    """``pagemap_range()``: register a validated pagemap and make its pfns its free
+    ZONE_DEVICE pages (pgmap id stored per pfn, refcount 0)."""
+    mem = sys.mem
+    a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
     sys.pgmaps.append(pgmap)
     pgmap.id = len(sys.pgmaps)
     mem.pgmap[a:b] = pgmap.id
     mem.refcount[a:b] = 0
     sys.stats.add("memremap.pages", pgmap.nr_pages)
-    return 0
 
 
 def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:

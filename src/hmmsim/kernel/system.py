@@ -108,7 +108,7 @@ class System:
         self._private_next = self._private_base
         max_pfn = self._private_base + (config.device_private_space >> PAGE_SHIFT)
         self.mem = PhysMem(ram_pages, data_pages, max_pfn)
-        #: every address space created (exited ones have ``dead`` set)
+        #: every live address space (``exit_mmap`` takes an mm off the list)
         self.mms: list[MM] = []
         #: references held by in-flight kernel operations (pfn -> count), for the checker
         self.extra_refs: dict[int, int] = {}

@@ -11,9 +11,9 @@ unmapped — and the files after), ``fs/file.c`` (the fd table) and ``mm/util.c`
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .errno import EBADF, ENOMEM
+from .errno import EBADF, ENOMEM, ENOTTY
 from .fs import File, fput, get_file
 from .locking import Thread
 from .memory import copy_page_range, free_pgtables, unmap_vmas
@@ -120,6 +120,16 @@ class Task:
 
     def fget(self, fd: int) -> File | None:
         return self.files.get(fd)
+
+    def ioctl(self, fd: int, command: int, arg: Any) -> int:
+        """``ioctl()`` (``ksys_ioctl`` + ``vfs_ioctl``): the file's ``unlocked_ioctl``;
+        ``-EBADF`` without a file, ``-ENOTTY`` if the file has no ioctls."""
+        f = self.files.get(fd)
+        if f is None:
+            return -EBADF
+        if f.f_op.unlocked_ioctl is None:
+            return -ENOTTY
+        return int(f.f_op.unlocked_ioctl(f, command, arg, self))
 
     def close_fd(self, fd: int) -> int:
         """``close()``: 0 or ``-EBADF``."""

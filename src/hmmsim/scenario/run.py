@@ -330,9 +330,8 @@ class _Runner:
                bufsize: int, fill: npt.NDArray[np.uint8] | None = None) -> tuple[int, HmmDmirrorCmd, npt.NDArray[np.uint8] | None]:
         """One device command through a fresh anonymous buffer of *bufsize* bytes."""
         fd = ctx.handles.get(handle)
-        f = ctx.task.fget(fd) if fd is not None else None
         dcmd = HmmDmirrorCmd(addr=addr, npages=npages)
-        if f is None:
+        if fd is None or ctx.task.fget(fd) is None:  # no buffer is mapped for a bad handle
             return -EBADF, dcmd, None
         mm = ctx.task.mm
         length = max(bufsize, PAGE_SIZE)
@@ -345,8 +344,7 @@ class _Runner:
                 if sigs and sigs[-1][2] == SIGKILL:
                     raise _Killed()
             dcmd.ptr = buf
-            assert f.f_op.unlocked_ioctl is not None
-            ret = f.f_op.unlocked_ioctl(f, command, dcmd, ctx.task)
+            ret = ctx.task.ioctl(fd, command, dcmd)
             data = None
             if ret == 0 and bufsize:
                 npg = (bufsize + PAGE_SIZE - 1) >> PAGE_SHIFT

@@ -32,7 +32,7 @@ from ..drivers.test_hmm_uapi import (
     HmmDmirrorCmd,
 )
 from ..errors import HmmError
-from ..kernel.errno import EBADF, EFAULT, EPERM
+from ..kernel.errno import EFAULT, EPERM
 from ..kernel.page_types import HPAGE_PMD_SIZE
 from ..kernel.sched import Interleave
 from ..kernel.task import vm_munmap
@@ -89,14 +89,10 @@ def malloc(proc: Process, size: int) -> int:
 def hmm_dmirror_cmd(proc: Process, fd: int, request: int, buffer: HmmBuffer, npages: int) -> int:
     """``hmm_dmirror_cmd()``: the ioctl with ``addr = buffer->ptr``, ``ptr =
     buffer->mirror``; on success ``cpages``/``faults`` are stored in *buffer*."""
-    f = proc.task.fget(fd)
-    if f is None:
-        return -EBADF
     cmd = HmmDmirrorCmd(addr=buffer.ptr, ptr=buffer.mirror, npages=npages)
-    assert f.f_op.unlocked_ioctl is not None
-    ret = f.f_op.unlocked_ioctl(f, request, cmd, proc.task)
+    ret = proc.task.ioctl(fd, request, cmd)
     if ret:
-        return int(ret)
+        return ret
     buffer.cpages = cmd.cpages
     buffer.faults = cmd.faults
     return 0
