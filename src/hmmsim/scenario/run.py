@@ -35,7 +35,7 @@ from ..drivers.test_hmm_uapi import (
     HmmDmirrorCmd,
 )
 from ..errors import KernelOops, NotSupportedError
-from ..kernel.cpu import SIGKILL, translate_range, user_read_pages, user_write_pages
+from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_read_pages, user_write_pages
 from ..kernel.errno import EBADF
 from ..kernel.madvise import (
     MADV_DONTNEED,
@@ -117,12 +117,16 @@ class _Runner:
         self.after = after
 
     # -- plumbing -----------------------------------------------------------------------------
-    def out(self, ctx: _Ctx, cmd: Command | Fork, op: str, **fields: Any) -> None:
-        rec: dict[str, Any] = {"line": cmd.line, "op": op}
+    @staticmethod
+    def record(ctx: _Ctx, line: int, **fields: Any) -> dict[str, Any]:
+        """An output record of line *line*, with ``proc`` when a child printed it."""
+        rec: dict[str, Any] = {"line": line, **fields}
         if ctx.depth:
             rec["proc"] = ctx.depth
-        rec.update(fields)
-        self.emit(rec)
+        return rec
+
+    def out(self, ctx: _Ctx, cmd: Command | Fork, op: str, **fields: Any) -> None:
+        self.emit(self.record(ctx, cmd.line, op=op, **fields))
 
     def run_block(self, ctx: _Ctx, body: Iterable[Command | Fork]) -> None:
         for node in body:
@@ -130,10 +134,7 @@ class _Runner:
                 self.run_fork(ctx, node)
                 continue
             if node.unknown_name:
-                rec: dict[str, Any] = {"error": "unknown-name", "line": node.line, "op": node.op}
-                if ctx.depth:
-                    rec["proc"] = ctx.depth
-                raise _Stop(rec)
+                raise _Stop(self.record(ctx, node.line, error="unknown-name", op=node.op))
             if node.op in _UNSUPPORTED:
                 raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
                              "message": f"{node.op} needs device memory migration, not modelled yet"})
@@ -160,27 +161,24 @@ class _Runner:
         finally:
             if not child.exited:
                 child.exit()
-        rec: dict[str, Any] = {"line": node.end_line, "op": "endfork", "ret": "child-died" if died else 0}
-        if ctx.depth:
-            rec["proc"] = ctx.depth
-        self.emit(rec)
+        self.emit(self.record(ctx, node.end_line, op="endfork", ret="child-died" if died else 0))
 
     def region(self, ctx: _Ctx, name: str, off: int) -> int:
         return ctx.regions[name][0] + (off << PAGE_SHIFT)
 
     # -- CPU --------------------------------------------------------------------------------------
-    def _cpu(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int, write: bool,
-             per_chunk: Callable[[int, npt.NDArray[np.int64], int], None]) -> tuple[int | None, bool]:
-        """Access the pages in order, chunk by chunk; returns (first faulting page from
-        the region start, killed)."""
+    def _cpu(self, ctx: _Ctx, name: str, off: int, npages: int,
+             access: Callable[[int, int, int], list[SigRun]]) -> tuple[int | None, bool]:
+        """Access the pages in order, chunk by chunk: ``access(addr, first page of the
+        chunk, pages)`` returns the chunk's signal runs. Returns (first faulting page
+        from the region start, killed)."""
         first_bad: int | None = None
         base = self.region(ctx, name, off)
         for c0 in range(0, npages, _CHUNK):
             n = min(_CHUNK, npages - c0)
-            pfns, sigs = translate_range(ctx.task.mm, base + (c0 << PAGE_SHIFT), n, write)
+            sigs = access(base + (c0 << PAGE_SHIFT), c0, n)
             if sigs and first_bad is None:
                 first_bad = off + c0 + sigs[0][0]
-            per_chunk(c0, pfns, n)
             if sigs and sigs[-1][2] == SIGKILL:
                 return first_bad, True
         return first_bad, False
@@ -194,47 +192,42 @@ class _Runner:
             self.out(ctx, cmd, cmd.op, ret=0, **ok)
 
     def op_fill(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int, seed: int) -> None:
-        mem = self.sys.mem
+        mm = ctx.task.mm
 
-        def write(c0: int, pfns: npt.NDArray[np.int64], n: int) -> None:
-            ok = pfns >= 0
-            if ok.any():
-                data = _pattern(seed, (off + c0) << 10, n << 10).reshape(n, PAGE_SIZE)
-                mem.data[pfns[ok]] = data[ok]
-                mem.mark_written(pfns[ok])
+        def write(addr: int, c0: int, n: int) -> list[SigRun]:
+            return user_write_pages(mm, addr, _pattern(seed, (off + c0) << 10, n << 10))
 
-        bad, killed = self._cpu(ctx, cmd, name, off, npages, True, write)
+        bad, killed = self._cpu(ctx, name, off, npages, write)
         self._report_cpu(ctx, cmd, bad, killed)
 
     def op_touch(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int) -> None:
-        bad, killed = self._cpu(ctx, cmd, name, off, npages, False, lambda *a: None)
+        mm = ctx.task.mm
+        bad, killed = self._cpu(ctx, name, off, npages, lambda addr, c0, n: translate_range(mm, addr, n, False)[1])
         self._report_cpu(ctx, cmd, bad, killed)
 
     def op_read(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int) -> None:
-        mem = self.sys.mem
+        mm = ctx.task.mm
         crc = [0]
 
-        def read(c0: int, pfns: npt.NDArray[np.int64], n: int) -> None:
-            data = np.zeros((n, PAGE_SIZE), np.uint8)
-            ok = pfns >= 0
-            data[ok] = mem.data[pfns[ok]]
+        def read(addr: int, c0: int, n: int) -> list[SigRun]:
+            data, sigs = user_read_pages(mm, addr, n)
             crc[0] = zlib.crc32(data, crc[0])
+            return sigs
 
-        bad, killed = self._cpu(ctx, cmd, name, off, npages, False, read)
+        bad, killed = self._cpu(ctx, name, off, npages, read)
         self._report_cpu(ctx, cmd, bad, killed, crc=crc[0])
 
     def op_check(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int, seed: int) -> None:
-        mem = self.sys.mem
+        mm = ctx.task.mm
         mismatch = [0]
 
-        def check(c0: int, pfns: npt.NDArray[np.int64], n: int) -> None:
-            ok = pfns >= 0
-            got = np.zeros((n, PAGE_SIZE), np.uint8)
-            got[ok] = mem.data[pfns[ok]]
+        def check(addr: int, c0: int, n: int) -> list[SigRun]:
+            got, sigs = user_read_pages(mm, addr, n)
             want = _pattern(seed, (off + c0) << 10, n << 10)
-            mismatch[0] += int((got.reshape(-1).view("<u4") != want.view("<u4")).sum())
+            mismatch[0] += int((got.view("<u4") != want.view("<u4")).sum())
+            return sigs
 
-        bad, killed = self._cpu(ctx, cmd, name, off, npages, False, check)
+        bad, killed = self._cpu(ctx, name, off, npages, check)
         self._report_cpu(ctx, cmd, bad, killed, mismatch=mismatch[0])
 
     # -- regions -------------------------------------------------------------------------------------
