@@ -31,7 +31,7 @@ import numpy.typing as npt
 from .device import Device
 from .drivers.dmirror import dmirror_open
 from .errors import BusError, SegmentationFault, error_from_errno
-from .kernel.cpu import SIGBUS, translate_range
+from .kernel.cpu import SIGBUS, translate_range, user_copy
 from .kernel.errno import EBADF, EINVAL
 from .kernel.madvise import (
     MADV_DONTNEED,
@@ -171,39 +171,17 @@ class Process:
 
     def read(self, addr: int, n: int) -> bytes:
         """The CPU reads *n* bytes at *addr* (faulting pages in as needed)."""
-        pfns, sigs, first = self._access(addr, n, write=False)
+        buf = np.empty(n, np.uint8)
+        _left, sigs = user_copy(self.mm, addr, buf, to_user=False)
         self._raise_sig(addr, sigs, False)
-        buf = np.empty(len(pfns) * PAGE_SIZE, np.uint8)
-        self.system.mem.read_pages(pfns, buf)
-        off = addr - first
-        return buf[off:off + n].tobytes()
+        return buf.tobytes()
 
     def write(self, addr: int, data: bytes | bytearray | npt.NDArray) -> None:
         """The CPU writes *data* at *addr*, page by page, stopping at the first page that
         raises a signal (the pages before it are written)."""
         buf = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
-        n = len(buf)
-        if n == 0:
-            return
-        pfns, sigs, first = self._access(addr, n, write=True)
-        off = addr - first
-        done = len(pfns) if not sigs else sigs[0][0]
-        if done:
-            mem = self.system.mem
-            page = np.empty(done * PAGE_SIZE, np.uint8)
-            ok = pfns[:done]
-            if off or n % PAGE_SIZE:  # partial first/last page: read-modify-write
-                mem.read_pages(ok, page)
-            end = min(off + n, done * PAGE_SIZE)
-            page[off:end] = buf[:end - off]
-            mem.write_pages(ok, page)
+        _left, sigs = user_copy(self.mm, addr, buf, to_user=True)
         self._raise_sig(addr, sigs, True)
-
-    def _access(self, addr: int, n: int, write: bool) -> tuple[npt.NDArray[np.int64], list[tuple[int, int, int]], int]:
-        first = addr & ~(PAGE_SIZE - 1)
-        npages = (addr + n - first + PAGE_SIZE - 1) >> PAGE_SHIFT
-        pfns, sigs = translate_range(self.mm, first, npages, write, stop_at_signal=True)
-        return pfns, sigs, first
 
     def read_array(self, addr: int, count: int, dtype: npt.DTypeLike = np.int32) -> npt.NDArray:
         """Read *count* elements of *dtype* at *addr*."""
@@ -215,7 +193,9 @@ class Process:
 
     def touch(self, addr: int, length: int, write: bool = False) -> None:
         """Access every page of the range once (read, or write without changing data)."""
-        _pfns, sigs, _first = self._access(addr, length, write)
+        first = addr & ~(PAGE_SIZE - 1)
+        npages = (addr + length - first + PAGE_SIZE - 1) >> PAGE_SHIFT
+        _pfns, sigs = translate_range(self.mm, first, npages, write, stop_at_signal=True)
         self._raise_sig(addr, sigs, write)
 
     def pte(self, addr: int) -> str:

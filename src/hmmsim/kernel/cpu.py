@@ -42,8 +42,9 @@ from .pgtable import (
 )
 from .vma import VM_WRITE, vma_is_accessible
 
-__all__ = ("SIGBUS", "SIGKILL", "SIGSEGV", "copy_from_user", "copy_to_user", "do_user_addr_fault",
-           "translate", "translate_range", "user_read_pages", "user_write_pages")
+__all__ = ("SIGBUS", "SIGKILL", "SIGSEGV", "SigRun", "copy_from_user", "copy_to_user",
+           "do_user_addr_fault", "translate", "translate_range", "user_copy", "user_read_pages",
+           "user_write_pages")
 
 SIGKILL = 9
 SIGBUS = 7
@@ -240,13 +241,14 @@ def _page_slices(addr: int, n: int, npages: int) -> tuple[int, int, int]:
     return head, first_whole, whole
 
 
-def _user_copy(mm: MM, addr: int, buf: npt.NDArray[np.uint8], to_user: bool) -> int:
+def user_copy(mm: MM, addr: int, buf: npt.NDArray[np.uint8], to_user: bool) -> tuple[int, list[SigRun]]:
     """Copy *buf* to (or fill it from) user memory at *addr*, page by page in order,
-    faulting pages in; stops at the first page that cannot be accessed. Returns the
-    number of bytes not copied."""
+    faulting pages in, like ``memcpy`` on the CPU; stops at the first page that cannot be
+    accessed. Returns the number of bytes not copied and the signal that stopped it (as
+    a one-run list, pages counted from ``addr``'s page; empty if all was copied)."""
     n = len(buf)
     if n == 0:
-        return 0
+        return 0, []
     first, npages = _span(addr, n)
     pfns, sigs = translate_range(mm, first, npages, write=to_user, stop_at_signal=True)
     stop = sigs[0][0] if sigs else npages
@@ -278,18 +280,18 @@ def _user_copy(mm: MM, addr: int, buf: npt.NDArray[np.uint8], to_user: bool) -> 
         done = n
     if to_user and stop:
         mem.mark_written(pfns[:stop])
-    return n - done
+    return n - done, sigs
 
 
 def copy_to_user(mm: MM, addr: int, data: npt.NDArray[np.uint8] | bytes) -> int:
     """``copy_to_user()``: kernel writes *data* to user address *addr*, faulting pages in.
     Returns the number of bytes not copied (0 on success)."""
     buf = np.frombuffer(bytes(data), np.uint8) if isinstance(data, (bytes, bytearray)) else data.reshape(-1).view(np.uint8)
-    return _user_copy(mm, addr, buf, to_user=True)
+    return user_copy(mm, addr, buf, to_user=True)[0]
 
 
 def copy_from_user(mm: MM, addr: int, n: int) -> tuple[npt.NDArray[np.uint8], int]:
     """``copy_from_user()``: read *n* bytes at user address *addr*. Returns the bytes
     (zero-filled past a fault) and the number of bytes not copied."""
     out = np.zeros(n, np.uint8)
-    return out, _user_copy(mm, addr, out, to_user=False)
+    return out, user_copy(mm, addr, out, to_user=False)[0]
