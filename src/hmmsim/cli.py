@@ -24,12 +24,14 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from .kernel.profile import DEFAULT_KERNEL, KERNELS
+
 __all__ = ("main",)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .scenario.parse import ScenarioParseError, parse_scenario
-    from .scenario.run import dumps, run_scenario
+    from .scenario.run import dumps, reference_config, run_scenario
 
     status = 0
     separators = args.separators or len(args.files) > 1
@@ -55,7 +57,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGALRM, _on_alarm)
             signal.alarm(args.timeout)
         try:
-            run_scenario(scenario, emit)
+            run_scenario(scenario, emit, reference_config(args.kernel))
         except _Timeout:
             print(dumps({"error": "timeout", "seconds": args.timeout}), flush=True)
         except Exception as e:  # a model bug (an assertion, an unexpected error): say so, go on
@@ -88,7 +90,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     if not selected:
         print("no test matches", file=sys.stderr)
         return 2
-    results = run_tests(selected, None if args.json else sys.stdout)
+    from .scenario.run import reference_config
+    results = run_tests(selected, None if args.json else sys.stdout, reference_config(args.kernel))
     if args.json:
         print(json.dumps([{"name": r.name, "status": r.status, "message": r.message,
                            "seconds": round(r.seconds, 3)} for r in results], indent=1))
@@ -111,10 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="run scenario files and print their JSON lines")
     r.add_argument("files", nargs="+", metavar="FILE")
+    r.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL,
+                   help=f"kernel release to model (default {DEFAULT_KERNEL})")
     r.add_argument("-s", dest="separators", action="store_true", help='always print {"file":NAME} lines')
     r.add_argument("-t", dest="timeout", type=int, default=0, metavar="SEC", help="per-file timeout")
     r.add_argument("-v", dest="verbose", action="store_true", help="tracebacks on internal errors")
     st = sub.add_parser("selftest", help="run the ported hmm-tests.c on both device variants")
+    st.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL,
+                    help=f"kernel release to model (default {DEFAULT_KERNEL})")
     st.add_argument("--json", action="store_true", help="machine-readable results")
     st.add_argument("-r", dest="test", action="append", metavar="NAME", help="run only this test (repeatable)")
     st.add_argument("-v", dest="variant", action="append", metavar="VARIANT",

@@ -11,7 +11,8 @@ import pytest
 from hmmsim.cli import main
 from hmmsim.kernel.system import System
 from hmmsim.scenario.parse import Command
-from hmmsim.scenario.run import run_scenario_text
+from hmmsim.kernel.profile import DEFAULT_KERNEL, KERNELS
+from hmmsim.scenario.run import reference_config, run_scenario_text
 
 GOLDEN = Path(__file__).parent / "golden"
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -22,26 +23,33 @@ def check(sys: System, cmd: Command) -> None:
     sys.ls.assert_no_locks()
 
 
-def run(text: str) -> list[dict]:
-    return [json.loads(x) for x in run_scenario_text("hmmsim-scenario 1\n" + text, after=check)]
+def run(text: str, kernel: str = DEFAULT_KERNEL) -> list[dict]:
+    return [json.loads(x) for x in run_scenario_text("hmmsim-scenario 1\n" + text,
+                                                     reference_config(kernel), after=check)]
 
 
-def golden_files(prefix: str) -> list[Path]:
-    return sorted(GOLDEN.glob(f"{prefix}*.hmm"))
+def golden_cases(*names: str) -> list:
+    """(scenario, kernel) pairs of the recorded real-kernel outputs, by name prefix."""
+    return [pytest.param(p, k, id=f"{p.stem}-{k}") for p in sorted(GOLDEN.glob("*.hmm"))
+            if p.stem.startswith(names) for k in KERNELS]
 
 
-@pytest.mark.parametrize("path", golden_files("mirror_"), ids=lambda p: p.stem)
-def test_golden_mirror_scenarios_match_linux_6_12(path: Path) -> None:
-    want = path.with_suffix(".jsonl").read_text().splitlines()
-    assert run_scenario_text(path.read_bytes(), after=check) == want
+def golden_lines(path: Path, kernel: str) -> list[str]:
+    return (GOLDEN / kernel / f"{path.stem}.jsonl").read_text().splitlines()
 
 
-@pytest.mark.parametrize("path", golden_files("device_"), ids=lambda p: p.stem)
-def test_golden_device_scenarios_match_until_migration(path: Path) -> None:
+@pytest.mark.parametrize("path, kernel", golden_cases("mirror_", "version_huge_zero_write"))
+def test_golden_mirror_scenarios_match_the_real_kernel(path: Path, kernel: str) -> None:
+    got = run_scenario_text(path.read_bytes(), reference_config(kernel), after=check)
+    assert got == golden_lines(path, kernel)
+
+
+@pytest.mark.parametrize("path, kernel", golden_cases("device_"))
+def test_golden_device_scenarios_match_until_migration(path: Path, kernel: str) -> None:
     """Migration is not modelled yet: every line before the first migration command
     matches the kernel, then the runner stops with a clear "unsupported" record."""
-    want = path.with_suffix(".jsonl").read_text().splitlines()
-    got = run_scenario_text(path.read_bytes(), after=check)
+    want = golden_lines(path, kernel)
+    got = run_scenario_text(path.read_bytes(), reference_config(kernel), after=check)
     assert got[:-1] == want[:len(got) - 1]
     last = json.loads(got[-1])
     assert last["error"] == "unsupported" and last["op"] in ("dmigrate", "dmigrate_sys")

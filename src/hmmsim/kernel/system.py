@@ -30,6 +30,7 @@ from .module import load_module
 from .page_types import PAGE_SHIFT
 from .pgtable import PageTableStore
 from .physmem import PG_anon, PhysMem
+from .profile import DEFAULT_KERNEL, Profile, get_profile
 from .stats import Stats
 from .swap import SwapInfo
 from .task import Task
@@ -44,9 +45,6 @@ GiB = 1 << 30
 #: test_hmm's DEVMEM_CHUNK_SIZE (256 MiB) in pages
 DEVMEM_CHUNK_PAGES = (256 * MiB) >> PAGE_SHIFT
 
-
-#: kernel versions whose behaviour the model reproduces
-SUPPORTED_KERNELS = ("6.12",)
 
 
 @dataclass(frozen=True)
@@ -69,9 +67,9 @@ class SystemConfig:
     coherent: bool = True
     #: pfn space for device-private chunks (``request_free_mem_region``)
     device_private_space: int = 8 * GiB
-    #: kernel whose behaviour is modelled where versions differ (only 6.12 so far; the
-    #: hmm_range_fault pfn layout is the 6.16+ one, as the inventory specifies)
-    kernel: str = "6.12"
+    #: kernel release whose behaviour is modelled where releases differ ("6.12" or "7.3";
+    #: see :mod:`hmmsim.kernel.profile`)
+    kernel: str = DEFAULT_KERNEL
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,9 +81,7 @@ class SystemConfig:
             raise ValueError("the hugetlb pool must fit in half of RAM")
         if self.swap_pages < 0:
             raise ValueError("swap_pages must be >= 0")
-        if self.kernel not in SUPPORTED_KERNELS:
-            raise ValueError(f"kernel {self.kernel!r} is not modelled; supported: "
-                             f"{', '.join(SUPPORTED_KERNELS)}")
+        get_profile(self.kernel)  # ValueError naming the supported releases
 
 
 class System:
@@ -98,6 +94,8 @@ class System:
         elif overrides:
             raise TypeError("pass either a SystemConfig or keyword overrides")
         self.config = config
+        #: the release's named behaviours (:class:`~hmmsim.kernel.profile.Profile`)
+        self.profile: Profile = get_profile(config.kernel)
         self.stats = Stats()
         self.ls = LockState(self.stats)
         ram_pages = config.ram >> PAGE_SHIFT
@@ -181,7 +179,7 @@ class System:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"System(ram={c.ram >> 20} MiB, thp={c.thp}, hugetlb={c.hugetlb_pages}, "
+        return (f"System(kernel={c.kernel}, ram={c.ram >> 20} MiB, thp={c.thp}, hugetlb={c.hugetlb_pages}, "
                 f"tasks={len(self.tasks)}, free={self.mem.nr_free} pages)")
 
 

@@ -78,6 +78,8 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "drelease": ("handle",),
     "dflags": ("handle", "value"),
     "dread": ("handle", "region", "count", "count"),
+    "dread_unlocked": ("handle", "region", "count", "count"),
+    "uffd": ("region", "count", "count", "seed"),
     "dwrite": ("handle", "region", "count", "count", "seed"),
     "dmigrate": ("handle", "region", "count", "count"),
     "dmigrate_sys": ("handle", "region", "count", "count"),

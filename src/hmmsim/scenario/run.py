@@ -48,6 +48,7 @@ from ..kernel.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_HUGETLB, MAP_PRIVATE, MA
 from ..kernel.mprotect import do_mprotect
 from ..kernel.mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, do_mremap
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE
+from ..kernel.profile import DEFAULT_KERNEL
 from ..kernel.shmem import shmem_file_setup, shmem_pread, shmem_pwrite, shmem_truncate
 from ..kernel.system import GiB, MiB, System, SystemConfig
 from ..kernel.task import Task, vm_mmap, vm_munmap
@@ -61,17 +62,23 @@ SLOT_SIZE = 1 << 36
 _PROTS = {"none": 0, "r": PROT_READ, "rw": PROT_READ | PROT_WRITE}
 _ADVICE = {"hugepage": MADV_HUGEPAGE, "nohugepage": MADV_NOHUGEPAGE, "dontneed": MADV_DONTNEED,
            "free": MADV_FREE}
-_UNSUPPORTED = {"dmigrate", "dmigrate_sys", "dexclusive", "drelease"}
+#: commands whose kernel side is not modelled yet, and what they need
+_UNSUPPORTED = {
+    "dmigrate": "device memory migration", "dmigrate_sys": "device memory migration",
+    "dexclusive": "device-exclusive access", "drelease": "device memory eviction",
+    "uffd": "userfaultfd", "dread_unlocked": "hmm_range_fault_unlocked_timeout",
+}
 #: pages handled per step by CPU commands (bounds memory for huge ranges)
 _CHUNK = 4096
 
 
-def reference_config() -> SystemConfig:
+def reference_config(kernel: str = DEFAULT_KERNEL) -> SystemConfig:
     """The machine the reference outputs come from (conventions item 24): a 2 GiB VM of
     which 512 MiB are the coherent devices' memory, THP ``madvise``, huge zero page on,
-    32 hugetlb pages, no swap, test_hmm loaded with coherent devices."""
+    32 hugetlb pages, no swap, test_hmm loaded with coherent devices, running *kernel*."""
     return SystemConfig(ram=1536 * MiB, thp="madvise", huge_zero_page=True, hugetlb_pages=32,
-                        swap_pages=0, test_hmm=True, coherent=True, device_private_space=8 * GiB)
+                        swap_pages=0, test_hmm=True, coherent=True, device_private_space=8 * GiB,
+                        kernel=kernel)
 
 
 class _Stop(Exception):
@@ -137,7 +144,7 @@ class _Runner:
                 raise _Stop(self.record(ctx, node.line, error="unknown-name", op=node.op))
             if node.op in _UNSUPPORTED:
                 raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
-                             "message": f"{node.op} needs device memory migration, not modelled yet"})
+                             "message": f"{node.op} needs {_UNSUPPORTED[node.op]}, not modelled yet"})
             try:
                 getattr(self, f"op_{node.op}")(ctx, node, *node.args)
                 if self.after is not None:

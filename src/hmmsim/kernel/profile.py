@@ -1,0 +1,125 @@
+"""Kernel release profiles: the named behaviours that differ between the releases hmmsim
+models.
+
+Code never compares version strings; it asks the machine's profile for a feature
+(``sys.profile.hmm_fault_outside_walk``) at the place where the two releases differ, and
+cites the change there. Each field below says what the feature is and which release has
+it; every one of them has a test under both profiles.
+
+>>> from hmmsim.kernel.profile import get_profile
+>>> p = get_profile("6.12")
+>>> p.hmm_pfn_order_shift, p.hmm_pfn_sticky_flags, p.dmirror_window
+(56, False, 64)
+>>> get_profile("7.3").hmm_pfn_order_shift
+53
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+__all__ = ("DEFAULT_KERNEL", "KERNELS", "Profile", "get_profile")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """The behaviours of one kernel release that the model branches on."""
+
+    #: release name as given to ``System(kernel=...)`` and ``--kernel``
+    name: str
+    #: ``HMM_PFN_ORDER_SHIFT``: 56 (``BITS_PER_LONG - 8``) in 6.12; 53
+    #: (``BITS_PER_LONG - 11``) once the DMA_MAPPED/P2PDMA/P2PDMA_BUS bits took 60..58
+    hmm_pfn_order_shift: int
+    #: HMM_PFN_DMA_MAPPED / P2PDMA / P2PDMA_BUS exist and are carried from input to output
+    #: (``HMM_PFN_INOUT_FLAGS``, 7.3); in 6.12 every output overwrites the whole entry
+    hmm_pfn_sticky_flags: bool
+    #: walk callbacks only record the fault (``hmm_record_fault`` -> HMM_FAULT_PENDING) and
+    #: ``hmm_do_fault`` runs ``handle_mm_fault`` after the walk unwound, holding no
+    #: page-table or hugetlb VMA lock (7.3); 6.12 faults inside the callbacks
+    #: (``hmm_vma_fault``), re-taking the hugetlb VMA lock inside the walk
+    hmm_fault_outside_walk: bool
+    #: a failed fault returns ``vm_fault_to_errno()`` (-ENOMEM for OOM, -EHWPOISON, ...)
+    #: (7.3); 6.12 returns -EFAULT for every VM_FAULT_ERROR
+    hmm_fault_errno: bool
+    #: only a uffd-wp pte marker reads as none in ``hmm_vma_handle_pte`` (7.3); 6.12's
+    #: ``pte_none_mostly()`` treats every pte marker as none
+    hmm_only_uffd_wp_marker_is_none: bool
+    #: non-present PMDs go to ``hmm_vma_handle_absent_pmd``: a device-private PMD of the
+    #: caller's owner is reported VALID with order 9, others fault (7.3,
+    #: CONFIG_ARCH_HAS_PMD_SOFTLEAVES); 6.12 answers every non-present PMD as ERROR/-EFAULT
+    hmm_device_private_pmd: bool
+    #: ``pte_devmap``/``pmd_devmap``/``pud_devmap`` exist (6.12): HMM reports a devmap pte
+    #: although ``vm_normal_page()`` is NULL and only devmap PUD leaves are mirrored;
+    #: 7.3 removed devmap (every PUD leaf is mirrored)
+    pte_devmap: bool
+    #: a write fault on a huge zero PMD allocates a THP (``do_huge_zero_wp_pmd``, 7.3);
+    #: 6.12 splits the PMD and the write fault COWs one 4 KiB page
+    huge_zero_wp_allocates_thp: bool
+    #: entries of dmirror's on-stack pfn arrays in ``dmirror_fault``/``dmirror_snapshot``
+    #: (64 in 6.12, 32 in 7.3)
+    dmirror_window: int
+    #: test_hmm has ``HMM_DMIRROR_FLAGS`` with ``HMM_DMIRROR_FLAG_FAIL_ALLOC`` (7.3)
+    dmirror_flags_cmd: bool
+    #: test_hmm has ``HMM_DMIRROR_READ_UNLOCKED`` (7.3)
+    dmirror_read_unlocked_cmd: bool
+    #: device-private THP: whole PMD-sized folios migrate to device memory (7.3)
+    device_private_thp: bool
+    #: ``make_device_exclusive()`` one page at a time (7.3); 6.12 has
+    #: ``make_device_exclusive_range()``, which fails with -EBUSY on a THP tail
+    per_page_device_exclusive: bool
+
+    def with_(self, **changes: object) -> "Profile":
+        """A copy with some features changed (for tests that isolate one feature)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def features(self) -> dict[str, object]:
+        """Every feature by name (for reports and ``hmmsim --version``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+KERNELS: dict[str, Profile] = {
+    "6.12": Profile(
+        name="6.12",
+        hmm_pfn_order_shift=56,
+        hmm_pfn_sticky_flags=False,
+        hmm_fault_outside_walk=False,
+        hmm_fault_errno=False,
+        hmm_only_uffd_wp_marker_is_none=False,
+        hmm_device_private_pmd=False,
+        pte_devmap=True,
+        huge_zero_wp_allocates_thp=False,
+        dmirror_window=64,
+        dmirror_flags_cmd=False,
+        dmirror_read_unlocked_cmd=False,
+        device_private_thp=False,
+        per_page_device_exclusive=False,
+    ),
+    "7.3": Profile(
+        name="7.3",
+        hmm_pfn_order_shift=53,
+        hmm_pfn_sticky_flags=True,
+        hmm_fault_outside_walk=True,
+        hmm_fault_errno=True,
+        hmm_only_uffd_wp_marker_is_none=True,
+        hmm_device_private_pmd=True,
+        pte_devmap=False,
+        huge_zero_wp_allocates_thp=True,
+        dmirror_window=32,
+        dmirror_flags_cmd=True,
+        dmirror_read_unlocked_cmd=True,
+        device_private_thp=True,
+        per_page_device_exclusive=True,
+    ),
+}
+
+#: the release a System models unless told otherwise (the newest)
+DEFAULT_KERNEL = "7.3"
+
+
+def get_profile(kernel: str) -> Profile:
+    """The profile of release *kernel*; ValueError naming the supported ones otherwise."""
+    try:
+        return KERNELS[kernel]
+    except KeyError:
+        raise ValueError(f"kernel {kernel!r} is not modelled; supported: "
+                         f"{', '.join(KERNELS)}") from None
