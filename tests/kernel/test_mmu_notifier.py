@@ -223,3 +223,31 @@ def test_classic_mmu_notifier_sees_start_end_and_release(proc: Process) -> None:
     assert log == ["start MMU_NOTIFY_UNMAP", "end MMU_NOTIFY_UNMAP", "release"]
 
 
+
+
+def test_lockstate_recursive_read_of_rwsem_warns_and_succeeds() -> None:
+    """A second down_read() of an rwsem held for read completes (the kernel does) but is
+    recorded as lockdep's "possible recursive locking" report; write recursion and
+    recursion on a spinlock stay errors."""
+    from hmmsim.kernel.locking import READ, Lock, LockState
+    from hmmsim.kernel.stats import Stats
+    ls = LockState(Stats())
+    sem = Lock(ls, "hugetlb_vma_lock")
+    sem.down_read()
+    sem.down_read()
+    assert len(ls.warnings) == 1 and "recursive locking" in ls.warnings[0]
+    assert "hugetlb_vma_lock" in ls.warnings[0]
+    sem.up_read()
+    assert ls.is_locked(sem)
+    sem.up_read()
+    ls.assert_no_locks()
+    with pytest.raises(LockdepError):
+        sem.down_write()
+        sem.down_write()
+    sem.up_write()
+    spin = Lock(ls, "ptl", sleepable=False)
+    ls.acquire(spin, "ptl", READ, sleepable=False)
+    with pytest.raises(LockdepError):
+        ls.acquire(spin, "ptl", READ, sleepable=False)
+    spin.unlock()
+    ls.assert_no_locks()

@@ -86,6 +86,8 @@ class LockState:
         # ident -> [mode, holders]
         self._owners: dict[Hashable, list[Any]] = {}
         self._hooks: list[Hook] = []
+        #: lockdep reports that did not stop the kernel (``WARNING: ...`` in dmesg), in order
+        self.warnings: list[str] = []
 
     # -- scheduling points -------------------------------------------------------------
     def add_hook(self, hook: Hook) -> None:
@@ -139,8 +141,14 @@ class LockState:
             if t in st[1]:
                 if trylock:
                     return False
-                raise LockdepError(f"{t.name}: recursive locking of {klass} ({_MODE_NAME[mode]}), "
-                                   f"already held {_MODE_NAME[st[0]]}")
+                if not (mode == READ and st[0] == READ and sleepable):
+                    raise LockdepError(f"{t.name}: recursive locking of {klass} ({_MODE_NAME[mode]}), "
+                                       f"already held {_MODE_NAME[st[0]]}")
+                # A second down_read() of an rwsem this thread already holds for read
+                # succeeds in the kernel (no writer is queued in a one-at-a-time model),
+                # but lockdep reports it: it deadlocks once a writer queues in between.
+                self.lockdep_warn(f"possible recursive locking detected: {t.name} is trying "
+                                  f"to acquire {klass} (read) but already holds it (read)")
             if mode == WRITE or st[0] == WRITE:
                 if trylock:
                     return False
@@ -174,6 +182,13 @@ class LockState:
         return list(st[1]) if st else []
 
     # -- assertions ---------------------------------------------------------------------
+    def lockdep_warn(self, message: str) -> None:
+        """Record a lockdep report that the kernel prints and survives (once per message,
+        like lockdep, which reports a dependency chain only the first time)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            self.stats.add("lockdep.warning")
+
     def assert_held(self, ident: Hashable, klass: str, mode: int | None = None) -> None:
         """``lockdep_assert_held``: the current thread holds *ident* (in *mode*)."""
         if not self.current.holds(ident, mode):
