@@ -63,6 +63,7 @@ from ..kernel.mmu_notifier import (
     mmu_notifier_range_blockable,
 )
 from ..kernel.module import module_init
+from ..kernel.trace import tracepoint_dmirror_ioctl
 from ..kernel.page_types import (
     PAGE_MASK,
     PAGE_SHIFT,
@@ -617,6 +618,7 @@ def dmirror_snapshot(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> in
 
 
 # -- file operations -------------------------------------------------------------------------------
+@tracepoint_dmirror_ioctl
 def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, caller: "Task") -> int:
     """``dmirror_fops_unlocked_ioctl()``: validate, dispatch, copy the counters back on
     success. *cmd* is the user's ``struct hmm_dmirror_cmd``; its ``ptr`` is an address in

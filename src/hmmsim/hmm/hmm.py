@@ -78,6 +78,7 @@ from ..kernel.pgtable import (
     pte_write,
     swp_offset_pfn,
 )
+from ..kernel.trace import tracepoint_hmm_range_fault, tracepoint_hmm_vma_fault
 from ..kernel.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 
 if TYPE_CHECKING:
@@ -224,6 +225,7 @@ def hmm_pfns_fill(addr: int, end: int, r: HmmRange, cpu_flags: int) -> int:
     return 0
 
 
+@tracepoint_hmm_vma_fault
 def hmm_vma_fault(addr: int, end: int, required_fault: int, walk: MmWalk) -> int:
     """``hmm_vma_fault()``: fault every page of ``[addr, end)`` (write faults if
     required) and return ``-EBUSY`` so the walk restarts from *addr*; ``-EPERM`` for a
@@ -550,6 +552,7 @@ hmm_walk_ops = MmWalkOps(
 )
 
 
+@tracepoint_hmm_range_fault
 def hmm_range_fault(r: HmmRange) -> int:
     """Fill ``r.hmm_pfns`` for ``[r.start, r.end)`` of ``r.notifier.mm``, faulting pages in
     where the request asks for it.
