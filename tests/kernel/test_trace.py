@@ -218,3 +218,28 @@ def test_trace_events_are_declared_with_typed_fields() -> None:
     assert {f.name for f in dataclasses.fields(EVENTS["migrate_vma_setup"])} >= {
         "start", "end", "flags", "pgmap_owner", "npages", "cpages", "ret"}
     assert set(trace_mod.__all__) >= {c.__name__ for c in EVENTS.values()}
+
+
+def test_tracepoint_hmm_do_fault_records_the_recorded_span(proc: Process) -> None:
+    """The 7.3 outside-the-walk fault is traced with the span recorded before the call
+    (``last``, ``end``, ``required_fault``) and its result."""
+    from types import SimpleNamespace
+
+    from hmmsim.kernel.trace import tracepoint_hmm_do_fault
+
+    calls = []
+
+    @tracepoint_hmm_do_fault
+    def hmm_do_fault(mm: object, hvw: SimpleNamespace) -> int:
+        calls.append(hvw.last)
+        hvw.last = hvw.end       # the function may move the walk on
+        return -EBUSY
+
+    hvw = SimpleNamespace(last=0x1000, end=0x5000, required_fault=HMM_NEED_FAULT)
+    assert hmm_do_fault(proc.mm, hvw) == -EBUSY and not proc.system.trace.hmm_do_fault
+    hvw.last = 0x1000
+    with proc.system.trace.record("hmm_do_fault") as ev:
+        assert hmm_do_fault(proc.mm, hvw) == -EBUSY
+    assert calls == [0x1000, 0x1000]
+    (e,) = ev
+    assert (e.pid, e.start, e.end, e.required_fault, e.ret) == (proc.task.pid, 0x1000, 0x5000, HMM_NEED_FAULT, -EBUSY)

@@ -84,6 +84,9 @@ _declare_all("ZONE_DEVICE (pages of memremap_pages() ranges, free_zone_device_fo
 _declare_all("page-table pages allocated at that level (l1 = pte table ... l4 = pgd)",
              "pgtable.alloc.l1", "pgtable.alloc.l2", "pgtable.alloc.l3", "pgtable.alloc.l4")
 declare("pgtable.pte_offset_map", "pte_offset_map()/pte_offset_map_lock() calls")
+declare("pgtable.pte_offset_map_lock", "pte_offset_map_lock() calls")
+_declare_all("page-table entries written (set_pte_at, set_pmd_at, set_pud_at, set_pgd)",
+             "pgtable.set_pte", "pgtable.set_pmd", "pgtable.set_pud", "pgtable.set_pgd")
 declare("walk_page_range", "walk_page_range() calls")
 _declare_all("mm/pagewalk.c: tables visited and callbacks invoked, by level",
              "walk.pgd_table", "walk.pud_table", "walk.pmd_table", "walk.pte_table",
@@ -105,6 +108,10 @@ declare("hmm.range_fault", "hmm_range_fault() calls")
 declare("hmm.range_fault.ebusy", "hmm_range_fault() calls that returned -EBUSY (range invalidated)")
 declare("hmm.walk", "walk_page_range() passes of hmm_range_fault() (1 + restarts after a fault)")
 declare("hmm.vma_fault", "hmm_vma_fault() spans (faults of a range on behalf of hmm_range_fault)")
+declare("hmm.do_fault", "hmm_do_fault() spans (7.3: the recorded range faulted after the walk)")
+declare("hmm.warn_broken_fault_handler", "hmm_do_fault(): WARN_ON_ONCE, a fault dropped "
+        "mmap_lock though the caller cannot take that")
+declare("hmm.warn_fault_errno", "hmm_do_fault(): WARN_ON, a failed fault with no errno")
 # -- lib/test_hmm.c -------------------------------------------------------------------------------
 #: the HMM_DMIRROR_* ioctls without their prefix, lower case (``unknown``: any other number)
 DMIRROR_IOCTLS = ("read", "write", "migrate_to_dev", "migrate_to_sys", "snapshot", "exclusive",

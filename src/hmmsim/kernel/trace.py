@@ -56,7 +56,7 @@ __all__ = (
     "MigrateVmaFinalize", "MigrateVmaPages", "MigrateVmaSetup", "MmFault", "MmFaultRange",
     "MmuNotifierInvalidateRangeEnd", "MmuNotifierInvalidateRangeStart", "MmuNotifierRelease",
     "Probe", "Trace", "TraceEvent", "fault_handlers", "owner_pid", "tracepoint_dmirror_ioctl",
-    "tracepoint_hmm_range_fault", "tracepoint_hmm_vma_fault", "tracepoint_mm_fault",
+    "tracepoint_hmm_do_fault", "tracepoint_hmm_range_fault", "tracepoint_hmm_vma_fault", "tracepoint_mm_fault",
     "tracepoint_mm_fault_range",
 )
 
@@ -186,8 +186,8 @@ class HmmVmaFault(_HmmFaultSpan):
 @_event("hmm", "hmm_do_fault")
 @dataclass(frozen=True, slots=True)
 class HmmDoFault(_HmmFaultSpan):
-    """One ``hmm_do_fault()`` span (7.3: the fault runs after the walk unwound).
-    Emitted by the outside-the-walk fault path when it is modelled."""
+    """One ``hmm_do_fault()`` span (7.3: the fault runs after the walk unwound), traced by
+    :func:`tracepoint_hmm_do_fault` on the function that models it."""
 
 
 # -- mmu_notifier --------------------------------------------------------------------------------
@@ -512,11 +512,12 @@ def tracepoint_hmm_range_fault(fn: _F) -> _F:
             tp.emit(HmmRangeFaultStart(pid, r.start, r.end, r.default_flags, r.pfn_flags_mask,
                                        r.notifier_seq))
         st = mm.sys.stats
-        w0, f0 = st["hmm.walk"], st["hmm.vma_fault"]
+        w0, f0 = st["hmm.walk"], st["hmm.vma_fault"] + st["hmm.do_fault"]
         ret = fn(r, *args, **kw)
         if tp.hmm_range_fault_end:
-            tp.emit(HmmRangeFaultEnd(pid, r.start, r.end, r.default_flags, r.pfn_flags_mask,
-                                     ret, st["hmm.walk"] - w0, st["hmm.vma_fault"] - f0))
+            tp.emit(HmmRangeFaultEnd(pid, r.start, r.end, r.default_flags, r.pfn_flags_mask, ret,
+                                     st["hmm.walk"] - w0,
+                                     st["hmm.vma_fault"] + st["hmm.do_fault"] - f0))
         return ret
     return hmm_range_fault  # type: ignore[return-value]
 
@@ -532,6 +533,21 @@ def tracepoint_hmm_vma_fault(fn: _F) -> _F:
         tp.emit(HmmVmaFault(owner_pid(walk.mm), addr, end, required_fault, ret))
         return ret
     return hmm_vma_fault  # type: ignore[return-value]
+
+
+def tracepoint_hmm_do_fault(fn: _F) -> _F:
+    """Trace ``hmm_do_fault(mm, hmm_vma_walk)`` (7.3: the span a walk callback recorded,
+    faulted after the walk unwound) as ``hmm_do_fault``."""
+    @functools.wraps(fn)
+    def hmm_do_fault(mm: Any, hvw: Any) -> int:
+        tp = mm.sys.trace
+        if not tp.hmm_do_fault:
+            return fn(mm, hvw)
+        start, end, required = hvw.last, hvw.end, hvw.required_fault
+        ret = fn(mm, hvw)
+        tp.emit(HmmDoFault(owner_pid(mm), start, end, required, ret))
+        return ret
+    return hmm_do_fault  # type: ignore[return-value]
 
 
 def tracepoint_dmirror_ioctl(fn: _F) -> _F:
