@@ -64,7 +64,7 @@ __all__ = (
 EVENTS: dict[str, type[TraceEvent]] = {}
 
 _HEX_FIELDS = frozenset({"address", "start", "end", "fail", "addr", "flags", "default_flags",
-                         "pfn_flags_mask", "required_fault", "ret_flags", "pfn", "start_pfn"})
+                         "pfn_flags_mask", "required_fault", "pfn", "start_pfn"})
 
 _E = TypeVar("_E", bound="type[TraceEvent]")
 
@@ -396,9 +396,9 @@ class Trace:
         for cb in getattr(self, ev.name):
             cb(ev)
 
-    def enabled(self, name: str) -> bool:
-        """Whether event *name* has a probe."""
-        return bool(getattr(self, _resolve((name,))[0]))
+    def enabled(self, pattern: str) -> bool:
+        """Whether an event matching *pattern* (name, subsystem, glob) has a probe."""
+        return any(getattr(self, n) for n in _resolve((pattern,)))
 
     @contextmanager
     def record(self, *patterns: str, maxlen: int | None = None) -> Iterator[list[TraceEvent]]:
