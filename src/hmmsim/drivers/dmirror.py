@@ -632,7 +632,7 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
     if addr >= (addr + (cmd.npages << PAGE_SHIFT)) & ULONG_MAX:
         return -EINVAL
     k = HmmDmirrorCmd(addr=addr, ptr=cmd.ptr, npages=cmd.npages)
-    dmirror.sys.stats.add(f"dmirror.ioctl.{IOCTL_NAMES.get(command, 'HMM_DMIRROR_UNKNOWN')[12:].lower()}")
+    dmirror.sys.stats.add(f"dmirror.ioctl.{IOCTL_NAMES.get(command, 'HMM_DMIRROR_UNKNOWN').removeprefix('HMM_DMIRROR_').lower()}")
     if command == HMM_DMIRROR_READ:
         ret = dmirror_read(dmirror, k, caller)
     elif command == HMM_DMIRROR_WRITE:
