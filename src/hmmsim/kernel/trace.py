@@ -23,13 +23,13 @@ probe is attached, which is slower; ``mm_fault_range`` is the span event for a b
 >>> from hmmsim import System
 >>> sys = System()
 >>> p = sys.spawn(); a = p.mmap(16 * 4096); dev = p.open_device(0)
->>> with sys.trace.record("hmm", "mm_fault_range") as events:
+>>> with sys.trace.record("hmm_range_fault_*", "mm_fault_range") as events:
 ...     _ = dev.read(a, 16)
 >>> [e.name for e in events]  # the last fault: copy_to_user() into the caller's buffer
-['hmm_range_fault_start', 'mm_fault_range', 'hmm_vma_fault', 'hmm_range_fault_end', 'mm_fault_range']
+['hmm_range_fault_start', 'mm_fault_range', 'hmm_range_fault_end', 'mm_fault_range']
 >>> f = events[1]; f.start == a, f.end - f.start, f.handlers
 (True, 65536, {'do_anonymous_page': 16})
->>> e = events[3]; e.ret, e.walks, e.faults
+>>> e = events[2]; e.ret, e.walks, e.faults
 (0, 2, 1)
 """
 
