@@ -250,7 +250,9 @@ def test_do_huge_pmd_anonymous_page_read_maps_huge_zero_page(proc) -> None:  # n
     assert rss(proc, MM_ANONPAGES) == 0
 
 
-def test_do_huge_pmd_wp_page_huge_zero_splits_and_copies_one_page(proc) -> None:  # noqa: ANN001
+def test_do_huge_pmd_wp_page_huge_zero_splits_and_copies_one_page(make_system) -> None:  # noqa: ANN001
+    """6.12 (no ``huge_zero_wp_allocates_thp``): split the huge zero pmd, COW one page."""
+    proc = make_system(kernel="6.12").spawn("test")
     a = anon_thp_area(proc)
     proc.read(a, 1)
     assert pmd_leaf(pte(proc, a))
@@ -268,9 +270,61 @@ def test_do_huge_pmd_wp_page_huge_zero_splits_and_copies_one_page(proc) -> None:
     assert mem.order[pte_pfn(e)] == 0
     assert rss(proc, MM_ANONPAGES) == 1
     clears = rec.events(MmuNotifierEvent.MMU_NOTIFY_CLEAR)
-    assert (a, a + HPAGE_PMD_SIZE) in clears
-    assert (target, target + PAGE_SIZE) in clears
+    assert clears == [(a, a + HPAGE_PMD_SIZE), (target, target + PAGE_SIZE)]
+    assert proc.system.stats["thp.fault_alloc"] == 0
     assert proc.read(target, 2) == b"w\x00"
+
+
+def test_do_huge_zero_wp_pmd_write_replaces_huge_zero_by_thp(make_system) -> None:  # noqa: ANN001
+    """7.3 (``huge_zero_wp_allocates_thp``): one MMU_NOTIFY_CLEAR of the 2 MiB range, a
+    new zeroed writable THP, THP_FAULT_ALLOC counted, 512 pages of rss."""
+    proc = make_system(kernel="7.3").spawn("test")
+    a = anon_thp_area(proc)
+    proc.read(a, 1)
+    mem = proc.system.mem
+    assert mem.is_huge_zero_pfn(pte_pfn(pte(proc, a)))
+    rec = Recorder(proc)
+    target = a + 10 * PAGE_SIZE
+    proc.write(target, b"w")
+    e = pte(proc, a)
+    assert pmd_leaf(e) and pte_write(e) and pte_dirty(e)
+    head = pte_pfn(e)
+    assert not mem.is_huge_zero_pfn(head) and mem.order[head] == 9
+    assert mem.flags[head] & PG_anon and mem.flags[head] & PG_anon_exclusive
+    assert rss(proc, MM_ANONPAGES) == HPAGE_PMD_NR
+    assert rec.events(MmuNotifierEvent.MMU_NOTIFY_CLEAR) == [(a, a + HPAGE_PMD_SIZE)]
+    assert proc.system.stats["thp.fault_alloc"] == 1
+    assert proc.read(target, 2) == b"w\x00"
+    assert proc.read(a, PAGE_SIZE) == bytes(PAGE_SIZE)
+    assert proc.read(a + 511 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+
+
+def test_do_huge_zero_wp_pmd_without_a_free_thp_falls_back_to_split(make_system) -> None:  # noqa: ANN001
+    """7.3: when ``vma_alloc_anon_folio_pmd()`` fails (THP_FAULT_FALLBACK counted), the
+    huge zero pmd is split and the pte fault copies one page, as in 6.12."""
+    sys = make_system(kernel="7.3")
+    proc = sys.spawn("test")
+    a = anon_thp_area(proc)
+    proc.read(a, 1)
+    held = []
+    while (h := sys.mem.alloc_folio(9)) >= 0:
+        held.append(h)
+    # give one block back and break it up: order-0 pages remain, no whole 2 MiB block
+    sys.mem.free_pages([held.pop()])
+    held.append(sys.mem.alloc_page())
+    rec = Recorder(proc)
+    target = a + 5 * PAGE_SIZE
+    proc.write(target, b"f")
+    sys.mem.free_pages(held)
+    assert not pmd_leaf(pte(proc, a))
+    assert pte_pfn(pte(proc, a)) == sys.mem.zero_pfn
+    e = pte(proc, target)
+    assert pte_write(e) and sys.mem.order[pte_pfn(e)] == 0
+    assert rss(proc, MM_ANONPAGES) == 1
+    assert rec.events(MmuNotifierEvent.MMU_NOTIFY_CLEAR) == [
+        (a, a + HPAGE_PMD_SIZE), (target, target + PAGE_SIZE)]
+    assert sys.stats["thp.fault_fallback"] == 1 and sys.stats["thp.fault_alloc"] == 0
+    assert proc.read(target, 2) == b"f\x00"
 
 
 def test_do_huge_pmd_wp_page_after_fork_splits_parent(proc) -> None:  # noqa: ANN001
@@ -368,7 +422,11 @@ def test_do_huge_pmd_wp_page_reuses_thp_after_child_exit(proc) -> None:  # noqa:
     assert proc.system.mem.flags[head] & PG_anon_exclusive
 
 
-def test_copy_huge_pmd_shares_huge_zero_page(proc) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("kernel, child_rss", [("6.12", 1), ("7.3", HPAGE_PMD_NR)])
+def test_copy_huge_pmd_shares_huge_zero_page(make_system, kernel: str, child_rss: int) -> None:  # noqa: ANN001
+    """The child's write COWs one page (6.12) or gets its own THP (7.3); the parent keeps
+    the huge zero pmd."""
+    proc = make_system(kernel=kernel).spawn("test")
     a = anon_thp_area(proc)
     proc.read(a, 1)
     child = proc.fork()
@@ -376,9 +434,11 @@ def test_copy_huge_pmd_shares_huge_zero_page(proc) -> None:  # noqa: ANN001
     assert pmd_leaf(ce) and proc.system.mem.is_huge_zero_pfn(pte_pfn(ce)) and not pte_write(ce)
     assert rss(child, MM_ANONPAGES) == 0
     child.write(a + 2 * PAGE_SIZE, b"c")
-    assert pmd_leaf(pte(proc, a))
-    assert rss(child, MM_ANONPAGES) == 1
+    assert pmd_leaf(pte(proc, a)) and proc.system.mem.is_huge_zero_pfn(pte_pfn(pte(proc, a)))
+    assert rss(child, MM_ANONPAGES) == child_rss
+    assert pmd_leaf(pte(child, a)) == (kernel == "7.3")
     assert proc.read(a + 2 * PAGE_SIZE, 1) == b"\x00"
+    assert child.read(a + 2 * PAGE_SIZE, 1) == b"c"
     child.exit()
 
 

@@ -180,7 +180,9 @@ def test_madvise_dontneed_raises_clear(proc: Process) -> None:
 
 
 def test_thp_split_raises_clear_over_2mib(make_system) -> None:
-    p = make_system().spawn()
+    """6.12: a write to the huge zero page splits the pmd (CLEAR of 2 MiB), then COWs one
+    page (CLEAR of 4 KiB); 7.3's ``do_huge_zero_wp_pmd`` raises only the 2 MiB CLEAR."""
+    p = make_system(kernel="6.12").spawn()
     base = p.mmap(4 * PMD_SIZE)
     a = (base + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
     p.madvise(a, PMD_SIZE, "hugepage")
@@ -189,6 +191,15 @@ def test_thp_split_raises_clear_over_2mib(make_system) -> None:
     p.write(a + 3 * P, b"x")
     assert rec.kinds() == [E.MMU_NOTIFY_CLEAR, E.MMU_NOTIFY_CLEAR]
     assert rec.events[0][1:3] == (a, a + PMD_SIZE) and rec.events[1][1:3] == (a + 3 * P, a + 4 * P)
+    p = make_system(kernel="7.3").spawn()
+    base = p.mmap(4 * PMD_SIZE)
+    a = (base + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    p.madvise(a, PMD_SIZE, "hugepage")
+    p.touch(a, P)
+    rec = Recorder(p.mm)
+    p.write(a + 3 * P, b"x")
+    assert rec.kinds() == [E.MMU_NOTIFY_CLEAR]
+    assert rec.events[0][1:3] == (a, a + PMD_SIZE)
 
 
 def test_exit_raises_release_then_unmap(proc: Process) -> None:

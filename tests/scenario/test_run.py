@@ -15,6 +15,9 @@ from hmmsim.kernel.profile import DEFAULT_KERNEL, KERNELS
 from hmmsim.scenario.run import reference_config, run_scenario_text
 
 GOLDEN = Path(__file__).parent / "golden"
+#: scenarios written while modelling a release difference, with what both real kernels
+#: printed (``oracle/kernel-run``): ``recorded/NAME.hmm`` + ``recorded/{6.12,7.3}/NAME.jsonl``
+RECORDED = Path(__file__).parent / "recorded"
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
@@ -42,6 +45,14 @@ def golden_lines(path: Path, kernel: str) -> list[str]:
 def test_golden_mirror_scenarios_match_the_real_kernel(path: Path, kernel: str) -> None:
     got = run_scenario_text(path.read_bytes(), reference_config(kernel), after=check)
     assert got == golden_lines(path, kernel)
+
+
+@pytest.mark.parametrize("path, kernel", [
+    pytest.param(p, k, id=f"{p.stem}-{k}") for p in sorted(RECORDED.glob("*.hmm")) for k in KERNELS
+    if (RECORDED / k / f"{p.stem}.jsonl").exists()])
+def test_recorded_scenarios_match_the_real_kernel(path: Path, kernel: str) -> None:
+    got = run_scenario_text(path.read_bytes(), reference_config(kernel), after=check)
+    assert got == (RECORDED / kernel / f"{path.stem}.jsonl").read_text().splitlines()
 
 
 @pytest.mark.parametrize("path, kernel", golden_cases("device_"))
