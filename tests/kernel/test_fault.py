@@ -968,3 +968,44 @@ def test_zap_nonpresent_ptes_exit_frees_swap_slots(make_system) -> None:  # noqa
     assert p.read(a, 4) == b"data"
     p.exit()
     assert s.swap.inuse == 0
+
+
+@pytest.mark.parametrize("kernel, reused", [("6.12", False), ("7.3", True)])
+def test_wp_can_reuse_anon_folio_pte_mapped_thp_after_child_exit(make_system, kernel: str,
+                                                                  reused: bool) -> None:  # noqa: ANN001
+    """A PTE-mapped THP shared with a child that exited: the parent's write reuses the
+    page in place with no notifier call (7.3's ``__wp_can_reuse_large_anon_folio``) or
+    copies it under an MMU_NOTIFY_CLEAR (6.12)."""
+    proc = make_system(kernel=kernel).spawn("test")
+    a = anon_thp_area(proc)
+    proc.write(a, b"x" * (HPAGE_PMD_SIZE))
+    proc.mprotect(a, PAGE_SIZE, "r")          # split the pmd: a PTE-mapped THP
+    proc.mprotect(a, PAGE_SIZE, "rw")
+    head = pte_pfn(pte(proc, a))
+    child = proc.fork()
+    child.exit()
+    mem = proc.system.mem
+    assert not mem.flags[head + 5] & PG_anon_exclusive and not pte_write(pte(proc, a + 5 * PAGE_SIZE))
+    rec = Recorder(proc)
+    proc.write(a + 5 * PAGE_SIZE, b"y")
+    e = pte(proc, a + 5 * PAGE_SIZE)
+    assert pte_write(e)
+    assert (pte_pfn(e) == head + 5) == reused
+    assert rec.events(MmuNotifierEvent.MMU_NOTIFY_CLEAR) == (
+        [] if reused else [(a + 5 * PAGE_SIZE, a + 6 * PAGE_SIZE)])
+    assert proc.read(a + 5 * PAGE_SIZE, 2) == b"yx"
+
+
+def test_wp_can_reuse_anon_folio_large_folio_mapped_by_another_mm_copies(make_system) -> None:  # noqa: ANN001
+    """7.3: while the child still maps the PTE-mapped THP, the parent's write copies."""
+    proc = make_system(kernel="7.3").spawn("test")
+    a = anon_thp_area(proc)
+    proc.write(a, b"x" * (HPAGE_PMD_SIZE))
+    proc.mprotect(a, PAGE_SIZE, "r")
+    proc.mprotect(a, PAGE_SIZE, "rw")
+    head = pte_pfn(pte(proc, a))
+    child = proc.fork()
+    proc.write(a + 5 * PAGE_SIZE, b"y")
+    assert pte_pfn(pte(proc, a + 5 * PAGE_SIZE)) != head + 5
+    assert child.read(a + 5 * PAGE_SIZE, 1) == b"x"
+    child.exit()
