@@ -64,6 +64,10 @@ class Profile:
     #: keeping the gaps (7.3, ``mm/mremap.c:remap_move``); 6.12 returns -EFAULT when the
     #: range is not inside one VMA
     mremap_move_multiple_vmas: bool
+    #: ``struct mmu_interval_notifier_ops`` has ``invalidate_start``/``invalidate_finish``:
+    #: two-pass interval invalidation, every finish pass after all first passes
+    #: (7.3, ``mm/mmu_notifier.c:mn_itree_invalidate``/``mn_itree_finish_pass``)
+    mmu_interval_two_pass: bool
     #: entries of dmirror's on-stack pfn arrays in ``dmirror_fault``/``dmirror_snapshot``
     #: (64 in 6.12, 32 in 7.3)
     dmirror_window: int
@@ -99,6 +103,7 @@ KERNELS: dict[str, Profile] = {
         huge_zero_wp_allocates_thp=False,
         wp_reuse_large_anon_folio=False,
         mremap_move_multiple_vmas=False,
+        mmu_interval_two_pass=False,
         dmirror_window=64,
         dmirror_flags_cmd=False,
         dmirror_read_unlocked_cmd=False,
@@ -117,6 +122,7 @@ KERNELS: dict[str, Profile] = {
         huge_zero_wp_allocates_thp=True,
         wp_reuse_large_anon_folio=True,
         mremap_move_multiple_vmas=True,
+        mmu_interval_two_pass=True,
         dmirror_window=32,
         dmirror_flags_cmd=True,
         dmirror_read_unlocked_cmd=True,
