@@ -47,8 +47,8 @@ def test_release_bodies_differ_where_hmm_tests_c_differs():
 
 
 @pytest.mark.parametrize(("kernel", "status", "message"), [
-    ("6.12", "pass", ""),                        # mmap(MAP_HUGETLB) fails: return
-    ("7.3", "skip", "Not enough huge pages"),    # hugetlb_free_default_pages() == 0
+    ("6.12", "pass", ""),   # mmap(MAP_HUGETLB) fails: the 6.12 body returns
+    ("7.3", "pass", ""),    # HUGETLB_SETUP_DEFAULT_PAGES(1) gave the pool a page first
 ])
 def test_compound_without_huge_pages(kernel, status, message):
     from dataclasses import replace
@@ -58,13 +58,37 @@ def test_compound_without_huge_pages(kernel, status, message):
     assert (r.status, r.message) == (status, message)
 
 
-@pytest.mark.parametrize(("kernel", "message"), [
-    ("6.12", "Huge page could not be allocated"),
-    ("7.3", "Not enough huge pages"),
+@pytest.mark.parametrize(("kernel", "status", "message"), [
+    ("6.12", "skip", "Huge page could not be allocated"),
+    ("7.3", "pass", ""),
 ])
-def test_anon_write_hugetlbfs_without_huge_pages(kernel, message):
+def test_anon_write_hugetlbfs_without_huge_pages(kernel, status, message):
     from dataclasses import replace
     cfg = replace(reference_config(kernel), hugetlb_pages=0)
     (f, n, fn, v), *_ = select_tests(["anon_write_hugetlbfs"], kernel=kernel)
     r = run_test(f, n, fn, v, cfg)
-    assert (r.status, r.message) == ("skip", message)
+    assert (r.status, r.message) == (status, message)
+
+
+def test_7_3_skips_not_enough_huge_pages_when_the_pool_cannot_grow():
+    """With every 2 MiB block of RAM in use, HUGETLB_SETUP_DEFAULT_PAGES cannot add a page:
+    7.3's bodies SKIP "Not enough huge pages"; 6.12's compound returns (passes)."""
+    from hmmsim.kernel.physmem import PhysMem
+    from hmmsim.selftests import harness
+
+    orig = PhysMem.alloc_folio
+
+    def no_block(self, order):  # the pool cannot grow (RAM fragmented)
+        return -1 if order else orig(self, order)
+    from dataclasses import replace
+    PhysMem.alloc_folio = no_block
+    try:
+        for kernel, name, want in (("7.3", "compound", ("skip", "Not enough huge pages")),
+                                   ("7.3", "anon_write_hugetlbfs", ("skip", "Not enough huge pages")),
+                                   ("6.12", "compound", ("pass", ""))):
+            cfg = replace(reference_config(kernel), hugetlb_pages=0)
+            (f, n, fn, v), *_ = harness.select_tests([name], kernel=kernel)
+            r = run_test(f, n, fn, v, cfg)
+            assert (r.status, r.message) == want, (kernel, name, r.message)
+    finally:
+        PhysMem.alloc_folio = orig
