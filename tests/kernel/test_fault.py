@@ -1009,3 +1009,23 @@ def test_wp_can_reuse_anon_folio_large_folio_mapped_by_another_mm_copies(make_sy
     assert pte_pfn(pte(proc, a + 5 * PAGE_SIZE)) != head + 5
     assert child.read(a + 5 * PAGE_SIZE, 1) == b"x"
     child.exit()
+
+
+@pytest.mark.parametrize("kernel, freed", [("6.12", False), ("7.3", True)])
+def test_madvise_dontneed_reclaim_pt_frees_empty_pte_table(make_system, kernel: str, freed: bool) -> None:  # noqa: ANN001
+    """MADV_DONTNEED of a whole 2 MiB block of 4 KiB pages: 7.3 frees the emptied pte
+    table (``zap_pte_range`` with ``reclaim_pt``), so a read after MADV_HUGEPAGE maps the
+    huge zero page; 6.12 keeps it and maps the 4 KiB zero page. Half a block keeps its
+    table in both."""
+    proc = make_system(kernel=kernel).spawn("test")
+    a = proc.mmap(2 * HPAGE_PMD_SIZE, "rw", addr=BASE, fixed=True)
+    proc.write(a, b"z" * (2 * HPAGE_PMD_SIZE))
+    proc.madvise(a, HPAGE_PMD_SIZE, "dontneed")
+    proc.madvise(a + HPAGE_PMD_SIZE, HPAGE_PMD_SIZE - PAGE_SIZE, "dontneed")
+    assert proc.mm.pmd_ref(a).get() == 0 if freed else proc.mm.pmd_ref(a).get() != 0
+    assert proc.mm.pmd_ref(a + HPAGE_PMD_SIZE).get() != 0
+    proc.madvise(a, 2 * HPAGE_PMD_SIZE, "hugepage")
+    assert proc.read(a, 1) == b"\x00"
+    e = pte(proc, a)
+    assert pmd_leaf(e) == freed
+    assert proc.system.stats["zap.pte_table_reclaimed"] == (1 if freed else 0)

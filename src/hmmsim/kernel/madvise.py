@@ -78,7 +78,10 @@ def _madvise_dontneed(vma: Vma, start: int, end: int) -> int:
         return -EINVAL
     if start == end:
         return 0
-    zap_page_range_single(vma, start, end - start)
+    # 7.3's madvise_dontneed_single_vma() zaps with reclaim_pt (CONFIG_PT_RECLAIM): empty
+    # pte tables of fully covered 2 MiB blocks are freed, so a later fault there may map
+    # a THP again
+    zap_page_range_single(vma, start, end - start, vma.vm_mm.sys.profile.madv_dontneed_frees_pte_tables)
     return 0
 
 

@@ -68,6 +68,11 @@ class Profile:
     #: two-pass interval invalidation, every finish pass after all first passes
     #: (7.3, ``mm/mmu_notifier.c:mn_itree_invalidate``/``mn_itree_finish_pass``)
     mmu_interval_two_pass: bool
+    #: MADV_DONTNEED frees a pte table whose whole 2 MiB span it emptied and clears the
+    #: pmd (7.3, CONFIG_PT_RECLAIM: ``madvise_dontneed_single_vma`` zaps with
+    #: ``reclaim_pt``, ``mm/memory.c:zap_pte_range``), so the next fault there can map a
+    #: THP or the huge zero page; 6.12 keeps the empty table (4 KiB faults from then on)
+    madv_dontneed_frees_pte_tables: bool
     #: entries of dmirror's on-stack pfn arrays in ``dmirror_fault``/``dmirror_snapshot``
     #: (64 in 6.12, 32 in 7.3)
     dmirror_window: int
@@ -104,6 +109,7 @@ KERNELS: dict[str, Profile] = {
         wp_reuse_large_anon_folio=False,
         mremap_move_multiple_vmas=False,
         mmu_interval_two_pass=False,
+        madv_dontneed_frees_pte_tables=False,
         dmirror_window=64,
         dmirror_flags_cmd=False,
         dmirror_read_unlocked_cmd=False,
@@ -123,6 +129,7 @@ KERNELS: dict[str, Profile] = {
         wp_reuse_large_anon_folio=True,
         mremap_move_multiple_vmas=True,
         mmu_interval_two_pass=True,
+        madv_dontneed_frees_pte_tables=True,
         dmirror_window=32,
         dmirror_flags_cmd=True,
         dmirror_read_unlocked_cmd=True,
