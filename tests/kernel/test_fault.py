@@ -1029,3 +1029,30 @@ def test_madvise_dontneed_reclaim_pt_frees_empty_pte_table(make_system, kernel: 
     e = pte(proc, a)
     assert pmd_leaf(e) == freed
     assert proc.system.stats["zap.pte_table_reclaimed"] == (1 if freed else 0)
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_madvise_free_pte_range_splits_partly_covered_pte_mapped_thp(make_system, kernel: str) -> None:  # noqa: ANN001
+    """MADV_FREE over 4 pages of a PTE-mapped THP splits the folio (both releases); over
+    a whole PTE-mapped THP it marks it clean and old without splitting; while a child maps
+    it too, it is left alone."""
+    proc = make_system(kernel=kernel).spawn("test")
+    mem = proc.system.mem
+    a = anon_thp_area(proc, 2)
+    proc.write(a, b"f" * (2 * HPAGE_PMD_SIZE))
+    for base in (a, a + HPAGE_PMD_SIZE):
+        proc.mprotect(base, PAGE_SIZE, "r")
+        proc.mprotect(base, PAGE_SIZE, "rw")
+    h0, h1 = pte_pfn(pte(proc, a)), pte_pfn(pte(proc, a + HPAGE_PMD_SIZE))
+    child = proc.fork()
+    proc.madvise(a, 4 * PAGE_SIZE, "free")
+    assert mem.order[h0] == 9, "mapped by the child too: not split"
+    child.exit()
+    proc.madvise(a, 4 * PAGE_SIZE, "free")
+    assert mem.order[h0] == 0 and mem.order[h0 + 7] == 0
+    assert proc.read(a + 4 * PAGE_SIZE, 1) == b"f"
+    proc.madvise(a + HPAGE_PMD_SIZE, HPAGE_PMD_SIZE, "free")
+    assert mem.order[h1] == 9
+    e = pte(proc, a + HPAGE_PMD_SIZE + 3 * PAGE_SIZE)
+    from hmmsim.kernel.physmem import PG_dirty
+    assert not pte_dirty(e) and not mem.flags[h1] & PG_dirty  # clean: lazily freeable
