@@ -2,7 +2,8 @@
 
 Models the parts of ``mm/huge_memory.c`` HMM meets: ``thp_vma_allowable_order``,
 ``do_huge_pmd_anonymous_page`` (huge zero page on reads, a THP on writes),
-``do_huge_pmd_wp_page`` (reuse or split), ``__split_huge_pmd`` (under an
+``do_huge_pmd_wp_page`` (reuse or split; a write to the huge zero page splits it in
+6.12 and gets a new THP in 7.3, ``do_huge_zero_wp_pmd``), ``__split_huge_pmd`` (under an
 ``MMU_NOTIFY_CLEAR`` of the 2 MiB range), ``zap_huge_pmd``, ``copy_huge_pmd`` (fork),
 ``change_huge_pmd`` (mprotect), ``move_huge_pmd`` (mremap), and the PUD-level entry
 points used by device-dax style mappings. Only the PMD order (512 pages) exists; there

@@ -4,7 +4,8 @@ Models ``mm/madvise.c``: ``do_madvise`` and ``madvise_walk_vmas`` (advice is app
 every mapped part of the range and ``-ENOMEM`` reported for holes; a range with no VMA
 at all fails at once), flag advice through ``madvise_update_vma`` (split / merge),
 ``MADV_DONTNEED`` as a ``zap_page_range_single`` under ``MMU_NOTIFY_CLEAR`` (hugetlb:
-huge-page aligned start, end rounded down), ``MADV_FREE`` (anonymous VMAs only; clean
+huge-page aligned start, end rounded down; 7.3 also frees pte tables it emptied over a
+whole 2 MiB block, ``madv_dontneed_frees_pte_tables``), ``MADV_FREE`` (anonymous VMAs only; clean
 and old, data kept since nothing is reclaimed; a partly covered THP is split first) and
 ``MADV_PAGEOUT`` (swap-out when the machine has swap).
 """
