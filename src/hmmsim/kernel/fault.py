@@ -67,7 +67,6 @@ from .pgtable import (
     PTE_MARKER_GUARD,
     PTE_MARKER_POISONED,
     PTE_MARKER_UFFD_WP,
-    PTE_PFN_MASK,
     is_device_exclusive_entry,
     is_device_private_entry,
     is_hwpoison_entry,
@@ -95,6 +94,7 @@ from .pgtable import (
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapcache
 from .rmap import (
     anon_vma_prepare,
+    folio_maybe_mapped_shared,
     folio_add_file_rmap_ptes,
     folio_add_new_anon_rmap,
     folio_add_new_anon_rmap_ptes,
@@ -455,48 +455,11 @@ def _wp_can_reuse_anon_folio(vma: Vma, pfn: int) -> bool:
         mapcount = mem.folio_mapcount(head)
         if mapcount <= 1 or mapcount != int(mem.refcount[head]):
             return False
-        return not _folio_mapped_by_other_mm(vma, head)
+        return not folio_maybe_mapped_shared(vma.vm_mm, head)
     swapcache = 1 if mem.flags[head] & PG_swapcache else 0
     if int(mem.refcount[head]) > 1 + swapcache:
         return False
     return True
-
-
-def _folio_mapped_by_other_mm(vma: Vma, head: int) -> bool:
-    """Whether a VMA of another mm on the anon folio's anon_vma maps one of its pages
-    (what 7.3 keeps as ``FOLIO_MM_IDS_SHARED_BIT`` of ``folio->_mm_ids``)."""
-    mm = vma.vm_mm
-    sys = mm.sys
-    mem = sys.mem
-    av = mem.mapping_obj(int(mem.mapping[head]))
-    if av is None:
-        return False
-    nr = mem.folio_nr_pages(head)
-    first = int(mem.index[head])
-    for other in list(av.vmas):
-        if other.vm_mm is mm:
-            continue
-        lo = max(other.address_of_index(first), other.vm_start)
-        hi = min(other.address_of_index(first + nr), other.vm_end)
-        addr = lo
-        while addr < hi:
-            nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), hi)
-            pmd = other.vm_mm.pmd_ref(addr)
-            e = pmd.get() if pmd is not None else 0
-            if e and pmd_leaf(e):
-                if pte_present(e) and mem.compound_head(pte_pfn(e)) == head:
-                    return True
-            elif e:
-                tid = other.vm_mm.pte_table(pmd)
-                if tid >= 0:
-                    i0 = (addr >> PAGE_SHIFT) & 511
-                    seg = sys.pt.table(tid)[i0:i0 + ((nxt - addr) >> PAGE_SHIFT)]
-                    pfns = (seg & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)
-                    hit = ((seg & _U(_PAGE_PRESENT)) != 0) & (pfns >= _U(head)) & (pfns < _U(head + nr))
-                    if hit.any():
-                        return True
-            addr = nxt
-    return False
 
 
 def do_wp_page(vmf: VmFault, tbl: npt.NDArray[np.uint64], tid: int) -> int:

@@ -34,7 +34,8 @@ from .pgtable import (
     pte_present,
     pte_to_swp_entry,
 )
-from .physmem import PG_anon, PG_dirty, PhysMem
+from .physmem import PG_anon, PG_dirty
+from .rmap import folio_maybe_mapped_shared
 from .swap import free_swap_and_cache, reclaim_pages
 from .vma import (
     VM_HUGEPAGE,
@@ -150,7 +151,7 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
                 if nr < nr_folio:
                     # only partly in the range: split it (unless another mm may map it)
                     # and look at this pte again
-                    if _folio_maybe_mapped_shared(mem, head):
+                    if folio_maybe_mapped_shared(mm, head):
                         i += nr - 1
                         continue
                     mm.pte_unmap_unlock(tid)
@@ -182,13 +183,6 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
         if locked:
             mm.pte_unmap_unlock(tid)
     return 0
-
-
-def _folio_maybe_mapped_shared(mem: PhysMem, head: int) -> bool:
-    """``folio_maybe_mapped_shared()`` (6.12: ``folio_likely_mapped_shared()``) of a large
-    anon folio: PMD-mapped anywhere, or a page mapped more than once (by several mms)."""
-    nr = mem.folio_nr_pages(head)
-    return bool(mem.entire_mapcount[head] > 0 or (mem.mapcount[head:head + nr] > 1).any())
 
 
 madvise_free_walk_ops = MmWalkOps(pmd_entry=madvise_free_pte_range)
