@@ -31,7 +31,7 @@ from .migrate import (
     migration_entry_wait,
     pmd_migration_entry_wait,
 )
-from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked
+from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked, ptlock_ptr
 from .mm_types import (  # noqa: F401  (re-exported: fault.py is where drivers look)
     FAULT_FLAG_INSTRUCTION,
     FAULT_FLAG_REMOTE,
@@ -182,11 +182,11 @@ def __handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
     pud_idx = (address >> 30) & 511
     e = int(pud_tbl[pud_idx])
     if e == 0 and hm.thp_vma_allowable_order(vma, 18, address):
-        ret = hm.create_huge_pud(vmf, PtRef(pud_tbl, pud_idx, pud))
+        ret = hm.create_huge_pud(vmf, PtRef(pud_tbl, pud_idx, pud, mm))
         if not ret & VM_FAULT_FALLBACK:
             return ret
     elif e and pmd_leaf(e):
-        return hm.huge_pud_fault(vmf, PtRef(pud_tbl, pud_idx, pud), e)
+        return hm.huge_pud_fault(vmf, PtRef(pud_tbl, pud_idx, pud, mm), e)
     pmd = mm.pmd_ref(address, alloc=True)
     assert pmd is not None
     vmf.pmd = pmd
@@ -219,10 +219,9 @@ def handle_pte_fault(vmf: VmFault) -> int:
     vma = vmf.vma
     mm = vma.vm_mm
     assert vmf.pmd is not None
-    tid = mm.pte_table(vmf.pmd)
-    pte = 0
-    if tid >= 0:
-        pte = int(mm.sys.pt.table(tid)[vmf.pte_idx])
+    # pte_offset_map_nolock(): a lockless look at the entry, re-checked under the PTL
+    mapped = mm.pte_offset_map(vmf.pmd)
+    pte = int(mapped[0][vmf.pte_idx]) if mapped is not None else 0
     if pte == 0:
         if vma_is_anonymous(vma):
             return do_anonymous_page(vmf)
@@ -751,8 +750,9 @@ def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tup
     sys = mm.sys
     write = bool(flags & FAULT_FLAG_WRITE)
     anon = vma_is_anonymous(vma)
-    tid = mm.pte_table(pmd)
-    tbl = sys.pt.table(tid)
+    mapped = mm.pte_offset_map(pmd)  # the lockless look of each fault, once per table
+    assert mapped is not None
+    tbl, tid = mapped
     i0 = (addr >> PAGE_SHIFT) & 511
     i1 = i0 + ((nxt - addr) >> PAGE_SHIFT)
     seg = tbl[i0:i1]
@@ -788,7 +788,7 @@ def _spurious_run(vma: Vma, tid: int, i0: int, i1: int, write: bool) -> None:
     """Faults on ptes that already allow the access: mark them young (and dirty)."""
     mm = vma.vm_mm
     sys = mm.sys
-    mm.sys.ls.acquire(("ptl", tid), "ptl", sleepable=False)
+    mm.spin_lock(ptlock_ptr(tid))
     try:
         seg = sys.pt.table(tid)[i0:i1]
         bits = _PAGE_ACCESSED | ((_PAGE_DIRTY | _PAGE_SOFT_DIRTY) if write else 0)

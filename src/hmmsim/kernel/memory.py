@@ -188,7 +188,7 @@ def unmap_single_vma(vma: Vma, start: int, end: int) -> None:
             addr = pud_next
             continue
         if pmd_leaf(pe):
-            split_huge_pud(vma, PtRef(ptbl, pidx, -1), addr)
+            split_huge_pud(vma, PtRef(ptbl, pidx, -1, mm), addr)
             addr = pud_next
             continue
         while addr < pud_next:
