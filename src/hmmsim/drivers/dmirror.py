@@ -351,8 +351,10 @@ def dmirror_range_fault(dmirror: Dmirror, r: HmmRange) -> int:
     for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
         r.notifier_seq = mmu_interval_read_begin(r.notifier)
         mmap_read_lock(mm)
-        ret = hmm_range_fault(r)
-        mmap_read_unlock(mm)
+        try:
+            ret = hmm_range_fault(r)
+        finally:
+            mmap_read_unlock(mm)
         if ret:
             if ret == -EBUSY:
                 continue
@@ -561,8 +563,10 @@ def dmirror_range_snapshot(dmirror: Dmirror, r: HmmRange) -> tuple[int, npt.NDAr
         for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
             r.notifier_seq = mmu_interval_read_begin(notifier)
             mmap_read_lock(mm)
-            ret = hmm_range_fault(r)
-            mmap_read_unlock(mm)
+            try:
+                ret = hmm_range_fault(r)
+            finally:
+                mmap_read_unlock(mm)
             if ret:
                 if ret == -EBUSY:
                     continue

@@ -567,9 +567,10 @@ def do_swap_page(vmf: VmFault) -> int:
             pgmap = sys.pgmap_of(pfn)
             assert pgmap is not None and pgmap.ops.migrate_to_ram is not None
             sys.stats.add("fault.migrate_to_ram")
-            ret = int(pgmap.ops.migrate_to_ram(vmf))
-            folio_put(sys, head)
-            return ret
+            try:
+                return int(pgmap.ops.migrate_to_ram(vmf))
+            finally:
+                folio_put(sys, head)
         if is_hwpoison_entry(entry):
             return VM_FAULT_HWPOISON
         if is_pte_marker_entry(entry):

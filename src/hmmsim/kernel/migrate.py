@@ -290,7 +290,15 @@ def migrate_folio_unmap(sys: "System", pfn: int) -> MigrationTicket | None:
     if mem.order[head] or mem.refcount[head] <= 0 or not folio_trylock(sys, head):
         return None
     mem.refcount[head] += 1
-    try_to_migrate(sys, head)
+    try:
+        try_to_migrate(sys, head)
+    except BaseException:
+        # a notifier raised part way: put back the mappings already replaced, unlock,
+        # drop the isolation reference (what migrate_folio_move(abandon=True) does)
+        remove_migration_ptes(sys, head, head)
+        folio_unlock(sys, head)
+        folio_put(sys, head)
+        raise
     return MigrationTicket(head)
 
 

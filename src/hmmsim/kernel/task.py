@@ -58,19 +58,23 @@ def exit_mmap(mm: MM) -> None:
     """``exit_mmap()``: release notifiers, unmap everything, free all page tables."""
     mmu_notifier_release(mm)
     mmap_read_lock(mm)
-    vmas = mm.vma_list()
-    if vmas:
-        unmap_vmas(mm, vmas, 0, ULONG_MAX)
-    mmap_read_unlock(mm)
+    try:
+        vmas = mm.vma_list()
+        if vmas:
+            unmap_vmas(mm, vmas, 0, ULONG_MAX)
+    finally:
+        mmap_read_unlock(mm)
     mmap_write_lock(mm)
-    if vmas:
-        free_pgtables(mm, 0, ULONG_MAX, 0, 0)
-    for v in vmas:
-        mm.remove_vma(v)
-        remove_vma(v)
-    mm.sys.pt.free(mm.pgd)  # pgd_free(), done at the final mmdrop() in the kernel
-    mm.dead = True
-    mmap_write_unlock(mm)
+    try:
+        if vmas:
+            free_pgtables(mm, 0, ULONG_MAX, 0, 0)
+        for v in vmas:
+            mm.remove_vma(v)
+            remove_vma(v)
+        mm.sys.pt.free(mm.pgd)  # pgd_free(), done at the final mmdrop() in the kernel
+        mm.dead = True
+    finally:
+        mmap_write_unlock(mm)
     if mm in mm.sys.mms:
         mm.sys.mms.remove(mm)
     mm.sys.stats.add("mm.exit_mmap")
