@@ -703,7 +703,8 @@ def dmirror_open(sys: "System", task: "Task", minor: int) -> int:
     device exists."""
     if not 0 <= minor < len(sys.dmirror_devices) or sys.dmirror_devices[minor] is None:
         return -ENODEV
-    f = dmirror_fops_open(sys.dmirror_devices[minor], task)
+    with task.running():
+        f = dmirror_fops_open(sys.dmirror_devices[minor], task)
     if isinstance(f, int):
         return f
     return task.fd_install(f)

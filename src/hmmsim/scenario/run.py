@@ -146,7 +146,8 @@ class _Runner:
                 raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
                              "message": f"{node.op} needs {_UNSUPPORTED[node.op]}, not modelled yet"})
             try:
-                getattr(self, f"op_{node.op}")(ctx, node, *node.args)
+                with ctx.task.running():  # the command is a system call of this process
+                    getattr(self, f"op_{node.op}")(ctx, node, *node.args)
                 if self.after is not None:
                     self.after(self.sys, node)
             except KernelOops as e:
