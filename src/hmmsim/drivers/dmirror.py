@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import KernelOops, NotSupportedError
 from ..hmm.hmm import (
     HMM_PFN_ERROR,
     HMM_PFN_FLAGS,
@@ -41,6 +40,7 @@ from ..hmm.hmm import (
     HmmRange,
     hmm_range_fault,
 )
+from ..kernel.bug import KernelOops, NotSupportedError
 from ..kernel.cpu import copy_from_user, copy_to_user
 from ..kernel.errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM
 from ..kernel.folio import folio_put

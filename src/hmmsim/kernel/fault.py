@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import NotSupportedError
 from . import huge_memory as hm
+from .bug import NotSupportedError
 from .folio import folio_put
 from .hugetlb import hugetlb_fault
 from .migrate import (

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import NotSupportedError
+from .bug import NotSupportedError
 from .errno import EBUSY, EFAULT, EINVAL
 from .folio import folios_put
 from .huge_memory import __split_huge_pmd, copy_huge_pmd, split_huge_pud, zap_huge_pmd

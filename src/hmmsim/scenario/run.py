@@ -34,7 +34,7 @@ from ..drivers.test_hmm_uapi import (
     HMM_DMIRROR_WRITE,
     HmmDmirrorCmd,
 )
-from ..errors import KernelOops, NotSupportedError
+from ..kernel.bug import KernelOops, NotSupportedError
 from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_read_pages, user_write_pages
 from ..kernel.errno import EBADF
 from ..kernel.madvise import (
