@@ -268,3 +268,24 @@ def test_batched_fault_maps_each_table_once(proc: Process) -> None:
     assert d["pgtable.pte_offset_map_lock"] == 3
     assert d["pgtable.pte_offset_map"] == 3 * 2 + 3 + 3
     m.remove()
+
+
+def test_interleave_racer_may_use_the_facade_of_the_process_it_interrupts(proc: Process) -> None:
+    """The racer keeps its own thread (a second thread of the process) when it calls the
+    facade of the process it interrupts, and runs at a scheduling point of the read."""
+    a = proc.mmap(8 * P)
+    proc.write(a, b"i" * 8 * P)
+    d = proc.open_device(0)
+    names: list[str] = []
+
+    def unmap() -> None:
+        proc.munmap(a + 4 * P, 4 * P)
+        names.append(proc.system.ls.current.name)
+
+    race = Interleave(proc.system, unmap, at=0, name="unmapper")
+    with race:
+        r = d.read(a, 4)
+    assert race.done and race.point[0] != "end" and names == ["unmapper"]
+    assert r.cpages == 4 and bytes(r.data[:1]) == b"i"
+    assert proc.mm.vma_lookup(a + 4 * P) is None
+    d.close()

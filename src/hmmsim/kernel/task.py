@@ -127,8 +127,17 @@ class Task:
     @contextmanager
     def running(self) -> Iterator["Task"]:
         """Run the block as this task (``current`` is this task's thread): the locks it
-        takes are this task's, lock messages name it."""
-        with self.sys.ls.as_thread(self.thread):
+        takes are this task's, lock messages name it.
+
+        A helper thread that belongs to no task (an :class:`~hmmsim.kernel.sched.Interleave`
+        racer) keeps its own identity: it acts as another thread of the process, so a
+        racer may call the facade of the very process it interrupts."""
+        ls = self.sys.ls
+        cur = ls.current
+        if cur.task is None and cur is not ls.main:
+            yield self
+            return
+        with ls.as_thread(self.thread):
             yield self
 
     # -- files ----------------------------------------------------------------------------
