@@ -261,12 +261,15 @@ def test_batched_fault_maps_each_table_once(proc: Process) -> None:
         proc.write(a + k * PMD_SIZE, b"f")  # create the tables
     proc.madvise(a, 3 * PMD_SIZE, "dontneed")
     m = HmmMirror(proc.mm)
-    with proc.system.stats.measure() as d:
+    with proc.system.stats.measure() as d, _Who(proc.system) as who:
         ret, pfns = m.range_fault(a, a + 3 * PMD_SIZE, default_flags=HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
     assert ret == 0 and (pfns != 0).all()
     # the walk maps each table (twice: before and after the fault), the fault too
     assert d["pgtable.pte_offset_map_lock"] == 3
     assert d["pgtable.pte_offset_map"] == 3 * 2 + 3 + 3
+    assert d["pgtable.set_pte"] == 3 * 512, "each pte written counts, in 3 batched writes"
+    wheres = [w for _n, w, _k in who.seen]
+    assert wheres.count("set_ptes") == 3 and wheres.count("pte_offset_map") == 3 * 2 + 3
     m.remove()
 
 

@@ -31,7 +31,7 @@ from .migrate import (
     migration_entry_wait,
     pmd_migration_entry_wait,
 )
-from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked, ptlock_ptr
+from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked, ptlock_ptr, set_ptes
 from .mm_types import (  # noqa: F401  (re-exported: fault.py is where drivers look)
     FAULT_FLAG_INSTRUCTION,
     FAULT_FLAG_REMOTE,
@@ -791,9 +791,9 @@ def _spurious_run(vma: Vma, tid: int, i0: int, i1: int, write: bool) -> None:
     sys = mm.sys
     mm.spin_lock(ptlock_ptr(tid))
     try:
-        seg = sys.pt.table(tid)[i0:i1]
+        tbl = sys.pt.table(tid)
         bits = _PAGE_ACCESSED | ((_PAGE_DIRTY | _PAGE_SOFT_DIRTY) if write else 0)
-        seg |= _U(bits)
+        set_ptes(mm, tbl, i0, tbl[i0:i1] | _U(bits), i1 - i0)
     finally:
         mm.pte_unmap_unlock(tid)
     _account(sys, i1 - i0 - 1, "fault.spurious")
@@ -812,7 +812,7 @@ def _anon_none_run(vma: Vma, pmd: PtRef, i0: int, i1: int, addr: int, write: boo
     tbl, tid = got
     try:
         if not write:
-            tbl[i0:i1] = _U(pte_mkspecial(pfn_pte(sys.mem.zero_pfn, vma.vm_page_prot)))
+            set_ptes(mm, tbl, i0, _U(pte_mkspecial(pfn_pte(sys.mem.zero_pfn, vma.vm_page_prot))), n)
             _account(sys, n - 1, "fault.do_anonymous_page")
             sys.stats.add("fault.do_anonymous_page")
             sys.stats.add("fault.handle_mm_fault")
@@ -826,7 +826,7 @@ def _anon_none_run(vma: Vma, pmd: PtRef, i0: int, i1: int, addr: int, write: boo
             if vma.vm_flags & VM_WRITE:
                 prot |= _PAGE_RW | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
             folio_add_new_anon_rmap_ptes(sys.mem, pfns, vma, addrs)
-            tbl[i0:i0 + k] = (pfns.astype(np.uint64) << _U(PAGE_SHIFT)) | _U(prot)
+            set_ptes(mm, tbl, i0, (pfns.astype(np.uint64) << _U(PAGE_SHIFT)) | _U(prot), k)
             mm.add_mm_counter(MM_ANONPAGES, k)
             _account(sys, k - 1, "fault.do_anonymous_page")
             sys.stats.add("fault.do_anonymous_page")

@@ -30,7 +30,7 @@ __all__ = (
     "LockId", "MM", "MM_ANONPAGES", "MM_FILEPAGES", "MM_SHMEMPAGES", "MM_SWAPENTS", "PtRef",
     "huge_pte_lock", "huge_pte_lockptr", "mmap_assert_locked", "mmap_assert_write_locked",
     "mmap_read_lock", "mmap_read_unlock", "mmap_write_lock", "mmap_write_unlock", "pmd_lock",
-    "pmd_lockptr", "pte_lockptr", "ptlock_ptr", "spin_lock", "spin_unlock",
+    "pmd_lockptr", "pte_lockptr", "ptlock_ptr", "set_ptes", "spin_lock", "spin_unlock",
 )
 
 MM_FILEPAGES = 0
@@ -101,6 +101,18 @@ def huge_pte_lockptr(mm: "MM", pte: PtRef) -> LockId:
     """``huge_pte_lockptr()``: the lock of a hugetlb entry; 2 MiB pages live at the pmd
     level, so it is the PMD lock."""
     return pmd_lockptr(mm, pte)
+
+
+def set_ptes(mm: "MM", tbl: npt.NDArray[np.uint64], i0: int, vals: Any, nr: int) -> None:
+    """``set_ptes()``: write *nr* consecutive entries of one pte table from index *i0*
+    (*vals*: one value for all, or *nr* values), the PTL held. Counted as *nr*
+    ``pgtable.set_pte``; one scheduling point ``set_ptes`` per call (per table), like the
+    batched paths it serves, so the cost stays O(1) per table."""
+    sys = mm.sys
+    sys.stats.add("pgtable.set_pte", nr)
+    if sys.ls.has_hooks:
+        sys.ls.schedule_point("set_ptes")
+    tbl[i0:i0 + nr] = vals
 
 
 def spin_lock(mm: "MM", ptl: LockId, where: str = "lock") -> None:
