@@ -501,30 +501,29 @@ def hmm_vma_walk_hugetlb_entry(pte: PtRef, hmask: int, start: int, end: int, wal
     hvw: HmmVmaWalk = walk.private
     r = hvw.range
     mm = walk.mm
-    vma = walk.vma
-    assert vma is not None
     ptl = huge_pte_lock(mm, pte)
-    try:
-        entry = pte.get()
-        i = (start - r.start) >> PAGE_SHIFT
-        cpu_flags = 0
-        if entry and pte_present(entry) and not pte_protnone(entry):
-            cpu_flags = HMM_PFN_VALID | HMM_PFN_WRITE if pte_write(entry) else HMM_PFN_VALID
-        cpu_flags |= _order_flags(HPAGE_PMD_ORDER)
-        required = hmm_pte_need_fault(hvw, int(r.hmm_pfns[i]), cpu_flags)
-        if not required:
-            pfn = ((entry & PTE_PFN_MASK) >> PAGE_SHIFT) + ((start & ~hmask & 0xFFFF_FFFF_FFFF_FFFF) >> PAGE_SHIFT)
-            pfns = r.hmm_pfns[i:i + ((end - start) >> PAGE_SHIFT)]
-            pfns &= _INOUT
-            pfns |= np.arange(pfn, pfn + len(pfns), dtype=np.uint64) | _U(cpu_flags)
-            return 0
-    finally:
+    entry = pte.get()
+    i = (start - r.start) >> PAGE_SHIFT
+    cpu_flags = 0
+    if entry and pte_present(entry) and not pte_protnone(entry):
+        cpu_flags = HMM_PFN_VALID | HMM_PFN_WRITE if pte_write(entry) else HMM_PFN_VALID
+    cpu_flags |= _order_flags(HPAGE_PMD_ORDER)
+    required = hmm_pte_need_fault(hvw, int(r.hmm_pfns[i]), cpu_flags)
+    if required:
         spin_unlock(mm, ptl)
-    hugetlb_vma_unlock_read(vma)
-    try:
-        return hmm_vma_fault(start, end, required, walk)
-    finally:
-        hugetlb_vma_lock_read(vma)
+        vma = walk.vma
+        assert vma is not None
+        hugetlb_vma_unlock_read(vma)
+        try:
+            return hmm_vma_fault(start, end, required, walk)
+        finally:
+            hugetlb_vma_lock_read(vma)
+    pfn = ((entry & PTE_PFN_MASK) >> PAGE_SHIFT) + ((start & ~hmask & 0xFFFF_FFFF_FFFF_FFFF) >> PAGE_SHIFT)
+    pfns = r.hmm_pfns[i:i + ((end - start) >> PAGE_SHIFT)]
+    pfns &= _INOUT
+    pfns |= np.arange(pfn, pfn + len(pfns), dtype=np.uint64) | _U(cpu_flags)
+    spin_unlock(mm, ptl)
+    return 0
 
 
 def hmm_vma_walk_test(start: int, end: int, walk: MmWalk) -> int:
