@@ -11,6 +11,15 @@ driver mutexes) is taken and released through this module, so that
   :meth:`LockState.add_hook` run there, which is how another simulated thread's operation
   is interleaved deterministically (see :mod:`hmmsim.kernel.sched`).
 
+Each task runs as its own :class:`Thread` (named ``comm/pid``, see
+:meth:`hmmsim.kernel.task.Task.running`); code not entered through a task runs as
+``LockState.main`` (``swapper/0``). The bookkeeping is O(1) per acquisition and release
+however many locks a thread holds (a 1 GiB migration holds 262,144 folio locks).
+Keyed locks are named once, by the kernel's accessor names: ``ptlock_ptr``/``pte_lockptr``,
+``pmd_lockptr``/``pmd_lock``, ``huge_pte_lockptr`` (:mod:`hmmsim.kernel.mm`),
+``hugetlb_vma_lockptr`` (:mod:`hmmsim.kernel.hugetlb`), ``folio_lockptr``
+(:mod:`hmmsim.kernel.pagemap`); the first element of each identity is its lock class.
+
 The model runs one simulated thread at a time. A lock that is held by another (suspended)
 simulated thread cannot be taken: :class:`WouldBlock` is raised, which the interleaving
 machinery turns into "try again at the next scheduling point", and which is a
