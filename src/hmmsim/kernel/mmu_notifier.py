@@ -351,29 +351,38 @@ def _invalidate_start(r: MmuNotifierRange) -> int:
     subs = mm.notifier_subscriptions
     if subs is None:
         return 0
-    if subs.has_itree:
+    itree = subs.has_itree
+    if itree:
         subs.active_invalidate_ranges += 1
-        hits = subs.overlapping(r.start, r.end - 1)
-        if hits:
-            subs.invalidate_seq |= 1
-        cur_seq = subs.invalidate_seq
-        finishes: list[MmuIntervalNotifierFinish] = []
-        err = 0
-        for sub in hits:
-            stats.add("mmu_notifier.interval_invalidate")
-            ok = _itree_invalidate_one(sub, r, cur_seq, finishes)
-            if not ok and not mmu_notifier_range_blockable(r):
-                err = -EAGAIN
-                break
-        _itree_finish_pass(finishes)
-        if err:
+    try:
+        if itree:
+            hits = subs.overlapping(r.start, r.end - 1)
+            if hits:
+                subs.invalidate_seq |= 1
+            cur_seq = subs.invalidate_seq
+            finishes: list[MmuIntervalNotifierFinish] = []
+            err = 0
+            for sub in hits:
+                stats.add("mmu_notifier.interval_invalidate")
+                ok = _itree_invalidate_one(sub, r, cur_seq, finishes)
+                if not ok and not mmu_notifier_range_blockable(r):
+                    err = -EAGAIN
+                    break
+            _itree_finish_pass(finishes)
+            if err:
+                _itree_inv_end(subs)
+                return err
+        for mn in list(subs.list):
+            if mn.invalidate_range_start is not None:
+                ret = mn.invalidate_range_start(r)
+                if ret and not mmu_notifier_range_blockable(r):
+                    return ret
+    except BaseException:
+        # a subscriber's callback raised: the invalidation never started (the model's
+        # unwinding; a C callback cannot throw), so no range stays open
+        if itree:
             _itree_inv_end(subs)
-            return err
-    for mn in list(subs.list):
-        if mn.invalidate_range_start is not None:
-            ret = mn.invalidate_range_start(r)
-            if ret and not mmu_notifier_range_blockable(r):
-                return ret
+        raise
     return 0
 
 
@@ -385,7 +394,11 @@ def mmu_notifier_invalidate_range_start(r: MmuNotifierRange) -> None:
     r.flags |= MMU_NOTIFIER_RANGE_BLOCKABLE
     _open = mm.sys.notifier_active
     _open[id(mm)] = _open.get(id(mm), 0) + 1
-    _invalidate_start(r)
+    try:
+        _invalidate_start(r)
+    except BaseException:
+        _open[id(mm)] -= 1
+        raise
 
 
 def mmu_notifier_invalidate_range_start_nonblock(r: MmuNotifierRange) -> int:
@@ -452,12 +465,14 @@ def mmu_notifier_release(mm: "MM") -> None:
         if hits:
             subs.invalidate_seq |= 1
         cur_seq = subs.invalidate_seq
-        finishes: list[MmuIntervalNotifierFinish] = []
-        for sub in hits:
-            mm.sys.stats.add("mmu_notifier.interval_invalidate")
-            _itree_invalidate_one(sub, r, cur_seq, finishes)
-        _itree_finish_pass(finishes)
-        _itree_inv_end(subs)
+        try:
+            finishes: list[MmuIntervalNotifierFinish] = []
+            for sub in hits:
+                mm.sys.stats.add("mmu_notifier.interval_invalidate")
+                _itree_invalidate_one(sub, r, cur_seq, finishes)
+            _itree_finish_pass(finishes)
+        finally:
+            _itree_inv_end(subs)
     for mn in list(subs.list):
         if mn.release is not None:
             mn.release(mm)
