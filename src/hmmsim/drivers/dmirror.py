@@ -74,6 +74,7 @@ from ..kernel.page_types import (
 )
 from ..kernel.system import DEVMEM_CHUNK_PAGES
 from ..kernel.task import mmget_not_zero, mmput
+from ..kernel.vma import VM_HUGETLB
 from .test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
     HMM_DMIRROR_EXCLUSIVE,
@@ -269,7 +270,9 @@ def _bounce_settle(sys: "System", bounce: DmirrorBounce) -> None:
         view = bounce.buffer().reshape(bounce.npages, PAGE_SIZE)
         for a in range(0, len(idx), 4096):
             part = idx[a:a + 4096]
-            sys.mem.read_pages(bounce.src[part], view[part])
+            got = np.empty((len(part), PAGE_SIZE), np.uint8)
+            sys.mem.read_pages(bounce.src[part], got)
+            view[part] = got
     bounce.src = None
 
 
@@ -410,9 +413,9 @@ def dmirror_fault(dmirror: Dmirror, start: int, end: int, write: bool) -> int:
     """``dmirror_fault()``: fault ``[start, end)`` into the mirror one window
     (``dmirror_window`` pages: 64 in 6.12, 32 in 7.3) at a time.
 
-    Fast path: a run of windows none of whose pages needs a fault is mirrored as one
-    batch (:func:`_fault_batch`); windows with a page to fault go one by one, as the
-    driver does (their faults may invalidate, erase entries and retry)."""
+    Fast path: runs of windows are faulted and mirrored as one batch
+    (:func:`_fault_batch`) when no simulated thread can run in between; a batch that
+    fails goes again window by window, which reproduces the driver's partial result."""
     mm = dmirror.notifier.mm
     assert mm is not None
     win = dmirror.sys.profile.dmirror_window
@@ -428,10 +431,13 @@ def dmirror_fault(dmirror: Dmirror, start: int, end: int, write: bool) -> int:
         addr = start
         while addr < end:
             if addr >= slow_until and addr + (win << PAGE_SHIFT) < end and not dmirror.sys.ls._hooks:  # noqa: SLF001
-                done, slow_until = _fault_batch(dmirror, addr, end, flags, win)
+                done, ret = _fault_batch(dmirror, addr, end, flags, win)
+                if ret:
+                    break
                 if done > addr:
                     addr = done
                     continue
+                slow_until = min(addr + (_BATCH_PAGES << PAGE_SHIFT), end)
             r.start = addr
             r.end = min(addr + (win << PAGE_SHIFT), end)
             ret = dmirror_range_fault(dmirror, r)
@@ -444,65 +450,48 @@ def dmirror_fault(dmirror: Dmirror, start: int, end: int, write: bool) -> int:
 
 
 def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) -> tuple[int, int]:
-    """Windows of ``dmirror_fault()`` from *addr* whose pages need no fault, mirrored in
-    one go: one walk without fault flags over up to :data:`_BATCH_PAGES` pages (what each
-    window's ``hmm_range_fault()`` would return, since it would fault nothing), then one
-    ``dmirror_do_fault()`` under the mutex, counting each window's protocol.
+    """The windows of ``dmirror_fault()`` in ``[addr, addr + _BATCH_PAGES)`` as one
+    ``dmirror_range_fault()``, counting each window's protocol.
 
-    Returns ``(where the batched windows end (addr if none), where window-by-window work
-    should stop)``: from the first window with a page to fault up to the next window the
-    walk saw as fully present."""
+    Equivalent to the window loop: faults happen in the same address order, and an
+    invalidation during them erases only entries from its own range on, which in either
+    form are stored after it (the whole batch retries, as a window would). Returns
+    ``(where the batch ends, 0)``, or ``(addr, 0)`` when it must go window by window: a
+    hugetlb VMA in the range (6.12 reports a lockdep warning per walk), or a failed
+    fault (the windows before it are then mirrored by the window loop, as the driver
+    leaves them); ``(addr, ret)`` if storing the entries failed (after storing those
+    before the read-only page, as ``dmirror_do_fault()`` does)."""
     mm = dmirror.notifier.mm
     assert mm is not None
+    bend = min(addr + (_BATCH_PAGES << PAGE_SHIFT), end)
+    if any(v.vm_flags & VM_HUGETLB for v in mm.vmas(addr, bend)):
+        return addr, 0
     stats = dmirror.sys.stats
     saved = _stats_save(stats)
-    bend = min(addr + (_BATCH_PAGES << PAGE_SHIFT), end)
     n = (bend - addr) >> PAGE_SHIFT
     r = HmmRange(notifier=dmirror.notifier, start=addr, end=bend, hmm_pfns=np.zeros(n, np.uint64),
-                 dev_private_owner=dmirror.mdevice)
-    r.notifier_seq = mmu_interval_read_begin(r.notifier)
-    mmap_read_lock(mm)
-    ret = hmm_range_fault(r)
-    mmap_read_unlock(mm)
-    if ret:
-        _stats_restore(stats, saved)
-        return addr, addr + (win << PAGE_SHIFT)
-    e = r.hmm_pfns
-    ok = ((e & _U(HMM_PFN_VALID | HMM_PFN_ERROR)) == _U(HMM_PFN_VALID))
-    if flags & HMM_PFN_REQ_WRITE:
-        ok &= (e & _U(HMM_PFN_WRITE)) != 0
-    nwin = -(-n // win)
-    okw = np.ones(nwin, bool)
-    pad = nwin * win - n
-    okw[:] = np.concatenate([ok, np.ones(pad, bool)]).reshape(nwin, win).all(axis=1)
-    good = int(np.argmin(okw)) if not okw.all() else nwin
-    if good == 0:
-        _stats_restore(stats, saved)
-        later = np.flatnonzero(okw)
-        nxt = int(later[0]) if len(later) else nwin
-        return addr, addr + ((nxt * win) << PAGE_SHIFT)
-    if good < nwin:
-        # the walk went further than the windows it can stand for: walk those again
-        _stats_restore(stats, saved)
-        bend = addr + ((good * win) << PAGE_SHIFT)
-        r = HmmRange(notifier=dmirror.notifier, start=addr, end=bend,
-                     hmm_pfns=np.zeros(good * win, np.uint64), dev_private_owner=dmirror.mdevice)
+                 pfn_flags_mask=0, default_flags=flags, dev_private_owner=dmirror.mdevice)
+    for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
         r.notifier_seq = mmu_interval_read_begin(r.notifier)
         mmap_read_lock(mm)
         ret = hmm_range_fault(r)
         mmap_read_unlock(mm)
-        assert ret == 0
-    dmirror.mutex.lock()
-    try:
+        if ret == -EBUSY:
+            continue
+        if ret:
+            _stats_restore(stats, saved)
+            return addr, 0
+        dmirror.mutex.lock()
         if mmu_interval_read_retry(r.notifier, r.notifier_seq):
-            raise AssertionError("dmirror: invalidation during a batched fault without a racing thread")
-        r.default_flags = flags
-        ret = dmirror_do_fault(dmirror, r)
-        assert ret == 0
-    finally:
-        dmirror.mutex.unlock()
-    _count_windows(dmirror, good - 1, snapshot=False)
-    return bend, bend
+            dmirror.mutex.unlock()
+            continue
+        try:
+            ret = dmirror_do_fault(dmirror, r)
+        finally:
+            dmirror.mutex.unlock()
+        _count_windows(dmirror, -(-n // win) - 1, snapshot=False)
+        return (addr, ret) if ret else (bend, 0)
+    return addr, 0
 
 
 def _kernel_pages(dmirror: Dmirror, entries: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
