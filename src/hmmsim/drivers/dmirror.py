@@ -625,41 +625,47 @@ def dmirror_check_atomic(dmirror: Dmirror, start: int, end: int) -> int:
 
 
 # -- snapshot ------------------------------------------------------------------------------------
+def _mkentry_table(shift: int) -> npt.NDArray[np.uint8]:
+    """The ``HMM_DMIRROR_PROT_*`` byte of every combination of the VALID/WRITE/ERROR bits
+    and the map order (the entry bits from *shift* up), before the per-page checks."""
+    table = _MKENTRY_TABLES.get(shift)
+    if table is None:
+        hi = np.arange(1 << (64 - shift), dtype=np.uint64) << _U(shift)
+        error = (hi & _U(HMM_PFN_ERROR)) != 0
+        valid = (hi & _U(HMM_PFN_VALID)) != 0
+        order = ((hi >> _U(shift)) & _U(HMM_PFN_ORDER_MASK)).astype(np.int64)
+        perm = np.where((hi & _U(HMM_PFN_WRITE)) != 0, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_READ)
+        perm |= np.where(order + PAGE_SHIFT == PMD_SHIFT, HMM_DMIRROR_PROT_PMD,
+                         np.where(order + PAGE_SHIFT == PUD_SHIFT, HMM_DMIRROR_PROT_PUD, 0))
+        perm = np.where(valid, perm, HMM_DMIRROR_PROT_NONE)
+        table = _MKENTRY_TABLES[shift] = np.where(error, HMM_DMIRROR_PROT_ERROR, perm).astype(np.uint8)
+    return table
+
+
+_MKENTRY_TABLES: dict[int, npt.NDArray[np.uint8]] = {}
+
+
 def dmirror_mkentry(dmirror: Dmirror, entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
     """``dmirror_mkentry()`` for many hmm_range_fault() outputs at once (the driver calls
-    it per entry): one ``HMM_DMIRROR_PROT_*`` byte each, as ``hmm_pfn_to_map_order()``
-    reads the order; device pages (rare) are looked up one by one."""
+    it per entry): one ``HMM_DMIRROR_PROT_*`` byte each, the flags and the order (as
+    ``hmm_pfn_to_map_order()`` reads it) through a table; the zero page and device pages
+    (rare) are then looked at one by one."""
     sys = dmirror.sys
     shift = HMM_PFN_ORDER_SHIFT
     e = np.asarray(entries, np.uint64)
-    error = (e & _U(HMM_PFN_ERROR)) != 0
-    valid = ((e & _U(HMM_PFN_VALID)) != 0) & ~error
-    out = np.where(error, np.uint8(HMM_DMIRROR_PROT_ERROR), np.uint8(HMM_DMIRROR_PROT_NONE))
-    if not valid.any():
-        return out
-    ev = e[valid]
-    pfn = (ev & _U((1 << shift) - 1)).astype(np.int64)
-    perm = np.where((ev & _U(HMM_PFN_WRITE)) != 0, np.uint8(HMM_DMIRROR_PROT_WRITE),
-                    np.uint8(HMM_DMIRROR_PROT_READ))
-    perm[pfn == sys.mem.zero_pfn] |= np.uint8(HMM_DMIRROR_PROT_ZERO)
-    order = ((ev >> _U(shift)) & _U(HMM_PFN_ORDER_MASK)).astype(np.int64)
-    perm[order + PAGE_SHIFT == PMD_SHIFT] |= np.uint8(HMM_DMIRROR_PROT_PMD)
-    perm[order + PAGE_SHIFT == PUD_SHIFT] |= np.uint8(HMM_DMIRROR_PROT_PUD)
-    inmap = (pfn >= 0) & (pfn < sys.mem.max_pfn)
-    dev = np.flatnonzero(inmap)
-    dev = dev[sys.mem.pgmap[pfn[dev]] != 0]
-    for i in dev.tolist():  # ZONE_DEVICE pages: private/coherent, local/remote
+    out = _mkentry_table(shift)[e >> _U(shift)]
+    pfn = e & _U((1 << shift) - 1)
+    usable = (e & _U(HMM_PFN_VALID | HMM_PFN_ERROR)) == _U(HMM_PFN_VALID)
+    out[usable & (pfn == _U(sys.mem.zero_pfn))] |= np.uint8(HMM_DMIRROR_PROT_ZERO)
+    for i in np.flatnonzero(usable & (pfn >= _U(sys.mem.ram_pages))).tolist():  # device pages
         pg = sys.pgmap_of(int(pfn[i]))
-        assert pg is not None
+        if pg is None:
+            continue
         local = pg.owner is dmirror.mdevice
         if pg.is_private:
-            kind = HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL if local else HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE
+            out[i] |= np.uint8(HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL if local else HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE)
         elif pg.is_coherent:
-            kind = HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL if local else HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE
-        else:
-            continue
-        perm[i] = (perm[i] & ~np.uint8(HMM_DMIRROR_PROT_ZERO)) | kind
-    out[valid] = perm
+            out[i] |= np.uint8(HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL if local else HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE)
     return out
 
 
