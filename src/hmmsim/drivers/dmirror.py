@@ -42,7 +42,7 @@ from ..hmm.hmm import (
     HmmRange,
     hmm_range_fault,
 )
-from ..kernel.cpu import copy_from_user, copy_pages_to_user, copy_to_user
+from ..kernel.cpu import copy_from_user, copy_pages_to_user, copy_to_user, translate_range
 from ..kernel.errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM
 from ..kernel.folio import folio_put
 from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
@@ -535,7 +535,9 @@ def dmirror_do_write(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBoun
     k = int(bad[0]) if len(bad) else n
     pfns = _kernel_pages(dmirror, entries[:k])
     off = (start - bounce.addr) & PAGE_MASK
-    if k:
+    if k and bounce.src is not None:  # frame to frame from the user's buffer
+        dmirror.sys.mem.copy_pages(pfns, bounce.src[off >> PAGE_SHIFT:(off >> PAGE_SHIFT) + k])
+    elif k:
         dmirror.sys.mem.write_pages(pfns, bounce.buffer()[off:off + (k << PAGE_SHIFT)])
     bounce.cpages += k
     return -ENOENT if k < n else 0
@@ -605,10 +607,18 @@ def dmirror_write(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
     if isinstance(bounce, int):
         return bounce
     try:
-        data, left = copy_from_user(caller.mm, cmd.ptr, bounce.size)
-        if left:
-            return -EFAULT
-        bounce.data = data
+        if _batch_allowed(dmirror, caller, cmd.ptr, cmd.npages, cmd.addr, end) and not cmd.ptr & ~PAGE_MASK:
+            # copy_from_user() noted by source frame: the faults of the rounds below
+            # touch neither the buffer's pages nor its mapping
+            pfns, sigs = translate_range(caller.mm, cmd.ptr, bounce.npages, write=False, stop_at_signal=True)
+            if sigs:
+                return -EFAULT
+            bounce.src = pfns
+        else:
+            data, left = copy_from_user(caller.mm, cmd.ptr, bounce.size)
+            if left:
+                return -EFAULT
+            bounce.data = data
         ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=True)
         cmd.cpages = bounce.cpages
     finally:
@@ -617,10 +627,16 @@ def dmirror_write(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
 
 
 def dmirror_check_atomic(dmirror: Dmirror, start: int, end: int) -> int:
-    """``dmirror_check_atomic()``: ``-EPERM`` if a page of the range is mapped ATOMIC."""
-    entries = dmirror.pt.load_range(start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT)
-    if ((entries >= 0) & ((entries & 3) == DPT_XA_TAG_ATOMIC)).any():
-        return -EPERM
+    """``dmirror_check_atomic()``: ``-EPERM`` if a page of the range is mapped ATOMIC
+    (only the device page table's existing leaves are looked at)."""
+    first, last = start >> PAGE_SHIFT, (end >> PAGE_SHIFT) - 1
+    for k, leaf in dmirror.pt.leaves.items():
+        if not first // _LEAF <= k <= last // _LEAF:
+            continue
+        lo = max(first - k * _LEAF, 0)
+        seg = leaf[lo:min(last - k * _LEAF, _LEAF - 1) + 1]
+        if ((seg >= 0) & ((seg & 3) == DPT_XA_TAG_ATOMIC)).any():
+            return -EPERM
     return 0
 
 
