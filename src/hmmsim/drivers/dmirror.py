@@ -430,7 +430,7 @@ def dmirror_fault(dmirror: Dmirror, start: int, end: int, write: bool) -> int:
     try:
         addr = start
         while addr < end:
-            if addr >= slow_until and addr + (win << PAGE_SHIFT) < end and not dmirror.sys.ls._hooks:  # noqa: SLF001
+            if addr >= slow_until and addr + (win << PAGE_SHIFT) < end and not _threads_may_race(dmirror.sys):
                 done, ret = _fault_batch(dmirror, addr, end, flags, win)
                 if ret:
                     break
@@ -467,7 +467,7 @@ def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) ->
     if any(v.vm_flags & VM_HUGETLB for v in mm.vmas(addr, bend)):
         return addr, 0
     stats = dmirror.sys.stats
-    saved = _stats_save(stats)
+    protocol = {key: stats[key] for key in _PROTOCOL_KEYS}
     n = (bend - addr) >> PAGE_SHIFT
     r = HmmRange(notifier=dmirror.notifier, start=addr, end=bend, hmm_pfns=np.zeros(n, np.uint64),
                  pfn_flags_mask=0, default_flags=flags, dev_private_owner=dmirror.mdevice)
@@ -478,8 +478,9 @@ def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) ->
         mmap_read_unlock(mm)
         if ret == -EBUSY:
             continue
-        if ret:
-            _stats_restore(stats, saved)
+        if ret:  # the faults made so far stay made (and counted); the calls do not
+            for key in _PROTOCOL_KEYS:
+                stats._c[key] = protocol[key]  # noqa: SLF001
             return addr, 0
         dmirror.mutex.lock()
         if mmu_interval_read_retry(r.notifier, r.notifier_seq):
@@ -520,7 +521,7 @@ def dmirror_do_read(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBounc
         if bounce.src is None:
             bounce.src = np.full(bounce.npages, -1, np.int64)
         bounce.src[off:off + k] = pfns
-        if dmirror.sys.ls._hooks:  # noqa: SLF001 - another thread may change the frames
+        if _threads_may_race(dmirror.sys):  # another thread may change the frames
             _bounce_settle(dmirror.sys, bounce)
     bounce.cpages += k
     return -ENOENT if k < n else 0
@@ -815,12 +816,23 @@ def _batch_allowed(dmirror: Dmirror, caller: "Task", uptr: int, ulen_pages: int,
     """Windows may be batched: no interleaving hook is registered (no other simulated
     thread can run between two windows) and the user buffer does not overlap the range
     (writing it cannot change what the next window sees)."""
-    if dmirror.sys.ls._hooks:  # noqa: SLF001 - "is any simulated thread armed?"
+    if _threads_may_race(dmirror.sys):
         return False
     if caller.mm is not dmirror.notifier.mm:
         return True
     ulen = max(ulen_pages, 1) << PAGE_SHIFT
     return uptr + ulen <= start or uptr >= end
+
+
+#: counters of one window's protocol (the walk's own counters are not among them)
+_PROTOCOL_KEYS = ("hmm.range_fault", "hmm.walk", "walk_page_range", "lock.mmap_lock.read",
+                  "lock.dmirror_mutex.write", "hmm.range_fault.ebusy")
+
+
+def _threads_may_race(sys: "System") -> bool:
+    """Another simulated thread could run at a scheduling point (an interleaving hook is
+    registered with the lock state); unknown counts as yes."""
+    return bool(getattr(sys.ls, "_hooks", True))
 
 
 def _stats_save(stats: Any) -> Any:
@@ -840,8 +852,7 @@ def _count_windows(dmirror: Dmirror, extra: int, snapshot: bool) -> None:
     if extra <= 0:
         return
     st = dmirror.sys.stats
-    for key in ("hmm.range_fault", "hmm.walk", "walk_page_range", "lock.mmap_lock.read",
-                "lock.dmirror_mutex.write"):
+    for key in _PROTOCOL_KEYS[:5]:
         st.add(key, extra)
     if snapshot:
         st.add("mmu_notifier.interval_insert", extra)
