@@ -179,8 +179,16 @@ class PhysMem:
         self.nr_free -= len(pfns)
         dirty = pfns[(self.flags[pfns] & PG_data) != 0]
         if len(dirty):
-            self.data[dirty] = 0
+            self._zero(dirty)
         self._reset(pfns, flags=0, refcount=1)
+
+    def _zero(self, pfns: npt.NDArray[np.int64]) -> None:
+        """Zero the contents of *pfns*: runs of consecutive frames as slices."""
+        for a, b, p in _runs(pfns):
+            if p < 0:
+                self.data[pfns[a:b]] = 0
+            else:
+                self.data[p:p + (b - a)] = 0
 
     def _reset(self, pfns: npt.NDArray[np.int64], flags: Any, refcount: int) -> None:
         """A fresh ``struct page`` for every pfn (allocation and freeing)."""
