@@ -98,6 +98,11 @@ class Device:
         """Run *command* with the scratch buffer as ``ptr`` (holding *data* first, if
         given); returns the command and the buffer's bytes afterwards (None when *data*
         was given: a WRITE has nothing to read back)."""
+        with self.process.task.running():  # the buffer set-up and copies are the process's
+            return self._with_buffer_locked(size, command, addr, npages, data)
+
+    def _with_buffer_locked(self, size: int, command: int, addr: int, npages: int,
+                            data: npt.NDArray[np.uint8] | None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8] | None]:
         mm = self.process.mm
         buf = self._scratch(size)
         if data is not None and len(data):
