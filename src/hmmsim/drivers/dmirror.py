@@ -837,8 +837,8 @@ _PROTOCOL_KEYS = ("hmm.range_fault", "hmm.walk", "walk_page_range", "lock.mmap_l
 
 def _threads_may_race(sys: "System") -> bool:
     """Another simulated thread could run at a scheduling point (an interleaving hook is
-    registered with the lock state); unknown counts as yes."""
-    return bool(getattr(sys.ls, "_hooks", True))
+    registered with the lock state)."""
+    return sys.ls.has_hooks
 
 
 def _stats_save(stats: Any) -> Any:
