@@ -193,6 +193,8 @@ HMM_PFN_LAYOUT = HmmPfnLayout(HMM_PFN_ORDER_SHIFT, HMM_PFN_INOUT_FLAGS, HMM_PFN_
 
 @lru_cache(maxsize=None)
 def _layout(order_shift: int, sticky: bool) -> HmmPfnLayout:
+    if sticky and order_shift == HMM_PFN_ORDER_SHIFT:
+        return HMM_PFN_LAYOUT
     if sticky:
         return HmmPfnLayout(order_shift, HMM_PFN_INOUT_FLAGS, HMM_PFN_FLAG_NAMES)
     return HmmPfnLayout(order_shift, 0, HMM_PFN_FLAG_NAMES[:3])
