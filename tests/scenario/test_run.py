@@ -163,3 +163,16 @@ def test_cli_selftest_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["selftest", "--json", "-r", "open_close"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["status"] for r in res] == ["pass", "pass"]
+
+
+RECORDED = Path(__file__).parent / "recorded"
+
+
+@pytest.mark.parametrize("path, kernel", [
+    pytest.param(p, k, id=f"{p.stem}-{k}") for p in sorted(RECORDED.glob("hmm_*.hmm")) for k in KERNELS])
+def test_recorded_hmm_range_fault_scenarios_match_the_real_kernel(path: Path, kernel: str) -> None:
+    """Scenarios written to check hmm_range_fault rules (hugetlb holes faulted inside or
+    after the walk, -EPERM/-EFAULT paths), recorded on both real kernels with
+    ``oracle/kernel-run``."""
+    got = run_scenario_text(path.read_bytes(), reference_config(kernel), after=check)
+    assert got == (RECORDED / kernel / f"{path.stem}.jsonl").read_text().splitlines()
