@@ -830,3 +830,110 @@ def test_hmm_vma_handle_pte_invalid_pfn_is_error(make_system, kernel: str) -> No
     _set_pte(p.mm, a + P, 0)
     assert (ret, r, ret_f) == (0, [0, HMM_PFN_ERROR, 0], -EFAULT)
     m.remove()
+
+
+# -- the table-at-a-time pte path against the one-entry decision ---------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hmmsim.kernel.pgtable import (  # noqa: E402
+    PAGE_NONE, PAGE_READONLY, make_readable_migration_entry, make_writable_device_exclusive_entry,
+    pte_mkspecial, swp_entry,
+)
+
+
+def _pte_kinds(system: System, owned_dpfn: int) -> list[int]:
+    """One entry of every class hmm_vma_handle_pte() tells apart."""
+    mem = system.mem
+    return [
+        0, pfn_pte(100, PAGE_SHARED), pfn_pte(101, PAGE_READONLY), pfn_pte(102, PAGE_NONE),
+        pfn_pte(mem.zero_pfn, PAGE_READONLY) | _PAGE_SPECIAL,
+        pte_mkspecial(pfn_pte(mem.max_pfn + 3, PAGE_SHARED)),
+        pte_mkspecial(pfn_pte(mem.max_pfn + 4, PAGE_SHARED)) | _PAGE_DEVMAP,
+        pfn_pte(mem.max_pfn + 5, PAGE_READONLY),
+        swp_entry_to_pte(swp_entry(0, 9)), swp_entry_to_pte(make_hwpoison_entry(103)),
+        swp_entry_to_pte(make_readable_migration_entry(104)),
+        swp_entry_to_pte(make_writable_device_private_entry(owned_dpfn)),
+        swp_entry_to_pte(make_readable_device_private_entry(owned_dpfn + 1)),
+        swp_entry_to_pte(make_writable_device_private_entry(mem.max_pfn - 1)),
+        swp_entry_to_pte(make_writable_device_exclusive_entry(105)),
+        swp_entry_to_pte(make_pte_marker_entry(PTE_MARKER_UFFD_WP)),
+        swp_entry_to_pte(make_pte_marker_entry(PTE_MARKER_GUARD)),
+    ]
+
+
+_TABLE_CASES: dict[str, tuple] = {}
+
+
+def _table_case(kernel: str):  # noqa: ANN202
+    """A System of *kernel* with a mirror, a VMA and a device-private pagemap (built once
+    per kernel: hypothesis runs many examples)."""
+    if kernel not in _TABLE_CASES:
+        system = System(ram=256 << 20, hugetlb_pages=0, kernel=kernel)
+        p = system.spawn()
+        m = HmmMirror(p.mm)
+        a = p.mmap(PMD_SIZE * 2)
+        a = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+        owner = object()
+        start = system.request_free_mem_region(512)
+        assert memremap_pages(system, DevPagemap(MemoryType.MEMORY_DEVICE_PRIVATE, start, 512,
+                                                 DevPagemapOps(page_free=lambda pfn: None,
+                                                               migrate_to_ram=lambda v: 0), owner)) == 0
+        _TABLE_CASES[kernel] = (system, p, m, a, owner, _pte_kinds(system, start))
+    return _TABLE_CASES[kernel]
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@settings(max_examples=150, deadline=None)
+@given(kinds=st.lists(st.integers(0, 16), min_size=1, max_size=40),
+       reqs=st.lists(st.sampled_from([0, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE]),
+                     min_size=40, max_size=40),
+       default=st.sampled_from([0, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE]),
+       use_mask=st.booleans(), first=st.integers(0, 471))
+def test_hmm_vma_handle_pte_table_matches_hmm_vma_handle_pte(kernel: str, kinds: list[int], reqs: list[int],
+                                                             default: int, use_mask: bool, first: int) -> None:
+    """Whatever the entries and requests, the table-at-a-time path stores the outputs
+    and stops exactly where the kernel's per-pte loop over hmm_vma_handle_pte() would."""
+    system, p, m, a, owner, table_kinds = _table_case(kernel)
+    n = len(kinds)
+    tbl = np.zeros(512, np.uint64)
+    tbl[first:first + n] = [table_kinds[k] for k in kinds]
+    addr = a + first * P
+    end = addr + n * P
+    inputs = np.array(reqs[:n], np.uint64) | np.uint64(DMA)
+    r = HmmRange(notifier=m.notifier, start=addr, end=end, hmm_pfns=inputs.copy(),
+                 default_flags=default, pfn_flags_mask=HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE if use_mask else 0,
+                 dev_private_owner=owner)
+    hvw = HmmVmaWalk(r, system.profile)
+    walk = MmWalk(hmm_mod.hmm_walk_ops, p.mm, hvw)
+    walk.vma = p.mm.vma_lookup(addr)
+    inout = hvw.layout.inout_flags
+    # the per-pte loop
+    want = [int(x) for x in inputs]
+    want_stop: tuple = (n, None, 0)
+    for k in range(n):
+        act, val = hmm_vma_handle_pte(walk, addr + k * P, int(tbl[first + k]), int(inputs[k]))
+        if act != HmmPteAction.OUTPUT:
+            want_stop = (k, act, val)
+            break
+        want[k] = (want[k] & inout) | val
+    # the table path, with the actions recorded instead of performed
+    acted: list[tuple] = []
+    real_fault, real_wait = hmm_mod._hmm_fault, hmm_mod.migration_entry_wait
+    hmm_mod._hmm_fault = lambda a_, e_, req, w: acted.append((a_, e_, req)) or -EBUSY
+    hmm_mod.migration_entry_wait = lambda mm, pmd, a_: acted.append((a_,))
+    try:
+        ret = hmm_mod.hmm_vma_handle_pte_table(walk, None, tbl, addr, end, r.hmm_pfns)
+    finally:
+        hmm_mod._hmm_fault, hmm_mod.migration_entry_wait = real_fault, real_wait
+    stop, act, val = want_stop
+    assert out(r.hmm_pfns[:stop]) == want[:stop]
+    assert out(r.hmm_pfns[stop:]) == [int(x) for x in inputs[stop:]], "entries from the stop keep their input"
+    if act is None:
+        assert ret == 0 and acted == []
+    elif act == HmmPteAction.FAULT:
+        assert ret == -EBUSY and acted == [(addr + stop * P, end, val)]
+    elif act == HmmPteAction.MIGRATION_WAIT:
+        assert ret == -EBUSY and acted == [(addr + stop * P,)] and hvw.last == addr + stop * P
+    else:
+        assert ret == -EFAULT and acted == []

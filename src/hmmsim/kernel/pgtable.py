@@ -431,8 +431,8 @@ class PteTableDecode:
     (every non-none, non-present entry); the swap kinds (``marker``, ``device_private``,
     ``device_exclusive``, ``migration``, ``hwpoison``, ``real_swap``) split ``swap``.
     ``pfn`` is the pfn field of present entries and the swap offset's pfn of swap
-    entries. Swap-kind masks are only computed when the slice has swap entries
-    (otherwise they are ``None``-free all-False views of one shared array)."""
+    entries. The swap-kind masks are only computed when the slice has swap entries
+    (``has_swap``); otherwise they all are one shared all-False array."""
 
     __slots__ = ("none", "present", "protnone", "write", "special", "devmap", "swap",
                  "marker", "uffd_wp_marker", "device_private", "device_private_write",
