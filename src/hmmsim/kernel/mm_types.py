@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .mm import MM_FILEPAGES, MM_SHMEMPAGES, PtRef
 from .errno import EFAULT, EHWPOISON, ENOMEM
-from .page_types import PAGE_MASK, PAGE_SHIFT
+from .page_types import PAGE_MASK, pte_index
 from .physmem import PG_swapbacked
 from .vma import Vma
 
@@ -94,7 +94,7 @@ class VmFault:
 
     @property
     def pte_idx(self) -> int:
-        return (self.address >> PAGE_SHIFT) & 511
+        return pte_index(self.address)
 
 
 def mm_counter_file(sys: "System", pfn: int) -> int:
