@@ -86,6 +86,7 @@ from ..kernel.pgtable import (
     _PAGE_DEVMAP,
     _PAGE_PRESENT,
     _PAGE_PROTNONE,
+    _PAGE_PSE,
     _PAGE_SPECIAL,
     PTE_PFN_MASK,
     decode_pte_table,
@@ -109,6 +110,7 @@ from ..kernel.pgtable import (
     pte_to_swp_entry,
     pte_write,
     swp_offset_pfn,
+    table_id,
 )
 from ..kernel.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 
@@ -587,7 +589,9 @@ def hmm_vma_handle_pte_table(walk: MmWalk, pmd: PtRef, tbl: npt.NDArray[np.uint6
             if len(miss):
                 stop = int(miss[0])
         if stop:
-            _store(hvw, pfns[:stop], out[:stop])
+            head = pfns[:stop]
+            head &= hvw.inout
+            head |= out[:stop]
         if stop == n:
             return 0
         required = HMM_NEED_FAULT
@@ -678,6 +682,13 @@ def hmm_vma_walk_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> int:
     pfns = r.hmm_pfns[i:i + ((end - start) >> PAGE_SHIFT)]
     mm = walk.mm
     e = pmd.get()
+    if e & (_PAGE_PRESENT | _PAGE_PSE) == _PAGE_PRESENT:
+        # a pte table: the kernel's last case, tested first as the common one (none of
+        # the checks below matches it). pte_offset_map(): no lock, HMM relies on the
+        # notifier sequence
+        tid = table_id(e)
+        mm.sys.stats.add("pgtable.pte_offset_map")
+        return hmm_vma_handle_pte_table(walk, pmd, mm.sys.pt.table(tid), start, end, pfns)
     if pmd_none(e):
         return hmm_vma_walk_hole(start, end, -1, walk)
     if is_pmd_migration_entry(e):
@@ -691,15 +702,10 @@ def hmm_vma_walk_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> int:
     # 6.12: pmd_devmap(pmd) || pmd_trans_huge(pmd); 7.3 has no devmap
     if pmd_trans_huge(e) or (hvw.devmap and pmd_leaf(e) and pmd_devmap(e)):
         return hmm_vma_handle_pmd(walk, start, end, pfns, e)
-    if pmd_leaf(e):
-        # pmd_bad(): a leaf the release cannot handle (a devmap pmd under 7.3)
-        if hmm_range_need_fault(hvw, pfns, 0):
-            return -EFAULT
-        return hmm_pfns_fill(start, end, hvw, HMM_PFN_ERROR)
-    # pte_offset_map(): no lock, HMM relies on the notifier sequence
-    tid = mm.pte_table(pmd)
-    mm.sys.stats.add("pgtable.pte_offset_map")
-    return hmm_vma_handle_pte_table(walk, pmd, mm.sys.pt.table(tid), start, end, pfns)
+    # pmd_bad(): a leaf the release cannot handle (a devmap pmd under 7.3)
+    if hmm_range_need_fault(hvw, pfns, 0):
+        return -EFAULT
+    return hmm_pfns_fill(start, end, hvw, HMM_PFN_ERROR)
 
 
 def hmm_vma_walk_pud(pud: PtRef, start: int, end: int, walk: MmWalk) -> int:
