@@ -647,7 +647,8 @@ def test_hmm_range_fault_hugetlb_hole_relocks_the_hugetlb_vma_lock_in_6_12(make_
     if get_profile(kernel).hmm_fault_outside_walk:
         assert system.ls.warnings == []
     else:
-        assert len(system.ls.warnings) == 1 and "hugetlb_vma_lock" in system.ls.warnings[0]
+        assert system.ls.warnings == [f"possible recursive locking detected: {system.ls.current.name} is "
+                                      "trying to acquire hugetlb_vma_lock (read) but already holds it (read)"]
     m.remove()
 
 
@@ -937,3 +938,31 @@ def test_hmm_vma_handle_pte_table_matches_hmm_vma_handle_pte(kernel: str, kinds:
         assert ret == -EBUSY and acted == [(addr + stop * P,)] and hvw.last == addr + stop * P
     else:
         assert ret == -EFAULT and acted == []
+
+
+def test_vm_fault_to_errno() -> None:
+    from hmmsim.kernel.errno import EHWPOISON
+    from hmmsim.kernel.mm_types import (
+        FOLL_HWPOISON, VM_FAULT_HWPOISON, VM_FAULT_OOM, VM_FAULT_SIGBUS, VM_FAULT_SIGSEGV,
+        vm_fault_to_errno,
+    )
+    assert vm_fault_to_errno(VM_FAULT_OOM | VM_FAULT_SIGBUS, 0) == -ENOMEM
+    assert vm_fault_to_errno(VM_FAULT_HWPOISON, 0) == -EFAULT, "hmm_do_fault passes no FOLL_HWPOISON"
+    assert vm_fault_to_errno(VM_FAULT_HWPOISON, FOLL_HWPOISON) == -EHWPOISON
+    assert vm_fault_to_errno(VM_FAULT_SIGBUS, 0) == vm_fault_to_errno(VM_FAULT_SIGSEGV, 0) == -EFAULT
+    assert vm_fault_to_errno(0, 0) == 0
+
+
+def test_hmm_do_fault_retry_without_locked_is_a_warn(proc: Process, mirror: HmmMirror) -> None:
+    """hmm_range_fault() has no ``locked``: a fault handler that dropped mmap_lock
+    (VM_FAULT_RETRY/COMPLETED) is a WARN and the call returns -EBUSY."""
+    from hmmsim.kernel.mm_types import VM_FAULT_RETRY
+    a = proc.mmap(2 * P)
+    real = hmm_mod.handle_mm_fault_range
+    hmm_mod.handle_mm_fault_range = lambda vma, s, e, fl: (VM_FAULT_RETRY, s)
+    try:
+        with proc.system.stats.measure() as d:
+            ret, r = fault(mirror, a, 2, max_retries=3)  # the driver retries -EBUSY
+    finally:
+        hmm_mod.handle_mm_fault_range = real
+    assert ret == -EBUSY and d["hmm.warn_broken_fault_handler"] == 3 and d["hmm.walk"] == 3
