@@ -863,25 +863,29 @@ def _pte_kinds(system: System, owned_dpfn: int) -> list[int]:
     ]
 
 
-_TABLE_CASES: dict[str, tuple] = {}
+@pytest.fixture(scope="module")
+def table_cases():  # noqa: ANN201
+    """Per kernel: a System with a mirror, a VMA and a device-private pagemap (built once
+    per module: hypothesis runs many examples)."""
+    cases: dict[str, tuple] = {}
 
+    def get(kernel: str) -> tuple:
+        if kernel not in cases:
+            system = System(ram=256 << 20, hugetlb_pages=0, kernel=kernel)
+            p = system.spawn()
+            m = HmmMirror(p.mm)
+            a = p.mmap(PMD_SIZE * 2)
+            a = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+            owner = object()
+            start = system.request_free_mem_region(512)
+            pgmap = DevPagemap(MemoryType.MEMORY_DEVICE_PRIVATE, start, 512,
+                               DevPagemapOps(page_free=lambda pfn: None, migrate_to_ram=lambda v: 0), owner)
+            assert memremap_pages(system, pgmap) == 0
+            cases[kernel] = (system, p, m, a, owner, _pte_kinds(system, start))
+        return cases[kernel]
 
-def _table_case(kernel: str):  # noqa: ANN202
-    """A System of *kernel* with a mirror, a VMA and a device-private pagemap (built once
-    per kernel: hypothesis runs many examples)."""
-    if kernel not in _TABLE_CASES:
-        system = System(ram=256 << 20, hugetlb_pages=0, kernel=kernel)
-        p = system.spawn()
-        m = HmmMirror(p.mm)
-        a = p.mmap(PMD_SIZE * 2)
-        a = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
-        owner = object()
-        start = system.request_free_mem_region(512)
-        assert memremap_pages(system, DevPagemap(MemoryType.MEMORY_DEVICE_PRIVATE, start, 512,
-                                                 DevPagemapOps(page_free=lambda pfn: None,
-                                                               migrate_to_ram=lambda v: 0), owner)) == 0
-        _TABLE_CASES[kernel] = (system, p, m, a, owner, _pte_kinds(system, start))
-    return _TABLE_CASES[kernel]
+    yield get
+    cases.clear()
 
 
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
@@ -891,11 +895,12 @@ def _table_case(kernel: str):  # noqa: ANN202
                      min_size=40, max_size=40),
        default=st.sampled_from([0, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE]),
        use_mask=st.booleans(), first=st.integers(0, 471))
-def test_hmm_vma_handle_pte_table_matches_hmm_vma_handle_pte(kernel: str, kinds: list[int], reqs: list[int],
-                                                             default: int, use_mask: bool, first: int) -> None:
+def test_hmm_vma_handle_pte_table_matches_hmm_vma_handle_pte(table_cases, kernel: str, kinds: list[int],
+                                                             reqs: list[int], default: int, use_mask: bool,
+                                                             first: int) -> None:
     """Whatever the entries and requests, the table-at-a-time path stores the outputs
     and stops exactly where the kernel's per-pte loop over hmm_vma_handle_pte() would."""
-    system, p, m, a, owner, table_kinds = _table_case(kernel)
+    system, p, m, a, owner, table_kinds = table_cases(kernel)
     n = len(kinds)
     tbl = np.zeros(512, np.uint64)
     tbl[first:first + n] = [table_kinds[k] for k in kinds]
