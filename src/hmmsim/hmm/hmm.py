@@ -27,8 +27,9 @@ is split like the kernel's ``hmm_vma_handle_pte()``: *decide* (:func:`hmm_pte_ne
 one :class:`HmmPteAction` per entry), *encode* (:func:`pte_to_hmm_pfn_flags`, the output
 value) and *act* (store the outputs before the first entry whose action is not OUTPUT,
 then fault, wait or fail there). :func:`hmm_vma_handle_pte` is the one-entry decision
-(used for swap-format entries); :func:`hmm_vma_handle_pte_table` decides a whole table
-with numpy masks in the order the kernel's per-pte loop would.
+(the rules as the kernel states them); :func:`hmm_vma_handle_pte_table` applies them to
+a whole table with numpy masks and stops where the kernel's per-pte loop would. A new
+per-entry step (the unified fault+migrate walk's migrate-prepare) is one more action.
 
 Return codes of :func:`hmm_range_fault`:
 
@@ -420,7 +421,9 @@ def hmm_vma_handle_absent_pmd(walk: MmWalk, start: int, end: int, pfns: npt.NDAr
 
 
 def hmm_vma_handle_pte(walk: MmWalk, addr: int, pte: int, pfn_req_flags: int) -> tuple[HmmPteAction, int]:
-    """``hmm_vma_handle_pte()`` for one entry: decide and encode, the caller acts.
+    """``hmm_vma_handle_pte()`` for one entry: decide and encode, the caller acts. The
+    kernel-shaped statement of the per-entry rules; :func:`hmm_vma_handle_pte_table`
+    applies the same rules to a whole table with masks (and is tested against this).
 
     :return: ``(OUTPUT, new_pfn_flags)`` (the value to store below the inout flags),
         ``(FAULT, required_fault)``, ``(MIGRATION_WAIT, 0)`` or ``(EFAULT, 0)``
@@ -509,17 +512,20 @@ def hmm_vma_handle_pte_table(walk: MmWalk, pmd: PtRef, tbl: npt.NDArray[np.uint6
 
 def _hmm_pte_table_general(walk: MmWalk, pmd: PtRef, seg: npt.NDArray[np.uint64], addr: int, end: int,
                            pfns: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64]) -> int:
-    """:func:`hmm_vma_handle_pte_table` with every entry class and per-page requests:
-    none-like and present entries are decided with masks, the other swap-format entries
-    one by one with :func:`hmm_vma_handle_pte` (up to the first stop)."""
+    """:func:`hmm_vma_handle_pte_table` with every entry class and per-page requests,
+    decided with masks over :func:`decode_pte_table` exactly as :func:`hmm_vma_handle_pte`
+    decides one entry (a test holds the two together)."""
     hvw: HmmVmaWalk = walk.private
-    mem = walk.mm.sys.mem
+    sys_ = walk.mm.sys
+    mem = sys_.mem
     n = len(pfns)
     d = decode_pte_table(seg)
     # entries that read as none: 6.12 every marker (pte_none_mostly), 7.3 uffd-wp only
     none = d.none
+    swp = None
     if d.has_swap:
         none = none | (d.uffd_wp_marker if hvw.only_uffd_wp_marker_is_none else d.marker)
+        swp = d.swap & ~none
     present = d.present
     valid = present & ~d.protnone  # pte_to_hmm_pfn_flags(): protnone is not valid
     writable = valid & d.write
@@ -527,7 +533,20 @@ def _hmm_pte_table_general(walk: MmWalk, pmd: PtRef, seg: npt.NDArray[np.uint64]
     raw = (d.special | (present & (d.pfn >= _U(mem.max_pfn)))) & (d.pfn != _U(mem.zero_pfn))
     if hvw.devmap:
         raw &= ~d.devmap  # 6.12: a devmap pte is mirrored all the same
-    # decide: the action of every none-like and present entry
+    # device-private entries whose pgmap belongs to the range's owner: reported, not faulted
+    owned = None
+    if swp is not None and (swp & d.device_private).any():
+        idx = np.flatnonzero(swp & d.device_private)
+        dpfn = d.pfn[idx]
+        pid = np.where(dpfn < _U(mem.max_pfn), mem.pgmap[np.minimum(dpfn, _U(mem.max_pfn - 1)).astype(np.int64)], 0)
+        mine = np.zeros(len(idx), np.bool_)
+        for p in np.unique(pid).tolist():
+            pg = sys_.pgmaps[p - 1] if p else None
+            if pg is not None and pg.owner is hvw.range.dev_private_owner:
+                mine |= pid == p
+        owned = np.zeros(n, np.bool_)
+        owned[idx[mine]] = True
+    # decide the action of every entry
     action = np.zeros(n, np.uint8)
     req = None
     if hvw.can_fault:
@@ -537,20 +556,14 @@ def _hmm_pte_table_general(walk: MmWalk, pmd: PtRef, seg: npt.NDArray[np.uint64]
         need = (none | present) & ((want & ~valid) | (want_w & ~writable))
         action[need] = HmmPteAction.FAULT
         action[present & ~need & raw & want] = HmmPteAction.EFAULT
+        if swp is not None:
+            asked = swp & want if owned is None else swp & want & ~owned
+            faultable = d.real_swap | d.device_private | d.device_exclusive
+            action[asked & faultable] = HmmPteAction.FAULT
+            action[asked & d.migration] = HmmPteAction.MIGRATION_WAIT
+            # everything else (hwpoison, 7.3's other markers): -EFAULT
+            action[asked & ~faultable & ~d.migration] = HmmPteAction.EFAULT
     stop = int(np.argmax(action != 0)) if action.any() else n
-    required = 0
-    # the other swap-format entries, in order, up to the first stop
-    swp_out: dict[int, int] = {}
-    if d.has_swap:
-        for k in np.flatnonzero(d.swap & ~none).tolist():
-            if k >= stop:
-                break
-            act, val = hmm_vma_handle_pte(walk, addr + (k << PAGE_SHIFT), int(seg[k]), int(pfns[k]))
-            if act != HmmPteAction.OUTPUT:
-                stop, required = k, val
-                action[k] = act
-                break
-            swp_out[k] = val
     # encode and store the outputs of the entries before the stop
     if stop:
         o = out[:stop].copy()
@@ -558,8 +571,12 @@ def _hmm_pte_table_general(walk: MmWalk, pmd: PtRef, seg: npt.NDArray[np.uint64]
         e = raw[:stop]
         if e.any():
             o[e] = _U(HMM_PFN_ERROR)
-        for k, v in swp_out.items():
-            o[k] = _U(v)
+        if swp is not None:
+            o[swp[:stop]] = 0
+            if owned is not None:
+                own = owned[:stop]
+                w = np.where(d.device_private_write[:stop], _U(HMM_PFN_VALID | HMM_PFN_WRITE), _U(HMM_PFN_VALID))
+                o[own] = d.pfn[:stop][own] | w[own]
         _store(hvw, pfns[:stop], o)
     if stop == n:
         return 0
@@ -567,11 +584,10 @@ def _hmm_pte_table_general(walk: MmWalk, pmd: PtRef, seg: npt.NDArray[np.uint64]
     a = addr + (stop << PAGE_SHIFT)
     act = action[stop]
     if act == HmmPteAction.FAULT:
-        if not required:
-            # a none-like or present entry: its own required bits, for the rest of the span
-            assert req is not None
-            required = (HMM_NEED_ALL_BITS if int(req[stop]) & HMM_PFN_REQ_WRITE and not writable[stop]
-                        else HMM_NEED_FAULT)
+        # hmm_pte_need_fault() of that entry, for the rest of the span
+        assert req is not None
+        required = (HMM_NEED_ALL_BITS if int(req[stop]) & HMM_PFN_REQ_WRITE and not writable[stop]
+                    else HMM_NEED_FAULT)
         return _hmm_fault(a, end, required, walk)
     if act == HmmPteAction.MIGRATION_WAIT:
         hvw.last = a
