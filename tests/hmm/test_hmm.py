@@ -663,6 +663,18 @@ def test_hmm_range_fault_oom_errno(make_system, kernel: str) -> None:
     p.munmap(a, 96 << 20)
 
 
+def test_hmm_range_fault_errno_feature_alone(make_system) -> None:
+    """hmm_fault_errno is its own feature: 7.3's after-walk fault with 6.12's errors."""
+    system, p, m = _kmirror(make_system, "7.3", ram=64 << 20, hugetlb_pages=0)
+    system.profile = system.profile.with_(hmm_fault_errno=False)
+    a = p.mmap(96 << 20, noreserve=True)
+    with system.stats.measure() as d:
+        ret, _ = fault(m, a, (96 << 20) // P, write=True)
+    assert ret == -EFAULT and d["hmm.do_fault"] == 1
+    m.remove()
+    p.munmap(a, 96 << 20)
+
+
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
 def test_hmm_range_fault_write_to_read_only_vma_is_eperm_per_release(make_system, kernel: str) -> None:
     system, p, m = _kmirror(make_system, kernel)

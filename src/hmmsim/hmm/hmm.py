@@ -274,6 +274,18 @@ def hmm_pfns_fill(addr: int, end: int, hvw: HmmVmaWalk, cpu_flags: int) -> int:
     return 0
 
 
+def _hmm_fault_error(mm: "MM", hvw: HmmVmaWalk, ret: int) -> int:
+    """The errno of a failed fault: ``vm_fault_to_errno(ret, 0)`` (7.3, -EINVAL with a
+    WARN if it has none); 6.12 returns -EFAULT for every ``VM_FAULT_ERROR``."""
+    if not hvw.fault_errno:
+        return -EFAULT
+    err = vm_fault_to_errno(ret, 0)
+    if not err:
+        mm.sys.stats.add("hmm.warn_fault_errno")  # WARN_ON
+        err = -EINVAL
+    return err
+
+
 def hmm_vma_fault(addr: int, end: int, required_fault: int, walk: MmWalk) -> int:
     """``hmm_vma_fault()`` (6.12): fault every page of ``[addr, end)`` from inside the
     walk callback (write faults if required) and return ``-EBUSY`` so the walk restarts
@@ -293,7 +305,7 @@ def hmm_vma_fault(addr: int, end: int, required_fault: int, walk: MmWalk) -> int
     mm.sys.stats.add("hmm.vma_fault")
     ret, _fail = handle_mm_fault_range(vma, addr, end, flags)
     if ret & VM_FAULT_ERROR:
-        return -EFAULT
+        return _hmm_fault_error(mm, hvw, ret)
     return -EBUSY
 
 
@@ -347,11 +359,7 @@ def hmm_do_fault(mm: "MM", hvw: HmmVmaWalk) -> int:
             mm.sys.stats.add("hmm.warn_broken_fault_handler")  # WARN_ON_ONCE
         return HMM_FAULT_UNLOCKED
     if ret & VM_FAULT_ERROR:
-        err = vm_fault_to_errno(ret, 0)
-        if not err:
-            mm.sys.stats.add("hmm.warn_fault_errno")  # WARN_ON
-            err = -EINVAL
-        return err
+        return _hmm_fault_error(mm, hvw, ret)
     return -EBUSY
 
 
