@@ -494,9 +494,10 @@ def hmm_vma_handle_pte_table(walk: MmWalk, pmd: PtRef, tbl: npt.NDArray[np.uint6
     valid = seg & one
     pfn = (seg & _PFN_MASK) >> _U(PAGE_SHIFT)
     out = pfn | (valid << _U(63)) | (((seg >> one) & valid) << _U(62))
-    odd = (bool((seg & _U(_PAGE_SPECIAL)).any())
+    # (count_nonzero is several times cheaper than any()/max() on a 512-entry table)
+    odd = (np.count_nonzero(seg & _U(_PAGE_SPECIAL)) != 0
            or np.count_nonzero(seg) != np.count_nonzero(seg & _U(_PAGE_PRESENT | _PAGE_PROTNONE))
-           or int(pfn.max()) >= sys_.mem.max_pfn)
+           or np.count_nonzero(pfn >= _U(sys_.mem.max_pfn)) != 0)
     if not odd and hvw.mask == 0:
         stop = n
         if hvw.default & HMM_PFN_REQ_FAULT:
