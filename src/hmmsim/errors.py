@@ -8,11 +8,14 @@ raise :class:`SegmentationFault` or :class:`BusError` naming the address.
 
 Two more kinds are not errors of the caller but findings about the modelled kernel:
 :class:`KernelOops` (the real kernel would crash here) and :class:`NotSupportedError`
-(the model does not cover this path yet).
+(the model does not cover this path yet). They belong to the kernel layer
+(:mod:`hmmsim.kernel.bug`, where kernel code raises them) and are re-exported here; they
+are not :class:`HmmsimError` subclasses.
 """
 
 from __future__ import annotations
 
+from .kernel.bug import KernelOops, NotSupportedError
 from .kernel.errno import (
     EACCES,
     EBADF,
@@ -112,10 +115,3 @@ class BusError(SegmentationFault):
         super().__init__(addr, write, signal)
         self.args = (f"SIGBUS: {'write' if write else 'read'} of {addr:#x}",)
 
-
-class KernelOops(HmmsimError):
-    """The real kernel would oops (crash) here; the model stops instead of guessing."""
-
-
-class NotSupportedError(HmmsimError):
-    """The model does not implement this path yet (the message says which)."""

@@ -23,7 +23,9 @@ hmmsim.errors.SegmentationFault: SIGSEGV: write of 0x7effffffc000
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
     from .device import Device
     from .kernel.system import System
 
-__all__ = ("Process", "parse_prot")
+__all__ = ("Process", "parse_prot", "syscall")
 
 _ADVICE = {"dontneed": MADV_DONTNEED, "free": MADV_FREE, "hugepage": MADV_HUGEPAGE,
            "nohugepage": MADV_NOHUGEPAGE, "pageout": MADV_PAGEOUT}
@@ -81,6 +83,21 @@ def parse_prot(prot: str | int) -> int:
             raise ValueError(f"bad protection {prot!r}: use letters r, w, x or 'none'")
         out |= bit
     return out
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def syscall(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a facade method as a system call of its process: inside
+    :meth:`Task.running() <hmmsim.kernel.task.Task.running>`, so the locks taken are the
+    task's thread's and lock messages name it."""
+    @functools.wraps(fn)
+    def entry(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with args[0].task.running():  # type: ignore[attr-defined]
+            return fn(*args, **kwargs)
+    return entry
 
 
 def _check(ret: int, what: str) -> int:
@@ -105,6 +122,7 @@ class Process:
         return self.task.pid
 
     # -- mappings ----------------------------------------------------------------------------
+    @syscall
     def mmap(self, length: int, prot: str | int = "rw", *, shared: bool = False, fd: int | None = None,
              offset: int = 0, hugetlb: bool = False, addr: int = 0, fixed: bool = False,
              noreplace: bool = False, noreserve: bool = False) -> int:
@@ -129,18 +147,22 @@ class Process:
             raise error_from_errno(-EINVAL, "mmap: offset not page aligned")
         return _check(vm_mmap(self.mm, file, addr, length, parse_prot(prot), flags, offset >> PAGE_SHIFT), "mmap")
 
+    @syscall
     def munmap(self, addr: int, length: int) -> None:
         _check(vm_munmap(self.mm, addr, length), "munmap")
 
+    @syscall
     def mprotect(self, addr: int, length: int, prot: str | int) -> None:
         _check(do_mprotect(self.mm, addr, length, parse_prot(prot)), "mprotect")
 
+    @syscall
     def madvise(self, addr: int, length: int, advice: str | int) -> None:
         """*advice*: ``"hugepage"``, ``"nohugepage"``, ``"dontneed"``, ``"free"``,
         ``"pageout"`` or a ``MADV_*`` number."""
         adv = _ADVICE[advice] if isinstance(advice, str) else advice
         _check(do_madvise(self.mm, addr, length, adv), "madvise")
 
+    @syscall
     def mremap(self, addr: int, old_length: int, new_length: int, *, new_addr: int | None = None,
                dontunmap: bool = False, maymove: bool = True) -> int:
         """Move/resize a mapping (MREMAP_MAYMOVE, plus MREMAP_FIXED if *new_addr*)."""
@@ -151,6 +173,7 @@ class Process:
             flags |= MREMAP_DONTUNMAP
         return _check(do_mremap(self.mm, addr, old_length, new_length, flags, new_addr or 0), "mremap")
 
+    @syscall
     def numa_hint(self, addr: int, length: int) -> None:
         """Make the present ptes of the range NUMA-hinting (protnone) entries, as
         automatic NUMA balancing would (``change_prot_numa``)."""
@@ -169,6 +192,7 @@ class Process:
             a = (addr & ~(PAGE_SIZE - 1)) + (page << PAGE_SHIFT)
             raise (BusError if sig == SIGBUS else SegmentationFault)(max(a, addr), write)
 
+    @syscall
     def read(self, addr: int, n: int) -> bytes:
         """The CPU reads *n* bytes at *addr* (faulting pages in as needed)."""
         buf = np.empty(n, np.uint8)
@@ -176,6 +200,7 @@ class Process:
         self._raise_sig(addr, sigs, False)
         return buf.tobytes()
 
+    @syscall
     def write(self, addr: int, data: bytes | bytearray | npt.NDArray) -> None:
         """The CPU writes *data* at *addr*, page by page, stopping at the first page that
         raises a signal (the pages before it are written)."""
@@ -191,6 +216,7 @@ class Process:
     def write_array(self, addr: int, arr: npt.ArrayLike) -> None:
         self.write(addr, np.ascontiguousarray(arr))
 
+    @syscall
     def touch(self, addr: int, length: int, write: bool = False) -> None:
         """Access every page of the range once (read, or write without changing data)."""
         first = addr & ~(PAGE_SIZE - 1)
@@ -203,6 +229,7 @@ class Process:
         return decode_pte(self.mm.lookup_pte(addr))
 
     # -- files -------------------------------------------------------------------------------
+    @syscall
     def open_tmpfile(self, size: int = 0) -> int:
         """``open(O_TMPFILE | O_RDWR)`` on tmpfs + ``ftruncate(size)``; returns the fd."""
         f = shmem_file_setup(self.system, "tmpfile", 0)
@@ -215,18 +242,22 @@ class Process:
             raise error_from_errno(-EBADF, f"fd {fd}")
         return f.f_inode
 
+    @syscall
     def pwrite(self, fd: int, data: bytes | npt.NDArray, offset: int) -> int:
         return _check(shmem_pwrite(self._inode(fd), data, offset), "pwrite")
 
+    @syscall
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         return shmem_pread(self._inode(fd), offset, n)
 
+    @syscall
     def ftruncate(self, fd: int, size: int) -> None:
         _check(shmem_truncate(self._inode(fd), size), "ftruncate")
 
     def close(self, fd: int) -> None:
         _check(self.task.close_fd(fd), "close")
 
+    @syscall
     def open_device(self, minor: int) -> "Device":
         """Open ``/dev/hmm_dmirror<minor>``; raises NoDevice if it does not exist."""
         fd = _check(dmirror_open(self.system, self.task, minor), f"open /dev/hmm_dmirror{minor}")

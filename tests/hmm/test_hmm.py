@@ -618,7 +618,7 @@ def test_hmm_range_fault_faults_inside_or_after_the_walk(make_system, kernel: st
     real = hmm_mod.handle_mm_fault_range
 
     def spy(vma, start, end, fl):  # noqa: ANN001, ANN202
-        seen.append(tuple(k for _i, k, _m, _s in system.ls.current.held))
+        seen.append(tuple(k for _i, k, _m in system.ls.current.held_locks()))
         return real(vma, start, end, fl)
 
     hmm_mod.handle_mm_fault_range = spy

@@ -60,7 +60,8 @@ from ..kernel.migrate import (
     migration_entry_wait,
     pmd_migration_entry_wait,
 )
-from ..kernel.mm import PtRef, mmap_assert_locked
+from ..kernel.hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
+from ..kernel.mm import PtRef, huge_pte_lock, mmap_assert_locked, spin_unlock
 from ..kernel.mm_types import (
     FAULT_FLAG_ALLOW_RETRY,
     FAULT_FLAG_KILLABLE,
@@ -80,7 +81,7 @@ from ..kernel.page_types import (
     PUD_MASK,
     pte_index,
 )
-from ..kernel.pagewalk import ACTION_CONTINUE, MmWalk, MmWalkOps, walk_page_range
+from ..kernel.pagewalk import ACTION_AGAIN, ACTION_CONTINUE, MmWalk, MmWalkOps, walk_page_range
 from ..kernel.pgtable import (
     _PAGE_DEVMAP,
     _PAGE_PRESENT,
@@ -109,7 +110,6 @@ from ..kernel.pgtable import (
     pte_to_swp_entry,
     pte_write,
     swp_offset_pfn,
-    table_id,
 )
 from ..kernel.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 from .pfn import (
@@ -617,9 +617,11 @@ def hmm_vma_walk_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> int:
         # a pte table: the kernel's last case, tested first as the common one (none of
         # the checks below matches it). pte_offset_map(): no lock, HMM relies on the
         # notifier sequence
-        tid = table_id(e)
-        mm.sys.stats.add("pgtable.pte_offset_map")
-        return hmm_vma_handle_pte_table(walk, pmd, mm.sys.pt.table(tid), start, end, pfns)
+        got = mm.pte_offset_map(pmd)
+        if got is None:  # the table went away under us: walk this pmd again
+            walk.action = ACTION_AGAIN
+            return 0
+        return hmm_vma_handle_pte_table(walk, pmd, got[0], start, end, pfns)
     if pmd_none(e):
         return hmm_vma_walk_hole(start, end, -1, walk)
     if is_pmd_migration_entry(e):
@@ -666,26 +668,25 @@ def hmm_vma_walk_hugetlb_entry(pte: PtRef, hmask: int, start: int, end: int, wal
     hvw: HmmVmaWalk = walk.private
     r = hvw.range
     mm = walk.mm
-    ident = ("pmdl", pte.tid)
-    mm.sys.ls.acquire(ident, "pmd_lock", sleepable=False)
+    ptl = huge_pte_lock(mm, pte)
     entry = pte.get()
     i = (start - r.start) >> PAGE_SHIFT
     cpu_flags = pte_to_hmm_pfn_flags(entry) | hvw.pmd_order_flags
     required = hmm_pte_need_fault(hvw, int(r.hmm_pfns[i]), cpu_flags)
     if required:
-        mm.sys.ls.release(ident, "pmd_lock")
+        spin_unlock(mm, ptl)
         if hvw.fault_outside_walk:
             return hmm_record_fault(start, end, required, walk)
         vma = walk.vma
         assert vma is not None
-        mm.sys.ls.release(("hugetlb_vma", id(vma)), "hugetlb_vma_lock")
+        hugetlb_vma_unlock_read(vma)
         try:
             return hmm_vma_fault(start, end, required, walk)
         finally:
-            mm.sys.ls.acquire(("hugetlb_vma", id(vma)), "hugetlb_vma_lock", 1)
+            hugetlb_vma_lock_read(vma)
     pfn = pte_pfn(entry) + ((start & ~hmask & _ULONG) >> PAGE_SHIFT)
     _store_pfn_run(hvw, r.hmm_pfns[i:i + ((end - start) >> PAGE_SHIFT)], pfn, cpu_flags)
-    mm.sys.ls.release(ident, "pmd_lock")
+    spin_unlock(mm, ptl)
     return 0
 
 
