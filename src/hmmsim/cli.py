@@ -6,7 +6,8 @@
     ``{"file":"NAME"}``; ``-t SEC`` stops a file after SEC seconds with
     ``{"error":"timeout","seconds":SEC}``.
 ``hmmsim selftest``
-    Run the ported ``hmm-tests.c`` on both device variants with kselftest output
+    Run the --kernel release's ``hmm-tests.c`` (ported tests; the others SKIP with a
+    reason) on every fixture variant with kselftest output
     (``--json`` for machine-readable results, ``-r NAME`` / ``-v VARIANT`` to select).
 
 Exit status: 0 if everything ran (a scenario's own errors are part of its output), 1 if
@@ -82,7 +83,7 @@ def _on_alarm(signum: int, frame: Any) -> None:
 def _cmd_selftest(args: argparse.Namespace) -> int:
     from .selftests.harness import run_tests, select_tests
 
-    selected = select_tests(args.test or (), args.variant or ())
+    selected = select_tests(args.test or (), args.variant or (), args.kernel)
     if args.list:
         for fixture, name, _fn, v in selected:
             print(f"{fixture}.{v.name}.{name}")

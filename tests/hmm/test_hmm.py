@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hmmsim import Process, System
 from hmmsim.drivers.dax import devdax_create
+from hmmsim.hmm import hmm as hmm_mod
 from hmmsim.hmm.hmm import (
-    HMM_PFN_DMA_MAPPED, HMM_PFN_ERROR, HMM_PFN_FLAGS, HMM_PFN_P2PDMA, HMM_PFN_REQ_FAULT,
-    HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange, decode_hmm_pfn,
-    hmm_pfn_to_map_order, hmm_pfn_to_pfn, hmm_range_fault,
+    HMM_PFN_DMA_MAPPED, HMM_PFN_ERROR, HMM_PFN_FLAGS, HMM_PFN_LAYOUT, HMM_PFN_P2PDMA,
+    HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmPteAction, HmmRange,
+    HmmVmaWalk, decode_hmm_pfn, hmm_do_fault, hmm_pfn_layout, hmm_pfn_to_map_order, hmm_pfn_to_pfn,
+    hmm_range_fault, hmm_vma_handle_pte,
 )
 from hmmsim.hmm.mirror import HmmMirror
-from hmmsim.kernel.errno import EBUSY, EFAULT, EINVAL, EPERM
+from hmmsim.kernel.errno import EBUSY, EFAULT, EINVAL, ENOMEM, EPERM
 from hmmsim.kernel.folio import folio_put
 from hmmsim.kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
 from hmmsim.kernel.locking import DeadlockError
@@ -32,16 +36,23 @@ from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
 from hmmsim.kernel.mmu_notifier import mmu_interval_read_begin
 from hmmsim.kernel.page_types import PAGE_SIZE, PMD_SIZE
 from hmmsim.kernel.pagemap import folio_unlock
+from hmmsim.kernel.pagewalk import MmWalk
 from hmmsim.kernel.pgtable import (
-    is_migration_entry, make_readable_device_private_entry, make_writable_device_private_entry,
-    pte_pfn, pte_present, pte_to_swp_entry, swp_entry_to_pte,
+    _PAGE_DEVMAP, _PAGE_SPECIAL, PAGE_NONE, PAGE_READONLY, PAGE_SHARED, PTE_MARKER_GUARD,
+    PTE_MARKER_POISONED, PTE_MARKER_UFFD_WP, is_migration_entry, make_hwpoison_entry,
+    make_pte_marker_entry, make_readable_device_private_entry, make_readable_migration_entry,
+    make_writable_device_exclusive_entry, make_writable_device_private_entry, pfn_pte,
+    pte_mkspecial, pte_pfn, pte_present, pte_to_swp_entry, swp_entry, swp_entry_to_pmd,
+    swp_entry_to_pte,
 )
+from hmmsim.kernel.profile import KERNELS, get_profile
 from hmmsim.kernel.sched import Interleave
 from hmmsim.kernel.task import vm_munmap
 from hmmsim.kernel.vma import VM_MIXEDMAP
 
 P = PAGE_SIZE
 MASK_PFN = ~HMM_PFN_FLAGS & 0xFFFF_FFFF_FFFF_FFFF
+KERNEL_NAMES = list(KERNELS)
 
 
 def out(pfns: np.ndarray) -> list[int]:
@@ -244,20 +255,29 @@ def test_hmm_range_fault_thp_pmd(make_system) -> None:
     m.remove()
 
 
-def test_hmm_range_fault_huge_zero_pmd(make_system) -> None:
-    p = make_system().spawn()
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_hmm_range_fault_huge_zero_pmd(make_system, kernel: str) -> None:
+    p = make_system(kernel=kernel).spawn()
     m = HmmMirror(p.mm)
+    lay = hmm_pfn_layout(p.system.profile)  # the release's order field
     base = p.mmap(4 * PMD_SIZE)
     a = (base + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
     p.madvise(a, PMD_SIZE, "hugepage")
     ret, r = fault(m, a, 4)  # a read fault maps the huge zero page
     hz = p.system.mem.huge_zero_pfn
-    assert ret == 0 and r[0] == hz | HMM_PFN_VALID | (9 << 53) and hmm_pfn_to_pfn(r[3]) == hz + 3
-    ret, w = fault(m, a + P, 1, write=True)  # a write splits it; only that page is real
-    assert ret == 0 and hmm_pfn_to_map_order(w[0]) == 0
-    ret, after = snap(m, a, 3)
-    zero = p.system.mem.zero_pfn
-    assert after[0] == zero | HMM_PFN_VALID and after[2] == zero | HMM_PFN_VALID
+    assert ret == 0 and hmm_pfn_to_pfn(r[0], lay) == hz and hmm_pfn_to_pfn(r[3], lay) == hz + 3
+    assert flags(r[0]) & HMM_PFN_VALID and hmm_pfn_to_map_order(r[0], lay) == 9
+    ret, w = fault(m, a + P, 1, write=True)
+    if kernel == "6.12":  # the write splits it; only that page is real
+        assert ret == 0 and hmm_pfn_to_map_order(w[0], lay) == 0
+        ret, after = snap(m, a, 3)
+        zero = p.system.mem.zero_pfn
+        assert after[0] == zero | HMM_PFN_VALID and after[2] == zero | HMM_PFN_VALID
+    else:  # do_huge_zero_wp_pmd: a writable THP replaces it
+        assert ret == 0 and hmm_pfn_to_map_order(w[0], lay) == 9 and flags(w[0]) & HMM_PFN_WRITE
+        ret, after = snap(m, a, 3)
+        assert not p.system.mem.is_huge_zero_pfn(hmm_pfn_to_pfn(after[0], lay))
+        assert all(hmm_pfn_to_map_order(v, lay) == 9 and flags(v) & HMM_PFN_WRITE for v in after)
     m.remove()
 
 
@@ -515,20 +535,6 @@ def test_hmm_range_fault_device_private_entry_faults_through_migrate_to_ram(
 
 
 # -- release differences (every test runs under every modelled kernel) ------------------------------
-from hmmsim.hmm import hmm as hmm_mod  # noqa: E402
-from hmmsim.hmm.hmm import (  # noqa: E402
-    HMM_PFN_LAYOUT, HmmPteAction, HmmVmaWalk, hmm_do_fault, hmm_pfn_layout, hmm_vma_handle_pte,
-)
-from hmmsim.kernel.errno import ENOMEM  # noqa: E402
-from hmmsim.kernel.pagewalk import MmWalk  # noqa: E402
-from hmmsim.kernel.pgtable import (  # noqa: E402
-    _PAGE_DEVMAP, _PAGE_PRESENT, _PAGE_SPECIAL, PAGE_SHARED, PTE_MARKER_GUARD, PTE_MARKER_POISONED,
-    PTE_MARKER_UFFD_WP, make_hwpoison_entry, make_pte_marker_entry, pfn_pte, pte_to_swp_entry as _p2s,
-    swp_entry_to_pmd,
-)
-from hmmsim.kernel.profile import KERNELS, get_profile  # noqa: E402
-
-KERNEL_NAMES = list(KERNELS)
 DMA = HMM_PFN_DMA_MAPPED
 
 
@@ -852,13 +858,6 @@ def test_hmm_vma_handle_pte_invalid_pfn_is_error(make_system, kernel: str) -> No
 
 
 # -- the table-at-a-time pte path against the one-entry decision ---------------------------------
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from hmmsim.kernel.pgtable import (  # noqa: E402
-    PAGE_NONE, PAGE_READONLY, make_readable_migration_entry, make_writable_device_exclusive_entry,
-    pte_mkspecial, swp_entry,
-)
 
 
 def _pte_kinds(system: System, owned_dpfn: int) -> list[int]:
