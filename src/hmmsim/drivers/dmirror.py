@@ -31,14 +31,13 @@ import numpy.typing as npt
 
 from ..hmm.hmm import (
     HMM_PFN_ERROR,
-    HMM_PFN_FLAGS,
     HMM_PFN_ORDER_MASK,
-    HMM_PFN_ORDER_SHIFT,
     HMM_PFN_REQ_FAULT,
     HMM_PFN_REQ_WRITE,
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     HmmRange,
+    hmm_pfn_layout,
     hmm_range_fault,
 )
 from ..kernel.bug import KernelOops, NotSupportedError
@@ -379,7 +378,8 @@ def dmirror_do_fault(dmirror: Dmirror, r: HmmRange) -> int:
     if r.default_flags & HMM_PFN_REQ_WRITE and not writable.all():
         stop = int(np.argmin(writable))
         dmirror.sys.stats.add("dmirror.warn_readonly_write")
-    page = (pfns[:stop] & np.uint64(~HMM_PFN_FLAGS & ULONG_MAX)).astype(np.int64)
+    layout = hmm_pfn_layout(dmirror.sys.profile)
+    page = (pfns[:stop] & np.uint64(~layout.flags & ULONG_MAX)).astype(np.int64)
     vals = (page << 2) | np.where(writable[:stop], DPT_XA_TAG_WRITE, 0)
     dmirror.pt.store_range(r.start >> PAGE_SHIFT, vals)
     return -EFAULT if stop < n else 0
@@ -668,11 +668,11 @@ _MKENTRY_TABLES: dict[int, npt.NDArray[np.uint8]] = {}
 
 def dmirror_mkentry(dmirror: Dmirror, entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
     """``dmirror_mkentry()`` for many hmm_range_fault() outputs at once (the driver calls
-    it per entry): one ``HMM_DMIRROR_PROT_*`` byte each, the flags and the order (as
-    ``hmm_pfn_to_map_order()`` reads it) through a table; the zero page and device pages
+    it per entry): one ``HMM_DMIRROR_PROT_*`` byte each, the flags and the order (read
+    with the release's pfn layout, as ``hmm_pfn_to_map_order()`` does) through a table; the zero page and device pages
     (rare) are then looked at one by one."""
     sys = dmirror.sys
-    shift = HMM_PFN_ORDER_SHIFT
+    shift = hmm_pfn_layout(sys.profile).order_shift
     e = np.asarray(entries, np.uint64)
     out = _mkentry_table(shift)[e >> _U(shift)]
     pfn = e & _U((1 << shift) - 1)
