@@ -94,12 +94,15 @@ class Device:
         return SCRATCH_BASE
 
     def _with_buffer(self, size: int, command: int, addr: int, npages: int,
-                     data: npt.NDArray[np.uint8] | None = None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
+                     data: npt.NDArray[np.uint8] | None = None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8] | None]:
+        """Run *command* with the scratch buffer as ``ptr`` (holding *data* first, if
+        given); returns the command and the buffer's bytes afterwards (None when *data*
+        was given: a WRITE has nothing to read back)."""
         with self.process.task.running():  # the buffer set-up and copies are the process's
             return self._with_buffer_locked(size, command, addr, npages, data)
 
     def _with_buffer_locked(self, size: int, command: int, addr: int, npages: int,
-                            data: npt.NDArray[np.uint8] | None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
+                            data: npt.NDArray[np.uint8] | None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8] | None]:
         mm = self.process.mm
         buf = self._scratch(size)
         if data is not None and len(data):
@@ -109,12 +112,15 @@ class Device:
         ret = self.ioctl(command, cmd)
         if ret:
             raise error_from_errno(ret, f"dmirror{self.minor} ioctl")
+        if data is not None:
+            return cmd, None
         out, _ = copy_from_user(mm, buf, size)
         return cmd, out
 
     def read(self, addr: int, npages: int) -> DeviceAccess:
         """HMM_DMIRROR_READ: the device reads *npages* at *addr* through its mirror."""
         cmd, out = self._with_buffer(npages << PAGE_SHIFT, HMM_DMIRROR_READ, addr, npages)
+        assert out is not None
         return DeviceAccess(out, cmd.cpages, cmd.faults)
 
     def write(self, addr: int, data: bytes | npt.NDArray) -> DeviceAccess:
@@ -129,6 +135,7 @@ class Device:
     def snapshot(self, addr: int, npages: int) -> npt.NDArray[np.uint8]:
         """HMM_DMIRROR_SNAPSHOT: one ``HMM_DMIRROR_PROT_*`` byte per page."""
         _cmd, out = self._with_buffer(npages, HMM_DMIRROR_SNAPSHOT, addr, npages)
+        assert out is not None
         return out
 
     def check_exclusive(self, addr: int, npages: int) -> bool:

@@ -44,7 +44,9 @@ def test_hmm_range_fault_dread_of_untouched_memory(make_system: Callable[..., Sy
     assert (s.start, s.end, s.default_flags) == (a, a + 16 * P, HMM_PFN_REQ_FAULT)
     assert (e.start, e.end, e.ret, e.walks, e.faults) == (a, a + 16 * P, 0, 2, 1)
     assert e.pid == s.pid == proc.task.pid
+    span = "hmm_do_fault" if proc.system.profile.hmm_fault_outside_walk else "hmm_vma_fault"
     (f,) = [x for x in ev if x.name in ("hmm_vma_fault", "hmm_do_fault")]
+    assert f.name == span
     assert (f.start, f.end, f.required_fault, f.ret) == (a, a + 16 * P, HMM_NEED_FAULT, -EBUSY)
     spans = by_name(ev, "mm_fault_range")
     hmm_span = [x for x in spans if x.start == a]
