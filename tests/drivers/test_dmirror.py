@@ -9,8 +9,9 @@ import pytest
 from hmmsim import Process
 from hmmsim.drivers.dmirror import DmirrorPT, dmirror_open
 from hmmsim.drivers.test_hmm_uapi import (
-    HMM_DMIRROR_FLAGS, HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
+    HMM_DMIRROR_FLAG_FAIL_ALLOC, HMM_DMIRROR_FLAGS, HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
     HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO, HMM_DMIRROR_READ,
+    HMM_DMIRROR_READ_UNLOCKED,
     HmmDmirrorCmd,
 )
 from hmmsim.errors import BadAddress, InvalidArgument, NoDevice, NotSupportedError, PermissionDenied
@@ -55,7 +56,6 @@ def test_dmirror_ioctl_rejects_unaligned_and_empty(proc: Process) -> None:
     assert d.ioctl(HMM_DMIRROR_READ, HmmDmirrorCmd(addr=a + 8, npages=1)) == -EINVAL
     assert d.ioctl(HMM_DMIRROR_READ, HmmDmirrorCmd(addr=a, npages=0)) == -EINVAL
     assert d.ioctl(HMM_DMIRROR_READ, HmmDmirrorCmd(addr=(1 << 64) - P, npages=2)) == -EINVAL  # wraps
-    assert d.ioctl(HMM_DMIRROR_FLAGS, HmmDmirrorCmd(addr=0, npages=1)) == -EINVAL, "no FLAGS in 6.12"
     assert d.ioctl(0xC0284899, HmmDmirrorCmd(addr=a, npages=1)) == -EINVAL
     with pytest.raises(InvalidArgument):
         d.read(a + 8, 1)
@@ -215,6 +215,31 @@ def test_dmirror_migration_commands_are_not_modelled_yet(proc: Process) -> None:
     with pytest.raises(NotSupportedError):
         d.ioctl(HMM_DMIRROR_MIGRATE_TO_DEV, HmmDmirrorCmd(addr=a, npages=1))
     d.close()
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_dmirror_flags_and_read_unlocked_per_release(make_system, kernel: str) -> None:
+    """HMM_DMIRROR_FLAGS and HMM_DMIRROR_READ_UNLOCKED exist only in 7.3's ioctl switch;
+    6.12 answers both with its default -EINVAL. 7.3 stores the flags word, after the
+    driver's empty-range check (npages 0 is -EINVAL)."""
+    proc = make_system(kernel=kernel).spawn()
+    a = proc.mmap(P)
+    fd = proc.open_device(0).fd
+    ioctl = proc.task.ioctl
+    dmirror = proc.task.files[fd].private_data
+    if kernel == "6.12":
+        assert ioctl(fd, HMM_DMIRROR_FLAGS, HmmDmirrorCmd(npages=1)) == -EINVAL
+        assert ioctl(fd, HMM_DMIRROR_READ_UNLOCKED, HmmDmirrorCmd(addr=a, npages=1)) == -EINVAL
+        assert dmirror.flags == 0
+    else:
+        assert ioctl(fd, HMM_DMIRROR_FLAGS, HmmDmirrorCmd(npages=0)) == -EINVAL
+        assert ioctl(fd, HMM_DMIRROR_FLAGS, HmmDmirrorCmd(npages=HMM_DMIRROR_FLAG_FAIL_ALLOC)) == 0
+        assert dmirror.flags == HMM_DMIRROR_FLAG_FAIL_ALLOC
+        with pytest.raises(NotSupportedError, match="READ_UNLOCKED"):
+            ioctl(fd, HMM_DMIRROR_READ_UNLOCKED, HmmDmirrorCmd(addr=a, npages=1))
+    # counted after the argument checks: 7.3's npages=0 call never reaches the switch
+    assert proc.system.stats["dmirror.ioctl.flags"] == 1
+    proc.system.ls.assert_no_locks()
 
 
 def test_dmirror_pt_erase_and_load() -> None:

@@ -78,6 +78,7 @@ from ..kernel.vma import VM_HUGETLB
 from .test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
     HMM_DMIRROR_EXCLUSIVE,
+    HMM_DMIRROR_FLAGS,
     HMM_DMIRROR_MEMORY_DEVICE_COHERENT,
     HMM_DMIRROR_MEMORY_DEVICE_PRIVATE,
     HMM_DMIRROR_MIGRATE_TO_DEV,
@@ -94,6 +95,7 @@ from .test_hmm_uapi import (
     HMM_DMIRROR_PROT_WRITE,
     HMM_DMIRROR_PROT_ZERO,
     HMM_DMIRROR_READ,
+    HMM_DMIRROR_READ_UNLOCKED,
     HMM_DMIRROR_RELEASE,
     HMM_DMIRROR_SNAPSHOT,
     HMM_DMIRROR_WRITE,
@@ -210,6 +212,8 @@ class Dmirror:
         self.pt = DmirrorPT()
         self.notifier = MmuIntervalNotifier(owner=self)
         self.mutex = Lock(mdevice.sys.ls, "dmirror_mutex")
+        #: ``dmirror->flags`` (HMM_DMIRROR_FLAGS, 7.3): HMM_DMIRROR_FLAG_* bits
+        self.flags = 0
 
     @property
     def sys(self) -> "System":
@@ -893,7 +897,16 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
     elif command in (HMM_DMIRROR_MIGRATE_TO_DEV, HMM_DMIRROR_MIGRATE_TO_SYS, HMM_DMIRROR_EXCLUSIVE,
                      HMM_DMIRROR_RELEASE):
         raise NotSupportedError(f"{IOCTL_NAMES[command]} (device memory migration) is not modelled yet")
+    elif command == HMM_DMIRROR_FLAGS and dmirror.sys.profile.dmirror_flags_cmd:
+        # the whole word is stored; HMM_DMIRROR_FLAG_FAIL_ALLOC is consumed by the next
+        # device page allocation (dmirror_devmem_alloc_page / the THP allocator)
+        dmirror.flags = k.npages
+        ret = 0
+    elif command == HMM_DMIRROR_READ_UNLOCKED and dmirror.sys.profile.dmirror_read_unlocked_cmd:
+        raise NotSupportedError("HMM_DMIRROR_READ_UNLOCKED (hmm_range_fault_unlocked_timeout) "
+                                "is not modelled yet")
     else:
+        # the ioctl switch's default: an unknown command, or one this release lacks
         return -EINVAL
     if ret:
         return ret

@@ -30,6 +30,7 @@ from ..drivers.test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
     HMM_DMIRROR_FLAGS,
     HMM_DMIRROR_READ,
+    HMM_DMIRROR_READ_UNLOCKED,
     HMM_DMIRROR_SNAPSHOT,
     HMM_DMIRROR_WRITE,
     HmmDmirrorCmd,
@@ -67,7 +68,7 @@ _ADVICE = {"hugepage": MADV_HUGEPAGE, "nohugepage": MADV_NOHUGEPAGE, "dontneed":
 _UNSUPPORTED = {
     "dmigrate": "device memory migration", "dmigrate_sys": "device memory migration",
     "dexclusive": "device-exclusive access", "drelease": "device memory eviction",
-    "uffd": "userfaultfd", "dread_unlocked": "hmm_range_fault_unlocked_timeout",
+    "uffd": "userfaultfd",
 }
 #: pages handled per step by CPU commands and buffer copies (bounds memory for huge ranges)
 _CHUNK = 4096
@@ -449,7 +450,8 @@ class _Runner:
                 sink(view)
                 left -= len(view)
 
-    def op_dread(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
+    def op_dread(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int,
+                 command: int = HMM_DMIRROR_READ, op: str = "dread") -> None:
         mm = ctx.task.mm
         crc = [0]
 
@@ -458,12 +460,16 @@ class _Runner:
                 crc[0] = zlib.crc32(data, crc[0])
             self._read_buffer(mm, buf, npages << PAGE_SHIFT, sink)
 
-        ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_READ, self.region(ctx, name, off), npages,
+        ret, dcmd = self._ioctl(ctx, handle, command, self.region(ctx, name, off), npages,
                                 npages, consume=consume)
         if ret:
-            self.out(ctx, cmd, "dread", ret=ret)
+            self.out(ctx, cmd, op, ret=ret)
         else:
-            self.out(ctx, cmd, "dread", ret=0, cpages=dcmd.cpages, faults=dcmd.faults, crc=crc[0])
+            self.out(ctx, cmd, op, ret=0, cpages=dcmd.cpages, faults=dcmd.faults, crc=crc[0])
+
+    def op_dread_unlocked(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int,
+                          npages: int) -> None:
+        self.op_dread(ctx, cmd, handle, name, off, npages, HMM_DMIRROR_READ_UNLOCKED, "dread_unlocked")
 
     def op_dwrite(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int, seed: int) -> None:
         ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_WRITE, self.region(ctx, name, off), npages,
