@@ -16,8 +16,10 @@ from .errors import (
     HmmsimError,
     InvalidArgument,
     KernelOops,
+    Killed,
     NoDevice,
     NoEntry,
+    NoSuchProcess,
     NotSupportedError,
     OutOfMemory,
     PermissionDenied,
@@ -28,7 +30,8 @@ from .system import System, SystemConfig
 
 __all__ = (
     "BadAddress", "BusError", "Busy", "Device", "DeviceAccess", "HmmError", "HmmsimError",
-    "InvalidArgument", "KernelOops", "NoDevice", "NoEntry", "NotSupportedError", "OutOfMemory",
-    "PermissionDenied", "Process", "SegmentationFault", "System", "SystemConfig",
+    "InvalidArgument", "KernelOops", "Killed", "NoDevice", "NoEntry", "NoSuchProcess",
+    "NotSupportedError", "OutOfMemory", "PermissionDenied", "Process", "SegmentationFault",
+    "System", "SystemConfig",
 )
 __version__ = "0.1.0"

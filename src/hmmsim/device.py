@@ -36,9 +36,9 @@ from .drivers.test_hmm_uapi import (
     HMM_DMIRROR_WRITE,
     HmmDmirrorCmd,
 )
-from .errors import error_from_errno
+from .errors import InvalidArgument, error_from_errno
 from .kernel.cpu import copy_from_user, copy_to_user
-from .kernel.errno import EPERM
+from .kernel.errno import EINVAL, EPERM, ESRCH
 from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE
 from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE
 from .kernel.task import vm_mmap, vm_munmap
@@ -72,8 +72,20 @@ class Device:
         self.fd = fd
         self.minor = minor
 
+    def _alive(self, what: str) -> None:
+        """ESRCH if the owning process has exited (its files are closed): nothing runs."""
+        if self.process.task.exited:
+            raise error_from_errno(-ESRCH, f"{what}: process {self.process.pid} has exited")
+
+    @staticmethod
+    def _npages(what: str, npages: int) -> int:
+        if not isinstance(npages, int) or npages < 0:
+            raise InvalidArgument(-EINVAL, f"{what}: npages must be a non-negative int, not {npages!r}")
+        return npages
+
     def ioctl(self, command: int, cmd: HmmDmirrorCmd) -> int:
         """The raw ``ioctl(fd, command, &cmd)``: 0 or a negative errno."""
+        self._alive("ioctl")
         return self.process.task.ioctl(self.fd, command, cmd)
 
     def _scratch(self, size: int) -> int:
@@ -95,6 +107,7 @@ class Device:
 
     def _with_buffer(self, size: int, command: int, addr: int, npages: int,
                      data: npt.NDArray[np.uint8] | None = None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
+        self._alive("device command")
         mm = self.process.mm
         buf = self._scratch(size)
         if data is not None and len(data):
@@ -109,6 +122,7 @@ class Device:
 
     def read(self, addr: int, npages: int) -> DeviceAccess:
         """HMM_DMIRROR_READ: the device reads *npages* at *addr* through its mirror."""
+        self._npages("read", npages)
         cmd, out = self._with_buffer(npages << PAGE_SHIFT, HMM_DMIRROR_READ, addr, npages)
         return DeviceAccess(out, cmd.cpages, cmd.faults)
 
@@ -116,18 +130,20 @@ class Device:
         """HMM_DMIRROR_WRITE of whole pages of *data* at *addr*."""
         buf = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
         if len(buf) % PAGE_SIZE:
-            raise ValueError("device writes are whole pages")
+            raise InvalidArgument(-EINVAL, f"write: data must be whole pages, not {len(buf)} bytes")
         npages = len(buf) >> PAGE_SHIFT
         cmd, _ = self._with_buffer(len(buf), HMM_DMIRROR_WRITE, addr, npages, buf)
         return DeviceAccess(buf, cmd.cpages, cmd.faults)
 
     def snapshot(self, addr: int, npages: int) -> npt.NDArray[np.uint8]:
         """HMM_DMIRROR_SNAPSHOT: one ``HMM_DMIRROR_PROT_*`` byte per page."""
+        self._npages("snapshot", npages)
         _cmd, out = self._with_buffer(npages, HMM_DMIRROR_SNAPSHOT, addr, npages)
         return out
 
     def check_exclusive(self, addr: int, npages: int) -> bool:
         """HMM_DMIRROR_CHECK_EXCLUSIVE: True if no page of the range is mapped ATOMIC."""
+        self._npages("check_exclusive", npages)
         ret = self.ioctl(HMM_DMIRROR_CHECK_EXCLUSIVE, HmmDmirrorCmd(addr=addr, npages=npages))
         if ret == -EPERM:
             return False

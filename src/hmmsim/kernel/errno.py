@@ -7,11 +7,12 @@ values on every host.
 __all__ = (
     "EACCES", "EAGAIN", "EBADF", "EBUSY", "EEXIST", "EFAULT", "EINTR", "EINVAL", "EIO",
     "ENODEV", "ENOENT", "ENOMEM", "ENOSPC", "ENOTTY", "ENXIO", "EOPNOTSUPP", "EOVERFLOW",
-    "EPERM", "errno_name",
+    "EPERM", "ESRCH", "errno_name",
 )
 
 EPERM = 1
 ENOENT = 2
+ESRCH = 3
 EINTR = 4
 EIO = 5
 ENXIO = 6

@@ -19,7 +19,7 @@ from .memory import zap_page_range_single
 from .mm import MM, MM_SWAPENTS, PtRef
 from .mmap import vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
+from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, ULONG_MAX
 from .pagewalk import MmWalk, MmWalkOps, walk_page_range
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -175,7 +175,10 @@ def do_madvise(mm: MM, start: int, len_in: int, behavior: int) -> int:
 
     Returns 0, ``-EINVAL`` (bad advice, misaligned start, or advice invalid for a VMA),
     ``-ENOMEM`` (part of the range is unmapped; mapped parts were advised) or
-    ``-EAGAIN``."""
+    ``-EAGAIN``. *start* and *len_in* are unsigned (``check_input_range()``): a
+    negative length is huge, so the range wraps (``-EINVAL``)."""
+    start &= ULONG_MAX
+    len_in &= ULONG_MAX
     if behavior not in _VALID:
         return -EINVAL
     if start & (PAGE_SIZE - 1):
@@ -184,7 +187,7 @@ def do_madvise(mm: MM, start: int, len_in: int, behavior: int) -> int:
     if len_in and not length:
         return -EINVAL
     end = start + length
-    if end < start:
+    if end > ULONG_MAX:
         return -EINVAL
     if end == start:
         return 0

@@ -28,6 +28,7 @@ from .page_types import (
     PAGE_SIZE,
     PMD_MASK,
     TASK_SIZE,
+    ULONG_MAX,
 )
 from .rmap import anon_vma_clone, unlink_anon_vmas
 from .shmem import shmem_zero_setup
@@ -229,16 +230,21 @@ def do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags:
         ``-ENODEV``, ``-EEXIST``, ``-EOVERFLOW``, or what the driver's mmap returned)
     """
     mmap_assert_write_locked(mm)
+    # the syscall's arguments are unsigned longs: a negative Python int is a huge value
+    addr &= ULONG_MAX
+    length &= ULONG_MAX
     own_file = False
     if file is None and flags & MAP_HUGETLB:
         if length == 0:
             return -EINVAL
-        length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK
+        length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK & ULONG_MAX
+        if length == 0 or length > TASK_SIZE:  # hugetlb_file_setup() cannot reserve it
+            return -ENOMEM
         file = hugetlb_file_setup(mm.sys, length, bool(flags & MAP_SHARED))
         own_file = True
     elif file is not None:
         if is_file_hugepages(file):
-            length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK
+            length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK & ULONG_MAX
         elif flags & MAP_HUGETLB:
             return -EINVAL
     try:
@@ -359,7 +365,10 @@ def do_munmap(mm: MM, start: int, length: int) -> int:
 
     Splits the VMAs at the edges (which may fail, e.g. inside a hugetlb page), zaps the
     range under one ``MMU_NOTIFY_UNMAP`` invalidation of the whole request, frees page
-    tables no VMA needs, and removes the VMAs. Returns 0 or ``-EINVAL``/``-ENOMEM``."""
+    tables no VMA needs, and removes the VMAs. Returns 0 or ``-EINVAL``/``-ENOMEM``
+    (*start* and *length* are unsigned: a negative length is huge, hence ``-EINVAL``)."""
+    start &= ULONG_MAX
+    length &= ULONG_MAX
     if start & (PAGE_SIZE - 1) or start > TASK_SIZE or length > TASK_SIZE - start:
         return -EINVAL
     end = start + PAGE_ALIGN(length)
