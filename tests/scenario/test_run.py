@@ -163,3 +163,24 @@ def test_cli_selftest_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["selftest", "--json", "-r", "open_close"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["status"] for r in res] == ["pass", "pass"]
+
+
+def test_run_fork_nesting_uses_no_python_recursion() -> None:
+    """Nested forks run from an explicit stack: with the interpreter's recursion limit
+    only a little above the current depth, 150 nested forks still run (each level used
+    to take two Python frames, so 1200 levels crashed with RecursionError)."""
+    import inspect
+    import sys as pysys
+    depth = 150
+    text = ("mmap a 1 rw private,anon\nfill a 0 1 5\n" + "fork\n" * depth + "check a 0 1 5\n"
+            + "endfork\n" * depth + "check a 0 1 5\n")
+    limit = pysys.getrecursionlimit()
+    pysys.setrecursionlimit(len(inspect.stack()) + 120)
+    try:
+        out = run(text)
+    finally:
+        pysys.setrecursionlimit(limit)
+    assert out[2 + depth] == {"line": 4 + depth, "mismatch": 0, "op": "check", "proc": depth, "ret": 0}
+    ends = [r for r in out if r["op"] == "endfork"]
+    assert len(ends) == depth and [r.get("proc", 0) for r in ends] == list(range(depth - 1, -1, -1))
+    assert out[-1] == {"line": 5 + 2 * depth, "mismatch": 0, "op": "check", "ret": 0}

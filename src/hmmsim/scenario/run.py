@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ from ..kernel.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_HUGETLB, MAP_PRIVATE, MA
 from ..kernel.mprotect import do_mprotect
 from ..kernel.mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, do_mremap
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE
-from ..kernel.profile import DEFAULT_KERNEL
+from ..kernel.profile import DEFAULT_KERNEL, get_profile
 from ..kernel.shmem import shmem_file_setup, shmem_pread, shmem_pwrite, shmem_truncate
 from ..kernel.system import GiB, MiB, System, SystemConfig
 from ..kernel.task import Task, vm_mmap, vm_munmap
@@ -72,13 +72,20 @@ _UNSUPPORTED = {
 _CHUNK = 4096
 
 
-def reference_config(kernel: str = DEFAULT_KERNEL) -> SystemConfig:
+def reference_config(kernel: str = DEFAULT_KERNEL, *, ram: int = 1536 * MiB, thp: str = "madvise",
+                     hugetlb_pages: int = 32) -> SystemConfig:
     """The machine the reference outputs come from (conventions item 24): a 2 GiB VM of
-    which 512 MiB are the coherent devices' memory, THP ``madvise``, huge zero page on,
-    32 hugetlb pages, no swap, test_hmm loaded with coherent devices, running *kernel*."""
-    return SystemConfig(ram=1536 * MiB, thp="madvise", huge_zero_page=True, hugetlb_pages=32,
+    which 512 MiB are the coherent devices' memory (*ram* is the rest), THP *thp*, huge
+    zero page on, *hugetlb_pages* hugetlb pages, no swap, test_hmm loaded with coherent
+    devices, running *kernel*. ``totalram_pages()`` leaves out what that kernel keeps for
+    itself (its struct page array, 1/64 of RAM, and the release's measured
+    ``boot_reserved_pages``), so the overcommit heuristic refuses exactly the mmap sizes
+    the real VM refuses: at the defaults, a private writable mapping of more than 383880
+    pages (7.3) or 383306 pages (6.12) is -ENOMEM."""
+    reserved = (ram >> PAGE_SHIFT) // 64 + get_profile(kernel).boot_reserved_pages
+    return SystemConfig(ram=ram, thp=thp, huge_zero_page=True, hugetlb_pages=hugetlb_pages,
                         swap_pages=0, test_hmm=True, coherent=True, device_private_space=8 * GiB,
-                        kernel=kernel)
+                        kernel=kernel, reserved_pages=reserved)
 
 
 class _Stop(Exception):
@@ -116,6 +123,16 @@ def _pattern(seed: int, first_word: int, nwords: int) -> npt.NDArray[np.uint8]:
     return (w & np.uint64(0xFFFF_FFFF)).astype("<u4").view(np.uint8)
 
 
+@dataclass
+class _Frame:
+    """One process running a block: its context, the nodes left, and the ``fork`` block
+    it runs (None for the scenario's first process)."""
+
+    ctx: _Ctx
+    nodes: Iterator[Command | Fork]
+    fork: Fork | None
+
+
 class _Runner:
     def __init__(self, sys: System, emit: Callable[[dict[str, Any]], None],
                  after: Callable[[System, Command], None] | None = None) -> None:
@@ -136,39 +153,67 @@ class _Runner:
         self.emit(self.record(ctx, cmd.line, op=op, **fields))
 
     def run_block(self, ctx: _Ctx, body: Iterable[Command | Fork]) -> None:
-        for node in body:
-            if isinstance(node, Fork):
-                self.run_fork(ctx, node)
-                continue
-            if node.unknown_name:
-                raise _Stop(self.record(ctx, node.line, error="unknown-name", op=node.op))
-            if node.op in _UNSUPPORTED:
-                raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
-                             "message": f"{node.op} needs {_UNSUPPORTED[node.op]}, not modelled yet"})
-            try:
-                getattr(self, f"op_{node.op}")(ctx, node, *node.args)
-                if self.after is not None:
-                    self.after(self.sys, node)
-            except KernelOops as e:
-                raise _Stop({"error": "kernel-oops", "line": node.line, "op": node.op, "message": str(e)}) from None
-            except NotSupportedError as e:
-                raise _Stop({"error": "unsupported", "line": node.line, "op": node.op, "message": str(e)}) from None
+        """Run *body* in *ctx*'s process. Nested ``fork`` blocks are run with an explicit
+        stack of open forks (one frame per live child), not Python recursion, so the
+        nesting depth is bounded by memory only, as on a real kernel (one process per
+        level). A child killed by the OOM killer ends its own block only; a ``_Stop``
+        exits every child still alive, innermost first, and propagates."""
+        stack = [_Frame(ctx, iter(body), None)]
+        try:
+            while stack:
+                frame = stack[-1]
+                node = next(frame.nodes, None)
+                if node is None:
+                    stack.pop()
+                    if frame.fork is not None:
+                        self.end_fork(stack[-1].ctx, frame, died=False)
+                elif isinstance(node, Fork):
+                    stack.append(_Frame(self.run_fork(frame.ctx, node), iter(node.body), node))
+                else:
+                    try:
+                        self.run_command(frame.ctx, node)
+                    except _Killed:
+                        if frame.fork is None:
+                            raise
+                        stack.pop()
+                        self.end_fork(stack[-1].ctx, frame, died=True)
+        finally:
+            for frame in reversed(stack):
+                if frame.fork is not None and not frame.ctx.task.exited:
+                    frame.ctx.task.exit()
 
-    def run_fork(self, ctx: _Ctx, node: Fork) -> None:
+    def run_command(self, ctx: _Ctx, node: Command) -> None:
+        """One command line (or the record that stops the scenario)."""
+        if node.unknown_name:
+            raise _Stop(self.record(ctx, node.line, error="unknown-name", op=node.op))
+        if node.op in _UNSUPPORTED:
+            raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
+                         "message": f"{node.op} needs {_UNSUPPORTED[node.op]}, not modelled yet"})
+        try:
+            getattr(self, f"op_{node.op}")(ctx, node, *node.args)
+            if self.after is not None:
+                self.after(self.sys, node)
+        except KernelOops as e:
+            raise _Stop({"error": "kernel-oops", "line": node.line, "op": node.op, "message": str(e)}) from None
+        except NotSupportedError as e:
+            raise _Stop({"error": "unsupported", "line": node.line, "op": node.op, "message": str(e)}) from None
+
+    def run_fork(self, ctx: _Ctx, node: Fork) -> _Ctx:
+        """``fork``: print the line in the parent, fork; returns the child's context (the
+        caller runs the block in it, then :meth:`end_fork`)."""
         self.out(ctx, node, "fork", ret=0)
         child = ctx.task.fork()
         if isinstance(child, int):
             raise _Stop({"error": "fork", "line": node.line, "ret": child})
-        cctx = ctx.child(child)
-        died = False
-        try:
-            self.run_block(cctx, node.body)
-        except _Killed:
-            died = True
-        finally:
-            if not child.exited:
-                child.exit()
-        self.emit(self.record(ctx, node.end_line, op="endfork", ret="child-died" if died else 0))
+        return ctx.child(child)
+
+    def end_fork(self, ctx: _Ctx, frame: "_Frame", died: bool) -> None:
+        """The child of *frame* has finished its block (or was killed): it exits, and
+        the parent (*ctx*) prints ``endfork``."""
+        if not frame.ctx.task.exited:
+            frame.ctx.task.exit()
+        assert frame.fork is not None
+        self.emit(self.record(ctx, frame.fork.end_line, op="endfork", ret="child-died" if died else 0))
 
     def region(self, ctx: _Ctx, name: str, off: int) -> int:
         return ctx.regions[name][0] + (off << PAGE_SHIFT)
