@@ -63,7 +63,7 @@ def test_examples_run_without_errors(path: Path) -> None:
 
 
 def test_parse_error_is_the_only_line() -> None:
-    assert run_scenario_text("hmmsim-scenario 1\nmmap a 1 rw private,anon\nbogus\n") == ['{"error":"parse","line":3}']
+    assert run_scenario_text("hmmsim-scenario 1\nmmap a 1 rw private,anon\nbogus\n") == ['{"error":"parse","line":3,"message":"unknown op \'bogus\'"}']
 
 
 def test_unknown_name_stops_the_scenario_inside_fork() -> None:
@@ -154,9 +154,10 @@ def test_cli_run_prints_file_separators(tmp_path: Path, capsys: pytest.CaptureFi
     a.write_text("hmmsim-scenario 1\nmmap a 1 rw private,anon\n")
     b = tmp_path / "b.hmm"
     b.write_text("hmmsim-scenario 1\nfork\n")
-    assert main(["run", str(a), str(b)]) == 0
+    assert main(["run", str(a), str(b)]) == 3  # EXIT_STATUS["parse"]
     assert capsys.readouterr().out.splitlines() == [
-        '{"file":"a.hmm"}', '{"line":2,"op":"mmap","ret":0}', '{"file":"b.hmm"}', '{"error":"parse","line":2}']
+        '{"file":"a.hmm"}', '{"line":2,"op":"mmap","ret":0}', '{"file":"b.hmm"}',
+        '{"error":"parse","line":2,"message":"fork without endfork"}']
 
 
 def test_cli_selftest_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -470,11 +470,12 @@ def dumps(record: dict[str, Any]) -> str:
 
 def run_scenario_text(data: bytes | str, config: SystemConfig | None = None,
                       after: Callable[[System, Command], None] | None = None) -> list[str]:
-    """Parse and run a scenario; returns its output lines (a parse error is one line)."""
+    """Parse and run a scenario; returns its output lines (a parse error is one line,
+    with the parser's reason as ``message``)."""
     try:
         sc = parse_scenario(data)
     except ScenarioParseError as e:
-        return [dumps({"error": "parse", "line": e.line})]
+        return [dumps({"error": "parse", "line": e.line, "message": e.reason})]
     lines: list[str] = []
     run_scenario(sc, lambda r: lines.append(dumps(r)), config, after)
     return lines

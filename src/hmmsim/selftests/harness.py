@@ -30,7 +30,8 @@ from ..system import System
 __all__ = (
     "ASSERT_EQ", "ASSERT_FALSE", "ASSERT_GE", "ASSERT_GT", "ASSERT_LE", "ASSERT_LT", "ASSERT_NE",
     "ASSERT_TRUE", "EXPECT_EQ", "EXPECT_NE", "SKIP", "TESTS", "TEST_F", "TestFailure", "TestResult",
-    "TestSkipped", "VARIANTS", "Variant", "run_test", "run_tests", "select_tests",
+    "TestSkipped", "UnknownSelection", "VARIANTS", "Variant", "ported_variants", "run_test", "run_tests",
+    "select_tests",
 )
 
 
@@ -225,19 +226,45 @@ def run_test(fixture: str, name: str, fn: TestFn, variant: Variant, config: Syst
         return TestResult(full, "fail", f"{type(e).__name__}: {e}", time.perf_counter() - t0, tb)
 
 
-def select_tests(names: Iterable[str] = (), variants: Iterable[str] = ()) -> list[tuple[str, str, TestFn, Variant]]:
-    """Every (fixture, test, function, variant), filtered by test and variant names."""
+class UnknownSelection(ValueError):
+    """``-r``/``--variant`` named no test or variant that exists (the message names it and
+    lists the valid ones)."""
+
+
+def ported_variants() -> list[str]:
+    """The variant names that have at least one ported test, in :data:`VARIANTS` order."""
     from . import hmm_tests  # noqa: F401  (registers the TEST_Fs)
-    names = set(names)
-    variants = set(variants)
-    out = []
-    for fixture, name, fn in TESTS:
-        for v in VARIANTS[fixture]:
-            if names and name not in names:
-                continue
-            if variants and v.name not in variants:
-                continue
-            out.append((fixture, name, fn, v))
+    fixtures = {fixture for fixture, _name, _fn in TESTS}
+    return [v.name for f, vs in VARIANTS.items() if f in fixtures for v in vs]
+
+
+def select_tests(names: Iterable[str] = (), variants: Iterable[str] = ()) -> list[tuple[str, str, TestFn, Variant]]:
+    """Every (fixture, test, function, variant), filtered by test and variant names. A
+    test name is ``TEST`` or the full ``FIXTURE.VARIANT.TEST`` that ``-l`` prints; an
+    unknown test or variant, or a selection that matches nothing, raises
+    :class:`UnknownSelection`."""
+    from . import hmm_tests  # noqa: F401  (registers the TEST_Fs)
+    names = list(names)
+    variants = list(variants)
+    every = [(fixture, name, fn, v) for fixture, name, fn in TESTS for v in VARIANTS[fixture]]
+    all_variants = [v.name for vs in VARIANTS.values() for v in vs]
+    for want in variants:
+        if want not in all_variants:
+            raise UnknownSelection(f"unknown variant {want!r}; valid variants: {', '.join(all_variants)}")
+        if want not in ported_variants():
+            raise UnknownSelection(f"no ported test runs on variant {want!r} yet; variants with tests: "
+                                   f"{', '.join(ported_variants())}")
+    short = {name for _f, name, _fn, _v in every}
+    full = {f"{f}.{v.name}.{name}" for f, name, _fn, v in every}
+    for want in names:
+        if want not in short and want not in full:
+            raise UnknownSelection(f"unknown test {want!r}; valid tests: {', '.join(sorted(short))} "
+                                   "(or FIXTURE.VARIANT.TEST as 'hmmsim selftest -l' prints)")
+    out = [(f, name, fn, v) for f, name, fn, v in every
+           if (not names or name in names or f"{f}.{v.name}.{name}" in names)
+           and (not variants or v.name in variants)]
+    if not out:
+        raise UnknownSelection(f"no test matches tests {', '.join(names)} on variants {', '.join(variants)}")
     return out
 
 
