@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -132,6 +133,7 @@ def _cmd_run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
             if args.timeout:
                 signal.alarm(0)
         status = max(status, EXIT_STATUS[outcome[0]])
+        gc.collect()  # the file's System is a reference cycle: free it before the next file
     return status
 
 
