@@ -27,6 +27,13 @@ Exit status (:data:`EXIT_STATUS`; with several files, the largest of them):
 6     a scenario hit the real kernel's crash path (``{"error":"kernel-oops"}``)
 7     a scenario was stopped by ``-t`` (``{"error":"timeout",...}``)
 ====  ================================================================================
+
+>>> main(["selftest", "-l", "-r", "open_close"])
+hmm.hmm_device_private.open_close
+hmm.hmm_device_coherent.open_close
+0
+>>> main(["selftest", "-r", "no_such_test"])
+2
 """
 
 from __future__ import annotations

@@ -13,6 +13,19 @@ argument (a negative size, an unknown advice name, ``start > end``) raises
 Two more kinds are not errors of the caller but findings about the modelled kernel:
 :class:`KernelOops` (the real kernel would crash here) and :class:`NotSupportedError`
 (the model does not cover this path yet).
+
+>>> e = error_from_errno(-12, "mmap")
+>>> type(e).__name__, e.errno, str(e)
+('OutOfMemory', 12, '-ENOMEM: mmap')
+>>> from hmmsim import System
+>>> p = System(ram=256 << 20, hugetlb_pages=0).spawn()
+>>> try:
+...     p.read(0x1000, 8)
+... except SegmentationFault as sig:
+...     print(sig, sig.signal)
+SIGSEGV: read of 0x1000 11
+>>> isinstance(InvalidArgument(22), ValueError)
+True
 """
 
 from __future__ import annotations

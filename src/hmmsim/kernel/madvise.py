@@ -7,6 +7,22 @@ at all fails at once), flag advice through ``madvise_update_vma`` (split / merge
 huge-page aligned start, end rounded down), ``MADV_FREE`` (anonymous VMAs only; clean
 and old, data kept since nothing is reclaimed; a partly covered THP is split first) and
 ``MADV_PAGEOUT`` (swap-out when the machine has swap).
+
+>>> from hmmsim import System
+>>> from hmmsim.kernel.mm import MM_ANONPAGES
+>>> p = System(ram=256 << 20, hugetlb_pages=0).spawn()
+>>> a = p.mmap(4 * 4096)
+>>> p.write(a, b"data" * 4096)
+>>> p.mm.get_mm_counter(MM_ANONPAGES)
+4
+>>> do_madvise(p.mm, a, 2 * 4096, MADV_DONTNEED)   # private anon: zero-filled on next touch
+0
+>>> p.mm.get_mm_counter(MM_ANONPAGES), p.read(a, 4), p.read(a + 2 * 4096, 4)
+(2, b'\\x00\\x00\\x00\\x00', b'data')
+>>> do_madvise(p.mm, a, 4096, 12345)               # unknown advice
+-22
+>>> do_madvise(p.mm, a + 4 * 4096, 4096, MADV_DONTNEED)   # nothing mapped there
+-12
 """
 
 from __future__ import annotations

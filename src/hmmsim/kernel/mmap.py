@@ -9,6 +9,25 @@ Models ``mm/mmap.c`` (``ksys_mmap_pgoff``, ``do_mmap``, ``mmap_region``,
 Error returns follow the kernel: ``-EINVAL`` for a zero length or a misaligned address,
 ``-ENOMEM`` when accounting or address-space limits refuse, ``-EBADF``/``-EACCES``/
 ``-ENODEV`` for unusable files, ``-EEXIST`` for ``MAP_FIXED_NOREPLACE`` over a mapping.
+Lengths and addresses are unsigned longs as in C: a negative Python int is huge.
+
+>>> from hmmsim.kernel.system import System
+>>> from hmmsim.kernel.task import vm_mmap, vm_munmap
+>>> from hmmsim.kernel.vma import PROT_READ, PROT_WRITE
+>>> mm = System(ram=256 << 20, hugetlb_pages=0).create_task("doc").mm
+>>> a = vm_mmap(mm, None, 0, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+>>> [(v.vm_start - a, v.vm_end - a) for v in mm.vma_list()]
+[(0, 32768)]
+>>> vm_munmap(mm, a + 4096, 4096)            # a hole in the middle splits the VMA
+0
+>>> [(v.vm_start - a, v.vm_end - a) for v in mm.vma_list()]
+[(0, 4096), (8192, 32768)]
+>>> vm_munmap(mm, a, -4096)                  # size_t: huge, not "to the end" (-EINVAL)
+-22
+>>> vm_mmap(mm, None, 0, 0, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS)  # zero length: -EINVAL
+-22
+>>> vm_mmap(mm, None, 0, 1 << 30, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)  # > RAM: -ENOMEM
+-12
 """
 
 from __future__ import annotations

@@ -81,7 +81,14 @@ def reference_config(kernel: str = DEFAULT_KERNEL, *, ram: int = 1536 * MiB, thp
     itself (its struct page array, 1/64 of RAM, and the release's measured
     ``boot_reserved_pages``), so the overcommit heuristic refuses exactly the mmap sizes
     the real VM refuses: at the defaults, a private writable mapping of more than 383880
-    pages (7.3) or 383306 pages (6.12) is -ENOMEM."""
+    pages (7.3) or 383306 pages (6.12) is -ENOMEM.
+
+    >>> from hmmsim.kernel.system import System
+    >>> System(reference_config("7.3")).mem.totalram_pages
+    383880
+    >>> reference_config("6.12", ram=4 << 30, thp="always").thp
+    'always'
+    """
     reserved = (ram >> PAGE_SHIFT) // 64 + get_profile(kernel).boot_reserved_pages
     return SystemConfig(ram=ram, thp=thp, huge_zero_page=True, hugetlb_pages=hugetlb_pages,
                         swap_pages=0, test_hmm=True, coherent=True, device_private_space=8 * GiB,
@@ -471,7 +478,32 @@ def dumps(record: dict[str, Any]) -> str:
 def run_scenario_text(data: bytes | str, config: SystemConfig | None = None,
                       after: Callable[[System, Command], None] | None = None) -> list[str]:
     """Parse and run a scenario; returns its output lines (a parse error is one line,
-    with the parser's reason as ``message``)."""
+    with the parser's reason as ``message``).
+
+    >>> text = b'''hmmsim-scenario 1
+    ... mmap a 4 rw private,anon
+    ... fill a 0 4 7
+    ... open d 0
+    ... dread d a 0 4
+    ... fork
+    ... check a 0 4 7
+    ... endfork
+    ... munmap a 0 4
+    ... touch a 0 1
+    ... '''
+    >>> for line in run_scenario_text(text): print(line)
+    {"line":2,"op":"mmap","ret":0}
+    {"line":3,"op":"fill","ret":0}
+    {"line":4,"op":"open","ret":0}
+    {"cpages":4,"crc":2705220698,"faults":1,"line":5,"op":"dread","ret":0}
+    {"line":6,"op":"fork","ret":0}
+    {"line":7,"mismatch":0,"op":"check","proc":1,"ret":0}
+    {"line":8,"op":"endfork","ret":0}
+    {"line":9,"op":"munmap","ret":0}
+    {"line":10,"op":"touch","page":0,"ret":"segv"}
+    >>> run_scenario_text("hmmsim-scenario 1\\nmmap a 1 rw privat,anon\\n")
+    ['{"error":"parse","line":2,"message":"bad mmap flags \\'privat,anon\\'"}']
+    """
     try:
         sc = parse_scenario(data)
     except ScenarioParseError as e:

@@ -8,6 +8,17 @@ process, and its teardown checks that ``close()`` returns 0, as the C fixtures d
 
 :func:`run_tests` prints the kselftest TAP output (``# RUN``, ``ok N name``,
 ``# PASSED: x / y tests passed.``, ``# Totals: ...``) or returns the results for JSON.
+
+>>> selected = select_tests(["open_close"])
+>>> [f"{fixture}.{v.name}.{name}" for fixture, name, _fn, v in selected]
+['hmm.hmm_device_private.open_close', 'hmm.hmm_device_coherent.open_close']
+>>> [r.status for r in run_tests(selected)]
+['pass', 'pass']
+>>> select_tests(["hmm.hmm_device_private.anon_read"])[0][1]
+'anon_read'
+>>> select_tests(variants=["hmm_device_bogus"])
+Traceback (most recent call last):
+hmmsim.selftests.harness.UnknownSelection: unknown variant 'hmm_device_bogus'; valid variants: ...
 """
 
 from __future__ import annotations
