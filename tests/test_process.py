@@ -76,6 +76,7 @@ def test_write_out_of_memory_is_sigkill_and_the_process_is_gone(make_system) -> 
     (lambda p, a: p.read(a, -1), "n"),
     (lambda p, a: p.read_array(a, -2), "count"),
     (lambda p, a: p.touch(a, -P), "length"),
+    (lambda p, a: p.numa_hint(a, -P), "length"),
     (lambda p, a: p.madvise(a, P, "willneed"), "willneed"),
     (lambda p, a: p.mprotect(a, P, "rq"), "protection"),
     (lambda p, a: p.mmap(P, prot=["r"]), "protection"),
@@ -102,3 +103,11 @@ def test_hmm_mirror_range_fault_start_after_end_einval(proc) -> None:  # noqa: A
     ret, pfns = m.range_fault(a + 2 * P, a)
     assert ret == -EINVAL and len(pfns) == 0
     m.remove()
+
+
+def test_mmu_interval_notifier_insert_negative_length_eoverflow(proc) -> None:  # noqa: ANN001
+    from hmmsim.kernel.errno import EOVERFLOW
+    from hmmsim.kernel.mmu_notifier import MmuIntervalNotifier, MmuIntervalNotifierOps, mmu_interval_notifier_insert
+    a = proc.mmap(4 * P)
+    sub = MmuIntervalNotifier()
+    assert mmu_interval_notifier_insert(sub, proc.mm, a, -P, MmuIntervalNotifierOps(lambda *x: True)) == -EOVERFLOW

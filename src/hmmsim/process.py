@@ -206,6 +206,7 @@ class Process:
     def numa_hint(self, addr: int, length: int) -> None:
         """Make the present ptes of the range NUMA-hinting (protnone) entries, as
         automatic NUMA balancing would (``change_prot_numa``)."""
+        _count("numa_hint", "length", length)
         mm = self.mm
         mm.mmap_lock.down_write()
         try:
