@@ -69,7 +69,7 @@ from .kernel.mmap import (
 )
 from .kernel.mprotect import change_prot_numa, do_mprotect
 from .kernel.mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, do_mremap
-from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE
+from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE, ULONG_MAX
 from .kernel.pgtable import decode_pte
 from .kernel.shmem import shmem_file_setup, shmem_pread, shmem_pwrite, shmem_truncate
 from .kernel.task import Task, vm_mmap, vm_munmap
@@ -168,7 +168,9 @@ class Process:
             flags |= MAP_NORESERVE
         if offset % PAGE_SIZE:
             raise error_from_errno(-EINVAL, "mmap: offset not page aligned")
-        return _check(vm_mmap(self.mm, file, addr, length, parse_prot(prot), flags, offset >> PAGE_SHIFT), "mmap")
+        # the syscall's offset is an unsigned long: a negative one is huge (-EOVERFLOW)
+        return _check(vm_mmap(self.mm, file, addr, length, parse_prot(prot), flags,
+                              (offset & ULONG_MAX) >> PAGE_SHIFT), "mmap")
 
     @_live
     def munmap(self, addr: int, length: int) -> None:

@@ -5,6 +5,9 @@ mm/mmap.c:do_mmap, mm/mremap.c:check_mremap_params), and changes nothing."""
 
 from __future__ import annotations
 
+import pytest
+
+from hmmsim.errors import HmmError
 from hmmsim.kernel.errno import EINVAL, ENOMEM
 from hmmsim.kernel.madvise import MADV_DONTNEED, do_madvise
 from hmmsim.kernel.mmap import MAP_ANONYMOUS, MAP_HUGETLB, MAP_PRIVATE
@@ -64,3 +67,17 @@ def test_check_mremap_params_negative_new_length_einval(proc) -> None:  # noqa: 
     assert do_mremap(proc.mm, a, 4 * P, -P, MREMAP_MAYMOVE) == -EINVAL     # > TASK_SIZE
     assert do_mremap(proc.mm, a, 4 * P, 4 * P, MREMAP_MAYMOVE | MREMAP_FIXED, -(1 << 30)) == -EINVAL
     assert _layout(proc) == before
+
+
+def test_do_mmap_file_offset_past_max_lfs_filesize_eoverflow(proc) -> None:  # noqa: ANN001
+    from hmmsim.kernel.errno import EOVERFLOW
+    from hmmsim.kernel.mmap import MAP_SHARED
+    fd = proc.open_tmpfile(P)
+    f = proc.task.fget(fd)
+    rw = PROT_READ | PROT_WRITE
+    assert vm_mmap(proc.mm, f, 0, P, rw, MAP_SHARED, -1) == -EOVERFLOW           # pgoff wraps
+    assert vm_mmap(proc.mm, f, 0, P, rw, MAP_SHARED, (1 << 52) - 1) == -EOVERFLOW  # offset -4096
+    assert _layout(proc) == []
+    with pytest.raises(HmmError) as ei:
+        proc.mmap(P, fd=fd, shared=True, offset=-P)
+    assert ei.value.errno == EOVERFLOW

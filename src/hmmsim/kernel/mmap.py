@@ -93,6 +93,8 @@ MAP_FIXED_NOREPLACE = 0x100000
 MAX_MAP_COUNT = 65530
 #: the top of the mmap area (``mm->mmap_base``) for top-down allocation
 MMAP_BASE = 0x7F00_0000_0000
+#: ``MAX_LFS_FILESIZE`` on 64-bit: the largest file offset (``file_mmap_size_max()``)
+MAX_LFS_FILESIZE = (1 << 63) - 1
 #: ``vma_init()`` gives file mappings these ops until the driver installs its own
 vma_dummy_vm_ops = VmOps("dummy")
 
@@ -252,6 +254,7 @@ def do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags:
     # the syscall's arguments are unsigned longs: a negative Python int is a huge value
     addr &= ULONG_MAX
     length &= ULONG_MAX
+    pgoff &= ULONG_MAX
     own_file = False
     if file is None and flags & MAP_HUGETLB:
         if length == 0:
@@ -314,7 +317,10 @@ def _do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags
             return -EACCES
         if file.f_op.mmap is None:
             return -ENODEV
-        if pgoff + (length >> PAGE_SHIFT) < pgoff:
+        if (pgoff + (length >> PAGE_SHIFT)) & ULONG_MAX < pgoff:
+            return -EOVERFLOW
+        # file_mmap_ok(): the mapping must end within the largest file size
+        if length > MAX_LFS_FILESIZE or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT:
             return -EOVERFLOW
     else:
         if mtype == MAP_SHARED:
