@@ -111,3 +111,19 @@ def test_mmu_interval_notifier_insert_negative_length_eoverflow(proc) -> None:  
     a = proc.mmap(4 * P)
     sub = MmuIntervalNotifier()
     assert mmu_interval_notifier_insert(sub, proc.mm, a, -P, MmuIntervalNotifierOps(lambda *x: True)) == -EOVERFLOW
+
+
+def test_device_buffer_out_of_memory_is_sigkill(make_system) -> None:  # noqa: ANN001
+    """Filling the device command's buffer is a CPU write in the process: out of memory,
+    the OOM killer ends the process (it used to trip an assertion)."""
+    system = make_system(ram=64 << 20, hugetlb_pages=0)
+    hog, victim = system.spawn(), system.spawn()
+    a = hog.mmap(60 << 20)
+    b = victim.mmap(8 << 20)
+    dev = victim.open_device(0)
+    hog.write(a, bytes(58 << 20))
+    with pytest.raises(Killed):
+        dev.write(b, bytes(8 << 20))
+    assert victim.exited and not hog.exited
+    with pytest.raises(NoSuchProcess):
+        dev.read(b, 1)

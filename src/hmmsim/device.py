@@ -37,7 +37,7 @@ from .drivers.test_hmm_uapi import (
     HmmDmirrorCmd,
 )
 from .errors import InvalidArgument, error_from_errno
-from .kernel.cpu import copy_from_user, copy_to_user
+from .kernel.cpu import user_copy
 from .kernel.errno import EINVAL, EPERM, ESRCH
 from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE
 from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE
@@ -110,14 +110,16 @@ class Device:
         self._alive("device command")
         mm = self.process.mm
         buf = self._scratch(size)
-        if data is not None and len(data):
-            left = copy_to_user(mm, buf, data)
-            assert not left
+        if data is not None and len(data):  # the CPU fills the buffer (may be OOM-killed)
+            _left, sigs = user_copy(mm, buf, data, to_user=True)
+            self.process._raise_sig(buf, sigs, True)
         cmd = HmmDmirrorCmd(addr=addr, ptr=buf, npages=npages)
         ret = self.ioctl(command, cmd)
         if ret:
             raise error_from_errno(ret, f"dmirror{self.minor} ioctl")
-        out, _ = copy_from_user(mm, buf, size)
+        out = np.empty(size, np.uint8)
+        _left, sigs = user_copy(mm, buf, out, to_user=False)
+        self.process._raise_sig(buf, sigs, False)
         return cmd, out
 
     def read(self, addr: int, npages: int) -> DeviceAccess:
