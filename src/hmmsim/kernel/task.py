@@ -173,7 +173,7 @@ class Task:
                 t = v.clone()
                 t.vm_mm = new
                 for av in list(t.anon_vma_chain):
-                    av.vmas.remove(t)
+                    del av.vmas[t]
                 t.anon_vma_chain = []
                 t.anon_vma = None
                 if not t.vm_flags & VM_WIPEONFORK:
