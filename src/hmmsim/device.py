@@ -108,6 +108,11 @@ class Device:
     def _with_buffer(self, size: int, command: int, addr: int, npages: int,
                      data: npt.NDArray[np.uint8] | None = None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
         self._alive("device command")
+        with self.process.task.running():  # the buffer set-up and copies are the process's
+            return self._with_buffer_locked(size, command, addr, npages, data)
+
+    def _with_buffer_locked(self, size: int, command: int, addr: int, npages: int,
+                            data: npt.NDArray[np.uint8] | None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
         mm = self.process.mm
         buf = self._scratch(size)
         if data is not None and len(data):  # the CPU fills the buffer (may be OOM-killed)

@@ -12,7 +12,9 @@ argument (a negative size, an unknown advice name, ``start > end``) raises
 
 Two more kinds are not errors of the caller but findings about the modelled kernel:
 :class:`KernelOops` (the real kernel would crash here) and :class:`NotSupportedError`
-(the model does not cover this path yet).
+(the model does not cover this path yet). They belong to the kernel layer
+(:mod:`hmmsim.kernel.bug`, where kernel code raises them) and are re-exported here; they
+are not :class:`HmmsimError` subclasses.
 
 >>> e = error_from_errno(-12, "mmap")
 >>> type(e).__name__, e.errno, str(e)
@@ -30,6 +32,7 @@ True
 
 from __future__ import annotations
 
+from .kernel.bug import KernelOops, NotSupportedError
 from .kernel.errno import (
     EACCES,
     EBADF,
@@ -146,11 +149,3 @@ class Killed(HmmsimError):
         self.signal = signal
         kind = "write" if write else "read"
         super().__init__(f"SIGKILL (out of memory): {kind} of {addr:#x}; the process was killed")
-
-
-class KernelOops(HmmsimError):
-    """The real kernel would oops (crash) here; the model stops instead of guessing."""
-
-
-class NotSupportedError(HmmsimError):
-    """The model does not implement this path yet (the message says which)."""

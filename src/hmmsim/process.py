@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from .device import Device
     from .kernel.system import System
 
-__all__ = ("Process", "parse_prot")
+__all__ = ("Process", "parse_prot", "syscall")
 
 _ADVICE = {"dontneed": MADV_DONTNEED, "free": MADV_FREE, "hugepage": MADV_HUGEPAGE,
            "nohugepage": MADV_NOHUGEPAGE, "pageout": MADV_PAGEOUT}
@@ -101,6 +101,32 @@ def parse_prot(prot: str | int) -> int:
     return out
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def syscall(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a facade method as a system call of its process: inside
+    :meth:`Task.running() <hmmsim.kernel.task.Task.running>`, so the locks taken are the
+    task's thread's and lock messages name it."""
+    @functools.wraps(fn)
+    def entry(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with args[0].task.running():  # type: ignore[attr-defined]
+            return fn(*args, **kwargs)
+    return entry
+
+
+def _live(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Refuse (ESRCH, nothing changed) every call on a process that has exited."""
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        self = args[0]
+        if self.task.exited:  # type: ignore[attr-defined]
+            raise error_from_errno(-ESRCH, f"{fn.__name__}: process {self.pid} has exited")  # type: ignore[attr-defined]
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise error_from_errno(ret, what)
@@ -112,21 +138,6 @@ def _count(what: str, name: str, value: int) -> int:
     if not isinstance(value, int) or value < 0:
         raise InvalidArgument(-EINVAL, f"{what}: {name} must be a non-negative int, not {value!r}")
     return value
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _live(fn: "Callable[_P, _R]") -> "Callable[_P, _R]":
-    """Refuse (ESRCH, nothing changed) every call on a process that has exited."""
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        self = args[0]
-        if self.task.exited:  # type: ignore[attr-defined]
-            raise error_from_errno(-ESRCH, f"{fn.__name__}: process {self.pid} has exited")  # type: ignore[attr-defined]
-        return fn(*args, **kwargs)
-    return wrapper
 
 
 class Process:
@@ -146,6 +157,7 @@ class Process:
 
     # -- mappings ----------------------------------------------------------------------------
     @_live
+    @syscall
     def mmap(self, length: int, prot: str | int = "rw", *, shared: bool = False, fd: int | None = None,
              offset: int = 0, hugetlb: bool = False, addr: int = 0, fixed: bool = False,
              noreplace: bool = False, noreserve: bool = False) -> int:
@@ -173,14 +185,17 @@ class Process:
                               (offset & ULONG_MAX) >> PAGE_SHIFT), "mmap")
 
     @_live
+    @syscall
     def munmap(self, addr: int, length: int) -> None:
         _check(vm_munmap(self.mm, addr, length), "munmap")
 
     @_live
+    @syscall
     def mprotect(self, addr: int, length: int, prot: str | int) -> None:
         _check(do_mprotect(self.mm, addr, length, parse_prot(prot)), "mprotect")
 
     @_live
+    @syscall
     def madvise(self, addr: int, length: int, advice: str | int) -> None:
         """*advice*: ``"hugepage"``, ``"nohugepage"``, ``"dontneed"``, ``"free"``,
         ``"pageout"`` or a ``MADV_*`` number."""
@@ -194,6 +209,7 @@ class Process:
         _check(do_madvise(self.mm, addr, length, adv), "madvise")
 
     @_live
+    @syscall
     def mremap(self, addr: int, old_length: int, new_length: int, *, new_addr: int | None = None,
                dontunmap: bool = False, maymove: bool = True) -> int:
         """Move/resize a mapping (MREMAP_MAYMOVE, plus MREMAP_FIXED if *new_addr*)."""
@@ -205,6 +221,7 @@ class Process:
         return _check(do_mremap(self.mm, addr, old_length, new_length, flags, new_addr or 0), "mremap")
 
     @_live
+    @syscall
     def numa_hint(self, addr: int, length: int) -> None:
         """Make the present ptes of the range NUMA-hinting (protnone) entries, as
         automatic NUMA balancing would (``change_prot_numa``)."""
@@ -230,6 +247,7 @@ class Process:
             raise (BusError if sig == SIGBUS else SegmentationFault)(a, write)
 
     @_live
+    @syscall
     def read(self, addr: int, n: int) -> bytes:
         """The CPU reads *n* bytes at *addr* (faulting pages in as needed)."""
         buf = np.empty(_count("read", "n", n), np.uint8)
@@ -238,6 +256,7 @@ class Process:
         return buf.tobytes()
 
     @_live
+    @syscall
     def write(self, addr: int, data: bytes | bytearray | npt.NDArray) -> None:
         """The CPU writes *data* at *addr*, page by page, stopping at the first page that
         raises a signal (the pages before it are written)."""
@@ -257,6 +276,7 @@ class Process:
         self.write(addr, np.ascontiguousarray(arr))
 
     @_live
+    @syscall
     def touch(self, addr: int, length: int, write: bool = False) -> None:
         """Access every page of the range once (read, or write without changing data)."""
         _count("touch", "length", length)
@@ -274,6 +294,7 @@ class Process:
 
     # -- files -------------------------------------------------------------------------------
     @_live
+    @syscall
     def open_tmpfile(self, size: int = 0) -> int:
         """``open(O_TMPFILE | O_RDWR)`` on tmpfs + ``ftruncate(size)``; returns the fd."""
         _count("open_tmpfile", "size", size)
@@ -288,17 +309,20 @@ class Process:
         return f.f_inode
 
     @_live
+    @syscall
     def pwrite(self, fd: int, data: bytes | npt.NDArray, offset: int) -> int:
         _count("pwrite", "offset", offset)
         return _check(shmem_pwrite(self._inode(fd), data, offset), "pwrite")
 
     @_live
+    @syscall
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         _count("pread", "n", n)
         _count("pread", "offset", offset)
         return shmem_pread(self._inode(fd), offset, n)
 
     @_live
+    @syscall
     def ftruncate(self, fd: int, size: int) -> None:
         _check(shmem_truncate(self._inode(fd), size), "ftruncate")
 
@@ -307,6 +331,7 @@ class Process:
         _check(self.task.close_fd(fd), "close")
 
     @_live
+    @syscall
     def open_device(self, minor: int) -> "Device":
         """Open ``/dev/hmm_dmirror<minor>``; raises NoDevice if it does not exist."""
         fd = _check(dmirror_open(self.system, self.task, minor), f"open /dev/hmm_dmirror{minor}")

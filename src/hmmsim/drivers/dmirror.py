@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import KernelOops, NotSupportedError
 from ..hmm.hmm import (
     HMM_PFN_ERROR,
     HMM_PFN_FLAGS,
@@ -41,6 +40,7 @@ from ..hmm.hmm import (
     HmmRange,
     hmm_range_fault,
 )
+from ..kernel.bug import KernelOops, NotSupportedError
 from ..kernel.cpu import copy_from_user, copy_to_user
 from ..kernel.errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM
 from ..kernel.folio import folio_put
@@ -351,8 +351,10 @@ def dmirror_range_fault(dmirror: Dmirror, r: HmmRange) -> int:
     for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
         r.notifier_seq = mmu_interval_read_begin(r.notifier)
         mmap_read_lock(mm)
-        ret = hmm_range_fault(r)
-        mmap_read_unlock(mm)
+        try:
+            ret = hmm_range_fault(r)
+        finally:
+            mmap_read_unlock(mm)
         if ret:
             if ret == -EBUSY:
                 continue
@@ -561,8 +563,10 @@ def dmirror_range_snapshot(dmirror: Dmirror, r: HmmRange) -> tuple[int, npt.NDAr
         for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
             r.notifier_seq = mmu_interval_read_begin(notifier)
             mmap_read_lock(mm)
-            ret = hmm_range_fault(r)
-            mmap_read_unlock(mm)
+            try:
+                ret = hmm_range_fault(r)
+            finally:
+                mmap_read_unlock(mm)
             if ret:
                 if ret == -EBUSY:
                     continue
@@ -699,7 +703,8 @@ def dmirror_open(sys: "System", task: "Task", minor: int) -> int:
     device exists."""
     if not 0 <= minor < len(sys.dmirror_devices) or sys.dmirror_devices[minor] is None:
         return -ENODEV
-    f = dmirror_fops_open(sys.dmirror_devices[minor], task)
+    with task.running():
+        f = dmirror_fops_open(sys.dmirror_devices[minor], task)
     if isinstance(f, int):
         return f
     return task.fd_install(f)

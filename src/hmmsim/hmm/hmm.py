@@ -48,7 +48,8 @@ from ..kernel.migrate import (
     migration_entry_wait,
     pmd_migration_entry_wait,
 )
-from ..kernel.mm import PtRef, mmap_assert_locked
+from ..kernel.hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
+from ..kernel.mm import PtRef, huge_pte_lock, mmap_assert_locked, spin_unlock
 from ..kernel.mmu_notifier import MmuIntervalNotifier, mmu_interval_check_retry
 from ..kernel.page_types import (
     HPAGE_PMD_ORDER,
@@ -57,7 +58,7 @@ from ..kernel.page_types import (
     PMD_MASK,
     PUD_MASK,
 )
-from ..kernel.pagewalk import ACTION_CONTINUE, MmWalk, MmWalkOps, walk_page_range
+from ..kernel.pagewalk import ACTION_AGAIN, ACTION_CONTINUE, MmWalk, MmWalkOps, walk_page_range
 from ..kernel.pgtable import (
     _PAGE_DEVMAP,
     _PAGE_PRESENT,
@@ -466,9 +467,11 @@ def hmm_vma_walk_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> int:
     if pmd_leaf(e):
         return hmm_vma_handle_pmd(walk, start, end, pfns, e)
     # pte_offset_map(): no lock, HMM relies on the notifier sequence
-    tid = mm.pte_table(pmd)
-    mm.sys.stats.add("pgtable.pte_offset_map")
-    return _hmm_pte_table(walk, pmd, mm.sys.pt.table(tid), start, end, pfns)
+    got = mm.pte_offset_map(pmd)
+    if got is None:  # the table went away under us: walk this pmd again
+        walk.action = ACTION_AGAIN
+        return 0
+    return _hmm_pte_table(walk, pmd, got[0], start, end, pfns)
 
 
 def hmm_vma_walk_pud(pud: PtRef, start: int, end: int, walk: MmWalk) -> int:
@@ -498,8 +501,7 @@ def hmm_vma_walk_hugetlb_entry(pte: PtRef, hmask: int, start: int, end: int, wal
     hvw: HmmVmaWalk = walk.private
     r = hvw.range
     mm = walk.mm
-    ident = ("pmdl", pte.tid)
-    mm.sys.ls.acquire(ident, "pmd_lock", sleepable=False)
+    ptl = huge_pte_lock(mm, pte)
     entry = pte.get()
     i = (start - r.start) >> PAGE_SHIFT
     cpu_flags = 0
@@ -508,19 +510,19 @@ def hmm_vma_walk_hugetlb_entry(pte: PtRef, hmask: int, start: int, end: int, wal
     cpu_flags |= _order_flags(HPAGE_PMD_ORDER)
     required = hmm_pte_need_fault(hvw, int(r.hmm_pfns[i]), cpu_flags)
     if required:
-        mm.sys.ls.release(ident, "pmd_lock")
+        spin_unlock(mm, ptl)
         vma = walk.vma
         assert vma is not None
-        mm.sys.ls.release(("hugetlb_vma", id(vma)), "hugetlb_vma_lock")
+        hugetlb_vma_unlock_read(vma)
         try:
             return hmm_vma_fault(start, end, required, walk)
         finally:
-            mm.sys.ls.acquire(("hugetlb_vma", id(vma)), "hugetlb_vma_lock", 1)
+            hugetlb_vma_lock_read(vma)
     pfn = ((entry & PTE_PFN_MASK) >> PAGE_SHIFT) + ((start & ~hmask & 0xFFFF_FFFF_FFFF_FFFF) >> PAGE_SHIFT)
     pfns = r.hmm_pfns[i:i + ((end - start) >> PAGE_SHIFT)]
     pfns &= _INOUT
     pfns |= np.arange(pfn, pfn + len(pfns), dtype=np.uint64) | _U(cpu_flags)
-    mm.sys.ls.release(ident, "pmd_lock")
+    spin_unlock(mm, ptl)
     return 0
 
 

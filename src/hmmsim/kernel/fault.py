@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import NotSupportedError
 from . import huge_memory as hm
+from .bug import NotSupportedError
 from .folio import folio_put
 from .hugetlb import hugetlb_fault
 from .migrate import (
@@ -31,7 +31,7 @@ from .migrate import (
     migration_entry_wait,
     pmd_migration_entry_wait,
 )
-from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked
+from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked, ptlock_ptr, set_ptes
 from .mm_types import (  # noqa: F401  (re-exported: fault.py is where drivers look)
     FAULT_FLAG_INSTRUCTION,
     FAULT_FLAG_REMOTE,
@@ -182,11 +182,11 @@ def __handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
     pud_idx = (address >> 30) & 511
     e = int(pud_tbl[pud_idx])
     if e == 0 and hm.thp_vma_allowable_order(vma, 18, address):
-        ret = hm.create_huge_pud(vmf, PtRef(pud_tbl, pud_idx, pud))
+        ret = hm.create_huge_pud(vmf, PtRef(pud_tbl, pud_idx, pud, mm))
         if not ret & VM_FAULT_FALLBACK:
             return ret
     elif e and pmd_leaf(e):
-        return hm.huge_pud_fault(vmf, PtRef(pud_tbl, pud_idx, pud), e)
+        return hm.huge_pud_fault(vmf, PtRef(pud_tbl, pud_idx, pud, mm), e)
     pmd = mm.pmd_ref(address, alloc=True)
     assert pmd is not None
     vmf.pmd = pmd
@@ -219,10 +219,9 @@ def handle_pte_fault(vmf: VmFault) -> int:
     vma = vmf.vma
     mm = vma.vm_mm
     assert vmf.pmd is not None
-    tid = mm.pte_table(vmf.pmd)
-    pte = 0
-    if tid >= 0:
-        pte = int(mm.sys.pt.table(tid)[vmf.pte_idx])
+    # pte_offset_map_nolock(): a lockless look at the entry, re-checked under the PTL
+    mapped = mm.pte_offset_map(vmf.pmd)
+    pte = int(mapped[0][vmf.pte_idx]) if mapped is not None else 0
     if pte == 0:
         if vma_is_anonymous(vma):
             return do_anonymous_page(vmf)
@@ -568,9 +567,10 @@ def do_swap_page(vmf: VmFault) -> int:
             pgmap = sys.pgmap_of(pfn)
             assert pgmap is not None and pgmap.ops.migrate_to_ram is not None
             sys.stats.add("fault.migrate_to_ram")
-            ret = int(pgmap.ops.migrate_to_ram(vmf))
-            folio_put(sys, head)
-            return ret
+            try:
+                return int(pgmap.ops.migrate_to_ram(vmf))
+            finally:
+                folio_put(sys, head)
         if is_hwpoison_entry(entry):
             return VM_FAULT_HWPOISON
         if is_pte_marker_entry(entry):
@@ -751,8 +751,9 @@ def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tup
     sys = mm.sys
     write = bool(flags & FAULT_FLAG_WRITE)
     anon = vma_is_anonymous(vma)
-    tid = mm.pte_table(pmd)
-    tbl = sys.pt.table(tid)
+    mapped = mm.pte_offset_map(pmd)  # the lockless look of each fault, once per table
+    assert mapped is not None
+    tbl, tid = mapped
     i0 = (addr >> PAGE_SHIFT) & 511
     i1 = i0 + ((nxt - addr) >> PAGE_SHIFT)
     seg = tbl[i0:i1]
@@ -788,11 +789,11 @@ def _spurious_run(vma: Vma, tid: int, i0: int, i1: int, write: bool) -> None:
     """Faults on ptes that already allow the access: mark them young (and dirty)."""
     mm = vma.vm_mm
     sys = mm.sys
-    mm.sys.ls.acquire(("ptl", tid), "ptl", sleepable=False)
+    mm.spin_lock(ptlock_ptr(tid))
     try:
-        seg = sys.pt.table(tid)[i0:i1]
+        tbl = sys.pt.table(tid)
         bits = _PAGE_ACCESSED | ((_PAGE_DIRTY | _PAGE_SOFT_DIRTY) if write else 0)
-        seg |= _U(bits)
+        set_ptes(mm, tbl, i0, tbl[i0:i1] | _U(bits), i1 - i0)
     finally:
         mm.pte_unmap_unlock(tid)
     _account(sys, i1 - i0 - 1, "fault.spurious")
@@ -811,7 +812,7 @@ def _anon_none_run(vma: Vma, pmd: PtRef, i0: int, i1: int, addr: int, write: boo
     tbl, tid = got
     try:
         if not write:
-            tbl[i0:i1] = _U(pte_mkspecial(pfn_pte(sys.mem.zero_pfn, vma.vm_page_prot)))
+            set_ptes(mm, tbl, i0, _U(pte_mkspecial(pfn_pte(sys.mem.zero_pfn, vma.vm_page_prot))), n)
             _account(sys, n - 1, "fault.do_anonymous_page")
             sys.stats.add("fault.do_anonymous_page")
             sys.stats.add("fault.handle_mm_fault")
@@ -825,7 +826,7 @@ def _anon_none_run(vma: Vma, pmd: PtRef, i0: int, i1: int, addr: int, write: boo
             if vma.vm_flags & VM_WRITE:
                 prot |= _PAGE_RW | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
             folio_add_new_anon_rmap_ptes(sys.mem, pfns, vma, addrs)
-            tbl[i0:i0 + k] = (pfns.astype(np.uint64) << _U(PAGE_SHIFT)) | _U(prot)
+            set_ptes(mm, tbl, i0, (pfns.astype(np.uint64) << _U(PAGE_SHIFT)) | _U(prot), k)
             mm.add_mm_counter(MM_ANONPAGES, k)
             _account(sys, k - 1, "fault.do_anonymous_page")
             sys.stats.add("fault.do_anonymous_page")

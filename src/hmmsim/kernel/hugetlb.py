@@ -20,6 +20,7 @@ import numpy as np
 from .errno import EINVAL, ENOMEM
 from .folio import folio_put
 from .fs import FMODE_READ, FMODE_WRITE, File, FileOperations, Inode, SuperOperations
+from .locking import READ
 from .migrate import pmd_migration_entry_wait
 from .mm_types import (
     FAULT_FLAG_UNSHARE,
@@ -86,7 +87,7 @@ if TYPE_CHECKING:
 __all__ = (
     "HugetlbPool", "ResvMap", "copy_hugetlb_page_range", "hugetlb_change_protection",
     "hugetlb_fault", "hugetlb_file_setup", "hugetlb_reserve_pages", "hugetlb_vm_ops",
-    "hugetlbfs_evict_inode", "hugetlbfs_ops", "is_file_hugepages", "unmap_hugepage_range",
+    "hugetlb_vma_lock_read", "hugetlb_vma_lockptr", "hugetlb_vma_unlock_read", "hugetlbfs_evict_inode", "hugetlbfs_ops", "is_file_hugepages", "unmap_hugepage_range",
 )
 
 _U = np.uint64
@@ -200,17 +201,32 @@ def _make_huge_pte(vma: Vma, head: int, writable: bool) -> int:
     return pte_mkyoung(e)
 
 
+def hugetlb_vma_lockptr(vma: Vma) -> tuple[str, int]:
+    """The identity of a hugetlb VMA's lock (``vma_lock->rw_sema``, lock class
+    ``hugetlb_vma_lock``)."""
+    return ("hugetlb_vma_lock", id(vma))
+
+
+def hugetlb_vma_lock_read(vma: Vma) -> None:
+    """``hugetlb_vma_lock_read()``: keeps shared pmds of *vma* from being unshared."""
+    vma.vm_mm.sys.ls.acquire(hugetlb_vma_lockptr(vma), "hugetlb_vma_lock", READ)
+
+
+def hugetlb_vma_unlock_read(vma: Vma) -> None:
+    """``hugetlb_vma_unlock_read()``."""
+    vma.vm_mm.sys.ls.release(hugetlb_vma_lockptr(vma), "hugetlb_vma_lock")
+
+
 def hugetlb_fault(mm: "MM", vma: Vma, address: int, flags: int) -> int:
     """``hugetlb_fault()``: allocate (``hugetlb_no_page``), share-break (``hugetlb_wp``)
     or just mark accessed. No free huge page gives ``VM_FAULT_SIGBUS``."""
     sys = mm.sys
     sys.stats.add("fault.hugetlb_fault")
-    ident = ("hugetlb_vma", id(vma))
-    sys.ls.acquire(ident, "hugetlb_vma_lock", 1)
+    hugetlb_vma_lock_read(vma)
     try:
         return _hugetlb_fault(mm, vma, address, flags)
     finally:
-        sys.ls.release(ident, "hugetlb_vma_lock")
+        hugetlb_vma_unlock_read(vma)
 
 
 def _hugetlb_fault(mm: "MM", vma: Vma, address: int, flags: int) -> int:

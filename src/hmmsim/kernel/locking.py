@@ -11,6 +11,15 @@ driver mutexes) is taken and released through this module, so that
   :meth:`LockState.add_hook` run there, which is how another simulated thread's operation
   is interleaved deterministically (see :mod:`hmmsim.kernel.sched`).
 
+Each task runs as its own :class:`Thread` (named ``comm/pid``, see
+:meth:`hmmsim.kernel.task.Task.running`); code not entered through a task runs as
+``LockState.main`` (``swapper/0``). The bookkeeping is O(1) per acquisition and release
+however many locks a thread holds (a 1 GiB migration holds 262,144 folio locks).
+Keyed locks are named once, by the kernel's accessor names: ``ptlock_ptr``/``pte_lockptr``,
+``pmd_lockptr``/``pmd_lock``, ``huge_pte_lockptr`` (:mod:`hmmsim.kernel.mm`),
+``hugetlb_vma_lockptr`` (:mod:`hmmsim.kernel.hugetlb`), ``folio_lockptr``
+(:mod:`hmmsim.kernel.pagemap`); the first element of each identity is its lock class.
+
 The model runs one simulated thread at a time. A lock that is held by another (suspended)
 simulated thread cannot be taken: :class:`WouldBlock` is raised, which the interleaving
 machinery turns into "try again at the next scheduling point", and which is a
@@ -54,20 +63,42 @@ class DeadlockError(LockdepError):
 
 
 class Thread:
-    """A simulated thread of execution: which locks it holds, in order."""
+    """A simulated thread of execution (``struct task_struct`` as lockdep sees it): its
+    name (``comm/pid``) and the locks it holds.
 
-    __slots__ = ("name", "held")
+    The bookkeeping is O(1) per acquisition and release however many locks are held (a
+    migration holds one folio lock per page): ``held`` maps each lock to its record in
+    acquisition order (dicts keep insertion order), ``nr_spin`` counts the held locks
+    that forbid sleeping and ``nr_class`` the held locks per lock class."""
 
-    def __init__(self, name: str) -> None:
+    __slots__ = ("name", "held", "nr_spin", "nr_class", "task")
+
+    def __init__(self, name: str, task: Any = None) -> None:
         self.name = name
-        #: (ident, klass, mode, sleepable) in acquisition order
-        self.held: list[tuple[Hashable, str, int, bool]] = []
+        #: ident -> [klass, mode, sleepable, depth] in acquisition order (depth > 1 only
+        #: for a recursive down_read())
+        self.held: dict[Hashable, list[Any]] = {}
+        #: held locks that are spinlocks (``might_sleep`` must not be called)
+        self.nr_spin = 0
+        #: lock class -> how many locks of that class are held
+        self.nr_class: dict[str, int] = {}
+        #: the simulated task this thread runs (None for helper threads)
+        self.task = task
 
     def holds(self, ident: Hashable, mode: int | None = None) -> bool:
-        for h in self.held:
-            if h[0] == ident and (mode is None or h[2] == mode):
-                return True
-        return False
+        h = self.held.get(ident)
+        return h is not None and (mode is None or h[1] == mode)
+
+    def held_locks(self) -> list[tuple[Hashable, str, int]]:
+        """``lockdep_print_held_locks()``: (ident, class, mode) in acquisition order."""
+        return [(i, h[0], h[1]) for i, h in self.held.items()]
+
+    def describe_held(self, limit: int = 8) -> str:
+        """The held locks for a message: ``mmap_lock(read), ptl`` (the first *limit*)."""
+        items = [f"{h[0]}({_MODE_NAME[h[1]]})" if h[2] else h[0]
+                 for _i, h in zip(range(limit), self.held.values())]
+        more = len(self.held) - len(items)
+        return ", ".join(items) + (f" and {more} more" if more > 0 else "") if items else "no locks"
 
     def __repr__(self) -> str:
         return f"Thread({self.name!r})"
@@ -81,11 +112,13 @@ class LockState:
 
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
-        self.main = Thread("main")
+        #: the thread of kernel code not entered through a task (tests, boot, helpers)
+        self.main = Thread("swapper/0")
         self.current = self.main
-        # ident -> [mode, holders]
+        # ident -> [klass, mode, {thread: depth}]
         self._owners: dict[Hashable, list[Any]] = {}
         self._hooks: list[Hook] = []
+        self._stat_keys: dict[tuple[str, int], str] = {}
         #: lockdep reports that did not stop the kernel (``WARNING: ...`` in dmesg), in order
         self.warnings: list[str] = []
 
@@ -97,8 +130,16 @@ class LockState:
     def remove_hook(self, hook: Hook) -> None:
         self._hooks.remove(hook)
 
+    @property
+    def has_hooks(self) -> bool:
+        """Whether anything runs at scheduling points (batched paths may skip offering
+        them one by one when nothing listens)."""
+        return bool(self._hooks)
+
     def schedule_point(self, where: str, klass: str = "") -> None:
-        """A point where another simulated thread could run (every lock acquisition)."""
+        """A point where another simulated thread could run: every lock acquisition
+        (*where* ``"lock"``), every wait round (``"wait"``), and the page-table accessors
+        (*where* names the accessor: ``"pte_offset_map"``, ``"set_pte"``, ...)."""
         if self._hooks:
             for hook in list(self._hooks):
                 hook(self, where, klass)
@@ -123,63 +164,95 @@ class LockState:
             if cond():
                 return
             if not self._hooks:
-                raise DeadlockError(f"{self.current.name} would wait forever for {what}")
+                raise DeadlockError(f"{self.current.name} would wait forever for {what} "
+                                    f"(holding {self.current.describe_held()})")
             self.schedule_point("wait", what)
         raise DeadlockError(f"{self.current.name} waited too long for {what}")
 
     # -- acquire / release -------------------------------------------------------------
     def acquire(self, ident: Hashable, klass: str, mode: int = WRITE, sleepable: bool = True,
-                trylock: bool = False) -> bool:
-        """Take lock *ident* (of lock class *klass*) in *mode*; False if a trylock fails."""
+                trylock: bool = False, where: str = "lock") -> bool:
+        """Take lock *ident* (of lock class *klass*) in *mode*; False if a trylock fails.
+
+        A blocking acquisition is a scheduling point named *where* (``"lock"``, or the
+        accessor that takes the lock, e.g. ``"pte_offset_map_lock"``)."""
         if not trylock:
-            self.schedule_point("lock", klass)
-            if sleepable:
+            if self._hooks:
+                self.schedule_point(where, klass)
+            if sleepable and self.current.nr_spin:
                 self.might_sleep(klass)
         t = self.current
         st = self._owners.get(ident)
         if st is not None:
-            if t in st[1]:
+            holders = st[2]
+            if t in holders:
                 if trylock:
                     return False
-                if not (mode == READ and st[0] == READ and sleepable):
+                if not (mode == READ and st[1] == READ and sleepable):
                     raise LockdepError(f"{t.name}: recursive locking of {klass} ({_MODE_NAME[mode]}), "
-                                       f"already held {_MODE_NAME[st[0]]}")
+                                       f"already held {_MODE_NAME[st[1]]}")
                 # A second down_read() of an rwsem this thread already holds for read
                 # succeeds in the kernel (no writer is queued in a one-at-a-time model),
                 # but lockdep reports it: it deadlocks once a writer queues in between.
                 self.lockdep_warn(f"possible recursive locking detected: {t.name} is trying "
                                   f"to acquire {klass} (read) but already holds it (read)")
-            if mode == WRITE or st[0] == WRITE:
+                holders[t] += 1
+                t.held[ident][3] += 1
+                self._count(klass, mode)
+                return True
+            if mode == WRITE or st[1] == WRITE:
                 if trylock:
                     return False
-                raise WouldBlock(ident, klass, list(st[1]))
-            st[1].append(t)
+                raise WouldBlock(ident, klass, list(holders))
+            holders[t] = 1
         else:
-            self._owners[ident] = [mode, [t]]
-        t.held.append((ident, klass, mode, sleepable))
-        self.stats.add(f"lock.{klass}.{_MODE_NAME[mode]}")
+            self._owners[ident] = [klass, mode, {t: 1}]
+        t.held[ident] = [klass, mode, sleepable, 1]
+        if not sleepable:
+            t.nr_spin += 1
+        nc = t.nr_class
+        nc[klass] = nc.get(klass, 0) + 1
+        self._count(klass, mode)
         return True
+
+    def _count(self, klass: str, mode: int) -> None:
+        key = self._stat_keys.get((klass, mode))
+        if key is None:
+            key = self._stat_keys[(klass, mode)] = f"lock.{klass}.{_MODE_NAME[mode]}"
+        self.stats.add(key)
 
     def release(self, ident: Hashable, klass: str) -> None:
         """Release lock *ident* held by the current thread."""
         t = self.current
         st = self._owners.get(ident)
-        if st is None or t not in st[1]:
+        holders = st[2] if st is not None else None
+        if holders is None or t not in holders:
             raise LockdepError(f"{t.name}: releasing {klass} that it does not hold")
-        st[1].remove(t)
-        if not st[1]:
+        n = holders[t] - 1
+        h = t.held[ident]
+        if n:
+            holders[t] = n
+            h[3] -= 1
+            return
+        del holders[t]
+        if not holders:
             del self._owners[ident]
-        for i in range(len(t.held) - 1, -1, -1):
-            if t.held[i][0] == ident:
-                del t.held[i]
-                break
+        del t.held[ident]
+        if not h[2]:
+            t.nr_spin -= 1
+        nc = t.nr_class
+        c = nc[h[0]] - 1
+        if c:
+            nc[h[0]] = c
+        else:
+            del nc[h[0]]
 
     def is_locked(self, ident: Hashable) -> bool:
         return ident in self._owners
 
     def holders(self, ident: Hashable) -> list[Thread]:
         st = self._owners.get(ident)
-        return list(st[1]) if st else []
+        return list(st[2]) if st else []
 
     # -- assertions ---------------------------------------------------------------------
     def lockdep_warn(self, message: str) -> None:
@@ -196,30 +269,24 @@ class LockState:
             raise LockdepError(f"{self.current.name}: {klass} not held{want}")
 
     def might_sleep(self, what: str = "") -> None:
-        """``might_sleep``: no spinlock may be held here."""
-        for _ident, klass, _mode, sleepable in self.current.held:
-            if not sleepable:
-                raise LockdepError(f"{self.current.name}: sleeping ({what}) while holding "
-                                   f"spinlock {klass}")
+        """``might_sleep``: no spinlock may be held here (O(1): a count per thread)."""
+        t = self.current
+        if t.nr_spin:
+            spin = next(h[0] for h in reversed(t.held.values()) if not h[2])
+            raise LockdepError(f"{t.name}: sleeping ({what}) while holding spinlock {spin}")
 
     def assert_none_held(self, klass: str) -> None:
         """No lock of class *klass* is held by the current thread."""
-        for _ident, k, _mode, _s in self.current.held:
-            if k == klass:
-                raise LockdepError(f"{self.current.name}: {klass} held where it must not be")
+        if klass in self.current.nr_class:
+            raise LockdepError(f"{self.current.name}: {klass} held where it must not be")
 
     def assert_no_locks(self) -> None:
         """Every thread has released every lock (checked after each test)."""
         if self._owners:
-            desc = ", ".join(f"{st[1][0].name}:{self._klass_of(i)}" for i, st in self._owners.items())
-            raise LockdepError(f"locks still held: {desc}")
-
-    def _klass_of(self, ident: Hashable) -> str:
-        for st in self._owners.get(ident, [None, []])[1]:
-            for h in st.held:
-                if h[0] == ident:
-                    return h[1]
-        return repr(ident)
+            desc = ", ".join(f"{next(iter(st[2])).name}:{st[0]}"
+                             for _i, st in zip(range(16), self._owners.values()))
+            more = len(self._owners) - 16
+            raise LockdepError(f"locks still held: {desc}" + (f" and {more} more" if more > 0 else ""))
 
 
 class Lock:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import NotSupportedError
+from .bug import NotSupportedError
 from .errno import EBUSY, EFAULT, EINVAL
 from .folio import folios_put
 from .huge_memory import __split_huge_pmd, copy_huge_pmd, split_huge_pud, zap_huge_pmd
@@ -188,7 +188,7 @@ def unmap_single_vma(vma: Vma, start: int, end: int) -> None:
             addr = pud_next
             continue
         if pmd_leaf(pe):
-            split_huge_pud(vma, PtRef(ptbl, pidx, -1), addr)
+            split_huge_pud(vma, PtRef(ptbl, pidx, -1, mm), addr)
             addr = pud_next
             continue
         while addr < pud_next:

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .folio import folio_put
-from .mm import MM, MM_ANONPAGES, PtRef
+from .mm import MM, MM_ANONPAGES, PtRef, ptlock_ptr, spin_lock, spin_unlock
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
 from .pagemap import folio_test_locked, folio_trylock, folio_unlock, folio_wait_locked
@@ -138,7 +138,7 @@ def _mapped_pte(vma: "Vma", addr: int) -> tuple[PtRef, int] | None:
     if pmd_leaf(e) or not pte_present(e):
         return pmd, 2
     tid = mm.pte_table(pmd)
-    return PtRef(mm.sys.pt.table(tid), (addr >> PAGE_SHIFT) & 511, tid), 1
+    return PtRef(mm.sys.pt.table(tid), (addr >> PAGE_SHIFT) & 511, tid, mm), 1
 
 
 def try_to_migrate(sys: "System", pfn: int) -> bool:
@@ -169,15 +169,17 @@ def try_to_migrate(sys: "System", pfn: int) -> bool:
                     mem.refcount[head] -= 1
                 continue
             with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, addr, addr + PAGE_SIZE):
-                ls_id = ("ptl", ref.tid)
-                sys.ls.acquire(ls_id, "ptl", sleepable=False)
-                excl = bool(mem.flags[p] & PG_anon_exclusive)
-                if e & _PAGE_DIRTY:
-                    mem.flags[head] |= PG_dirty
-                ref.set(make_migration_pte(e, p, excl))
-                mem.mapcount[p] -= 1
-                mem.refcount[head] -= 1
-                sys.ls.release(ls_id, "ptl")
+                ptl = ptlock_ptr(ref.tid)
+                spin_lock(mm, ptl)
+                try:
+                    excl = bool(mem.flags[p] & PG_anon_exclusive)
+                    if e & _PAGE_DIRTY:
+                        mem.flags[head] |= PG_dirty
+                    ref.set(make_migration_pte(e, p, excl))
+                    mem.mapcount[p] -= 1
+                    mem.refcount[head] -= 1
+                finally:
+                    spin_unlock(mm, ptl)
     sys.stats.add("migrate.try_to_migrate")
     return mem.folio_mapcount(head) == 0
 
@@ -288,7 +290,15 @@ def migrate_folio_unmap(sys: "System", pfn: int) -> MigrationTicket | None:
     if mem.order[head] or mem.refcount[head] <= 0 or not folio_trylock(sys, head):
         return None
     mem.refcount[head] += 1
-    try_to_migrate(sys, head)
+    try:
+        try_to_migrate(sys, head)
+    except BaseException:
+        # a notifier raised part way: put back the mappings already replaced, unlock,
+        # drop the isolation reference (what migrate_folio_move(abandon=True) does)
+        remove_migration_ptes(sys, head, head)
+        folio_unlock(sys, head)
+        folio_put(sys, head)
+        raise
     return MigrationTicket(head)
 
 

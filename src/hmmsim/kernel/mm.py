@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from .system import System
 
 __all__ = (
-    "MM", "MM_ANONPAGES", "MM_FILEPAGES", "MM_SHMEMPAGES", "MM_SWAPENTS", "PtRef",
-    "mmap_assert_locked", "mmap_assert_write_locked", "mmap_read_lock", "mmap_read_unlock",
-    "mmap_write_lock", "mmap_write_unlock",
+    "LockId", "MM", "MM_ANONPAGES", "MM_FILEPAGES", "MM_SHMEMPAGES", "MM_SWAPENTS", "PtRef",
+    "huge_pte_lock", "huge_pte_lockptr", "mmap_assert_locked", "mmap_assert_write_locked",
+    "mmap_read_lock", "mmap_read_unlock", "mmap_write_lock", "mmap_write_unlock", "pmd_lock",
+    "pmd_lockptr", "pte_lockptr", "ptlock_ptr", "set_ptes", "spin_lock", "spin_unlock",
 )
 
 MM_FILEPAGES = 0
@@ -40,22 +41,102 @@ MM_SHMEMPAGES = 3
 
 class PtRef:
     """A pointer to one page-table entry (``pte_t *``, ``pmd_t *``, ``pud_t *``): the
-    table (a view), the index in it and the table id."""
+    table (a view), the index in it, the table id and the mm it belongs to (None for a
+    bare pointer: then writes are not scheduling points)."""
 
-    __slots__ = ("tbl", "idx", "tid")
+    __slots__ = ("tbl", "idx", "tid", "mm")
 
-    def __init__(self, tbl: npt.NDArray[np.uint64], idx: int, tid: int) -> None:
+    def __init__(self, tbl: npt.NDArray[np.uint64], idx: int, tid: int, mm: "MM | None" = None) -> None:
         self.tbl = tbl
         self.idx = idx
         self.tid = tid
+        self.mm = mm
 
     def get(self) -> int:
         """``ptep_get()``/``pmdp_get()``."""
         return int(self.tbl[self.idx])
 
     def set(self, val: int) -> None:
-        """``set_pte_at()``/``set_pmd_at()``."""
+        """``set_pte_at()``/``set_pmd_at()``/``set_pud_at()``: a page-table write, counted
+        as ``pgtable.set_pte`` (``set_pmd``, ``set_pud``) and a scheduling point of that
+        name (another simulated thread may run just before the entry changes)."""
+        mm = self.mm
+        if mm is not None:
+            sys = mm.sys
+            what = _SET_NAME[int(sys.pt.level[self.tid])] if self.tid >= 0 else "set_pud"
+            sys.stats.add(_SET_STAT[what])
+            if sys.ls.has_hooks:
+                sys.ls.schedule_point(what)
         self.tbl[self.idx] = val
+
+
+#: page-table level -> the accessor that writes an entry of it
+_SET_NAME = {1: "set_pte", 2: "set_pmd", 3: "set_pud", 4: "set_pgd"}
+_SET_STAT = {v: f"pgtable.{v}" for v in _SET_NAME.values()}
+
+
+# -- lock identities (include/linux/mm.h, include/linux/hugetlb.h) --------------------------
+#: a keyed lock: (lock class, key); the class is what lockdep names it by
+LockId = tuple[str, int]
+
+
+def ptlock_ptr(tid: int) -> LockId:
+    """``ptlock_ptr()``: the split page-table lock of page-table page *tid* (class
+    ``ptl``)."""
+    return ("ptl", tid)
+
+
+def pte_lockptr(mm: "MM", pmd: PtRef) -> LockId:
+    """``pte_lockptr()``: the lock of the pte table *pmd* points to."""
+    return ptlock_ptr(mm.pte_table(pmd))
+
+
+def pmd_lockptr(mm: "MM", pmd: PtRef) -> LockId:
+    """``pmd_lockptr()``: the split PMD lock of the pmd table holding *pmd* (class
+    ``pmd_lock``)."""
+    return ("pmd_lock", pmd.tid)
+
+
+def huge_pte_lockptr(mm: "MM", pte: PtRef) -> LockId:
+    """``huge_pte_lockptr()``: the lock of a hugetlb entry; 2 MiB pages live at the pmd
+    level, so it is the PMD lock."""
+    return pmd_lockptr(mm, pte)
+
+
+def set_ptes(mm: "MM", tbl: npt.NDArray[np.uint64], i0: int, vals: Any, nr: int) -> None:
+    """``set_ptes()``: write *nr* consecutive entries of one pte table from index *i0*
+    (*vals*: one value for all, or *nr* values), the PTL held. Counted as *nr*
+    ``pgtable.set_pte``; one scheduling point ``set_ptes`` per call (per table), like the
+    batched paths it serves, so the cost stays O(1) per table."""
+    sys = mm.sys
+    sys.stats.add("pgtable.set_pte", nr)
+    if sys.ls.has_hooks:
+        sys.ls.schedule_point("set_ptes")
+    tbl[i0:i0 + nr] = vals
+
+
+def spin_lock(mm: "MM", ptl: LockId, where: str = "lock") -> None:
+    """``spin_lock()`` of a keyed page-table lock (a scheduling point named *where*)."""
+    mm.sys.ls.acquire(ptl, ptl[0], WRITE, sleepable=False, where=where)
+
+
+def spin_unlock(mm: "MM", ptl: LockId) -> None:
+    """``spin_unlock()`` of a keyed page-table lock."""
+    mm.sys.ls.release(ptl, ptl[0])
+
+
+def pmd_lock(mm: "MM", pmd: PtRef) -> LockId:
+    """``pmd_lock()``: take the PMD lock of *pmd*; returns it for :func:`spin_unlock`."""
+    ptl = pmd_lockptr(mm, pmd)
+    mm.sys.ls.acquire(ptl, "pmd_lock", WRITE, sleepable=False, where="pmd_lock")
+    return ptl
+
+
+def huge_pte_lock(mm: "MM", pte: PtRef) -> LockId:
+    """``huge_pte_lock()``: take the lock of a hugetlb entry; returns it."""
+    ptl = huge_pte_lockptr(mm, pte)
+    mm.sys.ls.acquire(ptl, ptl[0], WRITE, sleepable=False, where="huge_pte_lock")
+    return ptl
 
 
 class MM:
@@ -184,7 +265,7 @@ class MM:
         pmd_tid = self._lower(pud_tid, (addr >> PUD_SHIFT) & 511, 2, alloc)
         if pmd_tid < 0:
             return None
-        return PtRef(self.sys.pt.table(pmd_tid), (addr >> PMD_SHIFT) & 511, pmd_tid)
+        return PtRef(self.sys.pt.table(pmd_tid), (addr >> PMD_SHIFT) & 511, pmd_tid, self)
 
     def pud_entry(self, addr: int) -> tuple[npt.NDArray[np.uint64], int] | None:
         """The pud table view and index covering *addr*, or None."""
@@ -198,29 +279,53 @@ class MM:
         pmd is none and *alloc* (``pte_alloc``). -1 if none or a huge pmd."""
         return self._lower(pmd.tid, pmd.idx, 1, alloc)
 
+    def pte_offset_map(self, pmd: PtRef) -> tuple[npt.NDArray[np.uint64], int] | None:
+        """``pte_offset_map()``: map the pte table under *pmd* without its lock (the
+        caller relies on something else: HMM on the notifier sequence, a fault on
+        re-checking the entry under the lock later).
+
+        Counted as ``pgtable.pte_offset_map`` and a scheduling point of that name, once
+        per table. Returns ``(table view, table id)`` or None if *pmd* does not point to a
+        pte table."""
+        tid = self._lower(pmd.tid, pmd.idx, 1, False)
+        sys = self.sys
+        sys.stats.add("pgtable.pte_offset_map")
+        if sys.ls.has_hooks:
+            sys.ls.schedule_point("pte_offset_map")
+        if tid < 0:
+            return None
+        return sys.pt.table(tid), tid
+
     def pte_offset_map_lock(self, pmd: PtRef, alloc: bool = False) -> tuple[npt.NDArray[np.uint64], int] | None:
         """``pte_offset_map_lock()``: map and lock the pte table under *pmd*.
 
         Returns ``(table view, table id)`` with the table's split PTL held, or None if the
-        pmd does not point to a pte table. Release with :meth:`pte_unmap_unlock`."""
+        pmd does not point to a pte table. Release with :meth:`pte_unmap_unlock`. Counted
+        as ``pgtable.pte_offset_map`` and ``pgtable.pte_offset_map_lock``; taking the lock
+        is a scheduling point named ``pte_offset_map_lock``."""
         tid = self.pte_table(pmd, alloc)
         if tid < 0:
             return None
-        self.sys.ls.acquire(("ptl", tid), "ptl", WRITE, sleepable=False)
+        self.sys.ls.acquire(ptlock_ptr(tid), "ptl", WRITE, sleepable=False, where="pte_offset_map_lock")
         self.sys.stats.add("pgtable.pte_offset_map")
+        self.sys.stats.add("pgtable.pte_offset_map_lock")
         return self.sys.pt.table(tid), tid
 
     def pte_unmap_unlock(self, tid: int) -> None:
-        self.sys.ls.release(("ptl", tid), "ptl")
+        """``pte_unmap_unlock()``: release the PTL of pte table *tid*."""
+        self.sys.ls.release(ptlock_ptr(tid), "ptl")
 
-    def pmd_lock(self, pmd: PtRef) -> tuple:
-        """``pmd_lock()``: take the split PMD lock of the pmd table; returns its ident."""
-        ident = ("pmdl", pmd.tid)
-        self.sys.ls.acquire(ident, "pmd_lock", WRITE, sleepable=False)
-        return ident
+    def pmd_lock(self, pmd: PtRef) -> LockId:
+        """``pmd_lock()`` (see :func:`pmd_lock`)."""
+        return pmd_lock(self, pmd)
 
-    def spin_unlock(self, ident: tuple) -> None:
-        self.sys.ls.release(ident, ident[0])
+    def spin_lock(self, ptl: LockId) -> None:
+        """``spin_lock()`` of a keyed page-table lock (see :func:`spin_lock`)."""
+        spin_lock(self, ptl)
+
+    def spin_unlock(self, ptl: LockId) -> None:
+        """``spin_unlock()`` of a keyed page-table lock (see :func:`spin_unlock`)."""
+        spin_unlock(self, ptl)
 
     def lookup_pte(self, addr: int) -> int:
         """The pte (or pmd/pud leaf) value mapping *addr*, 0 if none; no locking, for

@@ -296,24 +296,33 @@ def _invalidate_start(r: MmuNotifierRange) -> int:
     subs = mm.notifier_subscriptions
     if subs is None:
         return 0
-    if subs.has_itree:
+    itree = subs.has_itree
+    if itree:
         subs.active_invalidate_ranges += 1
-        hits = subs.overlapping(r.start, r.end - 1)
-        if hits:
-            subs.invalidate_seq |= 1
-        cur_seq = subs.invalidate_seq
-        for sub in hits:
-            assert sub.ops is not None
-            stats.add("mmu_notifier.interval_invalidate")
-            ok = sub.ops.invalidate(sub, r, cur_seq)
-            if not ok and not mmu_notifier_range_blockable(r):
-                _itree_inv_end(subs)
-                return -EAGAIN
-    for mn in list(subs.list):
-        if mn.invalidate_range_start is not None:
-            ret = mn.invalidate_range_start(r)
-            if ret and not mmu_notifier_range_blockable(r):
-                return ret
+    try:
+        if itree:
+            hits = subs.overlapping(r.start, r.end - 1)
+            if hits:
+                subs.invalidate_seq |= 1
+            cur_seq = subs.invalidate_seq
+            for sub in hits:
+                assert sub.ops is not None
+                stats.add("mmu_notifier.interval_invalidate")
+                ok = sub.ops.invalidate(sub, r, cur_seq)
+                if not ok and not mmu_notifier_range_blockable(r):
+                    _itree_inv_end(subs)
+                    return -EAGAIN
+        for mn in list(subs.list):
+            if mn.invalidate_range_start is not None:
+                ret = mn.invalidate_range_start(r)
+                if ret and not mmu_notifier_range_blockable(r):
+                    return ret
+    except BaseException:
+        # a subscriber's callback raised: the invalidation never started (the model's
+        # unwinding; a C callback cannot throw), so no range stays open
+        if itree:
+            _itree_inv_end(subs)
+        raise
     return 0
 
 
@@ -325,7 +334,11 @@ def mmu_notifier_invalidate_range_start(r: MmuNotifierRange) -> None:
     r.flags |= MMU_NOTIFIER_RANGE_BLOCKABLE
     _open = mm.sys.notifier_active
     _open[id(mm)] = _open.get(id(mm), 0) + 1
-    _invalidate_start(r)
+    try:
+        _invalidate_start(r)
+    except BaseException:
+        _open[id(mm)] -= 1
+        raise
 
 
 def mmu_notifier_invalidate_range_start_nonblock(r: MmuNotifierRange) -> int:
@@ -392,11 +405,13 @@ def mmu_notifier_release(mm: "MM") -> None:
         if hits:
             subs.invalidate_seq |= 1
         cur_seq = subs.invalidate_seq
-        for sub in hits:
-            assert sub.ops is not None
-            mm.sys.stats.add("mmu_notifier.interval_invalidate")
-            sub.ops.invalidate(sub, r, cur_seq)
-        _itree_inv_end(subs)
+        try:
+            for sub in hits:
+                assert sub.ops is not None
+                mm.sys.stats.add("mmu_notifier.interval_invalidate")
+                sub.ops.invalidate(sub, r, cur_seq)
+        finally:
+            _itree_inv_end(subs)
     for mn in list(subs.list):
         if mn.release is not None:
             mn.release(mm)

@@ -180,8 +180,9 @@ def change_protection(vma: Vma, start: int, end: int, try_writable: bool = False
                 addr = pud_next
                 continue
             if rng is None:
-                rng = MmuNotifierRange(MmuNotifierEvent.MMU_NOTIFY_PROTECTION_VMA, 0, mm, addr, end)
-                mmu_notifier_invalidate_range_start(rng)
+                r = MmuNotifierRange(MmuNotifierEvent.MMU_NOTIFY_PROTECTION_VMA, 0, mm, addr, end)
+                mmu_notifier_invalidate_range_start(r)
+                rng = r  # only a started range is ended (a raising start unwinds itself)
             while addr < pud_next:
                 nxt = min((addr + PMD_SIZE) & PMD_MASK, pud_next)
                 pmd = mm.pmd_ref(addr)

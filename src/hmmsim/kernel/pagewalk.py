@@ -25,7 +25,7 @@ from typing import Any
 
 from .errno import EINVAL
 from .huge_memory import split_huge_pmd, split_huge_pud
-from .locking import READ
+from .hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
 from .mm import MM, PtRef, mmap_assert_locked, mmap_assert_write_locked
 from .page_types import HPAGE_PMD_SIZE, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE
 from .pgtable import pmd_leaf, pte_present, table_id
@@ -109,7 +109,7 @@ def walk_pmd_range(pmd_tid: int, addr: int, end: int, walk: MmWalk) -> int:
     while True:
         idx = (addr >> 21) & 511
         nxt = _addr_end(addr, end, PMD_SIZE)
-        ref = PtRef(tbl, idx, pmd_tid)
+        ref = PtRef(tbl, idx, pmd_tid, mm)
         while True:  # "again:"
             e = int(tbl[idx])
             if e == 0:
@@ -157,7 +157,7 @@ def walk_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int:
             idx = (addr >> 12) & 511
             mm.sys.stats.add("walk.pte_entry")
             assert walk.ops.pte_entry is not None
-            err = walk.ops.pte_entry(PtRef(tbl, idx, tid), addr, addr + PAGE_SIZE, walk)
+            err = walk.ops.pte_entry(PtRef(tbl, idx, tid, mm), addr, addr + PAGE_SIZE, walk)
             if err or addr >= end - PAGE_SIZE:
                 break
             addr += PAGE_SIZE
@@ -177,7 +177,7 @@ def walk_pud_range(pud_tid: int, addr: int, end: int, walk: MmWalk) -> int:
     while True:
         idx = (addr >> 30) & 511
         nxt = _addr_end(addr, end, PUD_SIZE)
-        ref = PtRef(tbl, idx, pud_tid)
+        ref = PtRef(tbl, idx, pud_tid, mm)
         while True:  # "again:"
             e = int(tbl[idx])
             if e == 0:
@@ -228,7 +228,7 @@ def walk_pgd_range(addr: int, end: int, walk: MmWalk) -> int:
                 stats.add("walk.pte_hole")
                 err = ops.pte_hole(addr, nxt, 0, walk)
         else:
-            ref = PtRef(tbl, idx, mm.pgd)
+            ref = PtRef(tbl, idx, mm.pgd, mm)
             if ops.pgd_entry is not None:
                 err = ops.pgd_entry(ref, addr, nxt, walk)
             if not err and ops.p4d_entry is not None:
@@ -251,8 +251,9 @@ def walk_hugetlb_range(addr: int, end: int, walk: MmWalk) -> int:
     hmask = ~(HPAGE_PMD_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF
     err = 0
     # hugetlb_vma_lock_read(): keeps shared pmds from going away during the walk
-    ident = ("hugetlb_vma", id(walk.vma))
-    mm.sys.ls.acquire(ident, "hugetlb_vma_lock", READ)
+    vma = walk.vma
+    assert vma is not None
+    hugetlb_vma_lock_read(vma)
     try:
         while True:
             nxt = min((addr & hmask) + HPAGE_PMD_SIZE, end)
@@ -269,7 +270,7 @@ def walk_hugetlb_range(addr: int, end: int, walk: MmWalk) -> int:
             if addr == end:
                 return 0
     finally:
-        mm.sys.ls.release(ident, "hugetlb_vma_lock")
+        hugetlb_vma_unlock_read(vma)
 
 
 def walk_page_test(start: int, end: int, walk: MmWalk) -> int:

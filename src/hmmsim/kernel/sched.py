@@ -1,7 +1,12 @@
 """Deterministic interleaving of simulated threads at scheduling points.
 
 Every lock acquisition and every wait in :mod:`hmmsim.kernel.locking` is a scheduling
-point. An :class:`Interleave` runs a whole operation of another simulated thread (for
+point, and so are the page-table accessors of :mod:`hmmsim.kernel.mm`. Each point has a
+kind (``where``): ``"lock"`` (a lock taken by name: mmap_lock, folio locks, driver
+mutexes), ``"wait"``, ``"pte_offset_map"`` (a lockless map of a leaf table, as in
+hmm's walk), ``"pte_offset_map_lock"``, ``"pmd_lock"``, ``"huge_pte_lock"`` (page-table
+locks, taken by the accessor of that name) and ``"set_pte"``/``"set_pmd"``/``"set_pud"``
+(an entry written through :meth:`PtRef.set <hmmsim.kernel.mm.PtRef.set>`). An :class:`Interleave` runs a whole operation of another simulated thread (for
 example a ``munmap`` racing with a device read) at the *n*-th scheduling point after it
 is armed. If that operation's first lock is held by the interrupted thread it raises
 :class:`~hmmsim.kernel.locking.WouldBlock` before changing anything, and is tried again at
@@ -27,7 +32,7 @@ __all__ = ("Interleave",)
 
 class Interleave:
     """Run *action* as thread *name* at scheduling point number *at* (0 = the first one
-    after arming; only points of kind *where* count if given: ``"lock"`` or ``"wait"``),
+    after arming; only points of kind *where* count if given, see the module docstring),
     retrying while it would block. Use as a context manager; afterwards ``done`` says
     whether it ran, ``result`` holds its return value and ``point`` the scheduling point
     where it ran (kind and lock class)."""

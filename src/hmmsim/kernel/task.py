@@ -27,6 +27,8 @@ unmapped — and the files after), ``fs/file.c`` (the fd table) and ``mm/util.c`
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .errno import EBADF, ENOMEM, ENOTTY
@@ -74,19 +76,23 @@ def exit_mmap(mm: MM) -> None:
     """``exit_mmap()``: release notifiers, unmap everything, free all page tables."""
     mmu_notifier_release(mm)
     mmap_read_lock(mm)
-    vmas = mm.vma_list()
-    if vmas:
-        unmap_vmas(mm, vmas, 0, ULONG_MAX)
-    mmap_read_unlock(mm)
+    try:
+        vmas = mm.vma_list()
+        if vmas:
+            unmap_vmas(mm, vmas, 0, ULONG_MAX)
+    finally:
+        mmap_read_unlock(mm)
     mmap_write_lock(mm)
-    if vmas:
-        free_pgtables(mm, 0, ULONG_MAX, 0, 0)
-    for v in vmas:
-        mm.remove_vma(v)
-        remove_vma(v)
-    mm.sys.pt.free(mm.pgd)  # pgd_free(), done at the final mmdrop() in the kernel
-    mm.dead = True
-    mmap_write_unlock(mm)
+    try:
+        if vmas:
+            free_pgtables(mm, 0, ULONG_MAX, 0, 0)
+        for v in vmas:
+            mm.remove_vma(v)
+            remove_vma(v)
+        mm.sys.pt.free(mm.pgd)  # pgd_free(), done at the final mmdrop() in the kernel
+        mm.dead = True
+    finally:
+        mmap_write_unlock(mm)
     if mm in mm.sys.mms:
         mm.sys.mms.remove(mm)
     mm.sys.stats.add("mm.exit_mmap")
@@ -111,7 +117,15 @@ def vm_munmap(mm: MM, start: int, length: int) -> int:
 
 
 class Task:
-    """``struct task_struct`` (one thread per process): an mm, a file table, a parent."""
+    """``struct task_struct`` (one thread per process): an mm, a file table, a parent,
+    and the simulated :class:`~hmmsim.kernel.locking.Thread` its system calls, faults and
+    ioctls run as (named ``comm/pid`` like the kernel's lockdep reports).
+
+    Code entering the kernel on behalf of the task (the facade, the scenario runner, the
+    selftest port) does so inside :meth:`running`; :meth:`ioctl`, :meth:`close_fd`,
+    :meth:`fork` and :meth:`exit` enter by themselves. A forked child gets its own thread.
+    (One thread per task today; a multi-threaded process would give each of its threads a
+    ``Thread`` sharing the mm.)"""
 
     def __init__(self, system: "System", mm: MM, parent: "Task | None" = None, name: str = "") -> None:
         self.sys = system
@@ -123,7 +137,24 @@ class Task:
         self.parent = parent
         self.children: list[Task] = []
         self.exited = False
-        self.thread = Thread(self.name)
+        #: the simulated thread this task runs as (``comm/pid``)
+        self.thread = Thread(f"{self.name}/{self.pid}", task=self)
+
+    @contextmanager
+    def running(self) -> Iterator["Task"]:
+        """Run the block as this task (``current`` is this task's thread): the locks it
+        takes are this task's, lock messages name it.
+
+        A helper thread that belongs to no task (an :class:`~hmmsim.kernel.sched.Interleave`
+        racer) keeps its own identity: it acts as another thread of the process, so a
+        racer may call the facade of the very process it interrupts."""
+        ls = self.sys.ls
+        cur = ls.current
+        if cur.task is None and cur is not ls.main:
+            yield self
+            return
+        with ls.as_thread(self.thread):
+            yield self
 
     # -- files ----------------------------------------------------------------------------
     def fd_install(self, f: File) -> int:
@@ -145,20 +176,27 @@ class Task:
             return -EBADF
         if f.f_op.unlocked_ioctl is None:
             return -ENOTTY
-        return int(f.f_op.unlocked_ioctl(f, command, arg, self))
+        with self.running():
+            return int(f.f_op.unlocked_ioctl(f, command, arg, self))
 
     def close_fd(self, fd: int) -> int:
         """``close()``: 0 or ``-EBADF``."""
         f = self.files.pop(fd, None)
         if f is None:
             return -EBADF
-        fput(f)
+        with self.running():
+            fput(f)
         return 0
 
     # -- fork / exit ------------------------------------------------------------------------
     def fork(self) -> "Task | int":
         """``fork()``: a child with a copy of this address space (copy-on-write) and of the
-        file table. Returns the child or a negative errno."""
+        file table. Returns the child or a negative errno. The child runs as its own
+        thread."""
+        with self.running():
+            return self._fork()
+
+    def _fork(self) -> "Task | int":
         sys = self.sys
         old = self.mm
         new = MM(sys, name=f"{old.name}'")
@@ -209,9 +247,10 @@ class Task:
         if self.exited:
             return
         self.exited = True
-        mmput(self.mm)
-        for fd in sorted(self.files):
-            fput(self.files.pop(fd))
+        with self.running():
+            mmput(self.mm)
+            for fd in sorted(self.files):
+                fput(self.files.pop(fd))
         if self in self.sys.tasks:
             self.sys.tasks.remove(self)
         self.sys.stats.add("task.exit")

@@ -34,7 +34,7 @@ from ..drivers.test_hmm_uapi import (
     HMM_DMIRROR_WRITE,
     HmmDmirrorCmd,
 )
-from ..errors import KernelOops, NotSupportedError
+from ..kernel.bug import KernelOops, NotSupportedError
 from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_read_pages, user_write_pages
 from ..kernel.errno import EBADF
 from ..kernel.madvise import (
@@ -197,7 +197,8 @@ class _Runner:
             raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
                          "message": f"{node.op} needs {_UNSUPPORTED[node.op]}, not modelled yet"})
         try:
-            getattr(self, f"op_{node.op}")(ctx, node, *node.args)
+            with ctx.task.running():  # the command is a system call of this process
+                getattr(self, f"op_{node.op}")(ctx, node, *node.args)
             if self.after is not None:
                 self.after(self.sys, node)
         except KernelOops as e:

@@ -220,7 +220,8 @@ def run_test(fixture: str, name: str, fn: TestFn, variant: Variant, config: Syst
     try:
         self = _setup(variant, config)
         try:
-            fn(self, variant)
+            with self.proc.task.running():  # the test program is the fixture's process
+                fn(self, variant)
         finally:
             _teardown(self, variant)
         if check_invariants:
