@@ -129,12 +129,16 @@ def test_selftest_unknown_selection_names_it(capsys: pytest.CaptureFixture[str],
 
 
 def test_selftest_help_offers_only_variants_that_select_tests(capsys: pytest.CaptureFixture[str]) -> None:
-    from hmmsim.selftests.harness import ported_variants, select_tests
-    for v in ported_variants():
-        assert select_tests((), (v,))
+    from hmmsim.kernel.profile import KERNELS
+    from hmmsim.selftests.harness import VARIANTS, select_tests
+    names = [v.name for vs in VARIANTS.values() for v in vs]
+    for kernel in KERNELS:
+        for v in names:
+            assert select_tests((), (v,), kernel)
     with pytest.raises(SystemExit):
         main(["selftest", "--help"])
-    assert "--variant" in capsys.readouterr().out
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "--variant" in helptext and all(n in helptext for n in names)
 
 
 def test_selftest_json_stdout_is_only_json(capsys: pytest.CaptureFixture[str]) -> None:

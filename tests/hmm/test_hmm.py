@@ -244,20 +244,28 @@ def test_hmm_range_fault_thp_pmd(make_system) -> None:
     m.remove()
 
 
-def test_hmm_range_fault_huge_zero_pmd(make_system) -> None:
-    p = make_system().spawn()
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_hmm_range_fault_huge_zero_pmd(make_system, kernel: str) -> None:
+    p = make_system(kernel=kernel).spawn()
     m = HmmMirror(p.mm)
     base = p.mmap(4 * PMD_SIZE)
     a = (base + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
     p.madvise(a, PMD_SIZE, "hugepage")
     ret, r = fault(m, a, 4)  # a read fault maps the huge zero page
     hz = p.system.mem.huge_zero_pfn
-    assert ret == 0 and r[0] == hz | HMM_PFN_VALID | (9 << 53) and hmm_pfn_to_pfn(r[3]) == hz + 3
-    ret, w = fault(m, a + P, 1, write=True)  # a write splits it; only that page is real
-    assert ret == 0 and hmm_pfn_to_map_order(w[0]) == 0
-    ret, after = snap(m, a, 3)
-    zero = p.system.mem.zero_pfn
-    assert after[0] == zero | HMM_PFN_VALID and after[2] == zero | HMM_PFN_VALID
+    assert ret == 0 and hmm_pfn_to_pfn(r[0]) == hz and hmm_pfn_to_pfn(r[3]) == hz + 3
+    assert flags(r[0]) & HMM_PFN_VALID and hmm_pfn_to_map_order(r[0]) == 9
+    ret, w = fault(m, a + P, 1, write=True)
+    if kernel == "6.12":  # the write splits it; only that page is real
+        assert ret == 0 and hmm_pfn_to_map_order(w[0]) == 0
+        ret, after = snap(m, a, 3)
+        zero = p.system.mem.zero_pfn
+        assert after[0] == zero | HMM_PFN_VALID and after[2] == zero | HMM_PFN_VALID
+    else:  # do_huge_zero_wp_pmd: a writable THP replaces it
+        assert ret == 0 and hmm_pfn_to_map_order(w[0]) == 9 and flags(w[0]) & HMM_PFN_WRITE
+        ret, after = snap(m, a, 3)
+        assert not p.system.mem.is_huge_zero_pfn(hmm_pfn_to_pfn(after[0]))
+        assert all(hmm_pfn_to_map_order(v) == 9 and flags(v) & HMM_PFN_WRITE for v in after)
     m.remove()
 
 

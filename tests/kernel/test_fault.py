@@ -250,7 +250,9 @@ def test_do_huge_pmd_anonymous_page_read_maps_huge_zero_page(proc) -> None:  # n
     assert rss(proc, MM_ANONPAGES) == 0
 
 
-def test_do_huge_pmd_wp_page_huge_zero_splits_and_copies_one_page(proc) -> None:  # noqa: ANN001
+def test_do_huge_pmd_wp_page_huge_zero_splits_and_copies_one_page(make_system) -> None:  # noqa: ANN001
+    """6.12 (no ``huge_zero_wp_allocates_thp``): split the huge zero pmd, COW one page."""
+    proc = make_system(kernel="6.12").spawn("test")
     a = anon_thp_area(proc)
     proc.read(a, 1)
     assert pmd_leaf(pte(proc, a))
@@ -268,9 +270,61 @@ def test_do_huge_pmd_wp_page_huge_zero_splits_and_copies_one_page(proc) -> None:
     assert mem.order[pte_pfn(e)] == 0
     assert rss(proc, MM_ANONPAGES) == 1
     clears = rec.events(MmuNotifierEvent.MMU_NOTIFY_CLEAR)
-    assert (a, a + HPAGE_PMD_SIZE) in clears
-    assert (target, target + PAGE_SIZE) in clears
+    assert clears == [(a, a + HPAGE_PMD_SIZE), (target, target + PAGE_SIZE)]
+    assert proc.system.stats["thp.fault_alloc"] == 0
     assert proc.read(target, 2) == b"w\x00"
+
+
+def test_do_huge_zero_wp_pmd_write_replaces_huge_zero_by_thp(make_system) -> None:  # noqa: ANN001
+    """7.3 (``huge_zero_wp_allocates_thp``): one MMU_NOTIFY_CLEAR of the 2 MiB range, a
+    new zeroed writable THP, THP_FAULT_ALLOC counted, 512 pages of rss."""
+    proc = make_system(kernel="7.3").spawn("test")
+    a = anon_thp_area(proc)
+    proc.read(a, 1)
+    mem = proc.system.mem
+    assert mem.is_huge_zero_pfn(pte_pfn(pte(proc, a)))
+    rec = Recorder(proc)
+    target = a + 10 * PAGE_SIZE
+    proc.write(target, b"w")
+    e = pte(proc, a)
+    assert pmd_leaf(e) and pte_write(e) and pte_dirty(e)
+    head = pte_pfn(e)
+    assert not mem.is_huge_zero_pfn(head) and mem.order[head] == 9
+    assert mem.flags[head] & PG_anon and mem.flags[head] & PG_anon_exclusive
+    assert rss(proc, MM_ANONPAGES) == HPAGE_PMD_NR
+    assert rec.events(MmuNotifierEvent.MMU_NOTIFY_CLEAR) == [(a, a + HPAGE_PMD_SIZE)]
+    assert proc.system.stats["thp.fault_alloc"] == 1
+    assert proc.read(target, 2) == b"w\x00"
+    assert proc.read(a, PAGE_SIZE) == bytes(PAGE_SIZE)
+    assert proc.read(a + 511 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+
+
+def test_do_huge_zero_wp_pmd_without_a_free_thp_falls_back_to_split(make_system) -> None:  # noqa: ANN001
+    """7.3: when ``vma_alloc_anon_folio_pmd()`` fails (THP_FAULT_FALLBACK counted), the
+    huge zero pmd is split and the pte fault copies one page, as in 6.12."""
+    sys = make_system(kernel="7.3")
+    proc = sys.spawn("test")
+    a = anon_thp_area(proc)
+    proc.read(a, 1)
+    held = []
+    while (h := sys.mem.alloc_folio(9)) >= 0:
+        held.append(h)
+    # give one block back and break it up: order-0 pages remain, no whole 2 MiB block
+    sys.mem.free_pages([held.pop()])
+    held.append(sys.mem.alloc_page())
+    rec = Recorder(proc)
+    target = a + 5 * PAGE_SIZE
+    proc.write(target, b"f")
+    sys.mem.free_pages(held)
+    assert not pmd_leaf(pte(proc, a))
+    assert pte_pfn(pte(proc, a)) == sys.mem.zero_pfn
+    e = pte(proc, target)
+    assert pte_write(e) and sys.mem.order[pte_pfn(e)] == 0
+    assert rss(proc, MM_ANONPAGES) == 1
+    assert rec.events(MmuNotifierEvent.MMU_NOTIFY_CLEAR) == [
+        (a, a + HPAGE_PMD_SIZE), (target, target + PAGE_SIZE)]
+    assert sys.stats["thp.fault_fallback"] == 1 and sys.stats["thp.fault_alloc"] == 0
+    assert proc.read(target, 2) == b"f\x00"
 
 
 def test_do_huge_pmd_wp_page_after_fork_splits_parent(proc) -> None:  # noqa: ANN001
@@ -368,7 +422,11 @@ def test_do_huge_pmd_wp_page_reuses_thp_after_child_exit(proc) -> None:  # noqa:
     assert proc.system.mem.flags[head] & PG_anon_exclusive
 
 
-def test_copy_huge_pmd_shares_huge_zero_page(proc) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("kernel, child_rss", [("6.12", 1), ("7.3", HPAGE_PMD_NR)])
+def test_copy_huge_pmd_shares_huge_zero_page(make_system, kernel: str, child_rss: int) -> None:  # noqa: ANN001
+    """The child's write COWs one page (6.12) or gets its own THP (7.3); the parent keeps
+    the huge zero pmd."""
+    proc = make_system(kernel=kernel).spawn("test")
     a = anon_thp_area(proc)
     proc.read(a, 1)
     child = proc.fork()
@@ -376,9 +434,11 @@ def test_copy_huge_pmd_shares_huge_zero_page(proc) -> None:  # noqa: ANN001
     assert pmd_leaf(ce) and proc.system.mem.is_huge_zero_pfn(pte_pfn(ce)) and not pte_write(ce)
     assert rss(child, MM_ANONPAGES) == 0
     child.write(a + 2 * PAGE_SIZE, b"c")
-    assert pmd_leaf(pte(proc, a))
-    assert rss(child, MM_ANONPAGES) == 1
+    assert pmd_leaf(pte(proc, a)) and proc.system.mem.is_huge_zero_pfn(pte_pfn(pte(proc, a)))
+    assert rss(child, MM_ANONPAGES) == child_rss
+    assert pmd_leaf(pte(child, a)) == (kernel == "7.3")
     assert proc.read(a + 2 * PAGE_SIZE, 1) == b"\x00"
+    assert child.read(a + 2 * PAGE_SIZE, 1) == b"c"
     child.exit()
 
 
@@ -908,3 +968,91 @@ def test_zap_nonpresent_ptes_exit_frees_swap_slots(make_system) -> None:  # noqa
     assert p.read(a, 4) == b"data"
     p.exit()
     assert s.swap.inuse == 0
+
+
+@pytest.mark.parametrize("kernel, reused", [("6.12", False), ("7.3", True)])
+def test_wp_can_reuse_anon_folio_pte_mapped_thp_after_child_exit(make_system, kernel: str,
+                                                                  reused: bool) -> None:  # noqa: ANN001
+    """A PTE-mapped THP shared with a child that exited: the parent's write reuses the
+    page in place with no notifier call (7.3's ``__wp_can_reuse_large_anon_folio``) or
+    copies it under an MMU_NOTIFY_CLEAR (6.12)."""
+    proc = make_system(kernel=kernel).spawn("test")
+    a = anon_thp_area(proc)
+    proc.write(a, b"x" * (HPAGE_PMD_SIZE))
+    proc.mprotect(a, PAGE_SIZE, "r")          # split the pmd: a PTE-mapped THP
+    proc.mprotect(a, PAGE_SIZE, "rw")
+    head = pte_pfn(pte(proc, a))
+    child = proc.fork()
+    child.exit()
+    mem = proc.system.mem
+    assert not mem.flags[head + 5] & PG_anon_exclusive and not pte_write(pte(proc, a + 5 * PAGE_SIZE))
+    rec = Recorder(proc)
+    proc.write(a + 5 * PAGE_SIZE, b"y")
+    e = pte(proc, a + 5 * PAGE_SIZE)
+    assert pte_write(e)
+    assert (pte_pfn(e) == head + 5) == reused
+    assert rec.events(MmuNotifierEvent.MMU_NOTIFY_CLEAR) == (
+        [] if reused else [(a + 5 * PAGE_SIZE, a + 6 * PAGE_SIZE)])
+    assert proc.read(a + 5 * PAGE_SIZE, 2) == b"yx"
+
+
+def test_wp_can_reuse_anon_folio_large_folio_mapped_by_another_mm_copies(make_system) -> None:  # noqa: ANN001
+    """7.3: while the child still maps the PTE-mapped THP, the parent's write copies."""
+    proc = make_system(kernel="7.3").spawn("test")
+    a = anon_thp_area(proc)
+    proc.write(a, b"x" * (HPAGE_PMD_SIZE))
+    proc.mprotect(a, PAGE_SIZE, "r")
+    proc.mprotect(a, PAGE_SIZE, "rw")
+    head = pte_pfn(pte(proc, a))
+    child = proc.fork()
+    proc.write(a + 5 * PAGE_SIZE, b"y")
+    assert pte_pfn(pte(proc, a + 5 * PAGE_SIZE)) != head + 5
+    assert child.read(a + 5 * PAGE_SIZE, 1) == b"x"
+    child.exit()
+
+
+@pytest.mark.parametrize("kernel, freed", [("6.12", False), ("7.3", True)])
+def test_madvise_dontneed_reclaim_pt_frees_empty_pte_table(make_system, kernel: str, freed: bool) -> None:  # noqa: ANN001
+    """MADV_DONTNEED of a whole 2 MiB block of 4 KiB pages: 7.3 frees the emptied pte
+    table (``zap_pte_range`` with ``reclaim_pt``), so a read after MADV_HUGEPAGE maps the
+    huge zero page; 6.12 keeps it and maps the 4 KiB zero page. Half a block keeps its
+    table in both."""
+    proc = make_system(kernel=kernel).spawn("test")
+    a = proc.mmap(2 * HPAGE_PMD_SIZE, "rw", addr=BASE, fixed=True)
+    proc.write(a, b"z" * (2 * HPAGE_PMD_SIZE))
+    proc.madvise(a, HPAGE_PMD_SIZE, "dontneed")
+    proc.madvise(a + HPAGE_PMD_SIZE, HPAGE_PMD_SIZE - PAGE_SIZE, "dontneed")
+    assert proc.mm.pmd_ref(a).get() == 0 if freed else proc.mm.pmd_ref(a).get() != 0
+    assert proc.mm.pmd_ref(a + HPAGE_PMD_SIZE).get() != 0
+    proc.madvise(a, 2 * HPAGE_PMD_SIZE, "hugepage")
+    assert proc.read(a, 1) == b"\x00"
+    e = pte(proc, a)
+    assert pmd_leaf(e) == freed
+    assert proc.system.stats["zap.pte_table_reclaimed"] == (1 if freed else 0)
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_madvise_free_pte_range_splits_partly_covered_pte_mapped_thp(make_system, kernel: str) -> None:  # noqa: ANN001
+    """MADV_FREE over 4 pages of a PTE-mapped THP splits the folio (both releases); over
+    a whole PTE-mapped THP it marks it clean and old without splitting; while a child maps
+    it too, it is left alone."""
+    proc = make_system(kernel=kernel).spawn("test")
+    mem = proc.system.mem
+    a = anon_thp_area(proc, 2)
+    proc.write(a, b"f" * (2 * HPAGE_PMD_SIZE))
+    for base in (a, a + HPAGE_PMD_SIZE):
+        proc.mprotect(base, PAGE_SIZE, "r")
+        proc.mprotect(base, PAGE_SIZE, "rw")
+    h0, h1 = pte_pfn(pte(proc, a)), pte_pfn(pte(proc, a + HPAGE_PMD_SIZE))
+    child = proc.fork()
+    proc.madvise(a, 4 * PAGE_SIZE, "free")
+    assert mem.order[h0] == 9, "mapped by the child too: not split"
+    child.exit()
+    proc.madvise(a, 4 * PAGE_SIZE, "free")
+    assert mem.order[h0] == 0 and mem.order[h0 + 7] == 0
+    assert proc.read(a + 4 * PAGE_SIZE, 1) == b"f"
+    proc.madvise(a + HPAGE_PMD_SIZE, HPAGE_PMD_SIZE, "free")
+    assert mem.order[h1] == 9
+    e = pte(proc, a + HPAGE_PMD_SIZE + 3 * PAGE_SIZE)
+    from hmmsim.kernel.physmem import PG_dirty
+    assert not pte_dirty(e) and not mem.flags[h1] & PG_dirty  # clean: lazily freeable

@@ -687,7 +687,9 @@ def test_mremap_dontunmap_requires_same_size(proc) -> None:  # noqa: ANN001
         proc.mremap(a, 4 * P, 8 * P, new_addr=OTHER, dontunmap=True)
 
 
-def test_vma_to_resize_range_spanning_two_vmas_efault(proc) -> None:  # noqa: ANN001
+def test_vma_to_resize_range_spanning_two_vmas_efault(make_system) -> None:  # noqa: ANN001
+    """6.12: a fixed move of a range spanning two VMAs fails in ``vma_to_resize()``."""
+    proc = make_system(kernel="6.12").spawn("test")
     a = proc.mmap(4 * P, addr=BASE, fixed=True)
     fill(proc, a, 4)
     proc.mprotect(a + 2 * P, 2 * P, "r")
@@ -697,6 +699,36 @@ def test_vma_to_resize_range_spanning_two_vmas_efault(proc) -> None:  # noqa: AN
     assert ei.value.errno == 14
     assert spans(proc) == [(a, a + 2 * P), (a + 2 * P, a + 4 * P)]
     assert [page_byte(proc, a, i) for i in range(4)] == [1, 2, 3, 4]
+
+
+def test_remap_move_moves_every_vma_of_the_range(make_system) -> None:  # noqa: ANN001
+    """7.3 (``mremap_move_multiple_vmas``): both VMAs move (split at the range's edges),
+    each keeps its protection, the data follows, the old range is unmapped."""
+    proc = make_system(kernel="7.3").spawn("test")
+    a = proc.mmap(4 * P, addr=BASE, fixed=True)
+    fill(proc, a, 4)
+    proc.mprotect(a + 2 * P, 2 * P, "r")
+    assert proc.mremap(a + P, 2 * P, 2 * P, new_addr=OTHER) == OTHER
+    assert spans(proc) == [(OTHER, OTHER + P), (OTHER + P, OTHER + 2 * P),
+                           (a, a + P), (a + 3 * P, a + 4 * P)]
+    assert [page_byte(proc, OTHER, i) for i in range(2)] == [2, 3]
+    assert [page_byte(proc, a, i) for i in (0, 3)] == [1, 4]
+    assert proc.mm.find_vma(OTHER + P).vm_flags & 0x2 == 0  # VM_WRITE dropped, as before
+    with pytest.raises(SegmentationFault):
+        proc.read(a + P, 1)
+
+
+def test_remap_move_gap_at_the_start_efault(make_system) -> None:  # noqa: ANN001
+    """7.3: the range must start inside a VMA; gaps after the first VMA are kept."""
+    proc = make_system(kernel="7.3").spawn("test")
+    a = proc.mmap(4 * P, addr=BASE, fixed=True)
+    fill(proc, a, 4)
+    proc.munmap(a + P, P)
+    with pytest.raises(BadAddress):
+        proc.mremap(a + P, 2 * P, 2 * P, new_addr=OTHER)
+    assert proc.mremap(a, 3 * P, 3 * P, new_addr=OTHER) == OTHER
+    assert spans(proc)[:2] == [(OTHER, OTHER + P), (OTHER + 2 * P, OTHER + 3 * P)]
+    assert [page_byte(proc, OTHER, i) for i in (0, 2)] == [1, 3]
 
 
 def test_do_mremap_unmapped_old_address_efault(proc) -> None:  # noqa: ANN001

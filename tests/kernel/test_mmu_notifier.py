@@ -180,7 +180,9 @@ def test_madvise_dontneed_raises_clear(proc: Process) -> None:
 
 
 def test_thp_split_raises_clear_over_2mib(make_system) -> None:
-    p = make_system().spawn()
+    """6.12: a write to the huge zero page splits the pmd (CLEAR of 2 MiB), then COWs one
+    page (CLEAR of 4 KiB); 7.3's ``do_huge_zero_wp_pmd`` raises only the 2 MiB CLEAR."""
+    p = make_system(kernel="6.12").spawn()
     base = p.mmap(4 * PMD_SIZE)
     a = (base + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
     p.madvise(a, PMD_SIZE, "hugepage")
@@ -189,6 +191,15 @@ def test_thp_split_raises_clear_over_2mib(make_system) -> None:
     p.write(a + 3 * P, b"x")
     assert rec.kinds() == [E.MMU_NOTIFY_CLEAR, E.MMU_NOTIFY_CLEAR]
     assert rec.events[0][1:3] == (a, a + PMD_SIZE) and rec.events[1][1:3] == (a + 3 * P, a + 4 * P)
+    p = make_system(kernel="7.3").spawn()
+    base = p.mmap(4 * PMD_SIZE)
+    a = (base + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    p.madvise(a, PMD_SIZE, "hugepage")
+    p.touch(a, P)
+    rec = Recorder(p.mm)
+    p.write(a + 3 * P, b"x")
+    assert rec.kinds() == [E.MMU_NOTIFY_CLEAR]
+    assert rec.events[0][1:3] == (a, a + PMD_SIZE)
 
 
 def test_exit_raises_release_then_unmap(proc: Process) -> None:
@@ -251,3 +262,54 @@ def test_lockstate_recursive_read_of_rwsem_warns_and_succeeds() -> None:
         ls.acquire(spin, "ptl", READ, sleepable=False)
     spin.unlock()
     ls.assert_no_locks()
+
+
+def test_mn_itree_invalidate_two_pass_finish_after_every_first_pass(make_system) -> None:  # noqa: ANN001
+    """7.3 (``mmu_interval_two_pass``): ``invalidate_start`` of every overlapping
+    subscription runs first, then the finish passes in the same order; a subscription
+    whose ``invalidate_start`` returns no finish object gets no second pass; classic
+    ``invalidate`` subscriptions still work next to them."""
+    from hmmsim.kernel.mmu_notifier import MmuIntervalNotifierFinish
+    p = make_system(kernel="7.3").spawn()
+    mm = p.mm
+    log: list[str] = []
+
+    def two_pass(name: str, finish: bool) -> MmuIntervalNotifierOps:
+        def start(s: MmuIntervalNotifier, r: MmuNotifierRange, cur: int):  # noqa: ANN202
+            mmu_interval_set_seq(s, cur)
+            log.append(f"start {name}")
+            return True, (MmuIntervalNotifierFinish() if finish else None)
+
+        def fin(f: MmuIntervalNotifierFinish) -> None:
+            assert f.notifier is subs[name]
+            log.append(f"finish {name}")
+        return MmuIntervalNotifierOps(invalidate_start=start, invalidate_finish=fin)
+
+    subs = {n: MmuIntervalNotifier() for n in ("a", "b", "c")}
+    assert mmu_interval_notifier_insert(subs["a"], mm, 0x1000, 0x1000, two_pass("a", True)) == 0
+    assert mmu_interval_notifier_insert(subs["b"], mm, 0x1000, 0x1000, two_pass("b", False)) == 0
+
+    def classic(s: MmuIntervalNotifier, r: MmuNotifierRange, cur: int) -> bool:
+        mmu_interval_set_seq(s, cur)
+        log.append("invalidate c")
+        return True
+    assert mmu_interval_notifier_insert(subs["c"], mm, 0x1000, 0x1000, MmuIntervalNotifierOps(classic)) == 0
+    r = MmuNotifierRange(E.MMU_NOTIFY_CLEAR, 0, mm, 0x1000, 0x2000)
+    mmu_notifier_invalidate_range_start(r)
+    assert sorted(log[:3]) == ["invalidate c", "start a", "start b"] and log[3:] == ["finish a"]
+    mmu_notifier_invalidate_range_end(r)
+    for s in subs.values():
+        assert mmu_interval_read_retry(s, 1)
+        mmu_interval_notifier_remove(s)
+
+
+def test_mmu_interval_ops_invalidate_start_does_not_exist_in_6_12(make_system) -> None:  # noqa: ANN001
+    p = make_system(kernel="6.12").spawn()
+    ops = MmuIntervalNotifierOps(invalidate_start=lambda s, r, c: (True, None),
+                                 invalidate_finish=lambda f: None)
+    with pytest.raises(TypeError):
+        mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, 0x1000, 0x1000, ops)
+    p7 = make_system(kernel="7.3").spawn()
+    with pytest.raises(ValueError):
+        mmu_interval_notifier_insert(MmuIntervalNotifier(), p7.mm, 0x1000, 0x1000,
+                                     MmuIntervalNotifierOps(invalidate_start=lambda s, r, c: (True, None)))

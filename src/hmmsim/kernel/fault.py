@@ -94,6 +94,7 @@ from .pgtable import (
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapcache
 from .rmap import (
     anon_vma_prepare,
+    folio_maybe_mapped_shared,
     folio_add_file_rmap_ptes,
     folio_add_new_anon_rmap,
     folio_add_new_anon_rmap_ptes,
@@ -439,12 +440,21 @@ def _wp_page_reuse(vmf: VmFault, tbl: npt.NDArray[np.uint64], tid: int) -> int:
     return 0
 
 
-def _wp_can_reuse_anon_folio(sys: "System", pfn: int) -> bool:
-    """``wp_can_reuse_anon_folio()`` (6.12): only small folios with no other reference."""
+def _wp_can_reuse_anon_folio(vma: Vma, pfn: int) -> bool:
+    """``wp_can_reuse_anon_folio()``: a small folio with no other reference; a large
+    (PTE-mapped) folio only on kernels with ``wp_reuse_large_anon_folio`` (7.3's
+    ``__wp_can_reuse_large_anon_folio``): more than one mapping, every reference a mapping
+    (``folio_large_mapcount() == folio_ref_count()``) and every mapping in this mm."""
+    sys = vma.vm_mm.sys
     mem = sys.mem
     head = mem.compound_head(pfn)
     if mem.order[head]:
-        return False
+        if not sys.profile.wp_reuse_large_anon_folio:
+            return False
+        mapcount = mem.folio_mapcount(head)
+        if mapcount <= 1 or mapcount != int(mem.refcount[head]):
+            return False
+        return not folio_maybe_mapped_shared(vma.vm_mm, head)
     swapcache = 1 if mem.flags[head] & PG_swapcache else 0
     if int(mem.refcount[head]) > 1 + swapcache:
         return False
@@ -471,7 +481,7 @@ def do_wp_page(vmf: VmFault, tbl: npt.NDArray[np.uint64], tid: int) -> int:
         return _wp_page_reuse(vmf, tbl, tid)
     mem = sys.mem
     if pfn >= 0 and mem.flags[mem.compound_head(pfn)] & PG_anon and (
-            mem.flags[pfn] & PG_anon_exclusive or _wp_can_reuse_anon_folio(sys, pfn)):
+            mem.flags[pfn] & PG_anon_exclusive or _wp_can_reuse_anon_folio(vma, pfn)):
         mem.flags[pfn] |= PG_anon_exclusive
         if vmf.flags & FAULT_FLAG_UNSHARE:
             mm.pte_unmap_unlock(tid)

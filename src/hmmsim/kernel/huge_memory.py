@@ -2,7 +2,8 @@
 
 Models the parts of ``mm/huge_memory.c`` HMM meets: ``thp_vma_allowable_order``,
 ``do_huge_pmd_anonymous_page`` (huge zero page on reads, a THP on writes),
-``do_huge_pmd_wp_page`` (reuse or split), ``__split_huge_pmd`` (under an
+``do_huge_pmd_wp_page`` (reuse or split; a write to the huge zero page splits it in
+6.12 and gets a new THP in 7.3, ``do_huge_zero_wp_pmd``), ``__split_huge_pmd`` (under an
 ``MMU_NOTIFY_CLEAR`` of the 2 MiB range), ``zap_huge_pmd``, ``copy_huge_pmd`` (fork),
 ``change_huge_pmd`` (mprotect), ``move_huge_pmd`` (mremap), and the PUD-level entry
 points used by device-dax style mappings. Only the PMD order (512 pages) exists; there
@@ -95,11 +96,13 @@ if TYPE_CHECKING:
 __all__ = (
     "change_huge_pmd", "copy_huge_pmd", "create_huge_pmd", "create_huge_pud",
     "do_huge_pmd_anonymous_page", "do_huge_pmd_numa_page", "do_huge_pmd_wp_page",
+    "do_huge_zero_wp_pmd",
     "huge_pmd_set_accessed", "huge_pmd_set_accessed_batch", "huge_pud_fault",
-    "is_huge_zero_pmd", "madvise_free_huge_pmd", "move_huge_pmd", "split_folio",
+    "is_huge_zero_pmd", "madvise_free_huge_pmd", "map_anon_folio_pmd_pf", "move_huge_pmd",
+    "split_folio",
     "split_huge_pmd", "split_huge_pmd_address",
     "split_huge_pud", "thp_vma_allowable_order", "thp_vma_suitable_order",
-    "vma_adjust_trans_huge", "zap_huge_pmd",
+    "vma_adjust_trans_huge", "vma_alloc_anon_folio_pmd", "zap_huge_pmd",
 )
 
 _U = np.uint64
@@ -195,36 +198,86 @@ def do_huge_pmd_anonymous_page(vmf: "VmFault") -> int:
             sys.stats.add("thp.zero_page_alloc")
         mm.spin_unlock(ptl)
         return 0
-    head = sys.mem.alloc_folio(HPAGE_PMD_ORDER)
+    head = vma_alloc_anon_folio_pmd(vma)
     if head < 0:
-        sys.stats.add("thp.fault_fallback")
         return VM_FAULT_FALLBACK
-    entry = pte_mkyoung(pfn_pte(head, vma.vm_page_prot) | _PAGE_PSE)
-    if vma.vm_flags & VM_WRITE:
-        entry = pte_mkwrite(pte_mkdirty(entry))
     ptl = mm.pmd_lock(pmd)
     if pmd.get() != 0:
         mm.spin_unlock(ptl)
         sys.mem.free_pages([head])
         return 0
-    folio_add_new_anon_rmap_pmd(sys.mem, head, vma, haddr)
+    map_anon_folio_pmd_pf(head, pmd, vma, haddr)
+    mm.spin_unlock(ptl)
+    return 0
+
+
+def vma_alloc_anon_folio_pmd(vma: Vma) -> int:
+    """``vma_alloc_anon_folio_pmd()``: a zeroed PMD-sized folio for an anonymous fault, or
+    -1 after counting ``THP_FAULT_FALLBACK`` when no 2 MiB block is free."""
+    sys = vma.vm_mm.sys
+    head = sys.mem.alloc_folio(HPAGE_PMD_ORDER)
+    if head < 0:
+        sys.stats.add("thp.fault_fallback")
+    return head
+
+
+def map_anon_folio_pmd_pf(head: int, pmd: PtRef, vma: Vma, haddr: int) -> None:
+    """``map_anon_folio_pmd_pf()`` (7.3's name; the tail of 6.12's
+    ``__do_huge_pmd_anonymous_page``): map the new exclusive folio *head* young and dirty,
+    writable if the VMA is, with its rmap, rss and ``THP_FAULT_ALLOC``; caller holds the
+    pmd lock."""
+    mm = vma.vm_mm
+    entry = pte_mkyoung(pfn_pte(head, vma.vm_page_prot) | _PAGE_PSE)
+    if vma.vm_flags & VM_WRITE:
+        entry = pte_mkwrite(pte_mkdirty(entry))
+    folio_add_new_anon_rmap_pmd(mm.sys.mem, head, vma, haddr)
     pmd.set(entry)
     mm.add_mm_counter(MM_ANONPAGES, HPAGE_PMD_NR)
-    mm.spin_unlock(ptl)
-    sys.stats.add("thp.fault_alloc")
+    mm.sys.stats.add("thp.fault_alloc")
+
+
+def do_huge_zero_wp_pmd(vmf: "VmFault") -> int:
+    """``do_huge_zero_wp_pmd()`` (7.3): replace a huge zero pmd by a new zeroed THP under
+    an ``MMU_NOTIFY_CLEAR`` of the 2 MiB range. ``VM_FAULT_FALLBACK`` (nothing changed,
+    no notifier call) when the THP cannot be allocated; 0 also when the pmd changed
+    meanwhile (the folio is freed and the fault retried by the caller's caller)."""
+    vma = vmf.vma
+    mm = vma.vm_mm
+    pmd = vmf.pmd
+    assert pmd is not None
+    haddr = vmf.address & PMD_MASK
+    head = vma_alloc_anon_folio_pmd(vma)
+    if head < 0:
+        return VM_FAULT_FALLBACK
+    with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, haddr, haddr + HPAGE_PMD_SIZE):
+        ptl = mm.pmd_lock(pmd)
+        if pmd.get() != vmf.orig_pmd:
+            mm.spin_unlock(ptl)
+            mm.sys.mem.free_pages([head])
+            return 0
+        pmd.set(0)
+        map_anon_folio_pmd_pf(head, pmd, vma, haddr)
+        mm.spin_unlock(ptl)
     return 0
 
 
 def do_huge_pmd_wp_page(vmf: "VmFault") -> int:
     """``do_huge_pmd_wp_page()``: reuse an exclusively owned THP, otherwise split the pmd
-    (huge zero page or shared THP) and let the pte-level fault do the copy."""
+    (shared THP) and let the pte-level fault do the copy. A huge zero pmd is split too in
+    6.12; 7.3 (``huge_zero_wp_allocates_thp``) replaces it by a new THP
+    (:func:`do_huge_zero_wp_pmd`) and splits only when that allocation fails."""
     vma = vmf.vma
     mm = vma.vm_mm
     mem = mm.sys.mem
     pmd = vmf.pmd
     assert pmd is not None
     orig = vmf.orig_pmd
-    if not is_huge_zero_pmd(mm, orig):
+    if is_huge_zero_pmd(mm, orig) and mm.sys.profile.huge_zero_wp_allocates_thp:
+        # 7.3: a THP replaces the huge zero page; split only if it cannot be allocated
+        ret = do_huge_zero_wp_pmd(vmf)
+        if not ret & VM_FAULT_FALLBACK:
+            return ret
+    elif not is_huge_zero_pmd(mm, orig):
         ptl = mm.pmd_lock(pmd)
         if pmd.get() != orig:
             mm.spin_unlock(ptl)

@@ -101,7 +101,14 @@ class HugetlbPool:
         self.free: list[int] = []
         self.nr_huge_pages = 0
         self.resv_huge_pages = 0
-        for _ in range(nr):
+        self.set_max_huge_pages(nr)
+
+    def set_max_huge_pages(self, count: int) -> int:
+        """``set_max_huge_pages()`` growing the pool (a write of ``nr_hugepages``): take
+        2 MiB blocks from RAM until the pool holds *count* pages or RAM has no free block.
+        Shrinking is not modelled. Returns the new ``nr_hugepages``."""
+        sys = self.sys
+        while self.nr_huge_pages < count:
             head = sys.mem.alloc_folio(HPAGE_PMD_ORDER)
             if head < 0:
                 break
@@ -110,6 +117,7 @@ class HugetlbPool:
             self.free.append(head)
             self.nr_huge_pages += 1
         self.free.sort(reverse=True)  # pop() hands out the lowest pfn first
+        return self.nr_huge_pages
 
     @property
     def free_huge_pages(self) -> int:

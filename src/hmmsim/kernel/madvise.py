@@ -4,7 +4,8 @@ Models ``mm/madvise.c``: ``do_madvise`` and ``madvise_walk_vmas`` (advice is app
 every mapped part of the range and ``-ENOMEM`` reported for holes; a range with no VMA
 at all fails at once), flag advice through ``madvise_update_vma`` (split / merge),
 ``MADV_DONTNEED`` as a ``zap_page_range_single`` under ``MMU_NOTIFY_CLEAR`` (hugetlb:
-huge-page aligned start, end rounded down), ``MADV_FREE`` (anonymous VMAs only; clean
+huge-page aligned start, end rounded down; 7.3 also frees pte tables it emptied over a
+whole 2 MiB block, ``madv_dontneed_frees_pte_tables``), ``MADV_FREE`` (anonymous VMAs only; clean
 and old, data kept since nothing is reclaimed; a partly covered THP is split first) and
 ``MADV_PAGEOUT`` (swap-out when the machine has swap).
 
@@ -50,6 +51,7 @@ from .pgtable import (
     pte_to_swp_entry,
 )
 from .physmem import PG_anon, PG_dirty
+from .rmap import folio_maybe_mapped_shared
 from .swap import free_swap_and_cache, reclaim_pages
 from .vma import (
     VM_HUGEPAGE,
@@ -94,14 +96,18 @@ def _madvise_dontneed(vma: Vma, start: int, end: int) -> int:
         return -EINVAL
     if start == end:
         return 0
-    zap_page_range_single(vma, start, end - start)
+    # 7.3's madvise_dontneed_single_vma() zaps with reclaim_pt (CONFIG_PT_RECLAIM): empty
+    # pte tables of fully covered 2 MiB blocks are freed, so a later fault there may map
+    # a THP again
+    zap_page_range_single(vma, start, end - start, vma.vm_mm.sys.profile.madv_dontneed_frees_pte_tables)
     return 0
 
 
 def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int:
     """``madvise_free_pte_range()``: mark the small anonymous pages only this process maps
     clean and old (lazily freeable); a THP wholly inside the range is marked as one, a
-    partly covered one is split first; swap entries are freed."""
+    partly covered one is split first (a PMD-mapped one here, a PTE-mapped one in the pte
+    loop unless it may be mapped by another mm); swap entries are freed."""
     vma = walk.vma
     assert vma is not None
     mm = walk.mm
@@ -123,10 +129,14 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
     if got is None:
         return 0
     tbl, tid = got
+    locked = True
     try:
         i0 = (addr >> PAGE_SHIFT) & 511
-        for i in range(i0, i0 + ((end - addr) >> PAGE_SHIFT)):
+        i1 = i0 + ((end - addr) >> PAGE_SHIFT)
+        i = i0
+        while i < i1:
             pte = int(tbl[i])
+            i += 1
             if pte == 0:
                 continue
             if not pte_present(pte):
@@ -134,9 +144,9 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
                 if not non_swap_entry(ent):
                     free_swap_and_cache(sys, ent)
                     mm.add_mm_counter(MM_SWAPENTS, -1)
-                    tbl[i] = 0
+                    tbl[i - 1] = 0
                 elif is_hwpoison_entry(ent):
-                    tbl[i] = 0
+                    tbl[i - 1] = 0
                 continue
             if pte & _PAGE_SPECIAL or not pte & _PAGE_PRESENT:
                 continue
@@ -144,12 +154,50 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
             if pfn >= mem.max_pfn or mem.pgmap[pfn] != 0:
                 continue
             head = mem.compound_head(pfn)
-            if not mem.flags[head] & PG_anon or mem.order[head] or mem.folio_mapcount(head) != 1:
+            if not mem.flags[head] & PG_anon:
+                continue
+            if mem.order[head]:
+                # a PTE-mapped large folio: the ptes of the range mapping it in a row
+                nr_folio = mem.folio_nr_pages(head)
+                run = tbl[i - 1:i1]
+                want = (np.arange(pfn, pfn + len(run), dtype=np.uint64) << _U(PAGE_SHIFT))
+                same = ((run & _U(PTE_PFN_MASK)) == want) & ((run & _U(_PAGE_PRESENT)) != 0)
+                nr = int(np.argmin(same)) if not same.all() else len(run)
+                nr = min(nr, head + nr_folio - pfn)
+                if nr < nr_folio:
+                    # only partly in the range: split it (unless another mm may map it)
+                    # and look at this pte again
+                    if folio_maybe_mapped_shared(mm, head):
+                        i += nr - 1
+                        continue
+                    mm.pte_unmap_unlock(tid)
+                    locked = False
+                    err = split_folio(sys, head)
+                    got = mm.pte_offset_map_lock(pmd)
+                    if got is None:
+                        break
+                    tbl, tid = got
+                    locked = True
+                    if not err:
+                        i -= 1
+                    else:
+                        i += nr - 1
+                    continue
+                # the whole folio is in the range: lazyfree it if this mm maps all of it
+                if mem.folio_mapcount(head) != nr_folio:
+                    i += nr - 1
+                    continue
+                mem.flags[head] &= ~np.uint32(PG_dirty)
+                tbl[i - 1:i - 1 + nr] &= _U(~(_PAGE_DIRTY | _PAGE_ACCESSED) & ((1 << 64) - 1))
+                i += nr - 1
+                continue
+            if mem.folio_mapcount(head) != 1:
                 continue
             mem.flags[head] &= ~np.uint32(PG_dirty)
-            tbl[i] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
+            tbl[i - 1] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
     finally:
-        mm.pte_unmap_unlock(tid)
+        if locked:
+            mm.pte_unmap_unlock(tid)
     return 0
 
 

@@ -161,9 +161,12 @@ def zap_pte_span(vma: Vma, tbl: npt.NDArray[np.uint64], i0: int, i1: int, rss: l
     seg[:] = 0
 
 
-def unmap_single_vma(vma: Vma, start: int, end: int) -> None:
+def unmap_single_vma(vma: Vma, start: int, end: int, reclaim_pt: bool = False) -> None:
     """``unmap_single_vma()``/``unmap_page_range()``: zap ``[start, end)`` (clamped to
-    *vma*) without notifying (the caller has)."""
+    *vma*) without notifying (the caller has). *reclaim_pt* (``zap_details.reclaim_pt``,
+    MADV_DONTNEED on kernels with ``madv_dontneed_frees_pte_tables``): a pte table whose
+    whole 2 MiB span was zapped and is now empty is freed and its pmd cleared
+    (``zap_pte_range()`` -> ``zap_empty_pte_table()``)."""
     start = max(start, vma.vm_start)
     end = min(end, vma.vm_end)
     if start >= end:
@@ -210,11 +213,20 @@ def unmap_single_vma(vma: Vma, start: int, end: int) -> None:
             got = mm.pte_offset_map_lock(pmd)
             if got is not None:
                 tbl, tid = got
+                freed = False
                 try:
                     zap_pte_span(vma, tbl, (addr >> PAGE_SHIFT) & 511,
                                  ((addr >> PAGE_SHIFT) & 511) + ((nxt - addr) >> PAGE_SHIFT), rss, puts)
+                    if reclaim_pt and nxt - addr == PMD_SIZE and not tbl.any():
+                        pml = mm.pmd_lock(pmd)  # zap_empty_pte_table()
+                        pmd.set(0)
+                        mm.spin_unlock(pml)
+                        freed = True
                 finally:
                     mm.pte_unmap_unlock(tid)
+                if freed:  # pte_free_tlb()
+                    sys.pt.free(tid)
+                    sys.stats.add("zap.pte_table_reclaimed")
             addr = nxt
     for k in range(4):
         if rss[k]:
@@ -238,12 +250,12 @@ def unmap_vmas(mm: MM, vmas: list[Vma], start: int, end: int) -> None:
             unmap_single_vma(vma, start, end)
 
 
-def zap_page_range_single(vma: Vma, address: int, size: int) -> None:
+def zap_page_range_single(vma: Vma, address: int, size: int, reclaim_pt: bool = False) -> None:
     """``zap_page_range_single()``: zap part of one VMA under ``MMU_NOTIFY_CLEAR``
-    (MADV_DONTNEED, truncation)."""
+    (MADV_DONTNEED, truncation); *reclaim_pt* as for :func:`unmap_single_vma`."""
     end = address + size
     with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, vma.vm_mm, address, end):
-        unmap_single_vma(vma, address, end)
+        unmap_single_vma(vma, address, end, reclaim_pt)
 
 
 def unmap_mapping_pages(mapping: "AddressSpace", start: int, nr: int | None, even_cows: bool = True) -> None:

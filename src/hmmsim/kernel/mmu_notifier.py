@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from .mm import MM
 
 __all__ = (
-    "MMU_NOTIFIER_RANGE_BLOCKABLE", "MmuIntervalNotifier", "MmuIntervalNotifierOps",
+    "MMU_NOTIFIER_RANGE_BLOCKABLE", "MmuIntervalNotifier", "MmuIntervalNotifierFinish",
+    "MmuIntervalNotifierOps",
     "MmuNotifier", "MmuNotifierEvent", "MmuNotifierRange", "MmuNotifierSubscriptions",
     "mmu_interval_check_retry", "mmu_interval_notifier_insert",
     "mmu_interval_notifier_remove", "mmu_interval_read_begin", "mmu_interval_read_retry",
@@ -80,13 +81,62 @@ def mmu_notifier_range_blockable(r: MmuNotifierRange) -> bool:
     return bool(r.flags & MMU_NOTIFIER_RANGE_BLOCKABLE)
 
 
+class MmuIntervalNotifierFinish:
+    """``struct mmu_interval_notifier_finish`` (7.3): what ``invalidate_start`` hands back
+    for the second pass; the core sets ``notifier`` before calling ``invalidate_finish``.
+    Drivers subclass it (the C struct is embedded in the driver's own)."""
+
+    __slots__ = ("notifier", "__dict__")
+
+    def __init__(self) -> None:
+        self.notifier: MmuIntervalNotifier | None = None
+
+
+#: ``invalidate_start(sub, range, cur_seq) -> (ok, finish or None)``
+InvalidateStart = Callable[["MmuIntervalNotifier", MmuNotifierRange, int],
+                           "tuple[bool, MmuIntervalNotifierFinish | None]"]
+
+
 class MmuIntervalNotifierOps:
-    """``struct mmu_interval_notifier_ops``: ``invalidate(sub, range, cur_seq) -> bool``."""
+    """``struct mmu_interval_notifier_ops``: ``invalidate(sub, range, cur_seq) -> bool``;
+    on kernels with ``mmu_interval_two_pass`` (7.3) a driver may instead give
+    ``invalidate_start`` (first pass, may return a finish object) and
+    ``invalidate_finish(finish)`` (second pass, after every first pass of the
+    invalidation)."""
 
-    __slots__ = ("invalidate",)
+    __slots__ = ("invalidate", "invalidate_start", "invalidate_finish")
 
-    def __init__(self, invalidate: Callable[["MmuIntervalNotifier", MmuNotifierRange, int], bool]) -> None:
+    def __init__(self, invalidate: Callable[["MmuIntervalNotifier", MmuNotifierRange, int], bool] | None = None,
+                 invalidate_start: InvalidateStart | None = None,
+                 invalidate_finish: Callable[[MmuIntervalNotifierFinish], None] | None = None) -> None:
         self.invalidate = invalidate
+        self.invalidate_start = invalidate_start
+        self.invalidate_finish = invalidate_finish
+
+
+def _itree_invalidate_one(sub: "MmuIntervalNotifier", r: MmuNotifierRange, cur_seq: int,
+                          finishes: list[MmuIntervalNotifierFinish]) -> bool:
+    """One subscription's first pass in ``mn_itree_invalidate()``/``mn_itree_release()``:
+    ``invalidate_start`` (queueing its finish object) if it has one, else ``invalidate``."""
+    ops = sub.ops
+    assert ops is not None
+    if ops.invalidate_start is not None:
+        ok, finish = ops.invalidate_start(sub, r, cur_seq)
+        if ok and finish is not None:
+            finish.notifier = sub
+            finishes.append(finish)
+        return ok
+    assert ops.invalidate is not None
+    return ops.invalidate(sub, r, cur_seq)
+
+
+def _itree_finish_pass(finishes: list[MmuIntervalNotifierFinish]) -> None:
+    """``mn_itree_finish_pass()``: second passes, in the order of the first ones."""
+    for f in finishes:
+        assert f.notifier is not None and f.notifier.ops is not None
+        ops = f.notifier.ops
+        assert ops.invalidate_finish is not None
+        ops.invalidate_finish(f)
 
 
 class MmuIntervalNotifier:
@@ -182,6 +232,13 @@ def mmu_interval_notifier_insert(sub: MmuIntervalNotifier, mm: "MM", start: int,
     mm.sys.ls.might_sleep("mmu_interval_notifier_insert")
     start &= ULONG_MAX
     length &= ULONG_MAX
+    if ops.invalidate_start is not None:
+        if not mm.sys.profile.mmu_interval_two_pass:
+            raise TypeError("struct mmu_interval_notifier_ops has no invalidate_start before "
+                            "7.3 (mmu_interval_two_pass)")
+        if ops.invalidate_finish is None:
+            # the kernel WARNs, then calls a NULL invalidate_finish at the first finish pass
+            raise ValueError("invalidate_start without invalidate_finish")
     if length == 0 or start + length - 1 > ULONG_MAX:
         return -EOVERFLOW
     if mm.mm_users <= 0:
@@ -305,13 +362,18 @@ def _invalidate_start(r: MmuNotifierRange) -> int:
             if hits:
                 subs.invalidate_seq |= 1
             cur_seq = subs.invalidate_seq
+            finishes: list[MmuIntervalNotifierFinish] = []
+            err = 0
             for sub in hits:
-                assert sub.ops is not None
                 stats.add("mmu_notifier.interval_invalidate")
-                ok = sub.ops.invalidate(sub, r, cur_seq)
+                ok = _itree_invalidate_one(sub, r, cur_seq, finishes)
                 if not ok and not mmu_notifier_range_blockable(r):
-                    _itree_inv_end(subs)
-                    return -EAGAIN
+                    err = -EAGAIN
+                    break
+            _itree_finish_pass(finishes)
+            if err:
+                _itree_inv_end(subs)
+                return err
         for mn in list(subs.list):
             if mn.invalidate_range_start is not None:
                 ret = mn.invalidate_range_start(r)
@@ -406,10 +468,11 @@ def mmu_notifier_release(mm: "MM") -> None:
             subs.invalidate_seq |= 1
         cur_seq = subs.invalidate_seq
         try:
+            finishes: list[MmuIntervalNotifierFinish] = []
             for sub in hits:
-                assert sub.ops is not None
                 mm.sys.stats.add("mmu_notifier.interval_invalidate")
-                sub.ops.invalidate(sub, r, cur_seq)
+                _itree_invalidate_one(sub, r, cur_seq, finishes)
+            _itree_finish_pass(finishes)
         finally:
             _itree_inv_end(subs)
     for mn in list(subs.list):

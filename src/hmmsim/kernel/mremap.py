@@ -4,7 +4,8 @@ Models ``mm/mremap.c``: the syscall's argument checks, ``mremap_to`` (MREMAP_FIX
 unmap the destination first, then move), ``vma_to_resize`` (a range spanning VMAs is
 ``-EFAULT``; DONTUNMAP refuses VM_DONTEXPAND/VM_PFNMAP), ``move_vma`` (copy the VMA,
 move the page tables, then unmap the old range unless MREMAP_DONTUNMAP) and
-``move_page_tables`` under one ``MMU_NOTIFY_UNMAP`` of the old range: whole pmds move
+``move_page_tables`` under one ``MMU_NOTIFY_UNMAP`` of the old range (7.3's
+``remap_move`` does this for every VMA of a fixed same-size move's range): whole pmds move
 when source and destination are 2 MiB aligned (a PMD-mapped THP stays PMD-mapped),
 other huge pmds are split, ptes move one by one with their state (device-private and
 migration entries included); the pages keep their anon index, so rmap still finds them.
@@ -202,6 +203,8 @@ def do_mremap(mm: MM, addr: int, old_len: int, new_len: int, flags: int, new_add
             new_len = (new_len + HPAGE_PMD_SIZE - 1) & PMD_MASK
             if addr & ~PMD_MASK or new_addr & ~PMD_MASK or new_len > old_len:
                 return -EINVAL
+        if flags & MREMAP_FIXED and old_len == new_len and mm.sys.profile.mremap_move_multiple_vmas:
+            return _remap_move(mm, addr, old_len, new_addr, flags)
         if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
             return _mremap_to(mm, addr, old_len, new_addr, new_len, flags)
         # in-place shrink / same size / (no expansion support beyond moving)
@@ -233,6 +236,47 @@ def do_mremap(mm: MM, addr: int, old_len: int, new_len: int, flags: int, new_add
         return _move_vma(mm, vma, addr, old_len, new_len, dst, flags)
     finally:
         mm.mmap_lock.up_write()
+
+
+def _remap_move(mm: MM, addr: int, length: int, new_addr: int, flags: int) -> int:
+    """``remap_move()`` (7.3, ``mremap_move_multiple_vmas``): a fixed move without resize
+    moves every VMA of ``[addr, addr + length)``, split at the range's edges, one
+    ``mremap_to()`` each, keeping the gaps between them; a gap at the start (or no VMA) is
+    ``-EFAULT``. A failure after the first VMA moved returns its errno and leaves the
+    moved VMAs moved, as the kernel does. Returns the first VMA's new address."""
+    if new_addr & (PAGE_SIZE - 1):
+        return -EINVAL
+    if length > TASK_SIZE or new_addr > TASK_SIZE - length:
+        return -EINVAL
+    if addr + length > new_addr and new_addr + length > addr:
+        return -EINVAL
+    end = addr + length
+    pieces: list[tuple[int, int]] = []
+    cur = addr
+    while cur < end:
+        vma = mm.find_vma(cur)
+        if vma is None or vma.vm_start >= end:
+            break
+        if not pieces and vma.vm_start > addr:
+            return -EFAULT
+        lo = max(vma.vm_start, addr)
+        pieces.append((lo, min(end, vma.vm_end) - lo))
+        cur = vma.vm_end
+    if not pieces:
+        return -EFAULT
+    res = -EFAULT
+    target = new_addr
+    last_end = pieces[0][0]
+    for k, (lo, n) in enumerate(pieces):
+        target += lo - last_end
+        last_end = lo + n
+        got = _mremap_to(mm, lo, n, target, n, flags)
+        if got < 0:
+            return got
+        if k == 0:
+            res = got
+        target = got + n
+    return res
 
 
 def _vma_to_resize(mm: MM, addr: int, old_len: int, new_len: int, flags: int) -> Vma | int:

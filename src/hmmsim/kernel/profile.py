@@ -55,6 +55,24 @@ class Profile:
     #: a write fault on a huge zero PMD allocates a THP (``do_huge_zero_wp_pmd``, 7.3);
     #: 6.12 splits the PMD and the write fault COWs one 4 KiB page
     huge_zero_wp_allocates_thp: bool
+    #: a write fault on a read-only pte of a PTE-mapped large anon folio reuses the page
+    #: (no copy, no MMU_NOTIFY_CLEAR) when every reference is a mapping of this mm
+    #: (7.3, ``mm/memory.c:__wp_can_reuse_large_anon_folio``); 6.12's
+    #: ``wp_can_reuse_anon_folio()`` copies every page of a large folio
+    wp_reuse_large_anon_folio: bool
+    #: ``mremap(MREMAP_FIXED)`` with old_len == new_len moves every VMA of the range,
+    #: keeping the gaps (7.3, ``mm/mremap.c:remap_move``); 6.12 returns -EFAULT when the
+    #: range is not inside one VMA
+    mremap_move_multiple_vmas: bool
+    #: ``struct mmu_interval_notifier_ops`` has ``invalidate_start``/``invalidate_finish``:
+    #: two-pass interval invalidation, every finish pass after all first passes
+    #: (7.3, ``mm/mmu_notifier.c:mn_itree_invalidate``/``mn_itree_finish_pass``)
+    mmu_interval_two_pass: bool
+    #: MADV_DONTNEED frees a pte table whose whole 2 MiB span it emptied and clears the
+    #: pmd (7.3, CONFIG_PT_RECLAIM: ``madvise_dontneed_single_vma`` zaps with
+    #: ``reclaim_pt``, ``mm/memory.c:zap_pte_range``), so the next fault there can map a
+    #: THP or the huge zero page; 6.12 keeps the empty table (4 KiB faults from then on)
+    madv_dontneed_frees_pte_tables: bool
     #: entries of dmirror's on-stack pfn arrays in ``dmirror_fault``/``dmirror_snapshot``
     #: (64 in 6.12, 32 in 7.3)
     dmirror_window: int
@@ -93,6 +111,10 @@ KERNELS: dict[str, Profile] = {
         hmm_device_private_pmd=False,
         pte_devmap=True,
         huge_zero_wp_allocates_thp=False,
+        wp_reuse_large_anon_folio=False,
+        mremap_move_multiple_vmas=False,
+        mmu_interval_two_pass=False,
+        madv_dontneed_frees_pte_tables=False,
         dmirror_window=64,
         dmirror_flags_cmd=False,
         dmirror_read_unlocked_cmd=False,
@@ -110,6 +132,10 @@ KERNELS: dict[str, Profile] = {
         hmm_device_private_pmd=True,
         pte_devmap=False,
         huge_zero_wp_allocates_thp=True,
+        wp_reuse_large_anon_folio=True,
+        mremap_move_multiple_vmas=True,
+        mmu_interval_two_pass=True,
+        madv_dontneed_frees_pte_tables=True,
         dmirror_window=32,
         dmirror_flags_cmd=True,
         dmirror_read_unlocked_cmd=True,

@@ -15,16 +15,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from .page_types import HPAGE_PMD_NR, PAGE_SHIFT
+from .page_types import HPAGE_PMD_NR, PAGE_SHIFT, PMD_SIZE
+from .pgtable import _PAGE_PRESENT, PTE_PFN_MASK, pmd_leaf, pte_pfn, pte_present
 from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked, PhysMem
 
 if TYPE_CHECKING:
+    from .mm import MM
     from .vma import Vma
+
+_U = np.uint64
 
 __all__ = (
     "AnonVma", "anon_vma_fork", "anon_vma_prepare", "folio_add_file_rmap_ptes",
     "folio_add_new_anon_rmap", "folio_add_new_anon_rmap_pmd", "folio_add_new_anon_rmap_ptes",
-    "folio_dup_file_rmap_ptes", "folio_remove_rmap_pmd", "folio_remove_rmap_ptes",
+    "folio_dup_file_rmap_ptes", "folio_maybe_mapped_shared", "folio_remove_rmap_pmd",
+    "folio_remove_rmap_ptes",
     "folio_try_dup_anon_rmap_pmd", "folio_try_dup_anon_rmap_ptes", "rmap_walk",
     "unlink_anon_vmas",
 )
@@ -159,6 +164,44 @@ def folio_remove_rmap_pmd(mem: PhysMem, head: int) -> None:
 
 
 # -- rmap walk -------------------------------------------------------------------------------
+def folio_maybe_mapped_shared(mm: "MM", head: int) -> bool:
+    """Whether a VMA of another mm than *mm* maps a page of the large anon folio *head*
+    (PMD- or PTE-mapped): what ``folio_maybe_mapped_shared()`` reads from 7.3's
+    ``FOLIO_MM_IDS_SHARED_BIT`` (6.12's ``folio_likely_mapped_shared()`` guesses it from
+    the first page's mapcount). Looks at the page tables of the folio's anon_vma VMAs."""
+    sys = mm.sys
+    mem = sys.mem
+    av = mem.mapping_obj(int(mem.mapping[head]))
+    if not isinstance(av, AnonVma):
+        return False
+    nr = mem.folio_nr_pages(head)
+    first = int(mem.index[head])
+    for other in list(av.vmas):
+        if other.vm_mm is mm:
+            continue
+        lo = max(other.address_of_index(first), other.vm_start)
+        hi = min(other.address_of_index(first + nr), other.vm_end)
+        addr = lo
+        while addr < hi:
+            nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), hi)
+            pmd = other.vm_mm.pmd_ref(addr)
+            e = pmd.get() if pmd is not None else 0
+            if e and pmd_leaf(e):
+                if pte_present(e) and mem.compound_head(pte_pfn(e)) == head:
+                    return True
+            elif e:
+                tid = other.vm_mm.pte_table(pmd)
+                if tid >= 0:
+                    i0 = (addr >> PAGE_SHIFT) & 511
+                    seg = sys.pt.table(tid)[i0:i0 + ((nxt - addr) >> PAGE_SHIFT)]
+                    pfns = (seg & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)
+                    hit = ((seg & _U(_PAGE_PRESENT)) != 0) & (pfns >= _U(head)) & (pfns < _U(head + nr))
+                    if hit.any():
+                        return True
+            addr = nxt
+    return False
+
+
 def rmap_walk(mem: PhysMem, pfn: int) -> Iterator[tuple["Vma", int]]:
     """``rmap_walk()``: every (vma, address) that may map page *pfn* (the caller checks the
     page table). Anonymous pages: the VMAs on the folio's anon_vma; file pages: the

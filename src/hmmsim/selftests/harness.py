@@ -9,6 +9,13 @@ process, and its teardown checks that ``close()`` returns 0, as the C fixtures d
 :func:`run_tests` prints the kselftest TAP output (``# RUN``, ``ok N name``,
 ``# PASSED: x / y tests passed.``, ``# Totals: ...``) or returns the results for JSON.
 
+The port is per release: :data:`HMM_TESTS_C` lists every ``TEST_F`` of each release's
+hmm-tests.c in file order, and :func:`select_tests` picks the function ported for that
+release (a ``TEST_F`` whose body changed between releases is registered once per release).
+A test of the release that the model cannot run yet is still listed and run as a SKIP
+whose reason is in :data:`NOT_MODELLED`. An unknown test or variant name raises
+:class:`UnknownSelection`, which names it and lists the valid ones.
+
 >>> selected = select_tests(["open_close"])
 >>> [f"{fixture}.{v.name}.{name}" for fixture, name, _fn, v in selected]
 ['hmm.hmm_device_private.open_close', 'hmm.hmm_device_coherent.open_close']
@@ -34,6 +41,7 @@ from typing import Any, TextIO
 
 from ..drivers.dmirror import dmirror_open
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE
+from ..kernel.profile import DEFAULT_KERNEL
 from ..kernel.system import SystemConfig
 from ..process import Process
 from ..scenario.run import reference_config
@@ -41,9 +49,10 @@ from ..system import System
 
 __all__ = (
     "ASSERT_EQ", "ASSERT_FALSE", "ASSERT_GE", "ASSERT_GT", "ASSERT_LE", "ASSERT_LT", "ASSERT_NE",
-    "ASSERT_TRUE", "EXPECT_EQ", "EXPECT_NE", "SKIP", "TESTS", "TEST_F", "TestFailure", "TestResult",
-    "TestSkipped", "UnknownSelection", "VARIANTS", "Variant", "ported_variants", "run_test", "run_tests",
-    "select_tests",
+    "ASSERT_TRUE", "EXPECT_EQ", "EXPECT_NE", "HMM_TESTS_C", "HUGETLB_SETUP_DEFAULT_PAGES", "NEEDS_MIGRATION", "NOT_MODELLED", "SKIP",
+    "TESTS", "TEST_F", "TestFailure", "TestResult", "TestSkipped", "UnknownSelection", "VARIANTS",
+    "Variant", "run_test",
+    "run_tests", "select_tests",
 )
 
 
@@ -73,14 +82,69 @@ VARIANTS: dict[str, list[Variant]] = {
 }
 
 TestFn = Callable[[Any, Variant], None]
-#: every ``TEST_F``, in definition order: (fixture, name, function)
-TESTS: list[tuple[str, str, TestFn]] = []
+#: every ported ``TEST_F``, in definition order: (fixture, name, function, releases whose
+#: hmm-tests.c has this body)
+TESTS: list[tuple[str, str, TestFn, tuple[str, ...]]] = []
+
+_MIRROR_612 = (
+    ("hmm", "open_close"), ("hmm", "anon_read"), ("hmm", "anon_read_prot"), ("hmm", "anon_write"),
+    ("hmm", "anon_write_prot"), ("hmm", "anon_write_child"), ("hmm", "anon_write_child_shared"),
+    ("hmm", "anon_write_huge"), ("hmm", "anon_write_hugetlbfs"), ("hmm", "file_read"),
+    ("hmm", "file_write"), ("hmm", "migrate"), ("hmm", "migrate_file_private"),
+    ("hmm", "migrate_fault"), ("hmm", "migrate_release"), ("hmm", "migrate_shared"),
+    ("hmm2", "migrate_mixed"), ("hmm", "migrate_multiple"), ("hmm", "anon_read_multiple"),
+    ("hmm", "anon_teardown"), ("hmm", "mixedmap"), ("hmm2", "snapshot"), ("hmm", "compound"),
+    ("hmm2", "double_map"), ("hmm", "exclusive"), ("hmm", "exclusive_mprotect"),
+    ("hmm", "exclusive_cow"), ("hmm", "hmm_gup_test"), ("hmm", "hmm_cow_in_device"),
+)
+
+#: every ``TEST_F`` of each release's tools/testing/selftests/mm/hmm-tests.c, in file order
+#: (6.12: 29; 7.3: 39, the device-THP migration tests, a THP migration benchmark and
+#: ``userfaultfd_read`` added at the end)
+HMM_TESTS_C: dict[str, tuple[tuple[str, str], ...]] = {
+    "6.12": _MIRROR_612,
+    "7.3": _MIRROR_612 + (
+        ("hmm", "migrate_anon_huge_empty"), ("hmm", "migrate_anon_huge_zero"),
+        ("hmm", "migrate_anon_huge_free"), ("hmm", "migrate_anon_huge_fault"),
+        ("hmm", "migrate_partial_unmap_fault"), ("hmm", "migrate_remap_fault"),
+        ("hmm", "migrate_anon_huge_err"), ("hmm", "migrate_anon_huge_zero_err"),
+        ("hmm", "benchmark_thp_migration"), ("hmm", "userfaultfd_read"),
+    ),
+}
+
+#: ``HUGETLB_SETUP_DEFAULT_PAGES(n)`` of each release's hmm-tests.c (7.3: 1): before the
+#: tests the harness makes sure the default hstate has at least *n* free huge pages,
+#: growing ``nr_hugepages`` if needed (modelled from the macro's name and use:
+#: selftests/mm/hugepage_settings.h is not in the source tree at hand)
+HUGETLB_SETUP_DEFAULT_PAGES: dict[str, int] = {"6.12": 0, "7.3": 1}
+
+#: the SKIP reason of a test that needs device memory migration
+NEEDS_MIGRATION = "needs device memory migration: not modelled yet"
+
+#: why a listed test is not run: everything in :data:`HMM_TESTS_C` without a ported body
+NOT_MODELLED: dict[str, str] = {
+    **{n: NEEDS_MIGRATION for n in (
+        "migrate", "migrate_file_private", "migrate_fault", "migrate_release", "migrate_shared",
+        "migrate_mixed", "migrate_multiple", "snapshot", "double_map", "hmm_gup_test",
+        "hmm_cow_in_device", "migrate_anon_huge_empty", "migrate_anon_huge_zero",
+        "migrate_anon_huge_free", "migrate_anon_huge_fault", "migrate_partial_unmap_fault",
+        "migrate_remap_fault", "migrate_anon_huge_err", "migrate_anon_huge_zero_err",
+        "benchmark_thp_migration")},
+    **{n: "needs device-exclusive access (HMM_DMIRROR_EXCLUSIVE): not modelled yet"
+       for n in ("exclusive", "exclusive_mprotect", "exclusive_cow")},
+    "userfaultfd_read": "needs userfaultfd and HMM_DMIRROR_READ_UNLOCKED: not modelled yet",
+}
 
 
-def TEST_F(fixture: str, name: str) -> Callable[[TestFn], TestFn]:
-    """Register ``TEST_F(fixture, name)``; the function takes ``(self, variant)``."""
+def TEST_F(fixture: str, name: str, releases: tuple[str, ...] | None = None) -> Callable[[TestFn], TestFn]:
+    """Register ``TEST_F(fixture, name)``; the function takes ``(self, variant)``.
+    *releases*: the releases whose hmm-tests.c has this body (default: every release
+    listing the test in :data:`HMM_TESTS_C`)."""
+    rel = releases if releases is not None else tuple(
+        k for k, tests in HMM_TESTS_C.items() if (fixture, name) in tests)
+
     def deco(fn: TestFn) -> TestFn:
-        TESTS.append((fixture, name, fn))
+        TESTS.append((fixture, name, fn, rel))
         return fn
     return deco
 
@@ -173,6 +237,10 @@ class FixtureState:
 
 def _setup(variant: Variant, config: SystemConfig | None) -> FixtureState:
     sys = System(config or reference_config())
+    want = HUGETLB_SETUP_DEFAULT_PAGES[sys.profile.name]
+    pool = sys.hugetlb
+    if pool.free_huge_pages < want:
+        pool.set_max_huge_pages(pool.nr_huge_pages + want - pool.free_huge_pages)
     proc = sys.spawn("hmm-tests")
     self = FixtureState(sys, proc)
     if variant.fixture == "hmm":
@@ -244,41 +312,52 @@ class UnknownSelection(ValueError):
     lists the valid ones)."""
 
 
-def ported_variants() -> list[str]:
-    """The variant names that have at least one ported test, in :data:`VARIANTS` order."""
+def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
+                 kernel: str = DEFAULT_KERNEL) -> list[tuple[str, str, TestFn, Variant]]:
+    """Every (fixture, test, function, variant) of release *kernel*'s hmm-tests.c in the
+    order its harness runs them (fixture by fixture, variant by variant, tests in file
+    order), filtered by test names (``anon_read`` or ``hmm.hmm_device_private.anon_read``)
+    and variant names. A test without a ported body gets a
+    function that SKIPs with its :data:`NOT_MODELLED` reason."""
     from . import hmm_tests  # noqa: F401  (registers the TEST_Fs)
-    fixtures = {fixture for fixture, _name, _fn in TESTS}
-    return [v.name for f, vs in VARIANTS.items() if f in fixtures for v in vs]
-
-
-def select_tests(names: Iterable[str] = (), variants: Iterable[str] = ()) -> list[tuple[str, str, TestFn, Variant]]:
-    """Every (fixture, test, function, variant), filtered by test and variant names. A
-    test name is ``TEST`` or the full ``FIXTURE.VARIANT.TEST`` that ``-l`` prints; an
-    unknown test or variant, or a selection that matches nothing, raises
-    :class:`UnknownSelection`."""
-    from . import hmm_tests  # noqa: F401  (registers the TEST_Fs)
-    names = list(names)
-    variants = list(variants)
-    every = [(fixture, name, fn, v) for fixture, name, fn in TESTS for v in VARIANTS[fixture]]
-    all_variants = [v.name for vs in VARIANTS.values() for v in vs]
-    for want in variants:
+    names = set(names)
+    variants = set(variants)
+    ported = {(f, n): fn for f, n, fn, rel in TESTS if kernel in rel}
+    tests = HMM_TESTS_C[kernel]
+    all_variants = [v.name for f in dict.fromkeys(f for f, _n in tests) for v in VARIANTS[f]]
+    for want in sorted(variants):
         if want not in all_variants:
             raise UnknownSelection(f"unknown variant {want!r}; valid variants: {', '.join(all_variants)}")
-        if want not in ported_variants():
-            raise UnknownSelection(f"no ported test runs on variant {want!r} yet; variants with tests: "
-                                   f"{', '.join(ported_variants())}")
-    short = {name for _f, name, _fn, _v in every}
-    full = {f"{f}.{v.name}.{name}" for f, name, _fn, v in every}
-    for want in names:
+    short = dict.fromkeys(n for _f, n in tests)
+    full = {f"{f}.{v.name}.{n}" for f, n in tests for v in VARIANTS[f]}
+    for want in sorted(names):
         if want not in short and want not in full:
-            raise UnknownSelection(f"unknown test {want!r}; valid tests: {', '.join(sorted(short))} "
-                                   "(or FIXTURE.VARIANT.TEST as 'hmmsim selftest -l' prints)")
-    out = [(f, name, fn, v) for f, name, fn, v in every
-           if (not names or name in names or f"{f}.{v.name}.{name}" in names)
-           and (not variants or v.name in variants)]
+            raise UnknownSelection(f"unknown test {want!r} in {kernel}'s hmm-tests.c; valid tests: "
+                                   f"{', '.join(short)} (or FIXTURE.VARIANT.TEST as "
+                                   "'hmmsim selftest -l' prints)")
+    out = []
+    for fixture in dict.fromkeys(f for f, _n in tests):
+        for v in VARIANTS[fixture]:
+            if variants and v.name not in variants:
+                continue
+            for f, name in tests:
+                if f != fixture or (names and not names & {name, f"{f}.{v.name}.{name}"}):
+                    continue
+                fn = ported.get((f, name)) or _not_modelled(name)
+                out.append((fixture, name, fn, v))
     if not out:
-        raise UnknownSelection(f"no test matches tests {', '.join(names)} on variants {', '.join(variants)}")
+        raise UnknownSelection(f"no test matches tests {', '.join(sorted(names))} on variants "
+                               f"{', '.join(sorted(variants))}")
     return out
+
+
+def _not_modelled(name: str) -> TestFn:
+    reason = NOT_MODELLED[name]
+
+    def skip(self: Any, variant: Variant) -> None:
+        SKIP(reason)
+    skip.__name__ = name
+    return skip
 
 
 def run_tests(selected: list[tuple[str, str, TestFn, Variant]], out: TextIO | None = None,

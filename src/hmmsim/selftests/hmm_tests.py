@@ -6,8 +6,12 @@ process, ``self.fd``/``self.fd0``/``self.fd1`` its open devices); memory the C c
 gets from ``malloc``/``mmap`` is mapped in ``self.proc``, and ``int *ptr`` loops become
 numpy arrays of int32 written and read through the simulated CPU.
 
-Tests that need device memory migration (migrate*, exclusive*, hmm_gup_test,
-hmm_cow_in_device, snapshot, double_map) arrive with migration support.
+The port is per release (``harness.HMM_TESTS_C``): a ``TEST_F`` whose body differs
+between 6.12's and 7.3's hmm-tests.c (``anon_write_child``, ``anon_write_hugetlbfs``,
+``compound``) is registered once per release. Tests that need device memory migration
+(migrate*, hmm_gup_test, hmm_cow_in_device, snapshot, double_map, 7.3's device-THP
+tests), device-exclusive access (exclusive*) or userfaultfd (7.3's userfaultfd_read) are
+listed and SKIP with the reason in ``harness.NOT_MODELLED``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from .harness import (
     ASSERT_EQ,
     ASSERT_GE,
     ASSERT_NE,
+    NEEDS_MIGRATION,
     SKIP,
     TEST_F,
     FixtureState,
@@ -286,70 +291,113 @@ def anon_write_prot(self: FixtureState, variant: Variant) -> None:
     hmm_buffer_free(p, buffer)
 
 
-@TEST_F("hmm", "anon_write_child")
+@TEST_F("hmm", "anon_write_child", releases=("6.12",))
 def anon_write_child(self: FixtureState, variant: Variant) -> None:
+    """Check that a device writing an anonymous private mapping
+    will copy-on-write if a child process inherits the mapping.
+
+    6.12's body: one buffer of ``HMM_BUFFER_SIZE``, no THP, no migration."""
+    p = self.proc
+    npages = ALIGN(HMM_BUFFER_SIZE, self.page_size) >> self.page_shift
+    ASSERT_NE(npages, 0)
+    size = npages << self.page_shift
+    n = size // 4
+
+    buffer = _new_buffer(p, size)
+    buffer.ptr = p.mmap(size, "rw")
+
+    # Initialize buffer->ptr so we can tell if it is written.
+    set_ints(p, buffer.ptr, np.arange(n))
+    # Initialize data that the device will write to buffer->ptr.
+    set_ints(p, buffer.mirror, -np.arange(n))
+
+    child = p.fork()
+    try:
+        _anon_write_child_in_child(self, child, buffer, npages, migrate=0)
+    finally:
+        # exit(0), or the abort() of a failed child ASSERT: either way the parent's
+        # waitpid() reaps a dead child, and a failure fails the test.
+        child.exit()
+
+    # Check that the parent's buffer did not change.
+    ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
+    # (the C parent returns here without hmm_buffer_free())
+
+
+def _anon_write_child_in_child(self: FixtureState, child: Process, buffer: HmmBuffer,
+                               npages: int, migrate: int) -> None:
+    """The child's side of ``anon_write_child`` (both releases)."""
+    n = (npages << self.page_shift) // 4
+    # Check that we see the parent's values.
+    ASSERT_ARRAY_EQ(ints(child, buffer.ptr, n), np.arange(n))
+    if not migrate:
+        ASSERT_ARRAY_EQ(ints(child, buffer.mirror, n), -np.arange(n))
+
+    # The child process needs its own mirror to its own mm.
+    child_fd = hmm_open(child, 0)
+    ASSERT_GE(child_fd, 0)
+
+    # Simulate a device writing system memory.
+    ret = hmm_dmirror_cmd(child, child_fd, HMM_DMIRROR_WRITE, buffer, npages)
+    ASSERT_EQ(ret, 0)
+    ASSERT_EQ(buffer.cpages, npages)
+    ASSERT_EQ(buffer.faults, 1)
+
+    # Check what the device wrote.
+    if not migrate:
+        ASSERT_ARRAY_EQ(ints(child, buffer.ptr, n), -np.arange(n))
+
+    child.close(child_fd)
+
+
+@TEST_F("hmm", "anon_write_child", releases=("7.3",))
+def anon_write_child_7_3(self: FixtureState, variant: Variant) -> None:
     """Check that a device writing an anonymous private mapping
     will copy-on-write if a child process inherits the mapping.
 
     Also verifies after fork() memory the device can be read by child.
 
-    Only the ``migrate = 0`` half of the kernel's loop: MIGRATE_TO_DEV is not modelled yet.
+    7.3's body loops over ``migrate`` and ``use_thp``. The ``migrate = 0`` half runs
+    (both buffer kinds); the ``migrate = 1`` half starts with MIGRATE_TO_DEV, so the test
+    then ends as a SKIP (``NEEDS_MIGRATION``) instead of passing.
     """
     p = self.proc
-    migrate = 0
-    for use_thp in range(2):
-        npages = ALIGN(read_pmd_pagesize() if use_thp else HMM_BUFFER_SIZE,
-                       self.page_size) >> self.page_shift
-        ASSERT_NE(npages, 0)
-        size = npages << self.page_shift
-        n = size // 4
+    for migrate in range(2):
+        if migrate:
+            SKIP(f"{NEEDS_MIGRATION} (the migrate = 1 half; the migrate = 0 half passed)")
+        for use_thp in range(2):
+            npages = ALIGN(read_pmd_pagesize() if use_thp else HMM_BUFFER_SIZE,
+                           self.page_size) >> self.page_shift
+            ASSERT_NE(npages, 0)
+            size = npages << self.page_shift
+            n = size // 4
 
-        buffer = _new_buffer(p, size * 2, mirror_size=size)
-        buffer.ptr = p.mmap(size * 2, "rw")
+            buffer = _new_buffer(p, size * 2, mirror_size=size)
+            buffer.ptr = p.mmap(size * 2, "rw")
 
-        old_ptr = buffer.ptr
-        if use_thp:
-            map_ = ALIGN(buffer.ptr, size)
-            p.madvise(map_, size, "hugepage")
-            buffer.ptr = map_
+            old_ptr = buffer.ptr
+            if use_thp:
+                map_ = ALIGN(buffer.ptr, size)
+                p.madvise(map_, size, "hugepage")
+                buffer.ptr = map_
 
-        # Initialize buffer->ptr so we can tell if it is written.
-        set_ints(p, buffer.ptr, np.arange(n))
-        # Initialize data that the device will write to buffer->ptr.
-        set_ints(p, buffer.mirror, -np.arange(n))
+            # Initialize buffer->ptr so we can tell if it is written.
+            set_ints(p, buffer.ptr, np.arange(n))
+            # Initialize data that the device will write to buffer->ptr.
+            set_ints(p, buffer.mirror, -np.arange(n))
 
-        child = p.fork()
-        try:
-            # Check that we see the parent's values.
-            ASSERT_ARRAY_EQ(ints(child, buffer.ptr, n), np.arange(n))
-            if not migrate:
-                ASSERT_ARRAY_EQ(ints(child, buffer.mirror, n), -np.arange(n))
+            child = p.fork()
+            try:
+                _anon_write_child_in_child(self, child, buffer, npages, migrate)
+            finally:
+                # _exit(0), or the abort() of a failed child ASSERT (see above)
+                child.exit()
 
-            # The child process needs its own mirror to its own mm.
-            child_fd = hmm_open(child, 0)
-            ASSERT_GE(child_fd, 0)
+            # Check that the parent's buffer did not change.
+            ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
 
-            # Simulate a device writing system memory.
-            ret = hmm_dmirror_cmd(child, child_fd, HMM_DMIRROR_WRITE, buffer, npages)
-            ASSERT_EQ(ret, 0)
-            ASSERT_EQ(buffer.cpages, npages)
-            ASSERT_EQ(buffer.faults, 1)
-
-            # Check what the device wrote.
-            if not migrate:
-                ASSERT_ARRAY_EQ(ints(child, buffer.ptr, n), -np.arange(n))
-
-            child.close(child_fd)
-        finally:
-            # _exit(0), or the abort() of a failed child ASSERT: either way the parent's
-            # waitpid() reaps a dead child, and a failure fails the test.
-            child.exit()
-
-        # Check that the parent's buffer did not change.
-        ASSERT_ARRAY_EQ(ints(p, buffer.ptr, n), np.arange(n))
-
-        buffer.ptr = old_ptr
-        hmm_buffer_free(p, buffer)
+            buffer.ptr = old_ptr
+            hmm_buffer_free(p, buffer)
 
 
 @TEST_F("hmm", "anon_write_child_shared")
@@ -429,12 +477,26 @@ def anon_write_huge(self: FixtureState, variant: Variant) -> None:
     hmm_buffer_free(p, buffer)
 
 
-@TEST_F("hmm", "anon_write_hugetlbfs")
+@TEST_F("hmm", "anon_write_hugetlbfs", releases=("6.12",))
 def anon_write_hugetlbfs(self: FixtureState, variant: Variant) -> None:
-    """Write huge TLBFS page."""
+    """Write huge TLBFS page.
+
+    6.12's body: no free-huge-page check (a failed mmap is the SKIP)."""
+    _anon_write_hugetlbfs(self, check_free=False)
+
+
+@TEST_F("hmm", "anon_write_hugetlbfs", releases=("7.3",))
+def anon_write_hugetlbfs_7_3(self: FixtureState, variant: Variant) -> None:
+    """Write huge TLBFS page.
+
+    7.3's body SKIPs "Not enough huge pages" first when HugePages_Free is 0."""
+    _anon_write_hugetlbfs(self, check_free=True)
+
+
+def _anon_write_hugetlbfs(self: FixtureState, check_free: bool) -> None:
     p = self.proc
     default_hsize = default_huge_page_size()
-    if not hugetlb_free_default_pages(self):
+    if check_free and not hugetlb_free_default_pages(self):
         SKIP("Not enough huge pages")
 
     size = ALIGN(TWOMEG, default_hsize)
@@ -648,15 +710,31 @@ def mixedmap(self: FixtureState, variant: Variant) -> None:
     hmm_buffer_free(p, buffer)
 
 
-@TEST_F("hmm", "compound")
+@TEST_F("hmm", "compound", releases=("6.12",))
 def compound(self: FixtureState, variant: Variant) -> None:
     """Test the hmm_range_fault() handling of large pages (PMD or PUD)
-    that should be mapped by a large page table entry."""
+    that should be mapped by a large page table entry.
+
+    6.12's body: when the hugetlb mmap fails the test returns (and so passes)."""
+    _compound(self, check_free=False)
+
+
+@TEST_F("hmm", "compound", releases=("7.3",))
+def compound_7_3(self: FixtureState, variant: Variant) -> None:
+    """Test the hmm_range_fault() handling of large pages (PMD or PUD)
+    that should be mapped by a large page table entry.
+
+    7.3's body SKIPs "Not enough huge pages" when HugePages_Free is 0 and "Huge page
+    could not be allocated" when the mmap fails."""
+    _compound(self, check_free=True)
+
+
+def _compound(self: FixtureState, check_free: bool) -> None:
     p = self.proc
     default_hsize = default_huge_page_size()
 
     # Skip test if we can't allocate a hugetlbfs page.
-    if not hugetlb_free_default_pages(self):
+    if check_free and not hugetlb_free_default_pages(self):
         SKIP("Not enough huge pages")
 
     size = ALIGN(TWOMEG, default_hsize)
@@ -667,6 +745,8 @@ def compound(self: FixtureState, variant: Variant) -> None:
     try:
         buffer.ptr = p.mmap(size, "rw", hugetlb=True)
     except HmmError:
+        if check_free:
+            SKIP("Huge page could not be allocated")
         return
 
     buffer.size = size
