@@ -279,3 +279,78 @@ def test_page_table_store_views_stay_valid_while_growing() -> None:
     assert pt.nr_tables == 1
 
 
+
+
+# -- PMD predicates and device-private PMD entries ---------------------------------------------
+from hmmsim.kernel.migrate import is_pmd_migration_entry  # noqa: E402
+from hmmsim.kernel.pgtable import (  # noqa: E402
+    _PAGE_DEVMAP, decode_pte_table, is_pmd_device_private_entry, is_swap_pmd, pmd_devmap,
+    pmd_none, pmd_present, pmd_to_swp_entry, pmd_trans_huge, pte_is_uffd_wp_marker,
+    swp_entry_to_pmd,
+)
+
+
+def test_pmd_none_present_swap_trans_huge() -> None:
+    thp = pfn_pte(0x200, PAGE_SHARED) | _PAGE_PSE
+    table = mk_table_entry(7)
+    mig = swp_entry_to_pmd(make_writable_migration_entry(0x400))
+    dpriv = swp_entry_to_pmd(make_writable_device_private_entry(0x800))
+    numa = pfn_pte(0x200, PAGE_NONE) | _PAGE_PSE
+    dax = thp | _PAGE_DEVMAP
+    assert pmd_none(0) and not any(pmd_none(e) for e in (thp, table, mig, dpriv))
+    assert [pmd_present(e) for e in (0, thp, table, mig, dpriv, numa)] == [False, True, True, False, False, True]
+    assert [is_swap_pmd(e) for e in (0, thp, table, mig, dpriv, numa)] == [False, False, False, True, True, False]
+    assert [pmd_trans_huge(e) for e in (thp, table, mig, dpriv, numa, dax)] == [True, False, False, False, True, False]
+    assert pmd_devmap(dax) and not pmd_devmap(thp) and pmd_leaf(dax)
+    # swap-format PMDs keep _PAGE_PSE like the model's migration entries, and decode like ptes
+    assert is_pmd_migration_entry(mig) and not is_pmd_migration_entry(dpriv)
+    assert is_pmd_device_private_entry(dpriv) and not is_pmd_device_private_entry(mig)
+    e = pmd_to_swp_entry(dpriv)
+    assert is_writable_device_private_entry(e) and swp_offset_pfn(e) == 0x800
+    assert not is_pmd_device_private_entry(thp) and not is_pmd_device_private_entry(0)
+
+
+def test_pte_is_uffd_wp_marker() -> None:
+    assert pte_is_uffd_wp_marker(swp_entry_to_pte(make_pte_marker_entry(PTE_MARKER_UFFD_WP)))
+    assert not pte_is_uffd_wp_marker(swp_entry_to_pte(make_pte_marker_entry(PTE_MARKER_GUARD)))
+    assert not pte_is_uffd_wp_marker(0) and not pte_is_uffd_wp_marker(pfn_pte(1, PAGE_SHARED))
+
+
+_KINDS = [
+    0, pfn_pte(5, PAGE_SHARED), pfn_pte(6, PAGE_READONLY), pfn_pte(7, PAGE_NONE),
+    pte_mkspecial(pfn_pte(8, PAGE_READONLY)), pfn_pte(9, PAGE_SHARED) | _PAGE_DEVMAP | _PAGE_SPECIAL,
+    swp_entry_to_pte(swp_entry(3, 0x77)), swp_entry_to_pte(make_hwpoison_entry(10)),
+    swp_entry_to_pte(make_readable_migration_entry(11)), swp_entry_to_pte(make_writable_migration_entry(12)),
+    swp_entry_to_pte(make_readable_device_private_entry(13)),
+    swp_entry_to_pte(make_writable_device_private_entry(14)),
+    swp_entry_to_pte(make_writable_device_exclusive_entry(15)),
+    swp_entry_to_pte(make_pte_marker_entry(PTE_MARKER_UFFD_WP)),
+    swp_entry_to_pte(make_pte_marker_entry(PTE_MARKER_GUARD)),
+    swp_entry_to_pte(make_pte_marker_entry(PTE_MARKER_POISONED)) | _PAGE_SWP_UFFD_WP,
+]
+
+
+@given(st.lists(st.sampled_from(range(len(_KINDS))), min_size=1, max_size=512))
+def test_decode_pte_table_matches_the_scalar_predicates(idx: list[int]) -> None:
+    tbl = np.array([_KINDS[i] for i in idx], np.uint64)
+    d = decode_pte_table(tbl)
+    for k, pte in enumerate(_KINDS[i] for i in idx):
+        swp = is_swap_pte(pte)
+        e = pte_to_swp_entry(pte)
+        assert d.none[k] == pte_none(pte) and d.present[k] == pte_present(pte) and d.swap[k] == swp
+        assert d.protnone[k] == pte_protnone(pte)
+        assert d.write[k] == (pte_present(pte) and pte_write(pte))
+        assert d.special[k] == (pte_present(pte) and pte_special(pte))
+        assert d.devmap[k] == (pte_present(pte) and bool(pte & _PAGE_DEVMAP))
+        assert d.marker[k] == (swp and is_pte_marker_entry(e))
+        assert d.uffd_wp_marker[k] == pte_is_uffd_wp_marker(pte)
+        assert d.device_private[k] == (swp and is_device_private_entry(e))
+        assert d.device_private_write[k] == (swp and is_writable_device_private_entry(e))
+        assert d.device_exclusive[k] == (swp and is_device_exclusive_entry(e))
+        assert d.migration[k] == (swp and is_migration_entry(e))
+        assert d.hwpoison[k] == (swp and is_hwpoison_entry(e))
+        assert d.real_swap[k] == (swp and not non_swap_entry(e))
+        if pte_present(pte):
+            assert d.pfn[k] == pte_pfn(pte)
+        elif swp and non_swap_entry(e) and not is_pte_marker_entry(e):
+            assert d.pfn[k] == swp_offset_pfn(e)

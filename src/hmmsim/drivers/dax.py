@@ -98,7 +98,8 @@ def dev_dax_mmap(file: File, vma: "Vma") -> int:
 
 
 def dev_dax_huge_fault(vmf: "VmFault", order: int) -> int:
-    """``dev_dax_huge_fault()``: insert a devmap leaf of the device's alignment."""
+    """``dev_dax_huge_fault()``: insert a leaf of the device's alignment (a devmap leaf on
+    kernels that have devmap, ``profile.pte_devmap``)."""
     vma = vmf.vma
     assert vma.vm_file is not None
     dax: DevDax = vma.vm_file.private_data
@@ -109,7 +110,8 @@ def dev_dax_huge_fault(vmf: "VmFault", order: int) -> int:
     pgoff = vma.linear_page_index(base)
     if pgoff + (size >> PAGE_SHIFT) > dax.nr_pages:
         return VM_FAULT_SIGBUS
-    e = pte_mkyoung(pfn_pte(dax.start_pfn + pgoff, vma.vm_page_prot) | _PAGE_PSE | _PAGE_DEVMAP)
+    devmap = _PAGE_DEVMAP if vma.vm_mm.sys.profile.pte_devmap else 0
+    e = pte_mkyoung(pfn_pte(dax.start_pfn + pgoff, vma.vm_page_prot) | _PAGE_PSE | devmap)
     if vmf.flags & FAULT_FLAG_WRITE and vma.vm_flags & VM_WRITE:
         e |= _PAGE_RW | _PAGE_DIRTY
     mm = vma.vm_mm

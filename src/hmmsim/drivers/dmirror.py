@@ -30,14 +30,14 @@ import numpy.typing as npt
 
 from ..hmm.hmm import (
     HMM_PFN_ERROR,
-    HMM_PFN_FLAGS,
-    HMM_PFN_ORDER_MASK,
-    HMM_PFN_ORDER_SHIFT,
     HMM_PFN_REQ_FAULT,
     HMM_PFN_REQ_WRITE,
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     HmmRange,
+    hmm_pfn_layout,
+    hmm_pfn_to_map_order,
+    hmm_pfn_to_pfn,
     hmm_range_fault,
 )
 from ..kernel.bug import KernelOops, NotSupportedError
@@ -338,7 +338,8 @@ def dmirror_do_fault(dmirror: Dmirror, r: HmmRange) -> int:
     if r.default_flags & HMM_PFN_REQ_WRITE and not writable.all():
         stop = int(np.argmin(writable))
         dmirror.sys.stats.add("dmirror.warn_readonly_write")
-    page = (pfns[:stop] & np.uint64(~HMM_PFN_FLAGS & ULONG_MAX)).astype(np.int64)
+    layout = hmm_pfn_layout(dmirror.sys.profile)
+    page = (pfns[:stop] & np.uint64(~layout.flags & ULONG_MAX)).astype(np.int64)
     vals = (page << 2) | np.where(writable[:stop], DPT_XA_TAG_WRITE, 0)
     dmirror.pt.store_range(r.start >> PAGE_SHIFT, vals)
     return -EFAULT if stop < n else 0
@@ -505,6 +506,7 @@ def dmirror_mkentry(dmirror: Dmirror, entries: npt.NDArray[np.uint64]) -> npt.ND
     sys = dmirror.sys
     n = len(entries)
     out = np.zeros(n, np.uint8)
+    layout = hmm_pfn_layout(sys.profile)
     for i in range(n):
         e = int(entries[i])
         if e & HMM_PFN_ERROR:
@@ -513,7 +515,7 @@ def dmirror_mkentry(dmirror: Dmirror, entries: npt.NDArray[np.uint64]) -> npt.ND
         if not e & HMM_PFN_VALID:
             out[i] = HMM_DMIRROR_PROT_NONE
             continue
-        pfn = e & ~HMM_PFN_FLAGS & ULONG_MAX
+        pfn = hmm_pfn_to_pfn(e, layout)
         pg = sys.pgmap_of(pfn)
         if pg is not None and pg.is_private:
             perm = (HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL if pg.owner is dmirror.mdevice
@@ -526,7 +528,7 @@ def dmirror_mkentry(dmirror: Dmirror, entries: npt.NDArray[np.uint64]) -> npt.ND
         else:
             perm = HMM_DMIRROR_PROT_NONE
         perm |= HMM_DMIRROR_PROT_WRITE if e & HMM_PFN_WRITE else HMM_DMIRROR_PROT_READ
-        order = (e >> HMM_PFN_ORDER_SHIFT) & HMM_PFN_ORDER_MASK
+        order = hmm_pfn_to_map_order(e, layout)
         if order + PAGE_SHIFT == PMD_SHIFT:
             perm |= HMM_DMIRROR_PROT_PMD
         elif order + PAGE_SHIFT == PUD_SHIFT:

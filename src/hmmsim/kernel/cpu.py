@@ -31,7 +31,7 @@ from .fault import (
     handle_mm_fault_range,
 )
 from .mm import MM, mmap_read_lock, mmap_read_unlock
-from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pte_index
 from .pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -81,14 +81,14 @@ def _walk(mm: MM, addr: int, n: int, write: bool) -> npt.NDArray[np.int64]:
     if pmd_leaf(e):
         if e & need == need:
             pmd.set(e | bits)
-            base = ((e & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
+            base = ((e & PTE_PFN_MASK) >> PAGE_SHIFT) + (pte_index(addr))
             out[:] = base + np.arange(n)
         return out
     tid = mm.pte_table(pmd)
     if tid < 0:
         return out
     tbl = mm.sys.pt.table(tid)
-    i0 = (addr >> PAGE_SHIFT) & 511
+    i0 = pte_index(addr)
     seg = tbl[i0:i0 + n]
     ok = (seg & _U(need)) == _U(need)
     if ok.any():

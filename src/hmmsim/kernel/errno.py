@@ -5,9 +5,9 @@ values on every host.
 """
 
 __all__ = (
-    "EACCES", "EAGAIN", "EBADF", "EBUSY", "EEXIST", "EFAULT", "EINTR", "EINVAL", "EIO",
-    "ENODEV", "ENOENT", "ENOMEM", "ENOSPC", "ENOTTY", "ENXIO", "EOPNOTSUPP", "EOVERFLOW",
-    "EPERM", "ESRCH", "errno_name",
+    "EACCES", "EAGAIN", "EBADF", "EBUSY", "EEXIST", "EFAULT", "EHWPOISON", "EINTR", "EINVAL",
+    "EIO", "ENODEV", "ENOENT", "ENOLCK", "ENOMEM", "ENOSPC", "ENOTTY", "ENXIO", "EOPNOTSUPP",
+    "EOVERFLOW", "EPERM", "ESRCH", "errno_name",
 )
 
 EPERM = 1
@@ -27,8 +27,10 @@ ENODEV = 19
 EINVAL = 22
 ENOTTY = 25
 ENOSPC = 28
+ENOLCK = 37
 EOVERFLOW = 75
 EOPNOTSUPP = 95
+EHWPOISON = 133
 
 _NAMES = {v: k for k, v in globals().items() if k.startswith("E") and isinstance(v, int)}
 

@@ -53,7 +53,7 @@ from .mm_types import (  # noqa: F401  (re-exported: fault.py is where drivers l
     mm_counter_file,
 )
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
+from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pte_index, pud_index
 from .pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -75,6 +75,7 @@ from .pgtable import (
     non_swap_entry,
     pfn_pte,
     pmd_leaf,
+    pmd_present,
     pte_dirty,
     pte_marker_get,
     pte_mkdirty,
@@ -180,7 +181,7 @@ def __handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
     vmf = VmFault(vma, address, flags)
     pud = mm.pud_table(address, alloc=True)
     pud_tbl = mm.sys.pt.table(pud)
-    pud_idx = (address >> 30) & 511
+    pud_idx = pud_index(address)
     e = int(pud_tbl[pud_idx])
     if e == 0 and hm.thp_vma_allowable_order(vma, 18, address):
         ret = hm.create_huge_pud(vmf, PtRef(pud_tbl, pud_idx, pud, mm))
@@ -733,7 +734,7 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
             continue
         pmd = mm.pmd_ref(addr)
         e = pmd.get() if pmd is not None else 0
-        if pmd is None or e == 0 or pmd_leaf(e) or not pte_present(e):
+        if pmd is None or e == 0 or not pmd_present(e) or pmd_leaf(e):
             # no pte table yet, or a huge/non-present pmd: let the first page decide
             # (it may create a THP, split a huge pmd, wait for migration...)
             ret = handle_mm_fault(vma, addr, flags)
@@ -764,7 +765,7 @@ def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tup
     mapped = mm.pte_offset_map(pmd)  # the lockless look of each fault, once per table
     assert mapped is not None
     tbl, tid = mapped
-    i0 = (addr >> PAGE_SHIFT) & 511
+    i0 = pte_index(addr)
     i1 = i0 + ((nxt - addr) >> PAGE_SHIFT)
     seg = tbl[i0:i1]
     present = (seg & _U(_PAGE_PRESENT)) != 0

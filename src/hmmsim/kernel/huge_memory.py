@@ -50,6 +50,7 @@ from .pgtable import (
     mk_table_entry,
     pfn_pte,
     pmd_leaf,
+    pmd_present,
     pte_dirty,
     pte_mkdirty,
     pte_mkold,
@@ -389,7 +390,7 @@ def __split_huge_pmd(vma: Vma, pmd: PtRef, address: int) -> None:
     with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, haddr, haddr + HPAGE_PMD_SIZE):
         ptl = mm.pmd_lock(pmd)
         e = pmd.get()
-        if e and (pmd_leaf(e) or not pte_present(e)):
+        if e and (not pmd_present(e) or pmd_leaf(e)):
             __split_huge_pmd_locked(vma, haddr, pmd)
         mm.spin_unlock(ptl)
 
@@ -397,7 +398,7 @@ def __split_huge_pmd(vma: Vma, pmd: PtRef, address: int) -> None:
 def split_huge_pmd(vma: Vma, pmd: PtRef, address: int) -> None:
     """``split_huge_pmd()``: split if the pmd is a huge mapping or a migration entry."""
     e = pmd.get()
-    if e and (pmd_leaf(e) or not pte_present(e)):
+    if e and (not pmd_present(e) or pmd_leaf(e)):
         __split_huge_pmd(vma, pmd, address)
 
 

@@ -31,7 +31,7 @@ from .pgtable import (
     SWP_MIGRATION_READ,
     SWP_MIGRATION_WRITE,
     pmd_leaf,
-    pte_present,
+    pmd_present,
     table_id,
 )
 from .physmem import PG_anon, PG_buddy, PG_hugetlb, PG_reserved, PG_swapbacked
@@ -155,17 +155,17 @@ def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
             for mi in np.flatnonzero(pmd).tolist():
                 me = int(pmd[mi])
                 mbase = ubase | (mi << 21)
-                if pmd_leaf(me) or not pte_present(me):
+                if not pmd_present(me) or pmd_leaf(me):
                     v = mm.vma_lookup(mbase)
                     if v is None:
                         raise InvariantError(f"{mm.name}: huge entry at {mbase:#x} outside every VMA")
                     pfn = (me & PTE_PFN_MASK) >> PAGE_SHIFT
                     if v.vm_flags & VM_HUGETLB:
                         hugetlb += HPAGE_PMD_NR
-                        if pte_present(me):
+                        if pmd_present(me):
                             tally.entire_maps[pfn] += 1
                         continue
-                    if not pte_present(me):  # PMD migration entry
+                    if not pmd_present(me):  # PMD migration entry
                         if mem.flags[pfn] & PG_anon:
                             rss[1] += HPAGE_PMD_NR
                         continue

@@ -36,7 +36,7 @@ from .memory import zap_page_range_single
 from .mm import MM, MM_SWAPENTS, PtRef
 from .mmap import vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, ULONG_MAX
+from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, ULONG_MAX, pte_index
 from .pagewalk import MmWalk, MmWalkOps, walk_page_range
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -47,6 +47,7 @@ from .pgtable import (
     is_hwpoison_entry,
     non_swap_entry,
     pmd_leaf,
+    pmd_present,
     pte_present,
     pte_to_swp_entry,
 )
@@ -123,7 +124,7 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
             madvise_free_huge_pmd(vma, pmd)
             return 0
         split_folio(sys, head)
-    if not pte_present(pmd.get()) or pmd_leaf(pmd.get()):
+    if not pmd_present(pmd.get()) or pmd_leaf(pmd.get()):
         return 0
     got = mm.pte_offset_map_lock(pmd)
     if got is None:
@@ -131,7 +132,7 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
     tbl, tid = got
     locked = True
     try:
-        i0 = (addr >> PAGE_SHIFT) & 511
+        i0 = pte_index(addr)
         i1 = i0 + ((end - addr) >> PAGE_SHIFT)
         i = i0
         while i < i1:

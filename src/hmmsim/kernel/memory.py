@@ -33,6 +33,7 @@ from .page_types import (
     PMD_MASK,
     PMD_SIZE,
     PUD_SIZE,
+    pte_index,
 )
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -57,9 +58,9 @@ from .pgtable import (
     non_swap_entry,
     pfn_pte,
     pmd_leaf,
+    pmd_present,
     pte_marker_get,
     pte_mkspecial,
-    pte_present,
     pte_to_swp_entry,
     swp_entry_to_pte,
     swp_offset_pfn,
@@ -202,7 +203,7 @@ def unmap_single_vma(vma: Vma, start: int, end: int, reclaim_pt: bool = False) -
             if e == 0:
                 addr = nxt
                 continue
-            if pmd_leaf(e) or not pte_present(e):
+            if not pmd_present(e) or pmd_leaf(e):
                 if nxt - addr != HPAGE_PMD_SIZE:
                     __split_huge_pmd(vma, pmd, addr)
                 else:
@@ -215,8 +216,8 @@ def unmap_single_vma(vma: Vma, start: int, end: int, reclaim_pt: bool = False) -
                 tbl, tid = got
                 freed = False
                 try:
-                    zap_pte_span(vma, tbl, (addr >> PAGE_SHIFT) & 511,
-                                 ((addr >> PAGE_SHIFT) & 511) + ((nxt - addr) >> PAGE_SHIFT), rss, puts)
+                    zap_pte_span(vma, tbl, pte_index(addr),
+                                 pte_index(addr) + ((nxt - addr) >> PAGE_SHIFT), rss, puts)
                     if reclaim_pt and nxt - addr == PMD_SIZE and not tbl.any():
                         pml = mm.pmd_lock(pmd)  # zap_empty_pte_table()
                         pmd.set(0)
@@ -294,14 +295,14 @@ def free_pgtables(mm: MM, start: int, end: int, floor: int, ceiling: int) -> Non
         for ui in np.flatnonzero(pud).tolist():
             ubase = gbase + (ui << 30)
             e = int(pud[ui])
-            if ubase >= end or ubase + PUD_SIZE <= start or pmd_leaf(e) or not pte_present(e):
+            if ubase >= end or ubase + PUD_SIZE <= start or not pmd_present(e) or pmd_leaf(e):
                 continue
             pmd_tid = table_id(e)
             pmd = pt.table(pmd_tid)
             for mi in np.flatnonzero(pmd).tolist():
                 mbase = ubase + (mi << 21)
                 me = int(pmd[mi])
-                if pmd_leaf(me) or not pte_present(me) or not inside(mbase, PMD_SIZE):
+                if not pmd_present(me) or pmd_leaf(me) or not inside(mbase, PMD_SIZE):
                     continue
                 tid = table_id(me)
                 if not pt.table(tid).any():
@@ -437,7 +438,7 @@ def copy_page_range(dst_vma: Vma, src_vma: Vma) -> int:
             e = spmd.get()
             dpmd = dst_mm.pmd_ref(addr, alloc=True)
             assert dpmd is not None
-            if pmd_leaf(e) or not pte_present(e):
+            if not pmd_present(e) or pmd_leaf(e):
                 if nxt - addr == HPAGE_PMD_SIZE:
                     copy_huge_pmd(dst_vma, src_vma, dpmd, spmd, addr)
                     addr = nxt
@@ -449,7 +450,7 @@ def copy_page_range(dst_vma: Vma, src_vma: Vma) -> int:
             got_d = dst_mm.pte_offset_map_lock(dpmd, alloc=True)
             assert got_d is not None
             dtbl, dtid = got_d
-            i0 = (addr >> PAGE_SHIFT) & 511
+            i0 = pte_index(addr)
             i1 = i0 + ((nxt - addr) >> PAGE_SHIFT)
             try:
                 _copy_pte_table(dst_vma, src_vma, dtbl, stbl, i0, i1, addr, rss)
@@ -476,7 +477,7 @@ def _locked_pte(vma: Vma, addr: int) -> tuple[npt.NDArray[np.uint64], int, int]:
     got = mm.pte_offset_map_lock(pmd, alloc=True)
     assert got is not None
     tbl, tid = got
-    return tbl, tid, (addr >> PAGE_SHIFT) & 511
+    return tbl, tid, pte_index(addr)
 
 
 def vm_insert_page(vma: Vma, addr: int, pfn: int) -> int:

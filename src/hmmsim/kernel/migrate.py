@@ -25,7 +25,7 @@ import numpy.typing as npt
 from .folio import folio_put
 from .mm import MM, MM_ANONPAGES, PtRef, ptlock_ptr, spin_lock, spin_unlock
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
+from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE, PMD_MASK, pte_index
 from .pagemap import folio_test_locked, folio_trylock, folio_unlock, folio_wait_locked
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -40,6 +40,7 @@ from .pgtable import (
     _SWP_MIG_YOUNG,
     is_migration_entry,
     is_readable_exclusive_migration_entry,
+    is_swap_pmd,
     is_writable_migration_entry,
     make_readable_device_private_entry,
     make_readable_exclusive_migration_entry,
@@ -49,6 +50,8 @@ from .pgtable import (
     mk_table_entry,
     pfn_pte,
     pmd_leaf,
+    pmd_present,
+    pmd_to_swp_entry,
     pte_pfn,
     pte_present,
     pte_to_swp_entry,
@@ -75,7 +78,7 @@ _U = np.uint64
 
 
 def is_pmd_migration_entry(pmd: int) -> bool:
-    return pmd != 0 and not pte_present(pmd) and is_migration_entry(pte_to_swp_entry(pmd))
+    return is_swap_pmd(pmd) and is_migration_entry(pmd_to_swp_entry(pmd))
 
 
 def make_migration_pte(pte: int, pfn: int, anon_exclusive: bool) -> int:
@@ -106,7 +109,7 @@ def migration_entry_wait(mm: MM, pmd: PtRef, addr: int) -> None:
     if got is None:
         return
     tbl, tid = got
-    pte = int(tbl[(addr >> PAGE_SHIFT) & 511])
+    pte = int(tbl[pte_index(addr)])
     mm.pte_unmap_unlock(tid)
     if pte == 0 or pte_present(pte):
         return
@@ -135,10 +138,10 @@ def _mapped_pte(vma: "Vma", addr: int) -> tuple[PtRef, int] | None:
     e = pmd.get()
     if e == 0:
         return None
-    if pmd_leaf(e) or not pte_present(e):
+    if not pmd_present(e) or pmd_leaf(e):
         return pmd, 2
     tid = mm.pte_table(pmd)
-    return PtRef(mm.sys.pt.table(tid), (addr >> PAGE_SHIFT) & 511, tid, mm), 1
+    return PtRef(mm.sys.pt.table(tid), pte_index(addr), tid, mm), 1
 
 
 def try_to_migrate(sys: "System", pfn: int) -> bool:

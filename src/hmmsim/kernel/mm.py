@@ -18,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .locking import WRITE, Lock
-from .page_types import PAGE_SHIFT, PGDIR_SHIFT, PMD_SHIFT, PUD_SHIFT
-from .pgtable import _PAGE_PSE, mk_table_entry, pte_present, table_id
+from .page_types import pgd_index, pmd_index, pte_index, pud_index
+from .pgtable import mk_table_entry, pmd_leaf, pmd_none, pmd_present, table_id
 from .vma import Vma
 
 if TYPE_CHECKING:
@@ -246,15 +246,13 @@ class MM:
                 tbl[idx] = mk_table_entry(new)
             self.sys.stats.add(f"pgtable.alloc.l{level}")
             return new
-        if (e & _PAGE_PSE) and pte_present(e):
-            return -1
-        if not pte_present(e):
+        if not pmd_present(e) or pmd_leaf(e):
             return -1
         return table_id(e)
 
     def pud_table(self, addr: int, alloc: bool = False) -> int:
         """The pud table covering *addr* (``pud_offset(p4d_offset(pgd_offset()))``)."""
-        return self._lower(self.pgd, (addr >> PGDIR_SHIFT) & 511, 3, alloc)
+        return self._lower(self.pgd, pgd_index(addr), 3, alloc)
 
     def pmd_ref(self, addr: int, alloc: bool = False) -> PtRef | None:
         """``pmd_off()``/``__pmd_alloc``: a pointer to the pmd entry covering *addr*, or
@@ -262,17 +260,17 @@ class MM:
         pud_tid = self.pud_table(addr, alloc)
         if pud_tid < 0:
             return None
-        pmd_tid = self._lower(pud_tid, (addr >> PUD_SHIFT) & 511, 2, alloc)
+        pmd_tid = self._lower(pud_tid, pud_index(addr), 2, alloc)
         if pmd_tid < 0:
             return None
-        return PtRef(self.sys.pt.table(pmd_tid), (addr >> PMD_SHIFT) & 511, pmd_tid, self)
+        return PtRef(self.sys.pt.table(pmd_tid), pmd_index(addr), pmd_tid, self)
 
     def pud_entry(self, addr: int) -> tuple[npt.NDArray[np.uint64], int] | None:
         """The pud table view and index covering *addr*, or None."""
         pud_tid = self.pud_table(addr)
         if pud_tid < 0:
             return None
-        return self.sys.pt.table(pud_tid), (addr >> PUD_SHIFT) & 511
+        return self.sys.pt.table(pud_tid), pud_index(addr)
 
     def pte_table(self, pmd: PtRef, alloc: bool = False) -> int:
         """The pte table a pmd entry points at (``pte_offset_map``); allocates it if the
@@ -334,15 +332,15 @@ class MM:
         if pud is None:
             return 0
         e = int(pud[0][pud[1]])
-        if e == 0 or ((e & _PAGE_PSE) and pte_present(e)) or not pte_present(e):
+        if pmd_none(e) or not pmd_present(e) or pmd_leaf(e):
             return e
         pmd = self.pmd_ref(addr)
         assert pmd is not None
         e = pmd.get()
-        if e == 0 or ((e & _PAGE_PSE) and pte_present(e)) or not pte_present(e):
+        if pmd_none(e) or not pmd_present(e) or pmd_leaf(e):
             return e
         tid = self.pte_table(pmd)
-        return int(self.sys.pt.table(tid)[(addr >> PAGE_SHIFT) & 511])
+        return int(self.sys.pt.table(tid)[pte_index(addr)])
 
     def __repr__(self) -> str:
         return f"MM({self.name}, {len(self._vmas)} vmas)"

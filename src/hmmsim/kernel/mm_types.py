@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .mm import MM_FILEPAGES, MM_SHMEMPAGES, PtRef
-from .page_types import PAGE_MASK, PAGE_SHIFT
+from .errno import EFAULT, EHWPOISON, ENOMEM
+from .page_types import PAGE_MASK, pte_index
 from .physmem import PG_swapbacked
 from .vma import Vma
 
@@ -22,7 +23,7 @@ __all__ = (
     "VM_FAULT_COMPLETED", "VM_FAULT_DONE_COW", "VM_FAULT_ERROR", "VM_FAULT_FALLBACK",
     "VM_FAULT_HWPOISON", "VM_FAULT_HWPOISON_LARGE", "VM_FAULT_LOCKED", "VM_FAULT_MAJOR",
     "VM_FAULT_NOPAGE", "VM_FAULT_OOM", "VM_FAULT_RETRY", "VM_FAULT_SIGBUS", "VM_FAULT_SIGSEGV",
-    "VmFault", "mm_counter_file",
+    "VmFault", "mm_counter_file", "vm_fault_to_errno",
 )
 
 # vm_fault_t bits (include/linux/mm_types.h)
@@ -40,6 +41,23 @@ VM_FAULT_DONE_COW = 0x001000
 VM_FAULT_COMPLETED = 0x004000
 VM_FAULT_ERROR = (VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV | VM_FAULT_HWPOISON
                   | VM_FAULT_HWPOISON_LARGE | VM_FAULT_FALLBACK)
+
+#: ``FOLL_HWPOISON`` (include/linux/mm_types.h): report hwpoison as -EHWPOISON
+FOLL_HWPOISON = 1 << 6
+
+
+def vm_fault_to_errno(vm_fault: int, foll_flags: int) -> int:
+    """``vm_fault_to_errno()`` (include/linux/mm.h): -ENOMEM for OOM; -EHWPOISON for a
+    poisoned page only with ``FOLL_HWPOISON`` (else -EFAULT); -EFAULT for SIGBUS/SIGSEGV;
+    0 for anything else."""
+    if vm_fault & VM_FAULT_OOM:
+        return -ENOMEM
+    if vm_fault & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
+        return -EHWPOISON if foll_flags & FOLL_HWPOISON else -EFAULT
+    if vm_fault & (VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV):
+        return -EFAULT
+    return 0
+
 
 # enum fault_flag
 FAULT_FLAG_WRITE = 1 << 0
@@ -76,7 +94,7 @@ class VmFault:
 
     @property
     def pte_idx(self) -> int:
-        return (self.address >> PAGE_SHIFT) & 511
+        return pte_index(self.address)
 
 
 def mm_counter_file(sys: "System", pfn: int) -> int:

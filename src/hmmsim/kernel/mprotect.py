@@ -34,6 +34,7 @@ from .page_types import (
     PMD_SIZE,
     PUD_SIZE,
     ULONG_MAX,
+    pte_index,
 )
 from .pgtable import (
     _PAGE_CHG_MASK,
@@ -56,7 +57,7 @@ from .pgtable import (
     make_readable_exclusive_migration_entry,
     make_readable_migration_entry,
     pmd_leaf,
-    pte_present,
+    pmd_present,
     pte_to_swp_entry,
     swp_entry_to_pte,
     swp_offset,
@@ -193,7 +194,7 @@ def change_protection(vma: Vma, start: int, end: int, try_writable: bool = False
                 if e == 0:
                     addr = nxt
                     continue
-                if pmd_leaf(e) or not pte_present(e):
+                if not pmd_present(e) or pmd_leaf(e):
                     if nxt - addr != HPAGE_PMD_SIZE:
                         __split_huge_pmd(vma, pmd, addr)
                     else:
@@ -203,7 +204,7 @@ def change_protection(vma: Vma, start: int, end: int, try_writable: bool = False
                 got = mm.pte_offset_map_lock(pmd)
                 if got is not None:
                     tbl, tid = got
-                    i0 = (addr >> PAGE_SHIFT) & 511
+                    i0 = pte_index(addr)
                     try:
                         pages += _change_pte_span(vma, tbl, i0, i0 + ((nxt - addr) >> PAGE_SHIFT), newprot,
                                                   try_writable, prot_numa)

@@ -29,8 +29,9 @@ from .page_types import (
     PMD_SIZE,
     TASK_SIZE,
     ULONG_MAX,
+    pte_index,
 )
-from .pgtable import pmd_leaf, pte_present
+from .pgtable import pmd_leaf, pmd_present
 from .rmap import unlink_anon_vmas
 from .vma import (
     VM_ACCOUNT,
@@ -78,7 +79,7 @@ def move_page_tables(vma: Vma, old_addr: int, new_vma: Vma, new_addr: int, lengt
             dst = mm.pmd_ref(new_addr, alloc=True)
             assert dst is not None
             e = src.get()
-            if pmd_leaf(e) or not pte_present(e):
+            if not pmd_present(e) or pmd_leaf(e):
                 if extent == HPAGE_PMD_SIZE and dst.get() == 0:
                     if move_huge_pmd(vma, src, dst):
                         old_addr += extent
@@ -105,8 +106,8 @@ def move_page_tables(vma: Vma, old_addr: int, new_vma: Vma, new_addr: int, lengt
             dtbl, dtid = gd
             try:
                 n = extent >> PAGE_SHIFT
-                si = (old_addr >> PAGE_SHIFT) & 511
-                di = (new_addr >> PAGE_SHIFT) & 511
+                si = pte_index(old_addr)
+                di = pte_index(new_addr)
                 seg = stbl[si:si + n].copy()
                 stbl[si:si + n] = 0
                 nz = seg != 0

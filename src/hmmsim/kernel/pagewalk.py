@@ -27,8 +27,18 @@ from .errno import EINVAL
 from .huge_memory import split_huge_pmd, split_huge_pud
 from .hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
 from .mm import MM, PtRef, mmap_assert_locked, mmap_assert_write_locked
-from .page_types import HPAGE_PMD_SIZE, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE
-from .pgtable import pmd_leaf, pte_present, table_id
+from .page_types import (
+    HPAGE_PMD_SIZE,
+    PAGE_SIZE,
+    PGDIR_SIZE,
+    PMD_SIZE,
+    PUD_SIZE,
+    pgd_index,
+    pmd_index,
+    pte_index,
+    pud_index,
+)
+from .pgtable import pmd_leaf, pmd_none, pmd_present, table_id
 from .vma import VM_HUGETLB, VM_PFNMAP, Vma
 
 __all__ = (
@@ -93,10 +103,6 @@ def _addr_end(addr: int, end: int, size: int) -> int:
     return boundary if boundary - 1 < end - 1 else end
 
 
-def _is_leaf(e: int) -> bool:
-    return pmd_leaf(e)
-
-
 def walk_pmd_range(pmd_tid: int, addr: int, end: int, walk: MmWalk) -> int:
     """``walk_pmd_range()``: the pmd entries of one pmd table under ``[addr, end)``."""
     mm = walk.mm
@@ -107,7 +113,7 @@ def walk_pmd_range(pmd_tid: int, addr: int, end: int, walk: MmWalk) -> int:
     stats.add("walk.pmd_table")
     err = 0
     while True:
-        idx = (addr >> 21) & 511
+        idx = pmd_index(addr)
         nxt = _addr_end(addr, end, PMD_SIZE)
         ref = PtRef(tbl, idx, pmd_tid, mm)
         while True:  # "again:"
@@ -126,13 +132,13 @@ def walk_pmd_range(pmd_tid: int, addr: int, end: int, walk: MmWalk) -> int:
             if walk.action == ACTION_AGAIN:
                 continue
             e = int(tbl[idx])
-            if ((walk.vma is None and (_is_leaf(e) or not pte_present(e)))
+            if ((walk.vma is None and (not pmd_present(e) or pmd_leaf(e)))
                     or walk.action == ACTION_CONTINUE or ops.pte_entry is None):
                 break
             if walk.vma is not None:
                 split_huge_pmd(walk.vma, ref, addr)
                 e = int(tbl[idx])
-                if e == 0 or _is_leaf(e) or not pte_present(e):
+                if pmd_none(e) or not pmd_present(e) or pmd_leaf(e):
                     continue
             err = walk_pte_range(ref, addr, nxt, walk)
             break
@@ -154,7 +160,7 @@ def walk_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int:
     try:
         mm.sys.stats.add("walk.pte_table")
         while True:
-            idx = (addr >> 12) & 511
+            idx = pte_index(addr)
             mm.sys.stats.add("walk.pte_entry")
             assert walk.ops.pte_entry is not None
             err = walk.ops.pte_entry(PtRef(tbl, idx, tid, mm), addr, addr + PAGE_SIZE, walk)
@@ -175,7 +181,7 @@ def walk_pud_range(pud_tid: int, addr: int, end: int, walk: MmWalk) -> int:
     stats.add("walk.pud_table")
     err = 0
     while True:
-        idx = (addr >> 30) & 511
+        idx = pud_index(addr)
         nxt = _addr_end(addr, end, PUD_SIZE)
         ref = PtRef(tbl, idx, pud_tid, mm)
         while True:  # "again:"
@@ -194,11 +200,11 @@ def walk_pud_range(pud_tid: int, addr: int, end: int, walk: MmWalk) -> int:
             if walk.action == ACTION_AGAIN:
                 continue
             e = int(tbl[idx])
-            if ((walk.vma is None and (_is_leaf(e) or not pte_present(e)))
+            if ((walk.vma is None and (not pmd_present(e) or pmd_leaf(e)))
                     or walk.action == ACTION_CONTINUE
                     or (ops.pmd_entry is None and ops.pte_entry is None)):
                 break
-            if walk.vma is not None and _is_leaf(e):
+            if walk.vma is not None and pmd_leaf(e):
                 split_huge_pud(walk.vma, ref, addr)
             if int(tbl[idx]) == 0:
                 continue
@@ -220,7 +226,7 @@ def walk_pgd_range(addr: int, end: int, walk: MmWalk) -> int:
     stats.add("walk.pgd_table")
     err = 0
     while True:
-        idx = (addr >> 39) & 511
+        idx = pgd_index(addr)
         nxt = _addr_end(addr, end, PGDIR_SIZE)
         e = int(tbl[idx])
         if e == 0:

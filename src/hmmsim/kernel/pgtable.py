@@ -39,27 +39,29 @@ from .page_types import PTRS_PER_PTE
 __all__ = (
     "MAX_SWAPFILES", "PAGE_COPY", "PAGE_NONE", "PAGE_READONLY", "PAGE_SHARED",
     "PTE_FLAG_NAMES", "PTE_MARKER_GUARD", "PTE_MARKER_POISONED", "PTE_MARKER_UFFD_WP",
-    "PTE_PFN_MASK", "PageTableStore", "SWP_DEVICE_EXCLUSIVE_READ",
+    "PTE_PFN_MASK", "PageTableStore", "PteTableDecode", "SWP_DEVICE_EXCLUSIVE_READ",
     "SWP_DEVICE_EXCLUSIVE_WRITE", "SWP_DEVICE_READ", "SWP_DEVICE_WRITE", "SWP_HWPOISON",
     "SWP_MIGRATION_READ", "SWP_MIGRATION_READ_EXCLUSIVE", "SWP_MIGRATION_WRITE",
     "SWP_PTE_MARKER", "_PAGE_ACCESSED", "_PAGE_DEVMAP", "_PAGE_DIRTY", "_PAGE_NX",
     "_PAGE_PRESENT", "_PAGE_PROTNONE", "_PAGE_PSE", "_PAGE_RW", "_PAGE_SOFT_DIRTY",
     "_PAGE_SPECIAL", "_PAGE_SWP_EXCLUSIVE", "_PAGE_SWP_SOFT_DIRTY", "_PAGE_SWP_UFFD_WP",
-    "_PAGE_TABLE", "_PAGE_UFFD_WP", "_PAGE_USER", "decode_pte", "is_device_exclusive_entry",
-    "is_device_private_entry", "is_hwpoison_entry", "is_migration_entry",
-    "is_pte_marker_entry", "is_readable_exclusive_migration_entry", "is_swap_pte",
+    "_PAGE_TABLE", "_PAGE_UFFD_WP", "_PAGE_USER", "decode_pte", "decode_pte_table",
+    "is_device_exclusive_entry", "is_device_private_entry", "is_hwpoison_entry",
+    "is_migration_entry", "is_pmd_device_private_entry", "is_pte_marker_entry",
+    "is_readable_exclusive_migration_entry", "is_swap_pmd", "is_swap_pte",
     "is_writable_device_exclusive_entry", "is_writable_device_private_entry",
     "is_writable_migration_entry", "make_hwpoison_entry", "make_pte_marker_entry",
     "make_readable_device_exclusive_entry", "make_readable_device_private_entry",
     "make_readable_exclusive_migration_entry", "make_readable_migration_entry",
     "make_writable_device_exclusive_entry", "make_writable_device_private_entry",
     "make_writable_migration_entry", "mk_table_entry", "non_swap_entry", "pfn_pte",
-    "pfn_swap_entry_to_pfn", "pmd_leaf", "pte_dirty", "pte_marker_get", "pte_mkclean",
+    "pfn_swap_entry_to_pfn", "pmd_devmap", "pmd_leaf", "pmd_none", "pmd_present",
+    "pmd_to_swp_entry", "pmd_trans_huge", "pte_dirty", "pte_is_uffd_wp_marker", "pte_marker_get", "pte_mkclean",
     "pte_mkdirty", "pte_mkold", "pte_mkspecial", "pte_mkwrite", "pte_mkyoung", "pte_modify",
     "pte_none", "pte_pfn", "pte_present", "pte_present_mask", "pte_protnone", "pte_special",
     "pte_swp_exclusive", "pte_swp_soft_dirty", "pte_swp_uffd_wp", "pte_to_swp_entry",
     "pte_uffd_wp", "pte_write", "pte_wrprotect", "pte_young", "swp_entry",
-    "swp_entry_to_pte", "swp_offset", "swp_offset_pfn", "swp_type", "table_id",
+    "swp_entry_to_pmd", "swp_entry_to_pte", "swp_offset", "swp_offset_pfn", "swp_type", "table_id",
 )
 
 # -- bits ---------------------------------------------------------------------------------
@@ -210,6 +212,33 @@ def pmd_leaf(pmd: int) -> bool:
     return bool(pmd & _PAGE_PSE) and pte_present(pmd)
 
 
+def pmd_none(pmd: int) -> bool:
+    """``pmd_none()``/``pud_none()``: an empty upper-level entry."""
+    return pmd == 0
+
+
+def pmd_present(pmd: int) -> bool:
+    """``pmd_present()``/``pud_present()``: a table pointer, a huge mapping or a PROT_NONE
+    huge mapping. (Unlike x86 the model's PMD migration entries keep ``_PAGE_PSE``, so
+    ``_PAGE_PSE`` alone does not make an entry present here.)"""
+    return bool(pmd & (_PAGE_PRESENT | _PAGE_PROTNONE))
+
+
+def is_swap_pmd(pmd: int) -> bool:
+    """``is_swap_pmd()``: a swap-format PMD (migration or device-private entry)."""
+    return pmd != 0 and not pmd & (_PAGE_PRESENT | _PAGE_PROTNONE)
+
+
+def pmd_devmap(pmd: int) -> bool:
+    """``pmd_devmap()``/``pud_devmap()`` (kernels with ``pte_devmap``, 6.12)."""
+    return bool(pmd & _PAGE_DEVMAP)
+
+
+def pmd_trans_huge(pmd: int) -> bool:
+    """``pmd_trans_huge()`` (x86): a present huge mapping that is not devmap."""
+    return (pmd & (_PAGE_PSE | _PAGE_DEVMAP)) == _PAGE_PSE and bool(pmd & (_PAGE_PRESENT | _PAGE_PROTNONE))
+
+
 def mk_table_entry(tid: int) -> int:
     """An upper-level entry pointing at table *tid* (``pmd_populate`` and friends)."""
     return ((tid << 12) & PTE_PFN_MASK) | _PAGE_TABLE
@@ -347,6 +376,32 @@ def pte_marker_get(entry: int) -> int:
     return swp_offset(entry)
 
 
+def pmd_to_swp_entry(pmd: int) -> int:
+    """``pmd_to_swp_entry()``: swap-format PMDs use the pte encoding (the model keeps
+    ``_PAGE_PSE`` on them, see :func:`pmd_present`)."""
+    return pte_to_swp_entry(pmd)
+
+
+def swp_entry_to_pmd(entry: int) -> int:
+    """``swp_entry_to_pmd()``: a swap-format PMD holding *entry* (with ``_PAGE_PSE``, like
+    the model's PMD migration entries)."""
+    return swp_entry_to_pte(entry) | _PAGE_PSE
+
+
+def is_pmd_device_private_entry(pmd: int) -> bool:
+    """``pmd_is_device_private_entry()``: a device-private THP entry (7.3,
+    ``CONFIG_ARCH_HAS_PMD_SOFTLEAVES``)."""
+    return is_swap_pmd(pmd) and is_device_private_entry(pmd_to_swp_entry(pmd))
+
+
+def pte_is_uffd_wp_marker(pte: int) -> bool:
+    """``pte_is_uffd_wp_marker()``: a pte marker carrying ``PTE_MARKER_UFFD_WP``."""
+    if not is_swap_pte(pte):
+        return False
+    e = pte_to_swp_entry(pte)
+    return is_pte_marker_entry(e) and bool(pte_marker_get(e) & PTE_MARKER_UFFD_WP)
+
+
 def decode_pte(pte: int) -> str:
     """Describe an entry for humans: ``"none"``, ``"pfn 0x1234 PRESENT|RW|..."`` or the
     swap-format kind with its offset."""
@@ -366,6 +421,57 @@ _U = np.uint64
 def pte_present_mask(tbl: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     """``pte_present()`` of every entry of a table (protnone counts as present)."""
     return (tbl & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+
+
+class PteTableDecode:
+    """Every entry class of a uint64 table slice as boolean masks (``decode_pte_table``).
+
+    The masks are exclusive where the kernel's predicates are: an entry is exactly one of
+    ``none``, ``present`` (protnone included, like ``pte_present()``) or ``swap``
+    (every non-none, non-present entry); the swap kinds (``marker``, ``device_private``,
+    ``device_exclusive``, ``migration``, ``hwpoison``, ``real_swap``) split ``swap``.
+    ``pfn`` is the pfn field of present entries and the swap offset's pfn of swap
+    entries. The swap-kind masks are only computed when the slice has swap entries
+    (``has_swap``); otherwise they all are one shared all-False array."""
+
+    __slots__ = ("none", "present", "protnone", "write", "special", "devmap", "swap",
+                 "marker", "uffd_wp_marker", "device_private", "device_private_write",
+                 "device_exclusive", "migration", "hwpoison", "real_swap", "pfn", "has_swap")
+
+    def __init__(self, tbl: npt.NDArray[np.uint64]) -> None:
+        self.none = tbl == 0
+        self.present = (tbl & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+        self.protnone = (tbl & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) == _U(_PAGE_PROTNONE)
+        self.write = self.present & ((tbl & _U(_PAGE_RW)) != 0)
+        self.special = self.present & ((tbl & _U(_PAGE_SPECIAL)) != 0)
+        self.devmap = self.present & ((tbl & _U(_PAGE_DEVMAP)) != 0)
+        self.swap = ~(self.present | self.none)
+        self.pfn = (tbl & _U(PTE_PFN_MASK)) >> _U(12)
+        self.has_swap = bool(self.swap.any())
+        if self.has_swap:
+            t = np.where(self.swap, tbl >> _U(_SWP_TYPE_SHIFT), _U(0))
+            self.marker = self.swap & (t == _U(SWP_PTE_MARKER))
+            self.uffd_wp_marker = self.marker & ((self.pfn & _U(PTE_MARKER_UFFD_WP)) != 0)
+            self.device_private_write = self.swap & (t == _U(SWP_DEVICE_WRITE))
+            self.device_private = self.device_private_write | (self.swap & (t == _U(SWP_DEVICE_READ)))
+            self.device_exclusive = self.swap & ((t == _U(SWP_DEVICE_EXCLUSIVE_WRITE))
+                                                 | (t == _U(SWP_DEVICE_EXCLUSIVE_READ)))
+            self.migration = self.swap & (t >= _U(SWP_MIGRATION_READ)) & (t <= _U(SWP_MIGRATION_WRITE))
+            self.hwpoison = self.swap & (t == _U(SWP_HWPOISON))
+            self.real_swap = self.swap & (t < _U(MAX_SWAPFILES))
+            self.pfn = np.where(self.swap, self.pfn & _U((1 << _SWP_PFN_BITS) - 1), self.pfn)
+        else:
+            f = np.zeros(len(tbl), np.bool_)
+            self.marker = self.uffd_wp_marker = self.device_private = f
+            self.device_private_write = self.device_exclusive = self.migration = f
+            self.hwpoison = self.real_swap = f
+
+
+def decode_pte_table(tbl: npt.NDArray[np.uint64]) -> PteTableDecode:
+    """Decode a whole table (or a slice of one) at once: the vectorised twin of
+    :func:`pte_none`, :func:`pte_present`, :func:`pte_write`, :func:`pte_special`,
+    :func:`is_swap_pte` and the ``is_*_entry`` predicates."""
+    return PteTableDecode(tbl)
 
 
 # -- storage --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 from .errno import EINVAL
 from .mm import MM, PtRef
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import PAGE_SHIFT, ULONG_MAX
+from .page_types import PAGE_SHIFT, ULONG_MAX, pte_index
 from .pagewalk import PGWALK_WRLOCK, MmWalk, MmWalkOps, walk_page_range
 from .pgtable import (
     _PAGE_PRESENT,
@@ -47,7 +47,7 @@ def clear_refs_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int:
     got = mm.pte_offset_map_lock(pmd)
     assert got is not None
     tbl, tid = got
-    i0 = (addr >> PAGE_SHIFT) & 511
+    i0 = pte_index(addr)
     seg = tbl[i0:i0 + ((end - addr) >> PAGE_SHIFT)]
     present = (seg & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
     seg[present] &= ~_U(_PAGE_SOFT_DIRTY | _PAGE_RW)

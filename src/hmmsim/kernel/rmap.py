@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from .page_types import HPAGE_PMD_NR, PAGE_SHIFT, PMD_SIZE
+from .page_types import HPAGE_PMD_NR, PAGE_SHIFT, PMD_SIZE, pte_index
 from .pgtable import _PAGE_PRESENT, PTE_PFN_MASK, pmd_leaf, pte_pfn, pte_present
 from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked, PhysMem
 
@@ -192,7 +192,7 @@ def folio_maybe_mapped_shared(mm: "MM", head: int) -> bool:
             elif e:
                 tid = other.vm_mm.pte_table(pmd)
                 if tid >= 0:
-                    i0 = (addr >> PAGE_SHIFT) & 511
+                    i0 = pte_index(addr)
                     seg = sys.pt.table(tid)[i0:i0 + ((nxt - addr) >> PAGE_SHIFT)]
                     pfns = (seg & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)
                     hit = ((seg & _U(_PAGE_PRESENT)) != 0) & (pfns >= _U(head)) & (pfns < _U(head + nr))

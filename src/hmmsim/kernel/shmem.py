@@ -26,7 +26,7 @@ from .mm_types import (
     VM_FAULT_SIGBUS,
     VmFault,
 )
-from .page_types import PAGE_SHIFT, PAGE_SIZE
+from .page_types import PAGE_SHIFT, PAGE_SIZE, pte_index
 from .physmem import PG_swapbacked, PG_uptodate
 from .vma import VmOps
 
@@ -108,7 +108,7 @@ def filemap_map_pages(vmf: "VmFault", start_pgoff: int, end_pgoff: int) -> int:
             if pfn is None:
                 continue
             addr = base + ((pgoff - start_pgoff) << PAGE_SHIFT)
-            idx = (addr >> PAGE_SHIFT) & 511
+            idx = pte_index(addr)
             if tbl[idx] != 0:
                 continue
             inode.sys.mem.refcount[pfn] += 1

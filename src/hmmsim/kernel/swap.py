@@ -22,7 +22,7 @@ import numpy as np
 from .folio import folio_put
 from .mm import MM_ANONPAGES, MM_SWAPENTS
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import PAGE_SHIFT, PAGE_SIZE
+from .page_types import PAGE_SIZE, pte_index
 from .pgtable import (
     _PAGE_SOFT_DIRTY,
     _PAGE_SWP_EXCLUSIVE,
@@ -101,7 +101,7 @@ def reclaim_pages(vma: "Vma", start: int, end: int) -> int:
         if tid < 0:
             continue
         tbl = sys.pt.table(tid)
-        idx = (addr >> PAGE_SHIFT) & 511
+        idx = pte_index(addr)
         pte = int(tbl[idx])
         if not pte_present(pte) or pte_special(pte) or not pte & 1:
             continue
