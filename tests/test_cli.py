@@ -90,6 +90,12 @@ def test_run_machine_options_match_the_real_kernel(capsys: pytest.CaptureFixture
     assert capsys.readouterr().out.splitlines() == want
 
 
+def test_run_small_ram_option_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sc = _file(tmp_path, "small.hmm", "mmap a 4096 rw private,anon\nfill a 0 4096 1\n")
+    assert main(["run", "--ram", "256M", "--hugetlb-pages", "8", sc]) == 0
+    assert _lines(capsys) == [{"line": 2, "op": "mmap", "ret": 0}, {"line": 3, "op": "fill", "ret": 0}]
+
+
 def test_run_ram_option_lifts_the_overcommit_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sc = _file(tmp_path, "big.hmm", "mmap a 409600 rw private,anon\nfill a 409000 8 3\ncheck a 409000 8 3\n")
     assert main(["run", sc]) == 0
@@ -99,7 +105,7 @@ def test_run_ram_option_lifts_the_overcommit_limit(tmp_path: Path, capsys: pytes
                               {"line": 4, "mismatch": 0, "op": "check", "ret": 0}]
 
 
-@pytest.mark.parametrize("args", [["--ram", "12X"], ["--ram", "32M"], ["--hugetlb-pages", "-1"],
+@pytest.mark.parametrize("args", [["--ram", "12X"], ["--ram", "32M"], ["--ram", "128M"], ["--hugetlb-pages", "-1"],
                                   ["--hugetlb-pages", "5000"], ["--thp", "sometimes"]])
 def test_run_bad_machine_options_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
     with pytest.raises(SystemExit) as ei:

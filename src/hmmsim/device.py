@@ -106,13 +106,16 @@ class Device:
         return SCRATCH_BASE
 
     def _with_buffer(self, size: int, command: int, addr: int, npages: int,
-                     data: npt.NDArray[np.uint8] | None = None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
+                     data: npt.NDArray[np.uint8] | None = None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8] | None]:
+        """Run *command* with the scratch buffer as ``ptr`` (holding *data* first, if
+        given); returns the command and the buffer's bytes afterwards (None when *data*
+        was given: a WRITE has nothing to read back)."""
         self._alive("device command")
         with self.process.task.running():  # the buffer set-up and copies are the process's
             return self._with_buffer_locked(size, command, addr, npages, data)
 
     def _with_buffer_locked(self, size: int, command: int, addr: int, npages: int,
-                            data: npt.NDArray[np.uint8] | None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8]]:
+                            data: npt.NDArray[np.uint8] | None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8] | None]:
         mm = self.process.mm
         buf = self._scratch(size)
         if data is not None and len(data):  # the CPU fills the buffer (may be OOM-killed)
@@ -122,6 +125,8 @@ class Device:
         ret = self.ioctl(command, cmd)
         if ret:
             raise error_from_errno(ret, f"dmirror{self.minor} ioctl")
+        if data is not None:
+            return cmd, None
         out = np.empty(size, np.uint8)
         _left, sigs = user_copy(mm, buf, out, to_user=False)
         self.process._raise_sig(buf, sigs, False)
@@ -131,6 +136,7 @@ class Device:
         """HMM_DMIRROR_READ: the device reads *npages* at *addr* through its mirror."""
         self._npages("read", npages)
         cmd, out = self._with_buffer(npages << PAGE_SHIFT, HMM_DMIRROR_READ, addr, npages)
+        assert out is not None
         return DeviceAccess(out, cmd.cpages, cmd.faults)
 
     def write(self, addr: int, data: bytes | npt.NDArray) -> DeviceAccess:
@@ -146,6 +152,7 @@ class Device:
         """HMM_DMIRROR_SNAPSHOT: one ``HMM_DMIRROR_PROT_*`` byte per page."""
         self._npages("snapshot", npages)
         _cmd, out = self._with_buffer(npages, HMM_DMIRROR_SNAPSHOT, addr, npages)
+        assert out is not None
         return out
 
     def check_exclusive(self, addr: int, npages: int) -> bool:

@@ -9,7 +9,8 @@ callback erases ``[start >> 12, end >> 12]`` *inclusive* (one page past the rang
 ignores ``MMU_NOTIFY_MIGRATE`` events of its own device without ``set_seq``.
 
 Commands implemented here: ``HMM_DMIRROR_READ``, ``HMM_DMIRROR_WRITE``,
-``HMM_DMIRROR_SNAPSHOT`` (64-page windows, the 6.12 array size), ``HMM_DMIRROR_CHECK_EXCLUSIVE``
+``HMM_DMIRROR_SNAPSHOT`` (windows of ``profile.dmirror_window`` pages: 64 in 6.12, 32 in
+7.3), ``HMM_DMIRROR_CHECK_EXCLUSIVE``
 and ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``). Migration, exclusive access and
 ``RELEASE`` come with device memory migration and raise :class:`NotSupportedError`.
 
@@ -30,18 +31,17 @@ import numpy.typing as npt
 
 from ..hmm.hmm import (
     HMM_PFN_ERROR,
+    HMM_PFN_ORDER_MASK,
     HMM_PFN_REQ_FAULT,
     HMM_PFN_REQ_WRITE,
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
     HmmRange,
     hmm_pfn_layout,
-    hmm_pfn_to_map_order,
-    hmm_pfn_to_pfn,
     hmm_range_fault,
 )
 from ..kernel.bug import KernelOops, NotSupportedError
-from ..kernel.cpu import copy_from_user, copy_to_user
+from ..kernel.cpu import copy_from_user, copy_pages_to_user, copy_to_user, translate_range
 from ..kernel.errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EPERM
 from ..kernel.folio import folio_put
 from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
@@ -73,6 +73,7 @@ from ..kernel.page_types import (
 )
 from ..kernel.system import DEVMEM_CHUNK_PAGES
 from ..kernel.task import mmget_not_zero, mmput
+from ..kernel.vma import VM_HUGETLB
 from .test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
     HMM_DMIRROR_EXCLUSIVE,
@@ -110,8 +111,6 @@ __all__ = (
 )
 
 DMIRROR_NDEVICES = 4
-#: entries of the on-stack pfn arrays of dmirror_fault()/dmirror_snapshot() in 6.12
-DMIRROR_WINDOW = 64
 #: the model's stand-in for the 1 s jiffies timeout of dmirror_range_fault(): retries
 DMIRROR_RANGE_FAULT_RETRIES = 1000
 DPT_XA_TAG_ATOMIC = 1
@@ -217,22 +216,63 @@ class Dmirror:
 
 
 class DmirrorBounce:
-    """``struct dmirror_bounce``: a kernel buffer for the data of one command."""
+    """``struct dmirror_bounce``: a vmalloc'd kernel buffer for the data of one command.
 
-    __slots__ = ("addr", "size", "cpages", "data")
+    Its pages are accounted against RAM (``PhysMem.charge``) rather than given frames. Its
+    bytes live in ``data``, allocated when first needed; pages that a READ copies are
+    first only noted by their source frame (``src``), and copied for real only if
+    something could change those frames before the copy to user memory
+    (:func:`_bounce_settle`)."""
+
+    __slots__ = ("addr", "size", "cpages", "data", "src", "npages")
 
     def __init__(self, addr: int, size: int) -> None:
         self.addr = addr
         self.size = size
+        self.npages = size >> PAGE_SHIFT
         self.cpages = 0
-        self.data = np.zeros(size, np.uint8)
+        self.data: npt.NDArray[np.uint8] | None = None
+        self.src: npt.NDArray[np.int64] | None = None
+
+    def buffer(self) -> npt.NDArray[np.uint8]:
+        """The bytes (allocated, zero-filled, on first use)."""
+        if self.data is None:
+            self.data = np.zeros(self.size, np.uint8)
+        return self.data
 
 
 def _bounce_init(sys: "System", addr: int, size: int) -> DmirrorBounce | int:
-    """``dmirror_bounce_init()``: vmalloc refuses more pages than the machine has RAM."""
-    if (size >> PAGE_SHIFT) > sys.mem.totalram_pages:
+    """``dmirror_bounce_init()``: ``vmalloc(size)``. vmalloc refuses outright more pages
+    than the machine has RAM; otherwise its pages come out of free memory, and when
+    there is not enough the OOM killer runs (an OOM event) and vmalloc fails."""
+    npages = size >> PAGE_SHIFT
+    if npages > sys.mem.totalram_pages:
+        return -ENOMEM
+    if not sys.mem.charge(npages):
         return -ENOMEM
     return DmirrorBounce(addr, size)
+
+
+def _bounce_fini(sys: "System", bounce: DmirrorBounce) -> None:
+    """``dmirror_bounce_fini()``: vfree."""
+    sys.mem.uncharge(bounce.npages)
+    bounce.data = None
+    bounce.src = None
+
+
+def _bounce_settle(sys: "System", bounce: DmirrorBounce) -> None:
+    """Copy the bytes of every page only noted by its source frame into ``data``."""
+    if bounce.src is None:
+        return
+    idx = np.flatnonzero(bounce.src >= 0)
+    if len(idx):
+        view = bounce.buffer().reshape(bounce.npages, PAGE_SIZE)
+        for a in range(0, len(idx), 4096):
+            part = idx[a:a + 4096]
+            got = np.empty((len(part), PAGE_SIZE), np.uint8)
+            sys.mem.read_pages(bounce.src[part], got)
+            view[part] = got
+    bounce.src = None
 
 
 # -- device memory ---------------------------------------------------------------------------------
@@ -372,21 +412,36 @@ def dmirror_range_fault(dmirror: Dmirror, r: HmmRange) -> int:
 
 
 def dmirror_fault(dmirror: Dmirror, start: int, end: int, write: bool) -> int:
-    """``dmirror_fault()``: fault ``[start, end)`` into the mirror, 64 pages at a time."""
+    """``dmirror_fault()``: fault ``[start, end)`` into the mirror one window
+    (``dmirror_window`` pages: 64 in 6.12, 32 in 7.3) at a time.
+
+    Fast path: runs of windows are faulted and mirrored as one batch
+    (:func:`_fault_batch`) when no simulated thread can run in between; a batch that
+    fails goes again window by window, which reproduces the driver's partial result."""
     mm = dmirror.notifier.mm
     assert mm is not None
+    win = dmirror.sys.profile.dmirror_window
+    flags = HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if write else 0)
     r = HmmRange(notifier=dmirror.notifier, start=start, end=start,
-                 hmm_pfns=np.zeros(DMIRROR_WINDOW, np.uint64), pfn_flags_mask=0,
-                 default_flags=HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if write else 0),
-                 dev_private_owner=dmirror.mdevice)
+                 hmm_pfns=np.zeros(win, np.uint64), pfn_flags_mask=0,
+                 default_flags=flags, dev_private_owner=dmirror.mdevice)
     if not mmget_not_zero(mm):
         return -EFAULT
     ret = 0
+    slow_until = start
     try:
         addr = start
         while addr < end:
+            if addr >= slow_until and addr + (win << PAGE_SHIFT) < end and not _threads_may_race(dmirror.sys):
+                done, ret = _fault_batch(dmirror, addr, end, flags, win)
+                if ret:
+                    break
+                if done > addr:
+                    addr = done
+                    continue
+                slow_until = min(addr + (_BATCH_PAGES << PAGE_SHIFT), end)
             r.start = addr
-            r.end = min(addr + (DMIRROR_WINDOW << PAGE_SHIFT), end)
+            r.end = min(addr + (win << PAGE_SHIFT), end)
             ret = dmirror_range_fault(dmirror, r)
             if ret:
                 break
@@ -394,6 +449,54 @@ def dmirror_fault(dmirror: Dmirror, start: int, end: int, write: bool) -> int:
     finally:
         mmput(mm)
     return ret
+
+
+def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) -> tuple[int, int]:
+    """The windows of ``dmirror_fault()`` in ``[addr, addr + _BATCH_PAGES)`` as one
+    ``dmirror_range_fault()``, counting each window's protocol.
+
+    Equivalent to the window loop: faults happen in the same address order, and an
+    invalidation during them erases only entries from its own range on, which in either
+    form are stored after it (the whole batch retries, as a window would). Returns
+    ``(where the batch ends, 0)``, or ``(addr, 0)`` when it must go window by window: a
+    hugetlb VMA in the range (6.12 reports a lockdep warning per walk), or a failed
+    fault (the windows before it are then mirrored by the window loop, as the driver
+    leaves them); ``(addr, ret)`` if storing the entries failed (after storing those
+    before the read-only page, as ``dmirror_do_fault()`` does)."""
+    mm = dmirror.notifier.mm
+    assert mm is not None
+    bend = min(addr + (_BATCH_PAGES << PAGE_SHIFT), end)
+    if any(v.vm_flags & VM_HUGETLB for v in mm.vmas(addr, bend)):
+        return addr, 0
+    stats = dmirror.sys.stats
+    protocol = {key: stats[key] for key in _PROTOCOL_KEYS}
+    n = (bend - addr) >> PAGE_SHIFT
+    r = HmmRange(notifier=dmirror.notifier, start=addr, end=bend, hmm_pfns=np.zeros(n, np.uint64),
+                 pfn_flags_mask=0, default_flags=flags, dev_private_owner=dmirror.mdevice)
+    for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
+        r.notifier_seq = mmu_interval_read_begin(r.notifier)
+        mmap_read_lock(mm)
+        try:
+            ret = hmm_range_fault(r)
+        finally:
+            mmap_read_unlock(mm)
+        if ret == -EBUSY:
+            continue
+        if ret:  # the faults made so far stay made (and counted); the calls do not
+            for key in _PROTOCOL_KEYS:
+                stats._c[key] = protocol[key]  # noqa: SLF001
+            return addr, 0
+        dmirror.mutex.lock()
+        if mmu_interval_read_retry(r.notifier, r.notifier_seq):
+            dmirror.mutex.unlock()
+            continue
+        try:
+            ret = dmirror_do_fault(dmirror, r)
+        finally:
+            dmirror.mutex.unlock()
+        _count_windows(dmirror, -(-n // win) - 1, snapshot=False)
+        return (addr, ret) if ret else (bend, 0)
+    return addr, 0
 
 
 def _kernel_pages(dmirror: Dmirror, entries: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -410,15 +513,20 @@ def _kernel_pages(dmirror: Dmirror, entries: npt.NDArray[np.int64]) -> npt.NDArr
 
 def dmirror_do_read(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBounce) -> int:
     """``dmirror_do_read()``: copy mirrored pages to the bounce buffer until the first
-    missing entry (``-ENOENT``)."""
+    missing entry (``-ENOENT``). The copy is noted by source frame; it is made for real
+    by :func:`_bounce_settle` when needed, at once if a simulated thread could run."""
     n = (end - start) >> PAGE_SHIFT
     entries = dmirror.pt.load_range(start >> PAGE_SHIFT, n)
     missing = np.flatnonzero(entries < 0)
     k = int(missing[0]) if len(missing) else n
     pfns = _kernel_pages(dmirror, entries[:k])
-    off = (start - bounce.addr) & PAGE_MASK
+    off = (start - bounce.addr) >> PAGE_SHIFT
     if k:
-        dmirror.sys.mem.read_pages(pfns, bounce.data[off:off + (k << PAGE_SHIFT)])
+        if bounce.src is None:
+            bounce.src = np.full(bounce.npages, -1, np.int64)
+        bounce.src[off:off + k] = pfns
+        if _threads_may_race(dmirror.sys):  # another thread may change the frames
+            _bounce_settle(dmirror.sys, bounce)
     bounce.cpages += k
     return -ENOENT if k < n else 0
 
@@ -432,8 +540,10 @@ def dmirror_do_write(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBoun
     k = int(bad[0]) if len(bad) else n
     pfns = _kernel_pages(dmirror, entries[:k])
     off = (start - bounce.addr) & PAGE_MASK
-    if k:
-        dmirror.sys.mem.write_pages(pfns, bounce.data[off:off + (k << PAGE_SHIFT)])
+    if k and bounce.src is not None:  # frame to frame from the user's buffer
+        dmirror.sys.mem.copy_pages(pfns, bounce.src[off >> PAGE_SHIFT:(off >> PAGE_SHIFT) + k])
+    elif k:
+        dmirror.sys.mem.write_pages(pfns, bounce.buffer()[off:off + (k << PAGE_SHIFT)])
     bounce.cpages += k
     return -ENOENT if k < n else 0
 
@@ -450,6 +560,8 @@ def _dmirror_copy_rounds(dmirror: Dmirror, cmd: HmmDmirrorCmd, end: int, bounce:
             ret = do_copy(dmirror, start, end, bounce)
         if ret != -ENOENT:
             return ret
+        if not write:  # faults may free, COW or zero the frames read so far
+            _bounce_settle(dmirror.sys, bounce)
         start = cmd.addr + (bounce.cpages << PAGE_SHIFT)
         ret = dmirror_fault(dmirror, start, end, write)
         if ret:
@@ -466,15 +578,31 @@ def _dmirror_bounce_for(dmirror: Dmirror, cmd: HmmDmirrorCmd) -> tuple[int, Dmir
     return end, _bounce_init(dmirror.sys, cmd.addr, size)
 
 
+def _bounce_to_user(dmirror: Dmirror, bounce: DmirrorBounce, caller: "Task", uptr: int) -> int:
+    """``copy_to_user(cmd->ptr, bounce.ptr, bounce.size)``: bytes not copied. Pages only
+    noted by source frame go frame to frame when nothing else is in the buffer and the
+    user address is page aligned (else the bounce bytes are made first)."""
+    sys = dmirror.sys
+    src = bounce.src
+    if (src is not None and bounce.data is None and not uptr & ~PAGE_MASK
+            and bool((src >= 0).all())):
+        return copy_pages_to_user(caller.mm, uptr, src)
+    _bounce_settle(sys, bounce)
+    return copy_to_user(caller.mm, uptr, bounce.buffer())
+
+
 def dmirror_read(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
     """``dmirror_read()``: HMM_DMIRROR_READ."""
     end, bounce = _dmirror_bounce_for(dmirror, cmd)
     if isinstance(bounce, int):
         return bounce
-    ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=False)
-    if ret == 0 and copy_to_user(caller.mm, cmd.ptr, bounce.data):
-        ret = -EFAULT
-    cmd.cpages = bounce.cpages
+    try:
+        ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=False)
+        if ret == 0 and _bounce_to_user(dmirror, bounce, caller, cmd.ptr):
+            ret = -EFAULT
+        cmd.cpages = bounce.cpages
+    finally:
+        _bounce_fini(dmirror.sys, bounce)
     return ret
 
 
@@ -483,57 +611,82 @@ def dmirror_write(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
     end, bounce = _dmirror_bounce_for(dmirror, cmd)
     if isinstance(bounce, int):
         return bounce
-    data, left = copy_from_user(caller.mm, cmd.ptr, bounce.size)
-    if left:
-        return -EFAULT
-    bounce.data[:] = data
-    ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=True)
-    cmd.cpages = bounce.cpages
+    try:
+        if _batch_allowed(dmirror, caller, cmd.ptr, cmd.npages, cmd.addr, end) and not cmd.ptr & ~PAGE_MASK:
+            # copy_from_user() noted by source frame: the faults of the rounds below
+            # touch neither the buffer's pages nor its mapping
+            pfns, sigs = translate_range(caller.mm, cmd.ptr, bounce.npages, write=False, stop_at_signal=True)
+            if sigs:
+                return -EFAULT
+            bounce.src = pfns
+        else:
+            data, left = copy_from_user(caller.mm, cmd.ptr, bounce.size)
+            if left:
+                return -EFAULT
+            bounce.data = data
+        ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=True)
+        cmd.cpages = bounce.cpages
+    finally:
+        _bounce_fini(dmirror.sys, bounce)
     return ret
 
 
 def dmirror_check_atomic(dmirror: Dmirror, start: int, end: int) -> int:
-    """``dmirror_check_atomic()``: ``-EPERM`` if a page of the range is mapped ATOMIC."""
-    entries = dmirror.pt.load_range(start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT)
-    if ((entries >= 0) & ((entries & 3) == DPT_XA_TAG_ATOMIC)).any():
-        return -EPERM
+    """``dmirror_check_atomic()``: ``-EPERM`` if a page of the range is mapped ATOMIC
+    (only the device page table's existing leaves are looked at)."""
+    first, last = start >> PAGE_SHIFT, (end >> PAGE_SHIFT) - 1
+    for k, leaf in dmirror.pt.leaves.items():
+        if not first // _LEAF <= k <= last // _LEAF:
+            continue
+        lo = max(first - k * _LEAF, 0)
+        seg = leaf[lo:min(last - k * _LEAF, _LEAF - 1) + 1]
+        if ((seg >= 0) & ((seg & 3) == DPT_XA_TAG_ATOMIC)).any():
+            return -EPERM
     return 0
 
 
 # -- snapshot ------------------------------------------------------------------------------------
+def _mkentry_table(shift: int) -> npt.NDArray[np.uint8]:
+    """The ``HMM_DMIRROR_PROT_*`` byte of every combination of the VALID/WRITE/ERROR bits
+    and the map order (the entry bits from *shift* up), before the per-page checks."""
+    table = _MKENTRY_TABLES.get(shift)
+    if table is None:
+        hi = np.arange(1 << (64 - shift), dtype=np.uint64) << _U(shift)
+        error = (hi & _U(HMM_PFN_ERROR)) != 0
+        valid = (hi & _U(HMM_PFN_VALID)) != 0
+        order = ((hi >> _U(shift)) & _U(HMM_PFN_ORDER_MASK)).astype(np.int64)
+        perm = np.where((hi & _U(HMM_PFN_WRITE)) != 0, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_READ)
+        perm |= np.where(order + PAGE_SHIFT == PMD_SHIFT, HMM_DMIRROR_PROT_PMD,
+                         np.where(order + PAGE_SHIFT == PUD_SHIFT, HMM_DMIRROR_PROT_PUD, 0))
+        perm = np.where(valid, perm, HMM_DMIRROR_PROT_NONE)
+        table = _MKENTRY_TABLES[shift] = np.where(error, HMM_DMIRROR_PROT_ERROR, perm).astype(np.uint8)
+    return table
+
+
+_MKENTRY_TABLES: dict[int, npt.NDArray[np.uint8]] = {}
+
+
 def dmirror_mkentry(dmirror: Dmirror, entries: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
-    """``dmirror_mkentry()`` for a window of hmm_range_fault() outputs."""
+    """``dmirror_mkentry()`` for many hmm_range_fault() outputs at once (the driver calls
+    it per entry): one ``HMM_DMIRROR_PROT_*`` byte each, the flags and the order (read
+    with the release's pfn layout, as ``hmm_pfn_to_map_order()`` does) through a table; the zero page and device pages
+    (rare) are then looked at one by one."""
     sys = dmirror.sys
-    n = len(entries)
-    out = np.zeros(n, np.uint8)
-    layout = hmm_pfn_layout(sys.profile)
-    for i in range(n):
-        e = int(entries[i])
-        if e & HMM_PFN_ERROR:
-            out[i] = HMM_DMIRROR_PROT_ERROR
+    shift = hmm_pfn_layout(sys.profile).order_shift
+    e = np.asarray(entries, np.uint64)
+    out = _mkentry_table(shift)[e >> _U(shift)]
+    pfn = e & _U((1 << shift) - 1)
+    usable = (e & _U(HMM_PFN_VALID | HMM_PFN_ERROR)) == _U(HMM_PFN_VALID)
+    out[usable & (pfn == _U(sys.mem.zero_pfn))] |= np.uint8(HMM_DMIRROR_PROT_ZERO)
+    for i in np.flatnonzero(usable & (pfn >= _U(sys.mem.ram_pages))).tolist():  # device pages
+        pg = sys.pgmap_of(int(pfn[i]))
+        if pg is None:
             continue
-        if not e & HMM_PFN_VALID:
-            out[i] = HMM_DMIRROR_PROT_NONE
-            continue
-        pfn = hmm_pfn_to_pfn(e, layout)
-        pg = sys.pgmap_of(pfn)
-        if pg is not None and pg.is_private:
-            perm = (HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL if pg.owner is dmirror.mdevice
-                    else HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE)
-        elif pg is not None and pg.is_coherent:
-            perm = (HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL if pg.owner is dmirror.mdevice
-                    else HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE)
-        elif sys.mem.is_zero_pfn(pfn):
-            perm = HMM_DMIRROR_PROT_ZERO
-        else:
-            perm = HMM_DMIRROR_PROT_NONE
-        perm |= HMM_DMIRROR_PROT_WRITE if e & HMM_PFN_WRITE else HMM_DMIRROR_PROT_READ
-        order = hmm_pfn_to_map_order(e, layout)
-        if order + PAGE_SHIFT == PMD_SHIFT:
-            perm |= HMM_DMIRROR_PROT_PMD
-        elif order + PAGE_SHIFT == PUD_SHIFT:
-            perm |= HMM_DMIRROR_PROT_PUD
-        out[i] = perm
+        local = pg.owner is dmirror.mdevice
+        if pg.is_private:
+            out[i] |= np.uint8(HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL if local else HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE)
+        elif pg.is_coherent:
+            out[i] |= np.uint8(HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL if local else HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE)
     return out
 
 
@@ -587,8 +740,35 @@ def dmirror_range_snapshot(dmirror: Dmirror, r: HmmRange) -> tuple[int, npt.NDAr
         mmu_interval_notifier_remove(notifier)
 
 
+def _snapshot_batch(dmirror: Dmirror, start: int, end: int, nwin: int) -> npt.NDArray[np.uint8] | None:
+    """*nwin* windows of ``dmirror_snapshot()`` done as one: one temporary notifier, one
+    walk, one mkentry over ``[start, end)``, counting the per-window protocol (notifier
+    insert/remove, mmap_lock, mutex, range_fault calls) as the loop would. None (and no
+    trace in the counters) if the batch must go window by window: the walk failed or was
+    invalidated (a snapshot requests no fault, so otherwise every window's walk sees the
+    same page tables and returns what the batched walk returns)."""
+    mm = dmirror.notifier.mm
+    assert mm is not None
+    stats = dmirror.sys.stats
+    saved = _stats_save(stats)
+    n = (end - start) >> PAGE_SHIFT
+    r = HmmRange(notifier=dmirror.notifier, start=start, end=end, hmm_pfns=np.zeros(n, np.uint64),
+                 dev_private_owner=dmirror.mdevice)
+    ret, perm = dmirror_range_snapshot(dmirror, r)
+    if ret or perm is None:
+        _stats_restore(stats, saved)
+        return None
+    _count_windows(dmirror, nwin - 1, snapshot=True)
+    return perm
+
+
 def dmirror_snapshot(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
-    """``dmirror_snapshot()``: HMM_DMIRROR_SNAPSHOT, one protection byte per page."""
+    """``dmirror_snapshot()``: HMM_DMIRROR_SNAPSHOT, one protection byte per page, one
+    window (``dmirror_window`` pages) per temporary notifier.
+
+    Fast path: runs of windows are done as one batch (:func:`_snapshot_batch`) when
+    nothing can make a window's outcome differ (no simulated thread can run in between,
+    and the user buffer lies outside the snapshotted range)."""
     mm = dmirror.notifier.mm
     assert mm is not None
     size = (cmd.npages << PAGE_SHIFT) & ULONG_MAX
@@ -598,19 +778,29 @@ def dmirror_snapshot(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> in
         return -EINVAL
     if not mmget_not_zero(mm):
         return -EINVAL
+    win = dmirror.sys.profile.dmirror_window
     r = HmmRange(notifier=dmirror.notifier, start=start, end=start,
-                 hmm_pfns=np.zeros(DMIRROR_WINDOW, np.uint64), dev_private_owner=dmirror.mdevice)
+                 hmm_pfns=np.zeros(win, np.uint64), dev_private_owner=dmirror.mdevice)
     uptr = cmd.ptr
+    batch_ok = _batch_allowed(dmirror, caller, uptr, cmd.npages, start, end)
     ret = 0
     try:
         addr = start
         while addr < end:
-            nxt = min(addr + (DMIRROR_WINDOW << PAGE_SHIFT), end)
-            r.start, r.end = addr, nxt
-            ret, perm = dmirror_range_snapshot(dmirror, r)
-            if ret:
-                break
-            assert perm is not None
+            nxt = min(addr + (win << PAGE_SHIFT), end)
+            perm = None
+            if batch_ok and nxt < end:
+                bend = min(addr + (_BATCH_PAGES << PAGE_SHIFT), end)
+                nwin = -(-((bend - addr) >> PAGE_SHIFT) // win)
+                perm = _snapshot_batch(dmirror, addr, bend, nwin)
+                if perm is not None:
+                    nxt = bend
+            if perm is None:
+                r.start, r.end = addr, nxt
+                ret, perm = dmirror_range_snapshot(dmirror, r)
+                if ret:
+                    break
+                assert perm is not None
             if copy_to_user(caller.mm, uptr, perm):
                 ret = -EFAULT
                 break
@@ -620,6 +810,59 @@ def dmirror_snapshot(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> in
     finally:
         mmput(mm)
     return ret
+
+
+# -- batching windows ------------------------------------------------------------------------------
+#: pages handled by one batched walk (bounds the temporary arrays: 8 bytes a page)
+_BATCH_PAGES = 1 << 16
+_U = np.uint64
+
+
+def _batch_allowed(dmirror: Dmirror, caller: "Task", uptr: int, ulen_pages: int, start: int, end: int) -> bool:
+    """Windows may be batched: no interleaving hook is registered (no other simulated
+    thread can run between two windows) and the user buffer does not overlap the range
+    (writing it cannot change what the next window sees)."""
+    if _threads_may_race(dmirror.sys):
+        return False
+    if caller.mm is not dmirror.notifier.mm:
+        return True
+    ulen = max(ulen_pages, 1) << PAGE_SHIFT
+    return uptr + ulen <= start or uptr >= end
+
+
+#: counters of one window's protocol (the walk's own counters are not among them)
+_PROTOCOL_KEYS = ("hmm.range_fault", "hmm.walk", "walk_page_range", "lock.mmap_lock.read",
+                  "lock.dmirror_mutex.write", "hmm.range_fault.ebusy")
+
+
+def _threads_may_race(sys: "System") -> bool:
+    """Another simulated thread could run at a scheduling point (an interleaving hook is
+    registered with the lock state)."""
+    return sys.ls.has_hooks
+
+
+def _stats_save(stats: Any) -> Any:
+    return stats._c.copy()  # noqa: SLF001
+
+
+def _stats_restore(stats: Any, saved: Any) -> None:
+    stats._c.clear()  # noqa: SLF001
+    stats._c.update(saved)  # noqa: SLF001
+
+
+def _count_windows(dmirror: Dmirror, extra: int, snapshot: bool) -> None:
+    """Count the per-window protocol of *extra* windows that a batch did in one go: each
+    window of the driver's loop takes mmap_lock (read) around one ``hmm_range_fault()``
+    (one walk) and the mutex around ``mmu_interval_read_retry()``; a snapshot window also
+    inserts and removes its temporary notifier."""
+    if extra <= 0:
+        return
+    st = dmirror.sys.stats
+    for key in _PROTOCOL_KEYS[:5]:
+        st.add(key, extra)
+    if snapshot:
+        st.add("mmu_notifier.interval_insert", extra)
+        st.add("mmu_notifier.interval_remove", extra)
 
 
 # -- file operations -------------------------------------------------------------------------------

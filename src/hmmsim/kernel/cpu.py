@@ -42,7 +42,7 @@ from .pgtable import (
 )
 from .vma import VM_WRITE, vma_is_accessible
 
-__all__ = ("SIGBUS", "SIGKILL", "SIGSEGV", "SigRun", "copy_from_user", "copy_to_user",
+__all__ = ("SIGBUS", "SIGKILL", "SIGSEGV", "SigRun", "copy_from_user", "copy_pages_to_user", "copy_to_user",
            "do_user_addr_fault", "translate", "translate_range", "user_copy", "user_read_pages",
            "user_write_pages")
 
@@ -288,6 +288,22 @@ def copy_to_user(mm: MM, addr: int, data: npt.NDArray[np.uint8] | bytes) -> int:
     Returns the number of bytes not copied (0 on success)."""
     buf = np.frombuffer(bytes(data), np.uint8) if isinstance(data, (bytes, bytearray)) else data.reshape(-1).view(np.uint8)
     return user_copy(mm, addr, buf, to_user=True)[0]
+
+
+def copy_pages_to_user(mm: MM, addr: int, src_pfns: npt.NDArray[np.int64]) -> int:
+    """``copy_to_user()`` of whole pages whose contents are the frames *src_pfns*, to the
+    page-aligned user address *addr*: frame to frame, with no kernel-side copy of the
+    bytes. Stops at the first page that cannot be written, like :func:`user_copy`.
+    Returns the number of bytes not copied."""
+    n = len(src_pfns)
+    if n == 0:
+        return 0
+    assert not addr & (PAGE_SIZE - 1)
+    pfns, sigs = translate_range(mm, addr, n, write=True, stop_at_signal=True)
+    stop = sigs[0][0] if sigs else n
+    if stop:
+        mm.sys.mem.copy_pages(pfns[:stop], src_pfns[:stop])
+    return (n - stop) << PAGE_SHIFT
 
 
 def copy_from_user(mm: MM, addr: int, n: int) -> tuple[npt.NDArray[np.uint8], int]:

@@ -57,8 +57,12 @@ def folios_put(sys: "System", heads: npt.NDArray[np.int64]) -> None:
     if len(heads) == 0:
         return
     mem = sys.mem
-    np.subtract.at(mem.refcount, heads, 1)
-    uniq = np.unique(heads)
+    if len(heads) == 1 or bool((heads[1:] > heads[:-1]).all()):  # no repeats (a zapped range)
+        mem.refcount[heads] -= 1
+        uniq = heads
+    else:
+        np.subtract.at(mem.refcount, heads, 1)
+        uniq = np.unique(heads)
     rc = mem.refcount[uniq]
     if (rc < 0).any():
         raise AssertionError(f"refcount underflow on pfn {int(uniq[rc < 0][0]):#x}")

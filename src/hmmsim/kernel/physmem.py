@@ -71,6 +71,7 @@ PAGEFLAG_NAMES: tuple[tuple[str, int], ...] = (
 )
 
 _BLOCK = HPAGE_PMD_NR  # pageblock size used by the allocator (2 MiB)
+_COPY_CHUNK = 4096  # pages per gather/scatter step of a fragmented copy (16 MiB)
 
 
 class PhysMem:
@@ -116,6 +117,13 @@ class PhysMem:
         self.flags[_BLOCK:ram_pages] = PG_buddy
         self._block_free[1:] = _BLOCK
         self.nr_free = ram_pages - _BLOCK
+        #: pages in use without frames of their own in the model: vmalloc'd bounce buffers,
+        #: populated pages nothing ever touches, the rest of a reference machine. The
+        #: allocator never hands out the last ``charged`` free pages.
+        self.charged = 0
+        #: order-0 allocations that failed for lack of memory: each time the kernel's OOM
+        #: killer would run (``out_of_memory()``)
+        self.oom_events = 0
         #: ``my_zero_pfn()``: the shared zero page
         self.zero_pfn = 1
         self.huge_zero_pfn = -1
@@ -156,14 +164,36 @@ class PhysMem:
         do not count)."""
         return self.ram_pages - _BLOCK - self.reserved_pages
 
+    def charge(self, n: int) -> bool:
+        """Account *n* pages taken from RAM without frames (see :attr:`charged`); False
+        (and an OOM event) if fewer than *n* pages are free."""
+        if self.nr_free - self.charged < n:
+            self.oom_events += 1
+            return False
+        self.charged += n
+        return True
+
+    def uncharge(self, n: int) -> None:
+        """Give back pages accounted by :meth:`charge`."""
+        assert 0 <= n <= self.charged
+        self.charged -= n
+
     def _take(self, pfns: npt.NDArray[np.int64]) -> None:
         self._free[pfns] = False
         self._block_free -= np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
         self.nr_free -= len(pfns)
         dirty = pfns[(self.flags[pfns] & PG_data) != 0]
         if len(dirty):
-            self.data[dirty] = 0
+            self._zero(dirty)
         self._reset(pfns, flags=0, refcount=1)
+
+    def _zero(self, pfns: npt.NDArray[np.int64]) -> None:
+        """Zero the contents of *pfns*: runs of consecutive frames as slices."""
+        for a, b, p in _runs(pfns):
+            if p < 0:
+                self.data[pfns[a:b]] = 0
+            else:
+                self.data[p:p + (b - a)] = 0
 
     def _reset(self, pfns: npt.NDArray[np.int64], flags: Any, refcount: int) -> None:
         """A fresh ``struct page`` for every pfn (allocation and freeing)."""
@@ -180,7 +210,9 @@ class PhysMem:
         Models ``alloc_pages_bulk()``; each page comes back with refcount 1.
         """
         out: list[npt.NDArray[np.int64]] = []
-        need = n
+        need = min(n, max(self.nr_free - self.charged, 0))
+        if need < n:
+            self.oom_events += 1
         while need > 0:
             bf = self._block_free
             cand = np.flatnonzero((bf > 0) & (bf < _BLOCK))
@@ -209,7 +241,7 @@ class PhysMem:
         if order != HPAGE_PMD_ORDER:
             raise ValueError(f"order {order} folios are not modelled")
         cand = np.flatnonzero(self._block_free == _BLOCK)
-        if len(cand) == 0:
+        if len(cand) == 0 or self.nr_free - self.charged < _BLOCK:
             return -1
         head = int(cand[0]) * _BLOCK
         pfns = np.arange(head, head + _BLOCK, dtype=np.int64)
@@ -295,8 +327,26 @@ class PhysMem:
         self.flags[pfns] |= PG_data
 
     def copy_pages(self, dst: npt.NDArray[np.int64] | int, src: npt.NDArray[np.int64] | int) -> None:
-        """``copy_highpage()`` for one page or a batch (pairwise)."""
-        self.data[dst] = self.data[src]
+        """``copy_highpage()`` for one page or a batch (pairwise). Runs that are
+        consecutive on both sides are copied as slices; the rest in bounded chunks, so no
+        temporary as large as the batch is made."""
+        if np.ndim(dst) == 0:
+            self.data[dst] = self.data[src]
+            self.flags[dst] |= PG_data
+            return
+        dst = np.asarray(dst, np.int64)
+        src = np.asarray(src, np.int64)
+        n = len(dst)
+        d64 = self.data.view(np.uint64)
+        cuts = np.flatnonzero((np.diff(dst) != 1) | (np.diff(src) != 1)) + 1
+        if len(cuts) <= max(8, n // 32):
+            bounds = [0, *cuts.tolist(), n]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                d, s_ = int(dst[a]), int(src[a])
+                d64[d:d + (b - a)] = d64[s_:s_ + (b - a)]
+        else:
+            for a in range(0, n, _COPY_CHUNK):
+                d64[dst[a:a + _COPY_CHUNK]] = d64[src[a:a + _COPY_CHUNK]]
         self.flags[dst] |= PG_data
 
     def clear_pages(self, pfns: npt.NDArray[np.int64] | int) -> None:

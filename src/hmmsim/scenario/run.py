@@ -35,7 +35,7 @@ from ..drivers.test_hmm_uapi import (
     HmmDmirrorCmd,
 )
 from ..kernel.bug import KernelOops, NotSupportedError
-from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_read_pages, user_write_pages
+from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_write_pages
 from ..kernel.errno import EBADF
 from ..kernel.madvise import (
     MADV_DONTNEED,
@@ -55,7 +55,8 @@ from ..kernel.task import Task, vm_mmap, vm_munmap
 from ..kernel.vma import PROT_READ, PROT_WRITE
 from .parse import Command, Fork, Scenario, ScenarioParseError, parse_scenario
 
-__all__ = ("ARENA_BASE", "SLOT_SIZE", "reference_config", "run_scenario", "run_scenario_text")
+__all__ = ("ARENA_BASE", "REFERENCE_MEMORY_IN_USE", "SLOT_SIZE", "reference_config", "run_scenario",
+           "run_scenario_text")
 
 ARENA_BASE = 0x1000_0000_0000
 SLOT_SIZE = 1 << 36
@@ -68,8 +69,15 @@ _UNSUPPORTED = {
     "dexclusive": "device-exclusive access", "drelease": "device memory eviction",
     "uffd": "userfaultfd", "dread_unlocked": "hmm_range_fault_unlocked_timeout",
 }
-#: pages handled per step by CPU commands (bounds memory for huge ranges)
+#: pages handled per step by CPU commands and buffer copies (bounds memory for huge ranges)
 _CHUNK = 4096
+_WORDS = PAGE_SIZE // 4
+#: memory the reference VM's own kernel, initramfs and runner occupy beyond what the model
+#: allocates (accounted, no frames): fitted to where the real kernels' OOM killer starts
+#: ending device commands (a READ of untouched memory needs its buffer plus the bounce
+#: buffer: 2 x 672 MiB passes, 2 x 704 MiB is killed, on 6.12 and 7.3; the recorded
+#: ``oom_*`` scenarios)
+REFERENCE_MEMORY_IN_USE = 96 * MiB
 
 
 def reference_config(kernel: str = DEFAULT_KERNEL, *, ram: int = 1536 * MiB, thp: str = "madvise",
@@ -89,10 +97,14 @@ def reference_config(kernel: str = DEFAULT_KERNEL, *, ram: int = 1536 * MiB, thp
     >>> reference_config("6.12", ram=4 << 30, thp="always").thp
     'always'
     """
+    if ram <= 2 * REFERENCE_MEMORY_IN_USE:
+        raise ValueError(f"RAM must be more than {2 * REFERENCE_MEMORY_IN_USE >> 20} MiB: the reference "
+                         f"machine's kernel and runner alone use {REFERENCE_MEMORY_IN_USE >> 20} MiB")
     reserved = (ram >> PAGE_SHIFT) // 64 + get_profile(kernel).boot_reserved_pages
     return SystemConfig(ram=ram, thp=thp, huge_zero_page=True, hugetlb_pages=hugetlb_pages,
                         swap_pages=0, test_hmm=True, coherent=True, device_private_space=8 * GiB,
-                        kernel=kernel, reserved_pages=reserved)
+                        kernel=kernel, reserved_pages=reserved,
+                        extra={"memory_in_use": REFERENCE_MEMORY_IN_USE})
 
 
 class _Stop(Exception):
@@ -126,8 +138,25 @@ class _Ctx:
 
 def _pattern(seed: int, first_word: int, nwords: int) -> npt.NDArray[np.uint8]:
     """Pattern SEED: word k holds SEED + k (int32, wrapping); little-endian bytes."""
-    w = (np.arange(first_word, first_word + nwords, dtype=np.uint64) + np.uint64(seed % (1 << 32)))
-    return (w & np.uint64(0xFFFF_FFFF)).astype("<u4").view(np.uint8)
+    out = np.arange(nwords, dtype="<u4")
+    out += np.uint32((seed + first_word) & 0xFFFF_FFFF)
+    return out.view(np.uint8)
+
+
+class _Patterns:
+    """Pattern chunks made in 32-bit words into one reused buffer (a CPU command or a
+    device buffer is filled or checked a chunk at a time)."""
+
+    def __init__(self) -> None:
+        self.base = np.arange(_CHUNK * _WORDS, dtype="<u4")
+        self.buf = np.empty(_CHUNK * _WORDS, dtype="<u4")
+
+    def chunk(self, seed: int, first_word: int, nwords: int) -> npt.NDArray[np.uint8]:
+        """Words ``first_word .. first_word + nwords`` of pattern *seed* (at most one
+        chunk), valid until the next call."""
+        out = self.buf[:nwords]
+        np.add(self.base[:nwords], np.uint32((seed + first_word) & 0xFFFF_FFFF), out=out)
+        return out.view(np.uint8)
 
 
 @dataclass
@@ -146,6 +175,7 @@ class _Runner:
         self.sys = sys
         self.emit = emit
         self.after = after
+        self.patterns = _Patterns()
 
     # -- plumbing -----------------------------------------------------------------------------
     @staticmethod
@@ -230,17 +260,30 @@ class _Runner:
     def _cpu(self, ctx: _Ctx, name: str, off: int, npages: int,
              access: Callable[[int, int, int], list[SigRun]]) -> tuple[int | None, bool]:
         """Access the pages in order, chunk by chunk: ``access(addr, first page of the
-        chunk, pages)`` returns the chunk's signal runs. Returns (first faulting page
-        from the region start, killed)."""
+        chunk, pages)`` returns the chunk's signal runs. Pages outside every VMA fault
+        without being visited one by one (work is bounded by what is mapped). Returns
+        (first faulting page from the region start, killed)."""
         first_bad: int | None = None
         base = self.region(ctx, name, off)
-        for c0 in range(0, npages, _CHUNK):
-            n = min(_CHUNK, npages - c0)
-            sigs = access(base + (c0 << PAGE_SHIFT), c0, n)
+        mm = ctx.task.mm
+        c0 = 0
+        while c0 < npages:
+            addr = base + (c0 << PAGE_SHIFT)
+            vma = mm.find_vma(addr)
+            if vma is None or vma.vm_start > addr:  # SIGSEGV up to the next VMA
+                if first_bad is None:
+                    first_bad = off + c0
+                if vma is None:
+                    break
+                c0 = min(npages, c0 + ((vma.vm_start - addr) >> PAGE_SHIFT))
+                continue
+            n = min(_CHUNK, npages - c0, (vma.vm_end - addr) >> PAGE_SHIFT)
+            sigs = access(addr, c0, n)
             if sigs and first_bad is None:
                 first_bad = off + c0 + sigs[0][0]
             if sigs and sigs[-1][2] == SIGKILL:
                 return first_bad, True
+            c0 += n
         return first_bad, False
 
     def _report_cpu(self, ctx: _Ctx, cmd: Command, bad: int | None, killed: bool, **ok: Any) -> None:
@@ -255,7 +298,7 @@ class _Runner:
         mm = ctx.task.mm
 
         def write(addr: int, c0: int, n: int) -> list[SigRun]:
-            return user_write_pages(mm, addr, _pattern(seed, (off + c0) << 10, n << 10))
+            return user_write_pages(mm, addr, self.patterns.chunk(seed, (off + c0) << 10, n << 10))
 
         bad, killed = self._cpu(ctx, name, off, npages, write)
         self._report_cpu(ctx, cmd, bad, killed)
@@ -265,13 +308,24 @@ class _Runner:
         bad, killed = self._cpu(ctx, name, off, npages, lambda addr, c0, n: translate_range(mm, addr, n, False)[1])
         self._report_cpu(ctx, cmd, bad, killed)
 
+    def _frame_runs(self, pfns: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:
+        """``(first page, end page, first frame)`` of each run of consecutive frames among
+        the pages that were read (pfn >= 0)."""
+        ok = pfns >= 0
+        cuts = np.flatnonzero((np.diff(pfns) != 1) | (ok[1:] != ok[:-1])) + 1
+        bounds = [0, *cuts.tolist(), len(pfns)]
+        return [(a, b, int(pfns[a])) for a, b in zip(bounds[:-1], bounds[1:]) if pfns[a] >= 0]
+
     def op_read(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int) -> None:
         mm = ctx.task.mm
+        data = self.sys.mem.data
         crc = [0]
 
         def read(addr: int, c0: int, n: int) -> list[SigRun]:
-            data, sigs = user_read_pages(mm, addr, n)
-            crc[0] = zlib.crc32(data, crc[0])
+            # the CPU reads the frames it translated to (the crc only counts without a fault)
+            pfns, sigs = translate_range(mm, addr, n, False)
+            for a, b, p in self._frame_runs(pfns):
+                crc[0] = zlib.crc32(data[p:p + (b - a)].reshape(-1), crc[0])
             return sigs
 
         bad, killed = self._cpu(ctx, name, off, npages, read)
@@ -279,12 +333,15 @@ class _Runner:
 
     def op_check(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int, seed: int) -> None:
         mm = ctx.task.mm
+        data = self.sys.mem.data
         mismatch = [0]
 
         def check(addr: int, c0: int, n: int) -> list[SigRun]:
-            got, sigs = user_read_pages(mm, addr, n)
-            want = _pattern(seed, (off + c0) << 10, n << 10)
-            mismatch[0] += int((got.view("<u4") != want.view("<u4")).sum())
+            pfns, sigs = translate_range(mm, addr, n, False)
+            want = self.patterns.chunk(seed, (off + c0) << 10, n << 10).view("<u4")
+            for a, b, p in self._frame_runs(pfns):
+                got = data[p:p + (b - a)].reshape(-1).view("<u4")
+                mismatch[0] += int(np.count_nonzero(got != want[a << 10:b << 10]))
             return sigs
 
         bad, killed = self._cpu(ctx, name, off, npages, check)
@@ -379,68 +436,126 @@ class _Runner:
         ctx.handles[handle] = None
         self.out(ctx, cmd, "close", ret=ret)
 
-    def _ioctl(self, ctx: _Ctx, handle: str, command: int, addr: int, npages: int,
-               bufsize: int, fill: npt.NDArray[np.uint8] | None = None) -> tuple[int, HmmDmirrorCmd, npt.NDArray[np.uint8] | None]:
-        """One device command through a fresh anonymous buffer of *bufsize* bytes."""
+    def _ioctl(self, ctx: _Ctx, handle: str, command: int, addr: int, npages: int, touched: int,
+               seed: int | None = None, first_word: int = 0,
+               consume: Callable[[int], None] | None = None) -> tuple[int, HmmDmirrorCmd]:
+        """One device command through a fresh buffer (conventions item 19): NPAGES pages
+        (one if 0), private anonymous, MAP_POPULATE, unmapped afterwards. The first
+        *touched* pages (those the command writes or reads) are faulted in; the others
+        are only accounted against RAM (``PhysMem.charge``). With *seed*, the buffer is
+        filled with that pattern first (``dwrite``); *consume(buf)* reads the buffer back
+        after a successful ioctl. If the kernel runs out of memory on the way (an OOM
+        event: populating, the driver's vmalloc, a fault), the OOM killer ends the
+        process, as it does on the reference machine."""
         fd = ctx.handles.get(handle)
         dcmd = HmmDmirrorCmd(addr=addr, npages=npages)
         if fd is None or ctx.task.fget(fd) is None:  # no buffer is mapped for a bad handle
-            return -EBADF, dcmd, None
+            return -EBADF, dcmd
         mm = ctx.task.mm
-        length = max(bufsize, PAGE_SIZE)
+        mem = self.sys.mem
+        nbuf = max(npages, 1)
+        length = nbuf << PAGE_SHIFT
         buf = vm_mmap(mm, None, 0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
         if buf < 0:
-            return buf, dcmd, None
+            return buf, dcmd
+        charged = 0
+        oom = mem.oom_events
         try:
-            if fill is not None and len(fill):
-                sigs = user_write_pages(mm, buf, np.pad(fill, (0, length - len(fill))))
+            touched = min(touched, nbuf)
+            for c0 in range(0, touched, _CHUNK):  # MAP_POPULATE of the pages used
+                n = min(_CHUNK, touched - c0)
+                a = buf + (c0 << PAGE_SHIFT)
+                if seed is not None:
+                    sigs = user_write_pages(mm, a, self.patterns.chunk(seed, first_word + (c0 << 10), n << 10))
+                else:
+                    sigs = translate_range(mm, a, n, True)[1]
                 if sigs and sigs[-1][2] == SIGKILL:
                     raise _Killed()
+            if not mem.charge(nbuf - touched):  # ... and of the pages nothing touches
+                raise _Killed()
+            charged = nbuf - touched
             dcmd.ptr = buf
             ret = ctx.task.ioctl(fd, command, dcmd)
-            data = None
-            if ret == 0 and bufsize:
-                npg = (bufsize + PAGE_SIZE - 1) >> PAGE_SHIFT
-                raw, sigs = user_read_pages(mm, buf, npg)
-                if sigs and sigs[-1][2] == SIGKILL:
-                    raise _Killed()
-                data = raw[:bufsize]
-            return ret, dcmd, data
+            if mem.oom_events != oom:
+                raise _Killed()
+            if ret == 0 and consume is not None:
+                consume(buf)
+            return ret, dcmd
         finally:
+            mem.uncharge(charged)
             vm_munmap(mm, buf, length)
 
+    def _read_buffer(self, mm: Any, buf: int, nbytes: int, sink: Callable[[npt.NDArray[np.uint8]], None]) -> None:
+        """The CPU reads *nbytes* of the buffer at *buf* into *sink*, a chunk at a time;
+        runs of consecutive frames are handed over as views of the frames (no copy)."""
+        npg = (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+        data = self.sys.mem.data
+        left = nbytes
+        for c0 in range(0, npg, _CHUNK):
+            n = min(_CHUNK, npg - c0)
+            pfns, sigs = translate_range(mm, buf + (c0 << PAGE_SHIFT), n, False)
+            if sigs:
+                if sigs[-1][2] == SIGKILL:
+                    raise _Killed()
+                raise AssertionError("the runner's populated buffer faulted")
+            cuts = [0, *(np.flatnonzero(np.diff(pfns) != 1) + 1).tolist(), n]
+            for i, j in zip(cuts[:-1], cuts[1:]):
+                p = int(pfns[i])
+                view = data[p:p + (j - i)].reshape(-1)[:left]
+                sink(view)
+                left -= len(view)
+
     def op_dread(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
-        ret, dcmd, data = self._ioctl(ctx, handle, HMM_DMIRROR_READ, self.region(ctx, name, off), npages,
-                                      npages << PAGE_SHIFT)
+        mm = ctx.task.mm
+        crc = [0]
+
+        def consume(buf: int) -> None:
+            def sink(data: npt.NDArray[np.uint8]) -> None:
+                crc[0] = zlib.crc32(data, crc[0])
+            self._read_buffer(mm, buf, npages << PAGE_SHIFT, sink)
+
+        ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_READ, self.region(ctx, name, off), npages,
+                                npages, consume=consume)
         if ret:
             self.out(ctx, cmd, "dread", ret=ret)
         else:
-            self.out(ctx, cmd, "dread", ret=0, cpages=dcmd.cpages, faults=dcmd.faults,
-                     crc=zlib.crc32(data if data is not None else b""))
+            self.out(ctx, cmd, "dread", ret=0, cpages=dcmd.cpages, faults=dcmd.faults, crc=crc[0])
 
     def op_dwrite(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int, seed: int) -> None:
-        pattern = _pattern(seed, off << 10, npages << 10)
-        ret, dcmd, _ = self._ioctl(ctx, handle, HMM_DMIRROR_WRITE, self.region(ctx, name, off), npages,
-                                   npages << PAGE_SHIFT, pattern)
+        ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_WRITE, self.region(ctx, name, off), npages,
+                                npages, seed=seed, first_word=off << 10)
         if ret:
             self.out(ctx, cmd, "dwrite", ret=ret)
         else:
             self.out(ctx, cmd, "dwrite", ret=0, cpages=dcmd.cpages, faults=dcmd.faults)
 
     def op_dsnapshot(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
-        ret, dcmd, data = self._ioctl(ctx, handle, HMM_DMIRROR_SNAPSHOT, self.region(ctx, name, off), npages, npages)
+        mm = ctx.task.mm
+        parts: list[str] = []
+
+        def consume(buf: int) -> None:
+            self._read_buffer(mm, buf, npages, lambda data: parts.append(bytes(data).hex()))
+
+        ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_SNAPSHOT, self.region(ctx, name, off), npages,
+                                (npages + PAGE_SIZE - 1) >> PAGE_SHIFT, consume=consume)
         if ret:
             self.out(ctx, cmd, "dsnapshot", ret=ret)
         else:
-            prot = bytes(data if data is not None else b"").hex()
-            self.out(ctx, cmd, "dsnapshot", ret=0, cpages=dcmd.cpages, prot=prot)
+            self.out(ctx, cmd, "dsnapshot", ret=0, cpages=dcmd.cpages, prot="".join(parts))
+
+    def _ioctl_no_buffer(self, ctx: _Ctx, handle: str, command: int, addr: int, npages: int) -> int:
+        """A device command whose ``ptr`` is NULL (the runner maps no buffer)."""
+        fd = ctx.handles.get(handle)
+        if fd is None or ctx.task.fget(fd) is None:
+            return -EBADF
+        return ctx.task.ioctl(fd, command, HmmDmirrorCmd(addr=addr, npages=npages))
 
     def op_dcheck_exclusive(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
-        ret, _dcmd, _ = self._ioctl(ctx, handle, HMM_DMIRROR_CHECK_EXCLUSIVE, self.region(ctx, name, off), npages, 0)
+        ret = self._ioctl_no_buffer(ctx, handle, HMM_DMIRROR_CHECK_EXCLUSIVE, self.region(ctx, name, off), npages)
         self.out(ctx, cmd, "dcheck_exclusive", ret=ret)
 
     def op_dflags(self, ctx: _Ctx, cmd: Command, handle: str, value: int) -> None:
-        ret, _dcmd, _ = self._ioctl(ctx, handle, HMM_DMIRROR_FLAGS, 0, value, 0)
+        ret = self._ioctl_no_buffer(ctx, handle, HMM_DMIRROR_FLAGS, 0, value)
         self.out(ctx, cmd, "dflags", ret=ret)
 
 
@@ -454,7 +569,11 @@ def run_scenario(scenario: Scenario, emit: Callable[[dict[str, Any]], None],
     """Run a parsed scenario on a fresh System, calling *emit* with each output record
     (and *after*, if given, after each command: tests use it to check invariants).
     Returns the System (for inspection)."""
-    sys = System(config or reference_config())
+    config = config or reference_config()
+    sys = System(config)
+    in_use = int(config.extra.get("memory_in_use", 0)) >> PAGE_SHIFT
+    if in_use and not sys.mem.charge(in_use):
+        raise ValueError("the machine has less RAM than the memory it starts with in use")
     task = sys.create_task("scenario")
     runner = _Runner(sys, emit, after)
     ctx = _Ctx(task, 0)
