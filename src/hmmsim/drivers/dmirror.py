@@ -63,6 +63,7 @@ from ..kernel.mmu_notifier import (
     mmu_notifier_range_blockable,
 )
 from ..kernel.module import module_init
+from ..kernel.trace import tracepoint_dmirror_ioctl
 from ..kernel.page_types import (
     PAGE_MASK,
     PAGE_SHIFT,
@@ -866,6 +867,7 @@ def _count_windows(dmirror: Dmirror, extra: int, snapshot: bool) -> None:
 
 
 # -- file operations -------------------------------------------------------------------------------
+@tracepoint_dmirror_ioctl
 def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, caller: "Task") -> int:
     """``dmirror_fops_unlocked_ioctl()``: validate, dispatch, copy the counters back on
     success. *cmd* is the user's ``struct hmm_dmirror_cmd``; its ``ptr`` is an address in
@@ -879,7 +881,7 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
     if addr >= (addr + (cmd.npages << PAGE_SHIFT)) & ULONG_MAX:
         return -EINVAL
     k = HmmDmirrorCmd(addr=addr, ptr=cmd.ptr, npages=cmd.npages)
-    dmirror.sys.stats.add(f"dmirror.ioctl.{IOCTL_NAMES.get(command, 'unknown')[13:].lower()}")
+    dmirror.sys.stats.add(f"dmirror.ioctl.{IOCTL_NAMES.get(command, 'HMM_DMIRROR_UNKNOWN').removeprefix('HMM_DMIRROR_').lower()}")
     if command == HMM_DMIRROR_READ:
         ret = dmirror_read(dmirror, k, caller)
     elif command == HMM_DMIRROR_WRITE:

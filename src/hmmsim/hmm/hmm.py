@@ -111,6 +111,7 @@ from ..kernel.pgtable import (
     pte_write,
     swp_offset_pfn,
 )
+from ..kernel.trace import tracepoint_hmm_do_fault, tracepoint_hmm_range_fault, tracepoint_hmm_vma_fault
 from ..kernel.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 from .pfn import (
     HMM_PFN_DMA_MAPPED,
@@ -286,6 +287,7 @@ def _hmm_fault_error(mm: "MM", hvw: HmmVmaWalk, ret: int) -> int:
     return err
 
 
+@tracepoint_hmm_vma_fault
 def hmm_vma_fault(addr: int, end: int, required_fault: int, walk: MmWalk) -> int:
     """``hmm_vma_fault()`` (6.12): fault every page of ``[addr, end)`` from inside the
     walk callback (write faults if required) and return ``-EBUSY`` so the walk restarts
@@ -328,6 +330,7 @@ def _hmm_fault(addr: int, end: int, required_fault: int, walk: MmWalk) -> int:
     return hmm_vma_fault(addr, end, required_fault, walk)
 
 
+@tracepoint_hmm_do_fault
 def hmm_do_fault(mm: "MM", hvw: HmmVmaWalk) -> int:
     """``hmm_do_fault()`` (7.3): fault the span a callback recorded, holding only
     mmap_lock: ``-EFAULT`` if no VMA covers it any more, ``-EPERM`` for a write into a VMA
@@ -744,6 +747,7 @@ def hmm_range_fault_locked(r: HmmRange, locked: list[bool] | None) -> int:
             return ret
 
 
+@tracepoint_hmm_range_fault
 def hmm_range_fault(r: HmmRange) -> int:
     """Fill ``r.hmm_pfns`` for ``[r.start, r.end)`` of ``r.notifier.mm``, faulting pages in
     where the request asks for it.

@@ -102,6 +102,7 @@ from .rmap import (
     folio_remove_rmap_ptes,
 )
 from .swap import free_swap_and_cache
+from .trace import tracepoint_mm_fault, tracepoint_mm_fault_range
 from .vma import (
     VM_HUGETLB,
     VM_MAYSHARE,
@@ -146,6 +147,7 @@ def vm_normal_page(vma: Vma, addr: int, pte: int) -> int:
 
 
 # -- entry point --------------------------------------------------------------------------
+@tracepoint_mm_fault
 def handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
     """Resolve a fault at *address* in *vma*.
 
@@ -709,6 +711,7 @@ def _account(sys: "System", n: int, handler: str | None) -> None:
     st.add("lock.ptl.write", n)
 
 
+@tracepoint_mm_fault_range
 def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[int, int]:
     """Fault every page of ``[start, end)`` (inside *vma*) in address order.
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .stats import Stats
+from .stats import Stats, declare_lock_class
 
 __all__ = (
     "DeadlockError", "Lock", "LockState", "LockdepError", "READ", "Thread", "WRITE",
@@ -300,6 +300,7 @@ class Lock:
         self.ls = ls
         self.klass = klass
         self.sleepable = sleepable
+        declare_lock_class(klass)
 
     # rwsem
     def down_read(self) -> None:

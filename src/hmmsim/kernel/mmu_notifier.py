@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 from .errno import EAGAIN, EINVAL, EOVERFLOW
 from .locking import DeadlockError, LockdepError, WouldBlock
 from .page_types import ULONG_MAX
+from .trace import (
+    MmuNotifierInvalidateRangeEnd, MmuNotifierInvalidateRangeStart, MmuNotifierRelease, owner_pid,
+)
 
 if TYPE_CHECKING:
     from .mm import MM
@@ -350,6 +353,9 @@ def _invalidate_start(r: MmuNotifierRange) -> int:
     stats = mm.sys.stats
     stats.add("mmu_notifier.invalidate_range_start")
     stats.add(f"mmu_notifier.event.{r.event.name[11:]}")
+    if mm.sys.trace.mmu_notifier_invalidate_range_start:
+        mm.sys.trace.emit(MmuNotifierInvalidateRangeStart(
+            owner_pid(mm), r.event.name, r.start, r.end, r.owner, mmu_notifier_range_blockable(r)))
     subs = mm.notifier_subscriptions
     if subs is None:
         return 0
@@ -421,6 +427,8 @@ def mmu_notifier_invalidate_range_end(r: MmuNotifierRange) -> None:
         raise LockdepError("mmu_notifier_invalidate_range_end() without a matching start")
     _open[id(mm)] -= 1
     mm.sys.stats.add("mmu_notifier.invalidate_range_end")
+    if mm.sys.trace.mmu_notifier_invalidate_range_end:
+        mm.sys.trace.emit(MmuNotifierInvalidateRangeEnd(owner_pid(mm), r.event.name, r.start, r.end))
     subs = mm.notifier_subscriptions
     if subs is None:
         return
@@ -457,6 +465,8 @@ def mmu_notifier_release(mm: "MM") -> None:
     notifiers' ``release`` runs."""
     subs = mm.notifier_subscriptions
     mm.sys.stats.add("mmu_notifier.release")
+    if mm.sys.trace.mmu_notifier_release:
+        mm.sys.trace.emit(MmuNotifierRelease(owner_pid(mm)))
     if subs is None:
         return
     if subs.has_itree:

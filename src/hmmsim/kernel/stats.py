@@ -3,18 +3,181 @@
 One :class:`Stats` object per :class:`~hmmsim.kernel.system.System` collects every
 ``walk_page_range`` call, page-table levels and entries visited, callbacks invoked, faults
 taken (by handler), notifier invalidations and lock acquisitions (by class and mode).
-Keys are plain strings named after the kernel function or object they count, e.g.
+Keys are strings named after the kernel function or object they count, e.g.
 ``"walk_page_range"``, ``"walk.pmd_entry"``, ``"walk.pte_entries"``, ``"fault.do_anonymous_page"``,
 ``"mmu_notifier.invalidate_range_start"``, ``"lock.mmap_lock.read"``.
+
+Every key is declared once, in :data:`COUNTERS` below (the way ``/proc/vmstat`` items are a
+fixed enum in the kernel): counting or reading a key that is not declared raises
+:class:`UnknownCounterError` (a ``KeyError``) naming the closest declared keys, so a
+misspelled key cannot silently read 0. A declared key never counted reads 0. Lock classes
+are declared when a :class:`~hmmsim.kernel.locking.Lock` of that class is created (like
+lockdep registering a lock class), or ahead of time in :data:`LOCK_CLASSES`; code that
+adds a new counter declares it here (or calls :func:`declare`).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-__all__ = ("Stats",)
+__all__ = (
+    "COUNTERS", "DMIRROR_IOCTLS", "LOCK_CLASSES", "MMU_NOTIFY_EVENTS", "Stats", "StatsDelta",
+    "UnknownCounterError", "declare", "declare_lock_class",
+)
+
+#: every declared counter: key -> what it counts
+COUNTERS: dict[str, str] = {}
+
+
+def declare(key: str, doc: str) -> str:
+    """Declare counter *key* (idempotent) and return it.
+
+    >>> declare("fault.do_anonymous_page", "do_anonymous_page() calls")
+    'fault.do_anonymous_page'
+    """
+    COUNTERS.setdefault(key, doc)
+    return key
+
+
+def _declare_all(doc: str, *keys: str) -> None:
+    for k in keys:
+        declare(k, doc)
+
+
+# -- mm core --------------------------------------------------------------------------------------
+_declare_all("calls of the mm/memory.c fault handler of that name (one per page faulted)",
+             "fault.handle_mm_fault", "fault.do_anonymous_page", "fault.do_read_fault",
+             "fault.do_cow_fault", "fault.do_shared_fault", "fault.do_fault_nofault",
+             "fault.do_wp_page", "fault.wp_page_copy", "fault.wp_page_reuse", "fault.do_swap_page",
+             "fault.do_numa_page", "fault.map_pages", "fault.migrate_to_ram", "fault.hugetlb_fault")
+declare("fault.spurious", "faults on entries that already allowed the access (only young/dirty set)")
+declare("fault.user_error", "user accesses that ended in SIGSEGV/SIGBUS (the CPU's fault loop gave up)")
+_declare_all("THP events named like their /proc/vmstat items (thp_fault_alloc, thp_split_pmd, ...)",
+             "thp.fault_alloc", "thp.fault_fallback", "thp.zero_page_alloc", "thp.wp_reuse",
+             "thp.split_pmd", "thp.split_page")
+_declare_all("hugetlb folio events (alloc_hugetlb_folio, free_huge_folio, hugetlb_wp copies)",
+             "hugetlb.alloc", "hugetlb.free", "hugetlb.cow")
+_declare_all("mm syscalls and teardown (do_mmap, do_munmap, mprotect, mremap, madvise, exit_mmap)",
+             "mm.mmap", "mm.munmap", "mm.mprotect", "mm.mremap", "mm.madvise", "mm.exit_mmap",
+             "mm.overcommit_refused")
+_declare_all("VMA tree changes (__split_vma, vma_merge)", "vma.split", "vma.merge")
+declare("mprotect.change_protection", "change_protection() calls")
+declare("mremap.move_page_tables", "move_page_tables() calls")
+declare("madvise.free", "madvise_free_single_vma() calls")
+declare("proc.clear_refs", "writes to /proc/PID/clear_refs")
+declare("zap.unmap_single_vma", "unmap_single_vma() calls")
+declare("zap.pte_table_reclaimed", "empty pte tables freed while zapping (reclaim_pt_is_enabled)")
+declare("fork.copy_page_range", "copy_page_range() calls")
+_declare_all("task lifetime (fork, exit)", "task.fork", "task.exit")
+declare("page.free", "pages returned to the allocator")
+declare("shmem.alloc", "shmem folios allocated")
+_declare_all("swap (pages written out by reclaim, pages read back in by do_swap_page)",
+             "swap.pageout", "swap.swapin")
+_declare_all("migration (migration entry waits, try_to_migrate, remove_migration_ptes, "
+             "migrate_pages)", "migrate.entry_wait", "migrate.try_to_migrate",
+             "migrate.remove_migration_ptes", "migrate.pages")
+_declare_all("ZONE_DEVICE (pages of memremap_pages() ranges, free_zone_device_folio() calls)",
+             "memremap.pages", "memremap.page_free")
+# -- page tables and the walker -------------------------------------------------------------------
+_declare_all("page-table pages allocated at that level (l1 = pte table ... l4 = pgd)",
+             "pgtable.alloc.l1", "pgtable.alloc.l2", "pgtable.alloc.l3", "pgtable.alloc.l4")
+declare("pgtable.pte_offset_map", "pte_offset_map()/pte_offset_map_lock() calls")
+declare("pgtable.pte_offset_map_lock", "pte_offset_map_lock() calls")
+_declare_all("page-table entries written (set_pte_at, set_pmd_at, set_pud_at, set_pgd)",
+             "pgtable.set_pte", "pgtable.set_pmd", "pgtable.set_pud", "pgtable.set_pgd")
+declare("walk_page_range", "walk_page_range() calls")
+_declare_all("mm/pagewalk.c: tables visited and callbacks invoked, by level",
+             "walk.pgd_table", "walk.pud_table", "walk.pmd_table", "walk.pte_table",
+             "walk.pud_entry", "walk.pmd_entry", "walk.pte_entry", "walk.pte_hole",
+             "walk.hugetlb_entry", "walk.test_walk")
+declare("walk.pte_entries", "pte entries examined by a pmd_entry callback that handles the leaf table")
+# -- mmu notifiers --------------------------------------------------------------------------------
+_declare_all("mm/mmu_notifier.c calls", "mmu_notifier.invalidate_range_start",
+             "mmu_notifier.invalidate_range_end", "mmu_notifier.interval_invalidate",
+             "mmu_notifier.interval_insert", "mmu_notifier.interval_remove",
+             "mmu_notifier.release")
+#: ``enum mmu_notifier_event`` without its ``MMU_NOTIFY_`` prefix
+MMU_NOTIFY_EVENTS = ("UNMAP", "CLEAR", "PROTECTION_VMA", "PROTECTION_PAGE", "SOFT_DIRTY",
+                     "RELEASE", "MIGRATE", "EXCLUSIVE")
+_declare_all("invalidate_range_start() calls by enum mmu_notifier_event",
+             *(f"mmu_notifier.event.{e}" for e in MMU_NOTIFY_EVENTS))
+# -- hmm ------------------------------------------------------------------------------------------
+declare("hmm.range_fault", "hmm_range_fault() calls")
+declare("hmm.range_fault.ebusy", "hmm_range_fault() calls that returned -EBUSY (range invalidated)")
+declare("hmm.walk", "walk_page_range() passes of hmm_range_fault() (1 + restarts after a fault)")
+declare("hmm.vma_fault", "hmm_vma_fault() spans (faults of a range on behalf of hmm_range_fault)")
+declare("hmm.do_fault", "hmm_do_fault() spans (7.3: the recorded range faulted after the walk)")
+declare("hmm.warn_broken_fault_handler", "hmm_do_fault(): WARN_ON_ONCE, a fault dropped "
+        "mmap_lock though the caller cannot take that")
+declare("hmm.warn_fault_errno", "hmm_do_fault(): WARN_ON, a failed fault with no errno")
+# -- lib/test_hmm.c -------------------------------------------------------------------------------
+#: the HMM_DMIRROR_* ioctls without their prefix, lower case (``unknown``: any other number)
+DMIRROR_IOCTLS = ("read", "write", "migrate_to_dev", "migrate_to_sys", "snapshot", "exclusive",
+                  "check_exclusive", "release", "flags", "unknown")
+_declare_all("dmirror_fops_unlocked_ioctl() calls by command (after argument checks)",
+             *(f"dmirror.ioctl.{c}" for c in DMIRROR_IOCTLS))
+declare("dmirror.chunks", "device memory chunks allocated (dmirror_allocate_chunk)")
+declare("dmirror.invalidate", "dmirror_interval_invalidate() calls that cleared mirror entries")
+declare("dmirror.warn_readonly_write", "writes refused on a read-only mirror entry")
+declare("dmirror.release", "dmirror_fops_release() calls")
+# -- locking --------------------------------------------------------------------------------------
+declare("lockdep.warning", "lockdep reports the kernel survives (LockState.warnings)")
+
+
+def declare_lock_class(klass: str) -> None:
+    """Declare ``lock.<klass>.read`` and ``lock.<klass>.write`` (lockdep's lock class
+    registration: :class:`~hmmsim.kernel.locking.Lock` calls it for its class)."""
+    declare(f"lock.{klass}.read", f"{klass} taken for read (down_read, read_lock)")
+    declare(f"lock.{klass}.write", f"{klass} taken for write (down_write, spin_lock, mutex_lock)")
+
+
+#: lock classes known ahead of any Lock object (those taken by identity, not through a Lock)
+LOCK_CLASSES = ("mmap_lock", "page_table_lock", "ptl", "pmd_lock", "hugetlb_vma_lock",
+                "folio_lock", "dmirror_devmem_lock", "dmirror_device_lock", "dmirror_mutex",
+                "mirror_lock")
+for _k in LOCK_CLASSES:
+    declare_lock_class(_k)
+
+
+class UnknownCounterError(KeyError):
+    """A counter key that is not declared in :data:`COUNTERS` (likely a misspelling)."""
+
+    def __init__(self, key: str) -> None:
+        close = difflib.get_close_matches(key, COUNTERS, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        super().__init__(f"undeclared stats key {key!r}{hint} (declare counters in "
+                         f"hmmsim/kernel/stats.py)")
+        self.key = key
+        self.close_matches = close
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _declared_zero(key: str) -> int:
+    """0 for a declared key (declared after the Stats object was built); raise otherwise."""
+    if key in COUNTERS:
+        return 0
+    raise UnknownCounterError(key)
+
+
+class StatsDelta(Counter[str]):
+    """What :meth:`Stats.measure` yields: a ``Counter`` whose missing keys read 0 only if
+    they are declared counters.
+
+    >>> d = StatsDelta(); d["walk_page_range"]
+    0
+    >>> d["walk_page_rang"]  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hmmsim.kernel.stats.UnknownCounterError: undeclared stats key 'walk_page_rang'; did you mean 'walk_page_range' or ...
+    """
+
+    def __missing__(self, key: str) -> int:
+        return _declared_zero(key)
 
 
 class Stats:
@@ -22,45 +185,66 @@ class Stats:
 
     >>> s = Stats(); s.add("walk_page_range"); s["walk_page_range"]
     1
+    >>> s["fault.do_cow_fault"]
+    0
+    >>> s.add("fault.do_anon_page")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hmmsim.kernel.stats.UnknownCounterError: undeclared stats key 'fault.do_anon_page'; did you mean 'fault.do_anonymous_page' or ...
     """
 
     __slots__ = ("_c",)
 
     def __init__(self) -> None:
-        self._c: Counter[str] = Counter()
+        # every declared key is present, so add() of a declared key is one dict update
+        # and an undeclared one falls into the KeyError path
+        self._c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
     def add(self, key: str, n: int = 1) -> None:
-        """Count *n* events of kind *key*."""
-        self._c[key] += n
+        """Count *n* events of kind *key* (a declared counter)."""
+        try:
+            self._c[key] += n
+            return
+        except KeyError:
+            pass
+        self._c[key] = _declared_zero(key) + n
 
     def __getitem__(self, key: str) -> int:
-        return self._c.get(key, 0)
+        try:
+            return self._c[key]
+        except KeyError:
+            pass
+        return _declared_zero(key)
+
+    def counts(self, keys: Iterable[str]) -> list[int]:
+        """The values of *keys*, in order (declared keys only)."""
+        return [self[k] for k in keys]
 
     def snapshot(self, prefix: str = "") -> dict[str, int]:
-        """Return a copy of all counters (those starting with *prefix*), sorted by name."""
-        return {k: v for k, v in sorted(self._c.items()) if k.startswith(prefix)}
+        """Return the non-zero counters (those starting with *prefix*), sorted by name."""
+        return {k: v for k, v in sorted(self._c.items()) if v and k.startswith(prefix)}
 
     def reset(self) -> None:
         """Zero every counter."""
-        self._c.clear()
+        for k in self._c:
+            self._c[k] = 0
 
     @contextmanager
-    def measure(self) -> Iterator[Counter[str]]:
-        """Yield a Counter that holds, once the block ends, what happened inside it.
+    def measure(self) -> Iterator[StatsDelta]:
+        """Yield a :class:`StatsDelta` that holds, once the block ends, what happened inside it.
 
         >>> s = Stats()
         >>> with s.measure() as d:
         ...     s.add("fault.do_anonymous_page", 3)
-        >>> d["fault.do_anonymous_page"]
-        3
+        >>> d["fault.do_anonymous_page"], d["fault.do_wp_page"]
+        (3, 0)
         """
-        before = Counter(self._c)
-        delta: Counter[str] = Counter()
+        before = dict(self._c)
+        delta = StatsDelta()
         try:
             yield delta
         finally:
-            after = self._c
-            for k, v in after.items():
+            for k, v in self._c.items():
                 dv = v - before.get(k, 0)
                 if dv:
                     delta[k] = dv

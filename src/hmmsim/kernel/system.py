@@ -32,6 +32,7 @@ from .pgtable import PageTableStore
 from .physmem import PG_anon, PhysMem
 from .profile import DEFAULT_KERNEL, Profile, get_profile
 from .stats import Stats
+from .trace import Trace
 from .swap import SwapInfo
 from .task import Task
 
@@ -103,6 +104,8 @@ class System:
         #: the release's named behaviours (:class:`~hmmsim.kernel.profile.Profile`)
         self.profile: Profile = get_profile(config.kernel)
         self.stats = Stats()
+        #: tracepoints: attach probes or ``record()`` events (:mod:`hmmsim.kernel.trace`)
+        self.trace = Trace()
         self.ls = LockState(self.stats)
         ram_pages = config.ram >> PAGE_SHIFT
         coherent_pages = 2 * DEVMEM_CHUNK_PAGES if config.test_hmm and config.coherent else 0
