@@ -7,7 +7,7 @@ is freed by the cycle collector, not when the test drops it; its numpy arrays (s
 page, page tables, page contents) are large and the collector does not count them. The
 autouse fixture below collects after every test; everything alive once the tests are
 collected is frozen (``gc.freeze``) first, so each collection only scans the test's own
-objects (about 10 ms). Peak RSS of the suite: 3.07 GB without, 1.27 GB with it.
+objects (about 10 ms). Peak RSS of the suite: 3.07 GB without, 1.25 GB with it.
 
 ``pytest --hypothesis-long`` (or ``HMMSIM_HYPOTHESIS_LONG=1``) runs the state machine of
 ``tests/test_stateful.py`` with a large budget instead of the default small one.
