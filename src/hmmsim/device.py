@@ -36,9 +36,9 @@ from .drivers.test_hmm_uapi import (
     HMM_DMIRROR_WRITE,
     HmmDmirrorCmd,
 )
-from .errors import error_from_errno
-from .kernel.cpu import copy_from_user, copy_to_user
-from .kernel.errno import EPERM
+from .errors import InvalidArgument, error_from_errno
+from .kernel.cpu import user_copy
+from .kernel.errno import EINVAL, EPERM, ESRCH
 from .kernel.mmap import MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE
 from .kernel.page_types import PAGE_SHIFT, PAGE_SIZE
 from .kernel.task import vm_mmap, vm_munmap
@@ -72,8 +72,20 @@ class Device:
         self.fd = fd
         self.minor = minor
 
+    def _alive(self, what: str) -> None:
+        """ESRCH if the owning process has exited (its files are closed): nothing runs."""
+        if self.process.task.exited:
+            raise error_from_errno(-ESRCH, f"{what}: process {self.process.pid} has exited")
+
+    @staticmethod
+    def _npages(what: str, npages: int) -> int:
+        if not isinstance(npages, int) or npages < 0:
+            raise InvalidArgument(-EINVAL, f"{what}: npages must be a non-negative int, not {npages!r}")
+        return npages
+
     def ioctl(self, command: int, cmd: HmmDmirrorCmd) -> int:
         """The raw ``ioctl(fd, command, &cmd)``: 0 or a negative errno."""
+        self._alive("ioctl")
         return self.process.task.ioctl(self.fd, command, cmd)
 
     def _scratch(self, size: int) -> int:
@@ -98,6 +110,7 @@ class Device:
         """Run *command* with the scratch buffer as ``ptr`` (holding *data* first, if
         given); returns the command and the buffer's bytes afterwards (None when *data*
         was given: a WRITE has nothing to read back)."""
+        self._alive("device command")
         with self.process.task.running():  # the buffer set-up and copies are the process's
             return self._with_buffer_locked(size, command, addr, npages, data)
 
@@ -105,20 +118,23 @@ class Device:
                             data: npt.NDArray[np.uint8] | None) -> tuple[HmmDmirrorCmd, npt.NDArray[np.uint8] | None]:
         mm = self.process.mm
         buf = self._scratch(size)
-        if data is not None and len(data):
-            left = copy_to_user(mm, buf, data)
-            assert not left
+        if data is not None and len(data):  # the CPU fills the buffer (may be OOM-killed)
+            _left, sigs = user_copy(mm, buf, data, to_user=True)
+            self.process._raise_sig(buf, sigs, True)
         cmd = HmmDmirrorCmd(addr=addr, ptr=buf, npages=npages)
         ret = self.ioctl(command, cmd)
         if ret:
             raise error_from_errno(ret, f"dmirror{self.minor} ioctl")
         if data is not None:
             return cmd, None
-        out, _ = copy_from_user(mm, buf, size)
+        out = np.empty(size, np.uint8)
+        _left, sigs = user_copy(mm, buf, out, to_user=False)
+        self.process._raise_sig(buf, sigs, False)
         return cmd, out
 
     def read(self, addr: int, npages: int) -> DeviceAccess:
         """HMM_DMIRROR_READ: the device reads *npages* at *addr* through its mirror."""
+        self._npages("read", npages)
         cmd, out = self._with_buffer(npages << PAGE_SHIFT, HMM_DMIRROR_READ, addr, npages)
         assert out is not None
         return DeviceAccess(out, cmd.cpages, cmd.faults)
@@ -127,19 +143,21 @@ class Device:
         """HMM_DMIRROR_WRITE of whole pages of *data* at *addr*."""
         buf = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
         if len(buf) % PAGE_SIZE:
-            raise ValueError("device writes are whole pages")
+            raise InvalidArgument(-EINVAL, f"write: data must be whole pages, not {len(buf)} bytes")
         npages = len(buf) >> PAGE_SHIFT
         cmd, _ = self._with_buffer(len(buf), HMM_DMIRROR_WRITE, addr, npages, buf)
         return DeviceAccess(buf, cmd.cpages, cmd.faults)
 
     def snapshot(self, addr: int, npages: int) -> npt.NDArray[np.uint8]:
         """HMM_DMIRROR_SNAPSHOT: one ``HMM_DMIRROR_PROT_*`` byte per page."""
+        self._npages("snapshot", npages)
         _cmd, out = self._with_buffer(npages, HMM_DMIRROR_SNAPSHOT, addr, npages)
         assert out is not None
         return out
 
     def check_exclusive(self, addr: int, npages: int) -> bool:
         """HMM_DMIRROR_CHECK_EXCLUSIVE: True if no page of the range is mapped ATOMIC."""
+        self._npages("check_exclusive", npages)
         ret = self.ioctl(HMM_DMIRROR_CHECK_EXCLUSIVE, HmmDmirrorCmd(addr=addr, npages=npages))
         if ret == -EPERM:
             return False

@@ -74,7 +74,7 @@ def test_examples_run_without_errors(path: Path) -> None:
 
 
 def test_parse_error_is_the_only_line() -> None:
-    assert run_scenario_text("hmmsim-scenario 1\nmmap a 1 rw private,anon\nbogus\n") == ['{"error":"parse","line":3}']
+    assert run_scenario_text("hmmsim-scenario 1\nmmap a 1 rw private,anon\nbogus\n") == ['{"error":"parse","line":3,"message":"unknown op \'bogus\'"}']
 
 
 def test_unknown_name_stops_the_scenario_inside_fork() -> None:
@@ -178,12 +178,34 @@ def test_cli_run_prints_file_separators(tmp_path: Path, capsys: pytest.CaptureFi
     a.write_text("hmmsim-scenario 1\nmmap a 1 rw private,anon\n")
     b = tmp_path / "b.hmm"
     b.write_text("hmmsim-scenario 1\nfork\n")
-    assert main(["run", str(a), str(b)]) == 0
+    assert main(["run", str(a), str(b)]) == 3  # EXIT_STATUS["parse"]
     assert capsys.readouterr().out.splitlines() == [
-        '{"file":"a.hmm"}', '{"line":2,"op":"mmap","ret":0}', '{"file":"b.hmm"}', '{"error":"parse","line":2}']
+        '{"file":"a.hmm"}', '{"line":2,"op":"mmap","ret":0}', '{"file":"b.hmm"}',
+        '{"error":"parse","line":2,"message":"fork without endfork"}']
 
 
 def test_cli_selftest_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["selftest", "--json", "-r", "open_close"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["status"] for r in res] == ["pass", "pass"]
+
+
+def test_run_fork_nesting_uses_no_python_recursion() -> None:
+    """Nested forks run from an explicit stack: with the interpreter's recursion limit
+    only a little above the current depth, 150 nested forks still run (each level used
+    to take two Python frames, so 1200 levels crashed with RecursionError)."""
+    import inspect
+    import sys as pysys
+    depth = 150
+    text = ("mmap a 1 rw private,anon\nfill a 0 1 5\n" + "fork\n" * depth + "check a 0 1 5\n"
+            + "endfork\n" * depth + "check a 0 1 5\n")
+    limit = pysys.getrecursionlimit()
+    pysys.setrecursionlimit(len(inspect.stack()) + 120)
+    try:
+        out = run(text)
+    finally:
+        pysys.setrecursionlimit(limit)
+    assert out[2 + depth] == {"line": 4 + depth, "mismatch": 0, "op": "check", "proc": depth, "ret": 0}
+    ends = [r for r in out if r["op"] == "endfork"]
+    assert len(ends) == depth and [r.get("proc", 0) for r in ends] == list(range(depth - 1, -1, -1))
+    assert out[-1] == {"line": 5 + 2 * depth, "mismatch": 0, "op": "check", "ret": 0}

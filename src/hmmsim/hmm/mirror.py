@@ -72,7 +72,7 @@ class HmmMirror:
                     hmm_pfns: npt.NDArray[np.uint64] | None = None, dev_private_owner: Any = None,
                     max_retries: int = 1000) -> tuple[int, npt.NDArray[np.uint64]]:
         """The driver loop; returns ``(ret, hmm_pfns)`` (``-EBUSY`` after *max_retries*)."""
-        n = (end - start) >> PAGE_SHIFT
+        n = max(end - start, 0) >> PAGE_SHIFT  # start >= end: hmm_range_fault() says -EINVAL
         pfns = hmm_pfns if hmm_pfns is not None else np.zeros(n, np.uint64)
         r = HmmRange(notifier=self.notifier, start=start, end=end, hmm_pfns=pfns,
                      default_flags=default_flags, pfn_flags_mask=pfn_flags_mask,

@@ -6,12 +6,13 @@ values on every host.
 
 __all__ = (
     "EACCES", "EAGAIN", "EBADF", "EBUSY", "EEXIST", "EFAULT", "EHWPOISON", "EINTR", "EINVAL",
-    "EIO", "ENODEV", "ENOENT", "ENOLCK", "ENOMEM", "ENOSPC", "ENOTTY", "ENXIO", "EOPNOTSUPP", "EOVERFLOW",
-    "EPERM", "errno_name",
+    "EIO", "ENODEV", "ENOENT", "ENOLCK", "ENOMEM", "ENOSPC", "ENOTTY", "ENXIO", "EOPNOTSUPP",
+    "EOVERFLOW", "EPERM", "ESRCH", "errno_name",
 )
 
 EPERM = 1
 ENOENT = 2
+ESRCH = 3
 EINTR = 4
 EIO = 5
 ENXIO = 6

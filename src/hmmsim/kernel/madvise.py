@@ -8,6 +8,22 @@ huge-page aligned start, end rounded down; 7.3 also frees pte tables it emptied 
 whole 2 MiB block, ``madv_dontneed_frees_pte_tables``), ``MADV_FREE`` (anonymous VMAs only; clean
 and old, data kept since nothing is reclaimed; a partly covered THP is split first) and
 ``MADV_PAGEOUT`` (swap-out when the machine has swap).
+
+>>> from hmmsim import System
+>>> from hmmsim.kernel.mm import MM_ANONPAGES
+>>> p = System(ram=256 << 20, hugetlb_pages=0).spawn()
+>>> a = p.mmap(4 * 4096)
+>>> p.write(a, b"data" * 4096)
+>>> p.mm.get_mm_counter(MM_ANONPAGES)
+4
+>>> do_madvise(p.mm, a, 2 * 4096, MADV_DONTNEED)   # private anon: zero-filled on next touch
+0
+>>> p.mm.get_mm_counter(MM_ANONPAGES), p.read(a, 4), p.read(a + 2 * 4096, 4)
+(2, b'\\x00\\x00\\x00\\x00', b'data')
+>>> do_madvise(p.mm, a, 4096, 12345)               # unknown advice
+-22
+>>> do_madvise(p.mm, a + 4 * 4096, 4096, MADV_DONTNEED)   # nothing mapped there
+-12
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ from .memory import zap_page_range_single
 from .mm import MM, MM_SWAPENTS, PtRef
 from .mmap import vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, pte_index
+from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, ULONG_MAX, pte_index
 from .pagewalk import MmWalk, MmWalkOps, walk_page_range
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -224,7 +240,10 @@ def do_madvise(mm: MM, start: int, len_in: int, behavior: int) -> int:
 
     Returns 0, ``-EINVAL`` (bad advice, misaligned start, or advice invalid for a VMA),
     ``-ENOMEM`` (part of the range is unmapped; mapped parts were advised) or
-    ``-EAGAIN``."""
+    ``-EAGAIN``. *start* and *len_in* are unsigned (``check_input_range()``): a
+    negative length is huge, so the range wraps (``-EINVAL``)."""
+    start &= ULONG_MAX
+    len_in &= ULONG_MAX
     if behavior not in _VALID:
         return -EINVAL
     if start & (PAGE_SIZE - 1):
@@ -233,7 +252,7 @@ def do_madvise(mm: MM, start: int, len_in: int, behavior: int) -> int:
     if len_in and not length:
         return -EINVAL
     end = start + length
-    if end < start:
+    if end > ULONG_MAX:
         return -EINVAL
     if end == start:
         return 0

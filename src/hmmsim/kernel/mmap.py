@@ -9,6 +9,25 @@ Models ``mm/mmap.c`` (``ksys_mmap_pgoff``, ``do_mmap``, ``mmap_region``,
 Error returns follow the kernel: ``-EINVAL`` for a zero length or a misaligned address,
 ``-ENOMEM`` when accounting or address-space limits refuse, ``-EBADF``/``-EACCES``/
 ``-ENODEV`` for unusable files, ``-EEXIST`` for ``MAP_FIXED_NOREPLACE`` over a mapping.
+Lengths and addresses are unsigned longs as in C: a negative Python int is huge.
+
+>>> from hmmsim.kernel.system import System
+>>> from hmmsim.kernel.task import vm_mmap, vm_munmap
+>>> from hmmsim.kernel.vma import PROT_READ, PROT_WRITE
+>>> mm = System(ram=256 << 20, hugetlb_pages=0).create_task("doc").mm
+>>> a = vm_mmap(mm, None, 0, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+>>> [(v.vm_start - a, v.vm_end - a) for v in mm.vma_list()]
+[(0, 32768)]
+>>> vm_munmap(mm, a + 4096, 4096)            # a hole in the middle splits the VMA
+0
+>>> [(v.vm_start - a, v.vm_end - a) for v in mm.vma_list()]
+[(0, 4096), (8192, 32768)]
+>>> vm_munmap(mm, a, -4096)                  # size_t: huge, not "to the end" (-EINVAL)
+-22
+>>> vm_mmap(mm, None, 0, 0, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS)  # zero length: -EINVAL
+-22
+>>> vm_mmap(mm, None, 0, 1 << 30, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)  # > RAM: -ENOMEM
+-12
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ from .page_types import (
     PAGE_SIZE,
     PMD_MASK,
     TASK_SIZE,
+    ULONG_MAX,
 )
 from .rmap import anon_vma_clone, unlink_anon_vmas
 from .shmem import shmem_zero_setup
@@ -73,6 +93,8 @@ MAP_FIXED_NOREPLACE = 0x100000
 MAX_MAP_COUNT = 65530
 #: the top of the mmap area (``mm->mmap_base``) for top-down allocation
 MMAP_BASE = 0x7F00_0000_0000
+#: ``MAX_LFS_FILESIZE`` on 64-bit: the largest file offset (``file_mmap_size_max()``)
+MAX_LFS_FILESIZE = (1 << 63) - 1
 #: ``vma_init()`` gives file mappings these ops until the driver installs its own
 vma_dummy_vm_ops = VmOps("dummy")
 
@@ -229,16 +251,22 @@ def do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags:
         ``-ENODEV``, ``-EEXIST``, ``-EOVERFLOW``, or what the driver's mmap returned)
     """
     mmap_assert_write_locked(mm)
+    # the syscall's arguments are unsigned longs: a negative Python int is a huge value
+    addr &= ULONG_MAX
+    length &= ULONG_MAX
+    pgoff &= ULONG_MAX
     own_file = False
     if file is None and flags & MAP_HUGETLB:
         if length == 0:
             return -EINVAL
-        length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK
+        length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK & ULONG_MAX
+        if length == 0 or length > TASK_SIZE:  # hugetlb_file_setup() cannot reserve it
+            return -ENOMEM
         file = hugetlb_file_setup(mm.sys, length, bool(flags & MAP_SHARED))
         own_file = True
     elif file is not None:
         if is_file_hugepages(file):
-            length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK
+            length = (length + HPAGE_PMD_SIZE - 1) & PMD_MASK & ULONG_MAX
         elif flags & MAP_HUGETLB:
             return -EINVAL
     try:
@@ -289,7 +317,10 @@ def _do_mmap(mm: MM, file: File | None, addr: int, length: int, prot: int, flags
             return -EACCES
         if file.f_op.mmap is None:
             return -ENODEV
-        if pgoff + (length >> PAGE_SHIFT) < pgoff:
+        if (pgoff + (length >> PAGE_SHIFT)) & ULONG_MAX < pgoff:
+            return -EOVERFLOW
+        # file_mmap_ok(): the mapping must end within the largest file size
+        if length > MAX_LFS_FILESIZE or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT:
             return -EOVERFLOW
     else:
         if mtype == MAP_SHARED:
@@ -359,7 +390,10 @@ def do_munmap(mm: MM, start: int, length: int) -> int:
 
     Splits the VMAs at the edges (which may fail, e.g. inside a hugetlb page), zaps the
     range under one ``MMU_NOTIFY_UNMAP`` invalidation of the whole request, frees page
-    tables no VMA needs, and removes the VMAs. Returns 0 or ``-EINVAL``/``-ENOMEM``."""
+    tables no VMA needs, and removes the VMAs. Returns 0 or ``-EINVAL``/``-ENOMEM``
+    (*start* and *length* are unsigned: a negative length is huge, hence ``-EINVAL``)."""
+    start &= ULONG_MAX
+    length &= ULONG_MAX
     if start & (PAGE_SIZE - 1) or start > TASK_SIZE or length > TASK_SIZE - start:
         return -EINVAL
     end = start + PAGE_ALIGN(length)

@@ -231,8 +231,10 @@ def mmu_interval_notifier_insert(sub: MmuIntervalNotifier, mm: "MM", start: int,
     """``mmu_interval_notifier_insert()``: watch ``[start, start + length - 1]`` of *mm*.
 
     :return: 0, ``-EOVERFLOW`` for an empty or wrapping interval, ``-EINVAL`` if the mm has
-        no users."""
+        no users (*start* and *length* are unsigned longs: a negative length wraps)."""
     mm.sys.ls.might_sleep("mmu_interval_notifier_insert")
+    start &= ULONG_MAX
+    length &= ULONG_MAX
     if ops.invalidate_start is not None:
         if not mm.sys.profile.mmu_interval_two_pass:
             raise TypeError("struct mmu_interval_notifier_ops has no invalidate_start before "

@@ -33,6 +33,7 @@ from .page_types import (
     PMD_MASK,
     PMD_SIZE,
     PUD_SIZE,
+    ULONG_MAX,
     pte_index,
 )
 from .pgtable import (
@@ -259,13 +260,16 @@ def do_mprotect(mm: MM, start: int, length: int, prot: int) -> int:
     """``do_mprotect_pkey()``: change the protection of ``[start, start + length)``.
 
     Returns 0, ``-EINVAL`` (misaligned, bad prot), ``-ENOMEM`` (a hole: VMAs before the
-    hole have already been changed, as in the kernel) or ``-EACCES``."""
+    hole have already been changed, as in the kernel) or ``-EACCES``. *start* and
+    *length* are unsigned longs: a negative length wraps the end (``-ENOMEM``)."""
+    start &= ULONG_MAX
+    length &= ULONG_MAX
     if start & (PAGE_SIZE - 1):
         return -EINVAL
     if not length:
         return 0
     length = PAGE_ALIGN(length)
-    end = start + length
+    end = (start + length) & ULONG_MAX
     if end <= start:
         return -ENOMEM
     # arch_validate_prot(): PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM (0x8, a no-op)

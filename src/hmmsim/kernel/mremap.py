@@ -28,6 +28,7 @@ from .page_types import (
     PMD_MASK,
     PMD_SIZE,
     TASK_SIZE,
+    ULONG_MAX,
     pte_index,
 )
 from .pgtable import pmd_leaf, pmd_present
@@ -171,7 +172,13 @@ def _move_vma(mm: MM, vma: Vma, old_addr: int, old_len: int, new_len: int, new_a
 
 
 def do_mremap(mm: MM, addr: int, old_len: int, new_len: int, flags: int, new_addr: int = 0) -> int:
-    """The ``mremap()`` syscall: returns the new address or a negative errno."""
+    """The ``mremap()`` syscall: returns the new address or a negative errno. Every
+    argument is an unsigned long (``check_mremap_params()``): a negative length is huge
+    (``-EINVAL``)."""
+    addr &= ULONG_MAX
+    old_len &= ULONG_MAX
+    new_len &= ULONG_MAX
+    new_addr &= ULONG_MAX
     if flags & ~(MREMAP_FIXED | MREMAP_MAYMOVE | MREMAP_DONTUNMAP):
         return -EINVAL
     if flags & MREMAP_FIXED and not flags & MREMAP_MAYMOVE:
@@ -182,7 +189,9 @@ def do_mremap(mm: MM, addr: int, old_len: int, new_len: int, flags: int, new_add
         return -EINVAL
     old_len = PAGE_ALIGN(old_len)
     new_len = PAGE_ALIGN(new_len)
-    if not new_len:
+    if not new_len or new_len > TASK_SIZE:
+        return -EINVAL
+    if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP) and new_addr > TASK_SIZE - new_len:
         return -EINVAL
     mm.mmap_lock.down_write()
     try:

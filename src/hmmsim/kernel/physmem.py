@@ -83,10 +83,12 @@ class PhysMem:
     :param max_pfn: size of the whole pfn space.
     """
 
-    def __init__(self, ram_pages: int, data_pages: int, max_pfn: int) -> None:
+    def __init__(self, ram_pages: int, data_pages: int, max_pfn: int, reserved_pages: int = 0) -> None:
         if ram_pages % _BLOCK:
             raise ValueError("RAM size must be a multiple of 2 MiB")
         self.ram_pages = ram_pages
+        #: pages a real kernel would keep for itself (not in ``totalram_pages()``)
+        self.reserved_pages = reserved_pages
         self.data_pages = data_pages
         self.max_pfn = max_pfn
         n = max_pfn
@@ -156,8 +158,11 @@ class PhysMem:
     # -- allocator (mm/page_alloc.c) --------------------------------------------------
     @property
     def totalram_pages(self) -> int:
-        """``totalram_pages()``: RAM managed by the allocator (reserved pages excluded)."""
-        return self.ram_pages - _BLOCK
+        """``totalram_pages()``: RAM managed by the allocator (reserved pages excluded:
+        the first pageblock and ``SystemConfig.reserved_pages``, which the model does not
+        take from the allocator but the overcommit heuristic and vmalloc's size check
+        do not count)."""
+        return self.ram_pages - _BLOCK - self.reserved_pages
 
     def charge(self, n: int) -> bool:
         """Account *n* pages taken from RAM without frames (see :attr:`charged`); False

@@ -85,6 +85,11 @@ class Profile:
     #: ``make_device_exclusive()`` one page at a time (7.3); 6.12 has
     #: ``make_device_exclusive_range()``, which fails with -EBUSY on a THP tail
     per_page_device_exclusive: bool
+    #: RAM pages the reference VM's kernel keeps out of ``totalram_pages()`` besides its
+    #: struct page array (1/64 of RAM): image, early allocations. Measured with
+    #: ``kernel-run`` (the largest private anonymous mmap the overcommit heuristic accepts);
+    #: a property of that build (6.12: 3254, 7.3: 2680), used by ``reference_config()``
+    boot_reserved_pages: int
 
     def with_(self, **changes: object) -> "Profile":
         """A copy with some features changed (for tests that isolate one feature)."""
@@ -115,6 +120,7 @@ KERNELS: dict[str, Profile] = {
         dmirror_read_unlocked_cmd=False,
         device_private_thp=False,
         per_page_device_exclusive=False,
+        boot_reserved_pages=3254,
     ),
     "7.3": Profile(
         name="7.3",
@@ -135,6 +141,7 @@ KERNELS: dict[str, Profile] = {
         dmirror_read_unlocked_cmd=True,
         device_private_thp=True,
         per_page_device_exclusive=True,
+        boot_reserved_pages=2680,
     ),
 }
 

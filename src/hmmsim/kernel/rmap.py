@@ -41,7 +41,8 @@ class AnonVma:
     __slots__ = ("vmas", "root", "mapping_id", "__weakref__")
 
     def __init__(self, root: "AnonVma | None" = None) -> None:
-        self.vmas: list[Vma] = []
+        #: the VMAs, in link order (a dict: O(1) unlink; deep fork chains link many)
+        self.vmas: dict[Vma, None] = {}
         self.root = root if root is not None else self
         self.mapping_id = 0
 
@@ -50,9 +51,9 @@ class AnonVma:
 
 
 def _link(vma: "Vma", av: AnonVma) -> None:
-    if av not in vma.anon_vma_chain:
+    if vma not in av.vmas:  # the link is symmetric: an O(1) test on the anon_vma side
         vma.anon_vma_chain.append(av)
-        av.vmas.append(vma)
+        av.vmas[vma] = None
 
 
 def anon_vma_prepare(vma: "Vma") -> int:
@@ -76,7 +77,7 @@ def anon_vma_fork(child: "Vma", parent: "Vma") -> None:
     """``anon_vma_fork()``: the child VMA sees the parent's anon pages and gets its own
     anon_vma for pages it allocates later."""
     for av in child.anon_vma_chain:
-        av.vmas.remove(child)
+        del av.vmas[child]
     child.anon_vma_chain = []
     child.anon_vma = None
     if parent.anon_vma is None:
@@ -91,7 +92,7 @@ def anon_vma_fork(child: "Vma", parent: "Vma") -> None:
 def unlink_anon_vmas(vma: "Vma") -> None:
     """``unlink_anon_vmas()``: drop *vma* from every anon_vma it is on."""
     for av in vma.anon_vma_chain:
-        av.vmas.remove(vma)
+        del av.vmas[vma]
     vma.anon_vma_chain = []
 
 

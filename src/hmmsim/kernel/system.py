@@ -60,6 +60,10 @@ class SystemConfig:
     huge_zero_page: bool = True
     #: 2 MiB pages reserved for hugetlb at boot
     hugetlb_pages: int = 32
+    #: RAM pages a real kernel keeps for itself beyond the first pageblock (struct pages,
+    #: its image): left out of ``totalram_pages()`` (overcommit heuristic, vmalloc size
+    #: check) but not taken from the allocator
+    reserved_pages: int = 0
     #: swap slots (0: no swap device, like the reference environment)
     swap_pages: int = 0
     #: load test_hmm: dmirror devices 0, 1 (private) and, if *coherent*, 2, 3
@@ -80,6 +84,8 @@ class SystemConfig:
             raise ValueError("RAM must be a multiple of 2 MiB and at least 64 MiB")
         if self.hugetlb_pages < 0 or self.hugetlb_pages * 2 * MiB > self.ram // 2:
             raise ValueError("the hugetlb pool must fit in half of RAM")
+        if not 0 <= self.reserved_pages < self.ram // 2 // 4096:
+            raise ValueError("reserved_pages must be >= 0 and less than half of RAM")
         if self.swap_pages < 0:
             raise ValueError("swap_pages must be >= 0")
         get_profile(self.kernel)  # ValueError naming the supported releases
@@ -108,7 +114,7 @@ class System:
         self._private_base = (data_pages + DEVMEM_CHUNK_PAGES - 1) // DEVMEM_CHUNK_PAGES * DEVMEM_CHUNK_PAGES
         self._private_next = self._private_base
         max_pfn = self._private_base + (config.device_private_space >> PAGE_SHIFT)
-        self.mem = PhysMem(ram_pages, data_pages, max_pfn)
+        self.mem = PhysMem(ram_pages, data_pages, max_pfn, config.reserved_pages)
         #: every live address space (``exit_mmap`` takes an mm off the list)
         self.mms: list[MM] = []
         #: references held by in-flight kernel operations (pfn -> count), for the checker

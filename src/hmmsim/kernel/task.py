@@ -6,6 +6,22 @@ overcommit charged again), ``kernel/exit.c`` (``do_exit``: the mm goes first thr
 ``mmput``/``exit_mmap`` — ``MMU_NOTIFY_RELEASE`` to every notifier, then everything
 unmapped — and the files after), ``fs/file.c`` (the fd table) and ``mm/util.c``
 (``vm_mmap_pgoff``, ``vm_munmap``: the syscall entry points that take mmap_lock).
+
+>>> from hmmsim.kernel.system import System
+>>> from hmmsim.kernel.cpu import user_read_pages, user_write_pages
+>>> import numpy as np
+>>> sys = System(ram=256 << 20, hugetlb_pages=0)
+>>> parent = sys.create_task("parent")
+>>> a = vm_mmap(parent.mm, None, 0, 4096, 3, 0x22)      # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+>>> user_write_pages(parent.mm, a, np.full(4096, 1, np.uint8))
+[]
+>>> child = parent.fork()                               # copy-on-write
+>>> user_write_pages(child.mm, a, np.full(4096, 2, np.uint8))   # the child's own copy
+[]
+>>> int(user_read_pages(parent.mm, a, 1)[0][0]), int(user_read_pages(child.mm, a, 1)[0][0])
+(1, 2)
+>>> child.exit(); child.exited, len(sys.tasks), len(sys.mms)
+(True, 1, 1)
 """
 
 from __future__ import annotations
@@ -195,7 +211,7 @@ class Task:
                 t = v.clone()
                 t.vm_mm = new
                 for av in list(t.anon_vma_chain):
-                    av.vmas.remove(t)
+                    del av.vmas[t]
                 t.anon_vma_chain = []
                 t.anon_vma = None
                 if not t.vm_flags & VM_WIPEONFORK:

@@ -144,7 +144,7 @@ class Vma:
         v.anon_vma = self.anon_vma
         v.vm_private_data = self.vm_private_data
         for av in self.anon_vma_chain:
-            av.vmas.append(v)
+            av.vmas[v] = None
             v.anon_vma_chain.append(av)
         return v
 

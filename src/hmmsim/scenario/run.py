@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ from ..kernel.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_HUGETLB, MAP_PRIVATE, MA
 from ..kernel.mprotect import do_mprotect
 from ..kernel.mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, do_mremap
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE
-from ..kernel.profile import DEFAULT_KERNEL
+from ..kernel.profile import DEFAULT_KERNEL, get_profile
 from ..kernel.shmem import shmem_file_setup, shmem_pread, shmem_pwrite, shmem_truncate
 from ..kernel.system import GiB, MiB, System, SystemConfig
 from ..kernel.task import Task, vm_mmap, vm_munmap
@@ -81,13 +81,31 @@ _WORDS = PAGE_SIZE // 4
 REFERENCE_MEMORY_IN_USE = 96 * MiB
 
 
-def reference_config(kernel: str = DEFAULT_KERNEL) -> SystemConfig:
+def reference_config(kernel: str = DEFAULT_KERNEL, *, ram: int = 1536 * MiB, thp: str = "madvise",
+                     hugetlb_pages: int = 32) -> SystemConfig:
     """The machine the reference outputs come from (conventions item 24): a 2 GiB VM of
-    which 512 MiB are the coherent devices' memory, THP ``madvise``, huge zero page on,
-    32 hugetlb pages, no swap, test_hmm loaded with coherent devices, running *kernel*."""
-    return SystemConfig(ram=1536 * MiB, thp="madvise", huge_zero_page=True, hugetlb_pages=32,
+    which 512 MiB are the coherent devices' memory (*ram* is the rest), THP *thp*, huge
+    zero page on, *hugetlb_pages* hugetlb pages, no swap, test_hmm loaded with coherent
+    devices, running *kernel*. ``totalram_pages()`` leaves out what that kernel keeps for
+    itself (its struct page array, 1/64 of RAM, and the release's measured
+    ``boot_reserved_pages``), so the overcommit heuristic refuses exactly the mmap sizes
+    the real VM refuses: at the defaults, a private writable mapping of more than 383880
+    pages (7.3) or 383306 pages (6.12) is -ENOMEM.
+
+    >>> from hmmsim.kernel.system import System
+    >>> System(reference_config("7.3")).mem.totalram_pages
+    383880
+    >>> reference_config("6.12", ram=4 << 30, thp="always").thp
+    'always'
+    """
+    if ram <= 2 * REFERENCE_MEMORY_IN_USE:
+        raise ValueError(f"RAM must be more than {2 * REFERENCE_MEMORY_IN_USE >> 20} MiB: the reference "
+                         f"machine's kernel and runner alone use {REFERENCE_MEMORY_IN_USE >> 20} MiB")
+    reserved = (ram >> PAGE_SHIFT) // 64 + get_profile(kernel).boot_reserved_pages
+    return SystemConfig(ram=ram, thp=thp, huge_zero_page=True, hugetlb_pages=hugetlb_pages,
                         swap_pages=0, test_hmm=True, coherent=True, device_private_space=8 * GiB,
-                        kernel=kernel, extra={"memory_in_use": REFERENCE_MEMORY_IN_USE})
+                        kernel=kernel, reserved_pages=reserved,
+                        extra={"memory_in_use": REFERENCE_MEMORY_IN_USE})
 
 
 class _Stop(Exception):
@@ -142,6 +160,16 @@ class _Patterns:
         return out.view(np.uint8)
 
 
+@dataclass
+class _Frame:
+    """One process running a block: its context, the nodes left, and the ``fork`` block
+    it runs (None for the scenario's first process)."""
+
+    ctx: _Ctx
+    nodes: Iterator[Command | Fork]
+    fork: Fork | None
+
+
 class _Runner:
     def __init__(self, sys: System, emit: Callable[[dict[str, Any]], None],
                  after: Callable[[System, Command], None] | None = None) -> None:
@@ -163,40 +191,68 @@ class _Runner:
         self.emit(self.record(ctx, cmd.line, op=op, **fields))
 
     def run_block(self, ctx: _Ctx, body: Iterable[Command | Fork]) -> None:
-        for node in body:
-            if isinstance(node, Fork):
-                self.run_fork(ctx, node)
-                continue
-            if node.unknown_name:
-                raise _Stop(self.record(ctx, node.line, error="unknown-name", op=node.op))
-            if node.op in _UNSUPPORTED:
-                raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
-                             "message": f"{node.op} needs {_UNSUPPORTED[node.op]}, not modelled yet"})
-            try:
-                with ctx.task.running():  # the command is a system call of this process
-                    getattr(self, f"op_{node.op}")(ctx, node, *node.args)
-                if self.after is not None:
-                    self.after(self.sys, node)
-            except KernelOops as e:
-                raise _Stop({"error": "kernel-oops", "line": node.line, "op": node.op, "message": str(e)}) from None
-            except NotSupportedError as e:
-                raise _Stop({"error": "unsupported", "line": node.line, "op": node.op, "message": str(e)}) from None
+        """Run *body* in *ctx*'s process. Nested ``fork`` blocks are run with an explicit
+        stack of open forks (one frame per live child), not Python recursion, so the
+        nesting depth is bounded by memory only, as on a real kernel (one process per
+        level). A child killed by the OOM killer ends its own block only; a ``_Stop``
+        exits every child still alive, innermost first, and propagates."""
+        stack = [_Frame(ctx, iter(body), None)]
+        try:
+            while stack:
+                frame = stack[-1]
+                node = next(frame.nodes, None)
+                if node is None:
+                    stack.pop()
+                    if frame.fork is not None:
+                        self.end_fork(stack[-1].ctx, frame, died=False)
+                elif isinstance(node, Fork):
+                    stack.append(_Frame(self.run_fork(frame.ctx, node), iter(node.body), node))
+                else:
+                    try:
+                        self.run_command(frame.ctx, node)
+                    except _Killed:
+                        if frame.fork is None:
+                            raise
+                        stack.pop()
+                        self.end_fork(stack[-1].ctx, frame, died=True)
+        finally:
+            for frame in reversed(stack):
+                if frame.fork is not None and not frame.ctx.task.exited:
+                    frame.ctx.task.exit()
 
-    def run_fork(self, ctx: _Ctx, node: Fork) -> None:
+    def run_command(self, ctx: _Ctx, node: Command) -> None:
+        """One command line (or the record that stops the scenario)."""
+        if node.unknown_name:
+            raise _Stop(self.record(ctx, node.line, error="unknown-name", op=node.op))
+        if node.op in _UNSUPPORTED:
+            raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
+                         "message": f"{node.op} needs {_UNSUPPORTED[node.op]}, not modelled yet"})
+        try:
+            with ctx.task.running():  # the command is a system call of this process
+                getattr(self, f"op_{node.op}")(ctx, node, *node.args)
+            if self.after is not None:
+                self.after(self.sys, node)
+        except KernelOops as e:
+            raise _Stop({"error": "kernel-oops", "line": node.line, "op": node.op, "message": str(e)}) from None
+        except NotSupportedError as e:
+            raise _Stop({"error": "unsupported", "line": node.line, "op": node.op, "message": str(e)}) from None
+
+    def run_fork(self, ctx: _Ctx, node: Fork) -> _Ctx:
+        """``fork``: print the line in the parent, fork; returns the child's context (the
+        caller runs the block in it, then :meth:`end_fork`)."""
         self.out(ctx, node, "fork", ret=0)
         child = ctx.task.fork()
         if isinstance(child, int):
             raise _Stop({"error": "fork", "line": node.line, "ret": child})
-        cctx = ctx.child(child)
-        died = False
-        try:
-            self.run_block(cctx, node.body)
-        except _Killed:
-            died = True
-        finally:
-            if not child.exited:
-                child.exit()
-        self.emit(self.record(ctx, node.end_line, op="endfork", ret="child-died" if died else 0))
+        return ctx.child(child)
+
+    def end_fork(self, ctx: _Ctx, frame: "_Frame", died: bool) -> None:
+        """The child of *frame* has finished its block (or was killed): it exits, and
+        the parent (*ctx*) prints ``endfork``."""
+        if not frame.ctx.task.exited:
+            frame.ctx.task.exit()
+        assert frame.fork is not None
+        self.emit(self.record(ctx, frame.fork.end_line, op="endfork", ret="child-died" if died else 0))
 
     def region(self, ctx: _Ctx, name: str, off: int) -> int:
         return ctx.regions[name][0] + (off << PAGE_SHIFT)
@@ -547,11 +603,37 @@ def dumps(record: dict[str, Any]) -> str:
 
 def run_scenario_text(data: bytes | str, config: SystemConfig | None = None,
                       after: Callable[[System, Command], None] | None = None) -> list[str]:
-    """Parse and run a scenario; returns its output lines (a parse error is one line)."""
+    """Parse and run a scenario; returns its output lines (a parse error is one line,
+    with the parser's reason as ``message``).
+
+    >>> text = b'''hmmsim-scenario 1
+    ... mmap a 4 rw private,anon
+    ... fill a 0 4 7
+    ... open d 0
+    ... dread d a 0 4
+    ... fork
+    ... check a 0 4 7
+    ... endfork
+    ... munmap a 0 4
+    ... touch a 0 1
+    ... '''
+    >>> for line in run_scenario_text(text): print(line)
+    {"line":2,"op":"mmap","ret":0}
+    {"line":3,"op":"fill","ret":0}
+    {"line":4,"op":"open","ret":0}
+    {"cpages":4,"crc":2705220698,"faults":1,"line":5,"op":"dread","ret":0}
+    {"line":6,"op":"fork","ret":0}
+    {"line":7,"mismatch":0,"op":"check","proc":1,"ret":0}
+    {"line":8,"op":"endfork","ret":0}
+    {"line":9,"op":"munmap","ret":0}
+    {"line":10,"op":"touch","page":0,"ret":"segv"}
+    >>> run_scenario_text("hmmsim-scenario 1\\nmmap a 1 rw privat,anon\\n")
+    ['{"error":"parse","line":2,"message":"bad mmap flags \\'privat,anon\\'"}']
+    """
     try:
         sc = parse_scenario(data)
     except ScenarioParseError as e:
-        return [dumps({"error": "parse", "line": e.line})]
+        return [dumps({"error": "parse", "line": e.line, "message": e.reason})]
     lines: list[str] = []
     run_scenario(sc, lambda r: lines.append(dumps(r)), config, after)
     return lines

@@ -13,11 +13,24 @@ The port is per release: :data:`HMM_TESTS_C` lists every ``TEST_F`` of each rele
 hmm-tests.c in file order, and :func:`select_tests` picks the function ported for that
 release (a ``TEST_F`` whose body changed between releases is registered once per release).
 A test of the release that the model cannot run yet is still listed and run as a SKIP
-whose reason is in :data:`NOT_MODELLED`.
+whose reason is in :data:`NOT_MODELLED`. An unknown test or variant name raises
+:class:`UnknownSelection`, which names it and lists the valid ones.
+
+>>> selected = select_tests(["open_close"])
+>>> [f"{fixture}.{v.name}.{name}" for fixture, name, _fn, v in selected]
+['hmm.hmm_device_private.open_close', 'hmm.hmm_device_coherent.open_close']
+>>> [r.status for r in run_tests(selected)]
+['pass', 'pass']
+>>> select_tests(["hmm.hmm_device_private.anon_read"])[0][1]
+'anon_read'
+>>> select_tests(variants=["hmm_device_bogus"])
+Traceback (most recent call last):
+hmmsim.selftests.harness.UnknownSelection: unknown variant 'hmm_device_bogus'; valid variants: ...
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import time
@@ -37,7 +50,8 @@ from ..system import System
 __all__ = (
     "ASSERT_EQ", "ASSERT_FALSE", "ASSERT_GE", "ASSERT_GT", "ASSERT_LE", "ASSERT_LT", "ASSERT_NE",
     "ASSERT_TRUE", "EXPECT_EQ", "EXPECT_NE", "HMM_TESTS_C", "HUGETLB_SETUP_DEFAULT_PAGES", "NEEDS_MIGRATION", "NOT_MODELLED", "SKIP",
-    "TESTS", "TEST_F", "TestFailure", "TestResult", "TestSkipped", "VARIANTS", "Variant", "run_test",
+    "TESTS", "TEST_F", "TestFailure", "TestResult", "TestSkipped", "UnknownSelection", "VARIANTS",
+    "Variant", "run_test",
     "run_tests", "select_tests",
 )
 
@@ -293,6 +307,11 @@ def run_test(fixture: str, name: str, fn: TestFn, variant: Variant, config: Syst
         return TestResult(full, "fail", f"{type(e).__name__}: {e}", time.perf_counter() - t0, tb)
 
 
+class UnknownSelection(ValueError):
+    """``-r``/``--variant`` named no test or variant that exists (the message names it and
+    lists the valid ones)."""
+
+
 def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
                  kernel: str = DEFAULT_KERNEL) -> list[tuple[str, str, TestFn, Variant]]:
     """Every (fixture, test, function, variant) of release *kernel*'s hmm-tests.c in the
@@ -305,6 +324,17 @@ def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
     variants = set(variants)
     ported = {(f, n): fn for f, n, fn, rel in TESTS if kernel in rel}
     tests = HMM_TESTS_C[kernel]
+    all_variants = [v.name for f in dict.fromkeys(f for f, _n in tests) for v in VARIANTS[f]]
+    for want in sorted(variants):
+        if want not in all_variants:
+            raise UnknownSelection(f"unknown variant {want!r}; valid variants: {', '.join(all_variants)}")
+    short = dict.fromkeys(n for _f, n in tests)
+    full = {f"{f}.{v.name}.{n}" for f, n in tests for v in VARIANTS[f]}
+    for want in sorted(names):
+        if want not in short and want not in full:
+            raise UnknownSelection(f"unknown test {want!r} in {kernel}'s hmm-tests.c; valid tests: "
+                                   f"{', '.join(short)} (or FIXTURE.VARIANT.TEST as "
+                                   "'hmmsim selftest -l' prints)")
     out = []
     for fixture in dict.fromkeys(f for f, _n in tests):
         for v in VARIANTS[fixture]:
@@ -315,6 +345,9 @@ def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
                     continue
                 fn = ported.get((f, name)) or _not_modelled(name)
                 out.append((fixture, name, fn, v))
+    if not out:
+        raise UnknownSelection(f"no test matches tests {', '.join(sorted(names))} on variants "
+                               f"{', '.join(sorted(variants))}")
     return out
 
 
@@ -343,6 +376,9 @@ def run_tests(selected: list[tuple[str, str, TestFn, Variant]], out: TextIO | No
         p(f"#  RUN           {full} ...")
         r = run_test(fixture, name, fn, v, config)
         results.append(r)
+        # the test's System is a reference cycle: free its arrays now, not at some later
+        # collection (a run of every test peaks at several times the memory otherwise)
+        gc.collect()
         if r.status == "pass":
             p(f"#            OK  {full}")
             p(f"ok {k} {full}")
