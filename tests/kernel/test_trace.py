@@ -14,8 +14,9 @@ from hmmsim.hmm.hmm import HMM_NEED_FAULT, HMM_PFN_REQ_FAULT
 from hmmsim.kernel import trace as trace_mod
 from hmmsim.kernel.errno import EBUSY, EFAULT
 from hmmsim.kernel.fault import (
-    FAULT_FLAG_REMOTE, FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_SIGSEGV, handle_mm_fault_range,
+    FAULT_FLAG_REMOTE, FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_SIGSEGV,
 )
+from hmmsim.kernel.fault_range import handle_mm_fault_range
 from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
 from hmmsim.kernel.page_types import PAGE_SIZE as P
 from hmmsim.kernel.trace import (

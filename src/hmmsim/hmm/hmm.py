@@ -54,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..kernel.errno import EAGAIN, EBUSY, EFAULT, EINVAL, ENOLCK, EPERM
-from ..kernel.fault import handle_mm_fault_range
+from ..kernel.fault_range import handle_mm_fault_range
 from ..kernel.migrate import (
     is_pmd_migration_entry,
     migration_entry_wait,

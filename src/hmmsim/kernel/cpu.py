@@ -28,8 +28,8 @@ from .fault import (
     VM_FAULT_OOM,
     VM_FAULT_SIGBUS,
     VM_FAULT_SIGSEGV,
-    handle_mm_fault_range,
 )
+from .fault_range import handle_mm_fault_range
 from .mm import MM, mmap_read_lock, mmap_read_unlock
 from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pte_index
 from .pgtable import (

@@ -8,11 +8,9 @@ wait, device-private ``migrate_to_ram``, device-exclusive restore, hwpoison, pte
 markers) and ``do_numa_page``. THP and hugetlb faults are in :mod:`.huge_memory` and
 :mod:`.hugetlb`.
 
-This one ``handle_mm_fault`` serves CPU accesses (:mod:`.uaccess`) and
-``hmm_range_fault``. :func:`handle_mm_fault_range` is the model's batched equivalent of
-calling it for every page of a range in address order, vectorised for the common states
-(empty anonymous ptes, ptes that already allow the access); it produces the same page
-tables, counters and notifier calls as the page-by-page loop.
+This one ``handle_mm_fault`` serves CPU accesses (:mod:`.cpu`) and ``hmm_range_fault``.
+Its batched equivalent over a range, which has no kernel counterpart, is
+:func:`hmmsim.kernel.fault_range.handle_mm_fault_range`.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from .migrate import (
     migration_entry_wait,
     pmd_migration_entry_wait,
 )
-from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked, ptlock_ptr, set_ptes
+from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked
 from .mm_types import (  # noqa: F401  (re-exported: fault.py is where drivers look)
     FAULT_FLAG_INSTRUCTION,
     FAULT_FLAG_REMOTE,
@@ -53,12 +51,8 @@ from .mm_types import (  # noqa: F401  (re-exported: fault.py is where drivers l
     mm_counter_file,
 )
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pte_index, pud_index
+from .page_types import PAGE_SIZE, pud_index
 from .pgtable import (
-    _PAGE_ACCESSED,
-    _PAGE_DIRTY,
-    _PAGE_PRESENT,
-    _PAGE_RW,
     _PAGE_SOFT_DIRTY,
     _PAGE_SWP_EXCLUSIVE,
     _PAGE_SWP_SOFT_DIRTY,
@@ -75,7 +69,6 @@ from .pgtable import (
     non_swap_entry,
     pfn_pte,
     pmd_leaf,
-    pmd_present,
     pte_dirty,
     pte_marker_get,
     pte_mkdirty,
@@ -98,11 +91,10 @@ from .rmap import (
     folio_maybe_mapped_shared,
     folio_add_file_rmap_ptes,
     folio_add_new_anon_rmap,
-    folio_add_new_anon_rmap_ptes,
     folio_remove_rmap_ptes,
 )
 from .swap import free_swap_and_cache
-from .trace import tracepoint_mm_fault, tracepoint_mm_fault_range
+from .trace import tracepoint_mm_fault
 from .vma import (
     VM_HUGETLB,
     VM_MAYSHARE,
@@ -119,14 +111,14 @@ from .vma import (
 )
 
 if TYPE_CHECKING:
-    from .system import System
+    pass
 
 __all__ = (
     "FAULT_FLAG_INSTRUCTION", "FAULT_FLAG_REMOTE", "FAULT_FLAG_UNSHARE", "FAULT_FLAG_USER",
     "FAULT_FLAG_WRITE", "VM_FAULT_COMPLETED", "VM_FAULT_ERROR", "VM_FAULT_FALLBACK",
     "VM_FAULT_HWPOISON", "VM_FAULT_LOCKED", "VM_FAULT_NOPAGE", "VM_FAULT_OOM",
     "VM_FAULT_RETRY", "VM_FAULT_SIGBUS", "VM_FAULT_SIGSEGV", "VmFault", "do_wp_page",
-    "finish_fault", "handle_mm_fault", "handle_mm_fault_range", "mm_counter_file",
+    "finish_fault", "handle_mm_fault", "mm_counter_file",
     "set_pte_range", "vm_normal_page",
 )
 
@@ -697,160 +689,3 @@ def do_numa_page(vmf: VmFault) -> int:
 
 
 # -- batched faulting ---------------------------------------------------------------------------
-# entry classes for the vectorised paths
-_C_OTHER, _C_NONE, _C_OK = 0, 1, 2
-
-
-def _account(sys: "System", n: int, handler: str | None) -> None:
-    """Count *n* page faults resolved without calling :func:`handle_mm_fault` per page,
-    the way the page-by-page loop would have counted them."""
-    st = sys.stats
-    st.add("fault.handle_mm_fault", n)
-    if handler:
-        st.add(handler, n)
-    st.add("lock.ptl.write", n)
-
-
-@tracepoint_mm_fault_range
-def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[int, int]:
-    """Fault every page of ``[start, end)`` (inside *vma*) in address order.
-
-    Equivalent to ``for addr in range(start, end, PAGE_SIZE): ret = handle_mm_fault(vma,
-    addr, flags)``, stopping at the first ``VM_FAULT_ERROR`` result: the same page-table
-    updates, allocation order, rmap/rss/stat counts and notifier calls. Runs of empty
-    anonymous ptes and of ptes that already allow the access are handled a whole
-    run at a time; everything else goes through :func:`handle_mm_fault`.
-
-    :return: ``(vm_fault_t of the failing page or 0, address of the failing page or end)``
-    """
-    mm = vma.vm_mm
-    mmap_assert_locked(mm)
-    write = bool(flags & FAULT_FLAG_WRITE)
-    addr = start
-    while addr < end:
-        nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
-        if vma.vm_flags & VM_HUGETLB or flags & FAULT_FLAG_UNSHARE:
-            ret = handle_mm_fault(vma, addr, flags)
-            if ret & VM_FAULT_ERROR:
-                return ret, addr
-            addr += PAGE_SIZE
-            continue
-        pmd = mm.pmd_ref(addr)
-        e = pmd.get() if pmd is not None else 0
-        if pmd is None or e == 0 or not pmd_present(e) or pmd_leaf(e):
-            # no pte table yet, or a huge/non-present pmd: let the first page decide
-            # (it may create a THP, split a huge pmd, wait for migration...)
-            ret = handle_mm_fault(vma, addr, flags)
-            if ret & VM_FAULT_ERROR:
-                return ret, addr
-            pmd = mm.pmd_ref(addr)
-            e = pmd.get() if pmd is not None else 0
-            addr += PAGE_SIZE
-            if pmd is not None and pmd_leaf(e) and (not write or pte_write(e)):
-                # the rest of this huge mapping is already accessible: spurious faults
-                n = (nxt - addr) >> PAGE_SHIFT
-                if n > 0:
-                    hm.huge_pmd_set_accessed_batch(vma, pmd, write, n)
-                addr = nxt
-            continue
-        ret, addr = _fault_pte_run(vma, pmd, addr, nxt, flags)
-        if ret & VM_FAULT_ERROR:
-            return ret, addr
-    return 0, end
-
-
-def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tuple[int, int]:
-    """Fault ``[addr, nxt)`` (inside one present pte table) in address order."""
-    mm = vma.vm_mm
-    sys = mm.sys
-    write = bool(flags & FAULT_FLAG_WRITE)
-    anon = vma_is_anonymous(vma)
-    mapped = mm.pte_offset_map(pmd)  # the lockless look of each fault, once per table
-    assert mapped is not None
-    tbl, tid = mapped
-    i0 = pte_index(addr)
-    i1 = i0 + ((nxt - addr) >> PAGE_SHIFT)
-    seg = tbl[i0:i1]
-    present = (seg & _U(_PAGE_PRESENT)) != 0
-    cls = np.zeros(i1 - i0, np.int8)
-    if write:
-        cls[present & ((seg & _U(_PAGE_RW)) != 0)] = _C_OK
-    else:
-        cls[present] = _C_OK
-    if anon and not vma.vm_flags & VM_SHARED:
-        cls[seg == 0] = _C_NONE
-    # run boundaries
-    cuts = np.flatnonzero(np.diff(cls)) + 1
-    bounds = [0, *cuts.tolist(), i1 - i0]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        c = int(cls[a])
-        ra = addr + (a << PAGE_SHIFT)
-        if c == _C_OK:
-            _spurious_run(vma, tid, i0 + a, i0 + b, write)
-        elif c == _C_NONE and b - a > 1:
-            ret, fail = _anon_none_run(vma, pmd, i0 + a, i0 + b, ra, write)
-            if ret:
-                return ret, fail
-        else:
-            for k in range(a, b):
-                ret = handle_mm_fault(vma, addr + (k << PAGE_SHIFT), flags)
-                if ret & VM_FAULT_ERROR:
-                    return ret, addr + (k << PAGE_SHIFT)
-    return 0, nxt
-
-
-def _spurious_run(vma: Vma, tid: int, i0: int, i1: int, write: bool) -> None:
-    """Faults on ptes that already allow the access: mark them young (and dirty)."""
-    mm = vma.vm_mm
-    sys = mm.sys
-    mm.spin_lock(ptlock_ptr(tid))
-    try:
-        tbl = sys.pt.table(tid)
-        bits = _PAGE_ACCESSED | ((_PAGE_DIRTY | _PAGE_SOFT_DIRTY) if write else 0)
-        set_ptes(mm, tbl, i0, tbl[i0:i1] | _U(bits), i1 - i0)
-    finally:
-        mm.pte_unmap_unlock(tid)
-    _account(sys, i1 - i0 - 1, "fault.spurious")
-    sys.stats.add("fault.spurious")
-    sys.stats.add("fault.handle_mm_fault")
-
-
-def _anon_none_run(vma: Vma, pmd: PtRef, i0: int, i1: int, addr: int, write: bool) -> tuple[int, int]:
-    """``do_anonymous_page()`` for a run of empty ptes: the zero page on reads, new
-    zeroed exclusive pages on writes."""
-    mm = vma.vm_mm
-    sys = mm.sys
-    n = i1 - i0
-    got = mm.pte_offset_map_lock(pmd)
-    assert got is not None
-    tbl, tid = got
-    try:
-        if not write:
-            set_ptes(mm, tbl, i0, _U(pte_mkspecial(pfn_pte(sys.mem.zero_pfn, vma.vm_page_prot))), n)
-            _account(sys, n - 1, "fault.do_anonymous_page")
-            sys.stats.add("fault.do_anonymous_page")
-            sys.stats.add("fault.handle_mm_fault")
-            return 0, 0
-        anon_vma_prepare(vma)
-        pfns = sys.mem.alloc_pages_bulk(n)
-        k = len(pfns)
-        addrs = addr + (np.arange(k, dtype=np.int64) << PAGE_SHIFT)
-        if k:
-            prot = vma.vm_page_prot | _PAGE_ACCESSED
-            if vma.vm_flags & VM_WRITE:
-                prot |= _PAGE_RW | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
-            folio_add_new_anon_rmap_ptes(sys.mem, pfns, vma, addrs)
-            set_ptes(mm, tbl, i0, (pfns.astype(np.uint64) << _U(PAGE_SHIFT)) | _U(prot), k)
-            mm.add_mm_counter(MM_ANONPAGES, k)
-            _account(sys, k - 1, "fault.do_anonymous_page")
-            sys.stats.add("fault.do_anonymous_page")
-            sys.stats.add("fault.handle_mm_fault")
-        if k < n:
-            sys.stats.add("fault.handle_mm_fault")
-            sys.stats.add("fault.do_anonymous_page")
-            return VM_FAULT_OOM, addr + (k << PAGE_SHIFT)
-        return 0, 0
-    finally:
-        mm.pte_unmap_unlock(tid)
-
-

@@ -17,7 +17,7 @@ modelled function (``@tracepoint_hmm_range_fault``), which calls straight throug
 events are off.
 
 Events are never per page unless asked for: ``mm_fault`` (one event per page faulted) makes
-:func:`~hmmsim.kernel.fault.handle_mm_fault_range` take its page-by-page path while a
+:func:`~hmmsim.kernel.fault_range.handle_mm_fault_range` take its page-by-page path while a
 probe is attached, which is slower; ``mm_fault_range`` is the span event for a batch.
 
 >>> from hmmsim import System
