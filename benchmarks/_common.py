@@ -1,10 +1,16 @@
-"""Helpers shared by the benchmarks: timing and the report line format."""
+"""Helpers shared by the benchmarks: timing, the numpy yardsticks and the report line.
+
+Every figure is printed beside a numpy baseline measured in the same run, so a result
+taken on a busy machine can still be compared (``ratio`` = model rate / baseline rate).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 GiB = 1 << 30
 
@@ -21,9 +27,36 @@ def best_of(fn: Callable[[], Any], repeat: int = 3, setup: Callable[[], Any] | N
     return best
 
 
-def report(name: str, value: float, unit: str, target: float) -> bool:
-    """Print one result line with its target; returns whether the target is met."""
-    ok = value >= target
-    print(f"{name:<44} {value:>14,.0f} {unit:<9} target >= {target:,.0f} {unit:<9} "
-          f"{'OK' if ok else 'BELOW TARGET'}")
+def numpy_copy_rate(size: int) -> float:
+    """Bytes/s of a numpy copy of *size* bytes: the yardstick for data-moving commands."""
+    a = np.ones(size, np.uint8)
+    b = np.empty_like(a)
+    return size / best_of(lambda: np.copyto(b, a))
+
+
+def numpy_entry_rate(n: int) -> float:
+    """Entries/s of one vectorised pass over *n* uint64 page-table entries that decodes
+    each (pfn and two flag bits) into an output array: the yardstick for table walks."""
+    tbl = np.arange(n, dtype=np.uint64) << np.uint64(12) | np.uint64(0x67)
+    out = np.empty_like(tbl)
+
+    def run() -> None:
+        np.right_shift(tbl & np.uint64(0x000F_FFFF_FFFF_F000), np.uint64(12), out=out)
+        np.bitwise_or(out, (tbl & np.uint64(1)) << np.uint64(63), out=out)
+        np.bitwise_or(out, ((tbl >> np.uint64(1)) & np.uint64(1)) << np.uint64(62), out=out)
+
+    return n / best_of(run)
+
+
+def report(name: str, value: float, unit: str, target: float, baseline: float | None = None,
+           baseline_name: str = "numpy", lower_is_better: bool = False) -> bool:
+    """Print one result line with its target and, if given, the baseline measured in the
+    same run and the ratio to it; returns whether the target is met."""
+    ok = value <= target if lower_is_better else value >= target
+    cmp = "<=" if lower_is_better else ">="
+    extra = ""
+    if baseline:
+        extra = f"   {baseline_name} {baseline:,.2f} {unit}, ratio {value / baseline:.3f}"
+    print(f"{name:<52} {value:>14,.2f} {unit:<8} target {cmp} {target:,g} "
+          f"{'OK' if ok else 'BELOW TARGET'}{extra}", flush=True)
     return ok
