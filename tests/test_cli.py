@@ -154,3 +154,22 @@ def test_selftest_json_stdout_is_only_json(capsys: pytest.CaptureFixture[str]) -
     res = json.loads(captured.out)
     assert [r["name"] for r in res] == ["hmm.hmm_device_private.anon_teardown"]
     assert res[0]["status"] == "pass"
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_run_prints_lockdep_warnings_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               kernel: str) -> None:
+    """6.12 faults a hugetlb hole inside the walk, re-taking the hugetlb VMA lock for read:
+    the kernel completes the READ and lockdep reports it (on stderr; stdout stays the
+    runner's lines). 7.3 faults after the walk: no report."""
+    sc = _file(tmp_path, "h.hmm", "open d 0\nmmap h 512 rw shared,anon,hugetlb\ndread d h 0 4\n")
+    assert main(["run", "--kernel", kernel, sc]) == 0
+    cap = capsys.readouterr()
+    out = [json.loads(x) for x in cap.out.splitlines()]
+    assert out[-1] == {"cpages": 4, "crc": out[-1]["crc"], "faults": 1, "line": 4, "op": "dread", "ret": 0}
+    if kernel == "6.12":
+        assert cap.err.splitlines() == [
+            "h.hmm: WARNING: possible recursive locking detected: scenario/1 is trying to acquire "
+            "hugetlb_vma_lock (read) but already holds it (read)"]
+    else:
+        assert cap.err == ""

@@ -130,7 +130,11 @@ def _cmd_run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
             signal.signal(signal.SIGALRM, _on_alarm)
             signal.alarm(args.timeout)
         try:
-            run_scenario(scenario, emit, config)
+            machine = run_scenario(scenario, emit, config)
+            # what the kernel would have printed to dmesg and survived (lockdep reports):
+            # on stderr, so that stdout stays exactly the kernel runner's lines
+            for warning in machine.ls.warnings:
+                print(f"{os.path.basename(path)}: WARNING: {warning}", file=sys.stderr, flush=True)
         except _Timeout:
             emit({"error": "timeout", "seconds": args.timeout})
         except Exception as e:  # a model bug (an assertion, an unexpected error): say so, go on
