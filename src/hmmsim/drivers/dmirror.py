@@ -392,6 +392,12 @@ def dmirror_do_fault(dmirror: Dmirror, r: HmmRange) -> int:
 
 def dmirror_range_fault(dmirror: Dmirror, r: HmmRange) -> int:
     """``dmirror_range_fault()``: the retry loop every HMM driver has."""
+    return _range_fault(dmirror, r)[0]
+
+
+def _range_fault(dmirror: Dmirror, r: HmmRange) -> tuple[int, bool]:
+    """:func:`dmirror_range_fault`, also saying whether the result comes from
+    ``dmirror_do_fault()`` (True) or from ``hmm_range_fault()``/the retry budget (False)."""
     mm = dmirror.notifier.mm
     assert mm is not None
     for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
@@ -404,16 +410,16 @@ def dmirror_range_fault(dmirror: Dmirror, r: HmmRange) -> int:
         if ret:
             if ret == -EBUSY:
                 continue
-            return ret
+            return ret, False
         dmirror.mutex.lock()
         if mmu_interval_read_retry(r.notifier, r.notifier_seq):
             dmirror.mutex.unlock()
             continue
         try:
-            return dmirror_do_fault(dmirror, r)
+            return dmirror_do_fault(dmirror, r), True
         finally:
             dmirror.mutex.unlock()
-    return -EBUSY
+    return -EBUSY, False
 
 
 def dmirror_fault(dmirror: Dmirror, start: int, end: int, write: bool) -> int:
@@ -478,30 +484,15 @@ def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) ->
     n = (bend - addr) >> PAGE_SHIFT
     r = HmmRange(notifier=dmirror.notifier, start=addr, end=bend, hmm_pfns=np.zeros(n, np.uint64),
                  pfn_flags_mask=0, default_flags=flags, dev_private_owner=dmirror.mdevice)
-    for _ in range(DMIRROR_RANGE_FAULT_RETRIES):
-        r.notifier_seq = mmu_interval_read_begin(r.notifier)
-        mmap_read_lock(mm)
-        try:
-            ret = hmm_range_fault(r)
-        finally:
-            mmap_read_unlock(mm)
-        if ret == -EBUSY:
-            continue
-        if ret:  # the faults made so far stay made (and counted); the calls do not
-            for key in _PROTOCOL_KEYS:
-                stats._c[key] = protocol[key]  # noqa: SLF001
-            return addr, 0
-        dmirror.mutex.lock()
-        if mmu_interval_read_retry(r.notifier, r.notifier_seq):
-            dmirror.mutex.unlock()
-            continue
-        try:
-            ret = dmirror_do_fault(dmirror, r)
-        finally:
-            dmirror.mutex.unlock()
-        _count_windows(dmirror, -(-n // win) - 1, snapshot=False)
-        return (addr, ret) if ret else (bend, 0)
-    return addr, 0
+    ret, stored = _range_fault(dmirror, r)
+    if not stored:
+        # hmm_range_fault failed (or kept saying -EBUSY): the faults made so far stay made
+        # (and counted), the calls do not; the window loop redoes this part
+        for key in _PROTOCOL_KEYS:
+            stats._c[key] = protocol[key]  # noqa: SLF001
+        return addr, 0
+    _count_windows(dmirror, -(-n // win) - 1, snapshot=False)
+    return (addr, ret) if ret else (bend, 0)
 
 
 def _kernel_pages(dmirror: Dmirror, entries: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
