@@ -175,8 +175,9 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         # stdout carries the JSON array and nothing else: diagnostics go to stderr
         with contextlib.redirect_stdout(sys.stderr):
             results = run_tests(selected, None, config)
-        print(json.dumps([{"name": r.name, "status": r.status, "message": r.message,
-                           "seconds": round(r.seconds, 3)} for r in results], indent=1))
+        print(json.dumps([{"name": r.name, "kernel": config.kernel, "status": r.status,
+                           "message": r.message, "seconds": round(r.seconds, 3)}
+                          for r in results], indent=1))
     else:
         results = run_tests(selected, sys.stdout, config)
     if args.summary and not args.json:
@@ -244,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hmmsim`` command; returns the exit status (:data:`EXIT_STATUS`)."""
     ap = _parser()
     args = ap.parse_args(argv)
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        # the command line: output piped into `head` ends quietly, like a C program's
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.cmd == "run":
         return _cmd_run(args, ap)
     if args.cmd == "selftest":

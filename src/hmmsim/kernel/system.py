@@ -18,6 +18,8 @@ devices: 0 and 1 device-private, 2 and 3 device-coherent).
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +128,8 @@ class System:
         self.swap: SwapInfo | None = SwapInfo(config.swap_pages + 1) if config.swap_pages else None
         self.pgmaps: list[DevPagemap | None] = []
         self.tasks: list[Task] = []
+        #: pid allocator of this boot (``alloc_pid``): pids start at 1 on every machine
+        self.pids = itertools.count(1)
         #: open invalidate_range_start() calls per mm (balance is asserted)
         self.notifier_active: dict[int, int] = {}
         self.dmirror_devices: list[Any] = []

@@ -26,7 +26,6 @@ unmapped — and the files after), ``fs/file.c`` (the fd table) and ``mm/util.c`
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -53,8 +52,6 @@ if TYPE_CHECKING:
     from .system import System
 
 __all__ = ("Task", "exit_mmap", "mmget_not_zero", "mmput", "vm_mmap", "vm_munmap")
-
-_pids = itertools.count(1)
 
 
 def mmget_not_zero(mm: MM) -> bool:
@@ -129,7 +126,7 @@ class Task:
 
     def __init__(self, system: "System", mm: MM, parent: "Task | None" = None, name: str = "") -> None:
         self.sys = system
-        self.pid = next(_pids)
+        self.pid = next(system.pids)
         self.name = name or f"task{self.pid}"
         self.mm = mm
         mm.owner = self

@@ -368,6 +368,7 @@ def run_tests(selected: list[tuple[str, str, TestFn, Variant]], out: TextIO | No
             print(s, file=out, flush=True)
 
     p("TAP version 13")
+    p(f"# hmmsim modelling Linux {(config or reference_config()).kernel}")
     p(f"1..{len(selected)}")
     p(f"# Starting {len(selected)} tests from {len({(f, v.name) for f, _n, _fn, v in selected})} test cases.")
     results = []
