@@ -295,3 +295,20 @@ def test_interleave_racer_may_use_the_facade_of_the_process_it_interrupts(proc: 
     assert r.cpages == 4 and bytes(r.data[:1]) == b"i"
     assert proc.mm.vma_lookup(a + 4 * P) is None
     d.close()
+
+
+def test_per_page_pte_writes_are_counted_scheduling_points(proc: Process) -> None:
+    """The page-by-page paths write ptes through set_pte_at() too: a COW fault
+    (wp_page_copy), a fork's copy of the tables and MADV_FREE each count their pte writes
+    and offer a scheduling point, so a racer can land between them."""
+    a = proc.mmap(4 * P)
+    proc.write(a, b"x" * (4 * P))
+    child = proc.fork()
+    with proc.system.stats.measure() as d, _Who(proc.system) as who:
+        proc.write(a, b"y")  # COW: the parent's pte now maps a new page
+    assert d["pgtable.set_pte"] >= 1 and d["fault.do_wp_page"] == 1
+    assert "set_ptes" in [w for _n, w, _k in who.seen]
+    child.exit()  # the other pages are the parent's alone again: MADV_FREE cleans them
+    with proc.system.stats.measure() as d, _Who(proc.system) as who:
+        proc.madvise(a + P, 3 * P, "free")
+    assert d["pgtable.set_pte"] == 3 and "set_ptes" in [w for _n, w, _k in who.seen]

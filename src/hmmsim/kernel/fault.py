@@ -29,7 +29,7 @@ from .migrate import (
     migration_entry_wait,
     pmd_migration_entry_wait,
 )
-from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked
+from .mm import MM_ANONPAGES, MM_SWAPENTS, PtRef, mmap_assert_locked, set_pte_at
 from .mm_types import (  # noqa: F401  (re-exported: fault.py is where drivers look)
     FAULT_FLAG_INSTRUCTION,
     FAULT_FLAG_REMOTE,
@@ -239,7 +239,7 @@ def handle_pte_fault(vmf: VmFault) -> int:
             return do_wp_page(vmf, tbl, tid)
         if vmf.flags & FAULT_FLAG_WRITE:
             pte = pte_mkdirty(pte)
-    tbl[idx] = pte_mkyoung(pte)
+    set_pte_at(vmf.vma.vm_mm, tbl, idx, pte_mkyoung(pte))
     mm.pte_unmap_unlock(tid)
     mm.sys.stats.add("fault.spurious")
     return 0
@@ -262,7 +262,7 @@ def do_anonymous_page(vmf: VmFault) -> int:
             return VM_FAULT_OOM
         tbl, tid = got
         if tbl[vmf.pte_idx] == 0:
-            tbl[vmf.pte_idx] = entry
+            set_pte_at(vmf.vma.vm_mm, tbl, vmf.pte_idx, entry)
         mm.pte_unmap_unlock(tid)
         return 0
     anon_vma_prepare(vma)
@@ -283,7 +283,7 @@ def do_anonymous_page(vmf: VmFault) -> int:
         return 0
     mm.add_mm_counter(MM_ANONPAGES, 1)
     folio_add_new_anon_rmap(sys.mem, pfn, vma, vmf.address)
-    tbl[vmf.pte_idx] = entry
+    set_pte_at(vmf.vma.vm_mm, tbl, vmf.pte_idx, entry)
     mm.pte_unmap_unlock(tid)
     return 0
 
@@ -311,7 +311,7 @@ def set_pte_range(vmf: VmFault, pfn: int, tbl: npt.NDArray[np.uint64], idx: int,
     else:
         mm.add_mm_counter(mm_counter_file(sys, pfn), 1)
         folio_add_file_rmap_ptes(sys.mem, pfn)
-    tbl[idx] = entry
+    set_pte_at(vmf.vma.vm_mm, tbl, idx, entry)
 
 
 def finish_fault(vmf: VmFault) -> int:
@@ -429,7 +429,7 @@ def _wp_page_reuse(vmf: VmFault, tbl: npt.NDArray[np.uint64], tid: int) -> int:
     entry = pte_mkdirty(entry)
     if vma.vm_flags & VM_WRITE:
         entry = pte_mkwrite(entry)
-    tbl[vmf.pte_idx] = entry
+    set_pte_at(vmf.vma.vm_mm, tbl, vmf.pte_idx, entry)
     vma.vm_mm.pte_unmap_unlock(tid)
     vma.vm_mm.sys.stats.add("fault.wp_page_reuse")
     return 0
@@ -525,7 +525,7 @@ def wp_page_copy(vmf: VmFault, old: int) -> int:
                     if vma.vm_flags & VM_WRITE:
                         entry = pte_mkwrite(entry)
                 folio_add_new_anon_rmap(mem, new, vma, vmf.address)
-                tbl[vmf.pte_idx] = entry
+                set_pte_at(vmf.vma.vm_mm, tbl, vmf.pte_idx, entry)
                 if old >= 0:
                     folio_remove_rmap_ptes(mem, old)
                 copied = True
@@ -625,7 +625,7 @@ def do_swap_in(vmf: VmFault, entry: int) -> int:
         if vmf.flags & FAULT_FLAG_WRITE:
             pte = pte_mkdirty(pte)
             write_done = True
-    tbl[idx] = pte
+    set_pte_at(vmf.vma.vm_mm, tbl, idx, pte)
     mm.add_mm_counter(MM_ANONPAGES, 1)
     mm.add_mm_counter(MM_SWAPENTS, -1)
     free_swap_and_cache(sys, entry)
@@ -654,7 +654,7 @@ def _handle_pte_marker(vmf: VmFault, entry: int) -> int:
         if got is not None:
             tbl, tid = got
             if int(tbl[vmf.pte_idx]) == vmf.orig_pte:
-                tbl[vmf.pte_idx] = 0
+                set_pte_at(vmf.vma.vm_mm, tbl, vmf.pte_idx, 0)
             mm.pte_unmap_unlock(tid)
         if vma_is_anonymous(vmf.vma):
             return do_anonymous_page(vmf)
@@ -683,7 +683,7 @@ def do_numa_page(vmf: VmFault) -> int:
             pte = pte_mkwrite(pte) if pte_dirty(pte) else pte
         elif pfn >= 0 and sys.mem.flags[pfn] & PG_anon_exclusive:
             pte = pte_mkwrite(pte)
-    tbl[vmf.pte_idx] = pte
+    set_pte_at(vmf.vma.vm_mm, tbl, vmf.pte_idx, pte)
     mm.pte_unmap_unlock(tid)
     return 0
 

@@ -23,7 +23,7 @@ from .migrate import (
     split_huge_pmd_migration_entry,
     zap_pmd_migration_entry,
 )
-from .mm import MM_ANONPAGES, PtRef
+from .mm import MM_ANONPAGES, PtRef, set_ptes
 from .mm_types import (
     FAULT_FLAG_UNSHARE,
     FAULT_FLAG_WRITE,
@@ -363,7 +363,7 @@ def __split_huge_pmd_locked(vma: Vma, haddr: int, pmd: PtRef) -> None:
         entry = pte_mkspecial(pfn_pte(mem.zero_pfn, vma.vm_page_prot))
         if old & _PAGE_UFFD_WP:
             entry |= _PAGE_UFFD_WP
-        tbl[:] = _U(entry)
+        set_ptes(vma.vm_mm, tbl, 0, _U(entry), len(tbl))
         pmd.set(mk_table_entry(tid))
         return
     if not pte_present(old):
@@ -375,7 +375,7 @@ def __split_huge_pmd_locked(vma: Vma, haddr: int, pmd: PtRef) -> None:
     bits = old & (_PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_UFFD_WP)
     prot = vma.vm_page_prot & ~(_PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY)
     pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.uint64)
-    tbl[:] = (pfns << _U(PAGE_SHIFT)) | _U(prot | bits)
+    set_ptes(vma.vm_mm, tbl, 0, (pfns << _U(PAGE_SHIFT)) | _U(prot | bits), len(tbl))
     if mem.flags[head] & PG_anon:
         mem.entire_mapcount[head] -= 1
         mem.mapcount[head:head + HPAGE_PMD_NR] += 1

@@ -33,7 +33,7 @@ import numpy as np
 from .errno import EAGAIN, EINVAL, ENOMEM
 from .huge_memory import madvise_free_huge_pmd, split_folio
 from .memory import zap_page_range_single
-from .mm import MM, MM_SWAPENTS, PtRef
+from .mm import MM, MM_SWAPENTS, PtRef, set_pte_at, set_ptes
 from .mmap import vma_modify, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import HPAGE_PMD_SIZE, PAGE_ALIGN, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, ULONG_MAX, pte_index
@@ -145,9 +145,9 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
                 if not non_swap_entry(ent):
                     free_swap_and_cache(sys, ent)
                     mm.add_mm_counter(MM_SWAPENTS, -1)
-                    tbl[i - 1] = 0
+                    set_pte_at(walk.mm, tbl, i - 1, 0)
                 elif is_hwpoison_entry(ent):
-                    tbl[i - 1] = 0
+                    set_pte_at(walk.mm, tbl, i - 1, 0)
                 continue
             if pte & _PAGE_SPECIAL or not pte & _PAGE_PRESENT:
                 continue
@@ -189,13 +189,14 @@ def madvise_free_pte_range(pmd: PtRef, addr: int, end: int, walk: MmWalk) -> int
                     i += nr - 1
                     continue
                 mem.flags[head] &= ~np.uint32(PG_dirty)
-                tbl[i - 1:i - 1 + nr] &= _U(~(_PAGE_DIRTY | _PAGE_ACCESSED) & ((1 << 64) - 1))
+                clean = _U(~(_PAGE_DIRTY | _PAGE_ACCESSED) & ((1 << 64) - 1))
+                set_ptes(walk.mm, tbl, i - 1, tbl[i - 1:i - 1 + nr] & clean, nr)
                 i += nr - 1
                 continue
             if mem.folio_mapcount(head) != 1:
                 continue
             mem.flags[head] &= ~np.uint32(PG_dirty)
-            tbl[i - 1] = pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED)
+            set_pte_at(walk.mm, tbl, i - 1, pte & ~(_PAGE_DIRTY | _PAGE_ACCESSED))
     finally:
         if locked:
             mm.pte_unmap_unlock(tid)

@@ -23,7 +23,16 @@ from .errno import EBUSY, EFAULT, EINVAL
 from .folio import folios_put
 from .huge_memory import __split_huge_pmd, copy_huge_pmd, split_huge_pud, zap_huge_pmd
 from .hugetlb import copy_hugetlb_page_range, unmap_hugepage_range
-from .mm import MM, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, PtRef
+from .mm import (
+    MM,
+    MM_ANONPAGES,
+    MM_FILEPAGES,
+    MM_SHMEMPAGES,
+    MM_SWAPENTS,
+    PtRef,
+    set_pte_at,
+    set_ptes,
+)
 from .mm_types import mm_counter_file
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import (
@@ -337,7 +346,7 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
         rss[MM_SWAPENTS] += 1
         if pte & _PAGE_SWP_EXCLUSIVE:
             pte &= ~_PAGE_SWP_EXCLUSIVE
-            stbl[i] = pte
+            set_pte_at(src_vma.vm_mm, stbl, i, pte)
         return pte
     if is_migration_entry(entry):
         pfn = swp_offset_pfn(entry)
@@ -345,7 +354,7 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
         rss[MM_ANONPAGES if mem.flags[head] & PG_anon else MM_FILEPAGES] += 1
         if (is_writable_migration_entry(entry) or is_readable_exclusive_migration_entry(entry)) and cow:
             pte = swp_entry_to_pte(make_readable_migration_entry(pfn)) | (soft & ~_PAGE_SWP_EXCLUSIVE)
-            stbl[i] = pte
+            set_pte_at(src_vma.vm_mm, stbl, i, pte)
         return pte
     if is_device_private_entry(entry):
         pfn = swp_offset_pfn(entry)
@@ -356,7 +365,7 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
         mem.mapcount[pfn] += 1
         if is_writable_device_private_entry(entry) and cow:
             pte = swp_entry_to_pte(make_readable_device_private_entry(pfn)) | (soft & _PAGE_UFFD_WP)
-            stbl[i] = pte
+            set_pte_at(src_vma.vm_mm, stbl, i, pte)
         return pte
     if is_device_exclusive_entry(entry):
         # the kernel restores the parent's entry first (restore_exclusive_pte) and retries
@@ -406,7 +415,7 @@ def _copy_pte_table(dst_vma: Vma, src_vma: Vma, dtbl: npt.NDArray[np.uint64], st
     odd = (seg != 0) & ~present
     for k in np.flatnonzero(odd).tolist():
         out[k] = _copy_nonpresent(dst_vma, src_vma, stbl, i0 + k, int(seg[k]), rss)
-    dtbl[i0:i1] = out
+    set_ptes(dst_vma.vm_mm, dtbl, i0, out, i1 - i0)
 
 
 def copy_page_range(dst_vma: Vma, src_vma: Vma) -> int:
@@ -500,7 +509,7 @@ def vm_insert_page(vma: Vma, addr: int, pfn: int) -> int:
         mem.refcount[pfn] += 1
         mm.add_mm_counter(mm_counter_file(mm.sys, pfn), 1)
         mem.mapcount[pfn] += 1
-        tbl[idx] = pfn_pte(pfn, vma.vm_page_prot)
+        set_pte_at(vma.vm_mm, tbl, idx, pfn_pte(pfn, vma.vm_page_prot))
         return 0
     finally:
         mm.pte_unmap_unlock(tid)
@@ -518,7 +527,7 @@ def vmf_insert_pfn(vma: Vma, addr: int, pfn: int, write: bool = False) -> int:
         e = pte_mkspecial(pfn_pte(pfn, vma.vm_page_prot))
         if write:
             e |= _PAGE_RW | _PAGE_DIRTY
-        tbl[idx] = e
+        set_pte_at(vma.vm_mm, tbl, idx, e)
         return 0
     finally:
         mm.pte_unmap_unlock(tid)

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .folio import folio_put
-from .mm import MM, MM_ANONPAGES, PtRef, ptlock_ptr, spin_lock, spin_unlock
+from .mm import MM, MM_ANONPAGES, PtRef, ptlock_ptr, set_ptes, spin_lock, spin_unlock
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE, PMD_MASK, pte_index
 from .pagemap import folio_test_locked, folio_trylock, folio_unlock, folio_wait_locked
@@ -336,7 +336,7 @@ def split_huge_pmd_migration_entry(vma: "Vma", haddr: int, pmd: PtRef, tbl: npt.
     t = (e >> 59) & 0x1F
     bits = e & (_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP | (3 << 52))
     pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.uint64)
-    tbl[:] = (_U(t) << _U(59)) | (pfns << _U(12)) | _U(bits)
+    set_ptes(vma.vm_mm, tbl, 0, (_U(t) << _U(59)) | (pfns << _U(12)) | _U(bits), len(tbl))
     pmd.set(mk_table_entry(tid))
 
 

@@ -115,6 +115,11 @@ def set_ptes(mm: "MM", tbl: npt.NDArray[np.uint64], i0: int, vals: Any, nr: int)
     tbl[i0:i0 + nr] = vals
 
 
+def set_pte_at(mm: "MM", tbl: npt.NDArray[np.uint64], idx: int, pte: Any) -> None:
+    """``set_pte_at()``: write one pte (the PTL held); :func:`set_ptes` of one entry."""
+    set_ptes(mm, tbl, idx, pte, 1)
+
+
 def spin_lock(mm: "MM", ptl: LockId, where: str = "lock") -> None:
     """``spin_lock()`` of a keyed page-table lock (a scheduling point named *where*)."""
     mm.sys.ls.acquire(ptl, ptl[0], WRITE, sleepable=False, where=where)

@@ -17,7 +17,7 @@ from .errno import EFAULT, EINVAL, ENOMEM
 from .fs import get_file
 from .huge_memory import __split_huge_pmd, move_huge_pmd
 from .hugetlb import ResvMap
-from .mm import MM
+from .mm import MM, set_ptes
 from .mmap import do_munmap, get_unmapped_area, vm_enough_memory, vma_try_merge
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import (
@@ -109,7 +109,7 @@ def move_page_tables(vma: Vma, old_addr: int, new_vma: Vma, new_addr: int, lengt
                 si = pte_index(old_addr)
                 di = pte_index(new_addr)
                 seg = stbl[si:si + n].copy()
-                stbl[si:si + n] = 0
+                set_ptes(vma.vm_mm, stbl, si, 0, n)
                 nz = seg != 0
                 dtbl[di:di + n][nz] = seg[nz]
             finally:

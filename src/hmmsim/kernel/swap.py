@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .folio import folio_put
-from .mm import MM_ANONPAGES, MM_SWAPENTS
+from .mm import MM_ANONPAGES, MM_SWAPENTS, set_pte_at
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import PAGE_SIZE, pte_index
 from .pgtable import (
@@ -124,7 +124,7 @@ def reclaim_pages(vma: "Vma", start: int, end: int) -> int:
                 swp |= _PAGE_SWP_SOFT_DIRTY
             if pte & _PAGE_UFFD_WP:
                 swp |= _PAGE_SWP_UFFD_WP
-            tbl[idx] = swp
+            set_pte_at(vma.vm_mm, tbl, idx, swp)
             mem.mapcount[pfn] -= 1
             mem.flags[pfn] &= ~np.uint32(PG_dirty)
             mm.pte_unmap_unlock(tid)
