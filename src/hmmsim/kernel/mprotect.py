@@ -249,9 +249,19 @@ def mprotect_fixup(mm: MM, vma: Vma, start: int, end: int, newflags: int) -> int
     if isinstance(r, int):
         return r
     vma = r
+    old_prot = vma.vm_page_prot
     vma.vm_flags = newflags
     vma.vm_page_prot = vm_get_page_prot(newflags)
-    change_protection(vma, start, end, try_writable=_wants_manual_write_upgrade(vma))
+    try:
+        change_protection(vma, start, end, try_writable=_wants_manual_write_upgrade(vma))
+    except BaseException:
+        # a callback raised inside (a notifier): the ptes are untouched (the range was
+        # never started), so give the VMA its old flags back and merge it with the pieces
+        # it was split from: the call changes nothing
+        vma.vm_flags = oldflags
+        vma.vm_page_prot = old_prot
+        vma_try_merge(mm, vma)
+        raise
     vma_try_merge(mm, vma)
     return 0
 
