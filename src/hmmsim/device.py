@@ -31,6 +31,8 @@ import numpy.typing as npt
 
 from .drivers.test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
+    HMM_DMIRROR_MIGRATE_TO_DEV,
+    HMM_DMIRROR_MIGRATE_TO_SYS,
     HMM_DMIRROR_READ,
     HMM_DMIRROR_SNAPSHOT,
     HMM_DMIRROR_WRITE,
@@ -154,6 +156,24 @@ class Device:
         _cmd, out = self._with_buffer(npages, HMM_DMIRROR_SNAPSHOT, addr, npages)
         assert out is not None
         return out
+
+    def migrate(self, addr: int, npages: int) -> DeviceAccess:
+        """HMM_DMIRROR_MIGRATE_TO_DEV: move *npages* at *addr* into device memory; the data
+        the device then holds is read back (``cpages``: pages found on the device)."""
+        self._npages("migrate", npages)
+        cmd, out = self._with_buffer(npages << PAGE_SHIFT, HMM_DMIRROR_MIGRATE_TO_DEV, addr, npages)
+        assert out is not None
+        return DeviceAccess(out, cmd.cpages, cmd.faults)
+
+    def migrate_to_sys(self, addr: int, npages: int) -> int:
+        """HMM_DMIRROR_MIGRATE_TO_SYS: move this device's pages of the range back to system
+        memory; returns the number moved."""
+        self._npages("migrate_to_sys", npages)
+        cmd = HmmDmirrorCmd(addr=addr, npages=npages)
+        ret = self.ioctl(HMM_DMIRROR_MIGRATE_TO_SYS, cmd)
+        if ret:
+            raise error_from_errno(ret, "migrate_to_sys")
+        return cmd.cpages
 
     def check_exclusive(self, addr: int, npages: int) -> bool:
         """HMM_DMIRROR_CHECK_EXCLUSIVE: True if no page of the range is mapped ATOMIC."""

@@ -38,7 +38,9 @@ from .pgtable import (
     _PAGE_UFFD_WP,
     _SWP_MIG_DIRTY,
     _SWP_MIG_YOUNG,
+    is_device_private_entry,
     is_migration_entry,
+    is_writable_device_private_entry,
     is_readable_exclusive_migration_entry,
     is_swap_pmd,
     is_writable_migration_entry,
@@ -144,6 +146,28 @@ def _mapped_pte(vma: "Vma", addr: int) -> tuple[PtRef, int] | None:
     return PtRef(mm.sys.pt.table(tid), pte_index(addr), tid, mm), 1
 
 
+def _migrate_device_private_pte(vma: "Vma", ref: PtRef, addr: int, e: int, p: int) -> None:
+    """The device-private branch of ``try_to_migrate_one()``: a device-private entry of
+    page *p* becomes a migration entry (writable if the entry was; else readable-exclusive
+    for an exclusive anon page), keeping soft-dirty and uffd-wp."""
+    ent = pte_to_swp_entry(e)
+    if not is_device_private_entry(ent) or swp_offset_pfn(ent) != p:
+        return
+    mm = vma.vm_mm
+    mem = mm.sys.mem
+    with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, addr, addr + PAGE_SIZE):
+        excl = bool(mem.flags[p] & PG_anon_exclusive)
+        if is_writable_device_private_entry(ent):
+            mig = make_writable_migration_entry(p)
+        elif excl:
+            mig = make_readable_exclusive_migration_entry(p)
+        else:
+            mig = make_readable_migration_entry(p)
+        ref.set(swp_entry_to_pte(mig) | (e & (_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP)))
+        mem.mapcount[p] -= 1
+        mem.refcount[mem.compound_head(p)] -= 1
+
+
 def try_to_migrate(sys: "System", pfn: int) -> bool:
     """``try_to_migrate()``: replace every mapping of the (locked) folio of *pfn* by a
     migration entry. Returns True if the folio is no longer mapped."""
@@ -158,6 +182,9 @@ def try_to_migrate(sys: "System", pfn: int) -> bool:
                 continue
             ref, level = found
             e = ref.get()
+            if level == 1 and e and not pte_present(e):
+                _migrate_device_private_pte(vma, ref, addr, e, p)
+                continue
             if not pte_present(e) or pte_pfn(e) != (head if level == 2 else p):
                 continue
             mm = vma.vm_mm

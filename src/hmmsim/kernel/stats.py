@@ -120,6 +120,10 @@ DMIRROR_IOCTLS = ("read", "write", "migrate_to_dev", "migrate_to_sys", "snapshot
 _declare_all("dmirror_fops_unlocked_ioctl() calls by command (after argument checks)",
              *(f"dmirror.ioctl.{c}" for c in DMIRROR_IOCTLS))
 declare("dmirror.chunks", "device memory chunks allocated (dmirror_allocate_chunk)")
+declare("dmirror.warn_already_device", "WARNs: a page selected for MIGRATE_TO_DEV is already a device page")
+declare("dmirror.warn_not_device", "WARN_ONs: a page selected for migration to RAM is not a device page")
+declare("migrate_vma.setup", "migrate_vma_setup() calls that collected a range")
+declare("migrate_vma.finalize", "migrate_vma_finalize() calls")
 declare("dmirror.invalidate", "dmirror_interval_invalidate() calls that cleared mirror entries")
 declare("dmirror.warn_readonly_write", "writes refused on a read-only mirror entry")
 declare("dmirror.release", "dmirror_fops_release() calls")

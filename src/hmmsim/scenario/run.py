@@ -33,6 +33,8 @@ from ..drivers.dmirror import dmirror_open
 from ..drivers.test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
     HMM_DMIRROR_FLAGS,
+    HMM_DMIRROR_MIGRATE_TO_DEV,
+    HMM_DMIRROR_MIGRATE_TO_SYS,
     HMM_DMIRROR_READ,
     HMM_DMIRROR_READ_UNLOCKED,
     HMM_DMIRROR_SNAPSHOT,
@@ -70,7 +72,6 @@ _ADVICE = {"hugepage": MADV_HUGEPAGE, "nohugepage": MADV_NOHUGEPAGE, "dontneed":
            "free": MADV_FREE}
 #: commands whose kernel side is not modelled yet, and what they need
 _UNSUPPORTED = {
-    "dmigrate": "device memory migration", "dmigrate_sys": "device memory migration",
     "dexclusive": "device-exclusive access", "drelease": "device memory eviction",
     "uffd": "userfaultfd",
 }
@@ -559,6 +560,29 @@ class _Runner:
         if fd is None or ctx.task.fget(fd) is None:
             return -EBADF
         return ctx.task.ioctl(fd, command, HmmDmirrorCmd(addr=addr, npages=npages))
+
+    def op_dmigrate(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
+        mm = ctx.task.mm
+        crc = [0]
+
+        def consume(buf: int) -> None:
+            def sink(data: npt.NDArray[np.uint8]) -> None:
+                crc[0] = crc32(data, crc[0])
+            self._read_buffer(mm, buf, npages << PAGE_SHIFT, sink)
+
+        ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_MIGRATE_TO_DEV, self.region(ctx, name, off), npages,
+                                npages, consume=consume)
+        if ret:
+            self.out(ctx, cmd, "dmigrate", ret=ret)
+        else:
+            self.out(ctx, cmd, "dmigrate", ret=0, cpages=dcmd.cpages, crc=crc[0])
+
+    def op_dmigrate_sys(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
+        ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_MIGRATE_TO_SYS, self.region(ctx, name, off), npages, 0)
+        if ret:
+            self.out(ctx, cmd, "dmigrate_sys", ret=ret)
+        else:
+            self.out(ctx, cmd, "dmigrate_sys", ret=0, cpages=dcmd.cpages)
 
     def op_dcheck_exclusive(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
         ret = self._ioctl_no_buffer(ctx, handle, HMM_DMIRROR_CHECK_EXCLUSIVE, self.region(ctx, name, off), npages)
