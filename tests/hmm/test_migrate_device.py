@@ -243,3 +243,27 @@ def test_dmirror_migrate_splits_a_thp(make_system) -> None:
     system.check_invariants(full=True)
     assert proc.read(a, PMD_SIZE) == data
     d.close()
+
+
+def test_check_invariants_catches_device_free_list_damage(proc: Process) -> None:
+    """The checker's device-page rules: a page in use on the free list, or an idle page
+    missing from it, is reported."""
+    from hmmsim.kernel.invariants import InvariantError
+    system = proc.mm.sys
+    a = proc.mmap(2 * P)
+    proc.write(a, b"i" * (2 * P))
+    d = proc.open_device(0)
+    d.migrate(a, 2)
+    system.check_invariants(full=True)
+    mdev = system.dmirror_devices[0]
+    dpage = swp_offset_pfn(pte_to_swp_entry(_pte(proc, a)))
+    mdev.free_pages.append(dpage)
+    with pytest.raises(InvariantError, match="in use"):
+        system.check_invariants(full=True)
+    mdev.free_pages.pop()
+    lost = mdev.free_pages.pop()
+    with pytest.raises(InvariantError, match="idle device pages"):
+        system.check_invariants(full=True)
+    mdev.free_pages.append(lost)
+    system.check_invariants(full=True)
+    d.close()

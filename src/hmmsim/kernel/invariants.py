@@ -219,6 +219,7 @@ def check_invariants(sys: "System", full: bool = True) -> None:
                              f"{int(tally.entire_maps[p])} huge entries map it")
     _check_refcounts(sys, tally)
     _check_frames(sys)
+    _check_device_pages(sys)
     leaked = set(sys.pt.allocated_ids().tolist()) - tally.tables
     if leaked:
         raise InvariantError(f"page tables {sorted(leaked)[:5]} are allocated but unreachable")
@@ -265,6 +266,38 @@ def _check_refcounts(sys: "System", tally: _Tally) -> None:
         p = int(bad[0])
         raise InvariantError(f"pfn {p:#x}: refcount {int(rc[p])} but {int(exp[p])} references are known "
                              f"(flags {int(mem.flags[p]):#x})")
+
+
+def _check_device_pages(sys: "System") -> None:
+    """ZONE_DEVICE pages: each pagemap's count of pages in use matches the refcounts; an
+    idle device page (refcount 0, with its driver) is unmapped, has no mapping and holds
+    no backing page; a dmirror device's free list holds each idle page of its chunks
+    exactly once and nothing in use (no device frame lost or double-owned)."""
+    mem = sys.mem
+    for pg in sys.pgmaps:
+        if pg is None:
+            continue
+        lo, hi = pg.start_pfn, pg.start_pfn + pg.nr_pages
+        rc = mem.refcount[lo:hi]
+        if int((rc > 0).sum()) != pg.nr_used:
+            raise InvariantError(f"{pg}: {int((rc > 0).sum())} pages referenced but nr_used {pg.nr_used}")
+        idle = rc == 0
+        dirty = idle & ((mem.mapcount[lo:hi] != 0) | (mem.mapping[lo:hi] != 0) | (mem.zone_device_data[lo:hi] != 0))
+        if dirty.any():
+            raise InvariantError(f"idle device page {lo + int(np.flatnonzero(dirty)[0]):#x} is still "
+                                 "mapped, owned or backed")
+    for dev in getattr(sys, "dmirror_devices", []):
+        if dev is None:
+            continue
+        free = np.asarray(dev.free_pages, np.int64)
+        if len(np.unique(free)) != len(free):
+            raise InvariantError(f"{dev}: a page is on the free list twice")
+        if len(free) and (mem.refcount[free] != 0).any():
+            raise InvariantError(f"{dev}: a page on the free list is in use")
+        idle = sum(int((mem.refcount[c.pagemap.start_pfn:c.pagemap.start_pfn + c.pagemap.nr_pages] == 0).sum())
+                   for c in dev.chunks if not c.remove)
+        if idle != len(free):
+            raise InvariantError(f"{dev}: {idle} idle device pages but {len(free)} on the free list")
 
 
 def _check_frames(sys: "System") -> None:
