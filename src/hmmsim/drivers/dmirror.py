@@ -10,9 +10,11 @@ ignores ``MMU_NOTIFY_MIGRATE`` events of its own device without ``set_seq``.
 
 Commands implemented here: ``HMM_DMIRROR_READ``, ``HMM_DMIRROR_WRITE``,
 ``HMM_DMIRROR_SNAPSHOT`` (windows of ``profile.dmirror_window`` pages: 64 in 6.12, 32 in
-7.3), ``HMM_DMIRROR_CHECK_EXCLUSIVE``
-and ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``). Migration, exclusive access and
-``RELEASE`` come with device memory migration and raise :class:`NotSupportedError`.
+7.3), ``HMM_DMIRROR_CHECK_EXCLUSIVE``, ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``),
+``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``HMM_DMIRROR_MIGRATE_TO_SYS`` (order-0 device pages from
+free lists, a private page's data in a backing system page, 7.3's FAIL_ALLOC), the
+pagemap's ``migrate_to_ram`` and eviction on close. Exclusive access, ``RELEASE`` and
+device THP folios raise :class:`NotSupportedError`.
 
 Semantics worth knowing (all from the driver's code): ``cpages``/``faults`` are copied
 back only on success; READ/WRITE fault in rounds (``faults`` counts rounds, not pages);
