@@ -5,7 +5,7 @@ import pytest
 
 from hmmsim.kernel.profile import KERNELS
 from hmmsim.scenario.run import reference_config
-from hmmsim.selftests.harness import HMM_TESTS_C, NEEDS_MIGRATION, NOT_MODELLED, run_test, select_tests
+from hmmsim.selftests.harness import HMM_TESTS_C, NOT_MODELLED, run_test, select_tests
 
 SELECTED = [(k, *t) for k in KERNELS for t in select_tests(kernel=k)]
 
@@ -16,9 +16,6 @@ def test_hmm_selftest(kernel, fixture, name, fn, variant):
     r = run_test(fixture, name, fn, variant, reference_config(kernel))
     if name in NOT_MODELLED:
         assert (r.status, r.message) == ("skip", NOT_MODELLED[name])
-    elif (kernel, name) == ("7.3", "anon_write_child"):
-        # 7.3's migrate = 0 half ran and passed; the migrate = 1 half needs migration
-        assert r.status == "skip" and r.message.startswith(NEEDS_MIGRATION), r.message
     else:
         assert r.status == "pass", "\n".join([r.message, *r.details])
 
