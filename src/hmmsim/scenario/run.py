@@ -511,8 +511,9 @@ class _Runner:
                 sink(view)
                 left -= len(view)
 
-    def op_dread(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int,
-                 command: int = HMM_DMIRROR_READ, op: str = "dread") -> None:
+    def _ioctl_crc(self, ctx: _Ctx, handle: str, command: int, name: str, off: int,
+                   npages: int) -> tuple[int, HmmDmirrorCmd, int]:
+        """A device command that fills its NPAGES-page buffer; also returns the buffer's crc."""
         mm = ctx.task.mm
         crc = [0]
 
@@ -523,10 +524,15 @@ class _Runner:
 
         ret, dcmd = self._ioctl(ctx, handle, command, self.region(ctx, name, off), npages,
                                 npages, consume=consume)
+        return ret, dcmd, crc[0]
+
+    def op_dread(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int,
+                 command: int = HMM_DMIRROR_READ, op: str = "dread") -> None:
+        ret, dcmd, crc = self._ioctl_crc(ctx, handle, command, name, off, npages)
         if ret:
             self.out(ctx, cmd, op, ret=ret)
         else:
-            self.out(ctx, cmd, op, ret=0, cpages=dcmd.cpages, faults=dcmd.faults, crc=crc[0])
+            self.out(ctx, cmd, op, ret=0, cpages=dcmd.cpages, faults=dcmd.faults, crc=crc)
 
     def op_dread_unlocked(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int,
                           npages: int) -> None:
@@ -562,20 +568,11 @@ class _Runner:
         return ctx.task.ioctl(fd, command, HmmDmirrorCmd(addr=addr, npages=npages))
 
     def op_dmigrate(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
-        mm = ctx.task.mm
-        crc = [0]
-
-        def consume(buf: int) -> None:
-            def sink(data: npt.NDArray[np.uint8]) -> None:
-                crc[0] = crc32(data, crc[0])
-            self._read_buffer(mm, buf, npages << PAGE_SHIFT, sink)
-
-        ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_MIGRATE_TO_DEV, self.region(ctx, name, off), npages,
-                                npages, consume=consume)
+        ret, dcmd, crc = self._ioctl_crc(ctx, handle, HMM_DMIRROR_MIGRATE_TO_DEV, name, off, npages)
         if ret:
             self.out(ctx, cmd, "dmigrate", ret=ret)
         else:
-            self.out(ctx, cmd, "dmigrate", ret=0, cpages=dcmd.cpages, crc=crc[0])
+            self.out(ctx, cmd, "dmigrate", ret=0, cpages=dcmd.cpages, crc=crc)
 
     def op_dmigrate_sys(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
         ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_MIGRATE_TO_SYS, self.region(ctx, name, off), npages, 0)
