@@ -63,7 +63,7 @@ def test_dmirror_snapshot_over_a_raising_walk_unwinds(proc: Process, monkeypatch
     d = proc.open_device(0)
     users = proc.mm.mm_users
     nsubs = len(proc.mm.notifier_subscriptions.itree)
-    monkeypatch.setattr("hmmsim.drivers.dmirror.hmm_range_fault", _raise)
+    monkeypatch.setattr("hmmsim.drivers.dmirror_mirror.hmm_range_fault", _raise)
     with pytest.raises(Injected):
         d.snapshot(a, 4)
     _clean(proc, users)

@@ -1,0 +1,373 @@
+"""Device memory of the dmirror test device (``lib/test_hmm.c``): chunks and free lists,
+MIGRATE_TO_DEV / MIGRATE_TO_SYS, the pagemap's ``migrate_to_ram`` and eviction."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..hmm.migrate_device import (
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_VALID,
+    MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+    MIGRATE_VMA_SELECT_SYSTEM,
+    MigrateVma,
+    migrate_device_finalize,
+    migrate_device_pages,
+    migrate_device_range,
+    migrate_pfn,
+    migrate_pfn_to_page,
+    migrate_vma_finalize,
+    migrate_vma_pages,
+    migrate_vma_setup,
+)
+from ..kernel.bug import KernelOops
+from ..kernel.errno import EINVAL, ENOMEM
+from ..kernel.folio import folio_put
+from ..kernel.memremap import (
+    DevPagemap,
+    DevPagemapOps,
+    MemoryType,
+    memremap_pages,
+    zone_device_page_init,
+)
+from ..kernel.mm import mmap_read_lock, mmap_read_unlock
+from ..kernel.mm_types import VM_FAULT_OOM, VM_FAULT_SIGBUS, VmFault
+from ..kernel.page_types import (
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+from ..kernel.pagemap import folio_lock
+from ..kernel.system import DEVMEM_CHUNK_PAGES
+from ..kernel.task import mmget_not_zero, mmput
+from ..kernel.vma import VM_READ
+from .dmirror_core import (
+    DPT_XA_TAG_WRITE,
+    Dmirror,
+    DmirrorChunk,
+    DmirrorDevice,
+    _bounce_fini,
+    _bounce_init,
+)
+from .dmirror_mirror import _bounce_to_user, dmirror_do_read
+from .test_hmm_uapi import (
+    HMM_DMIRROR_FLAG_FAIL_ALLOC,
+    HmmDmirrorCmd,
+)
+
+if TYPE_CHECKING:
+    from ..kernel.system import System
+    from ..kernel.task import Task
+
+
+# -- device memory ---------------------------------------------------------------------------------
+__all__ = (
+    "dmirror_allocate_chunk",
+    "dmirror_device_evict_chunk",
+    "dmirror_devmem_alloc_page",
+    "dmirror_devmem_fault",
+    "dmirror_devmem_fault_alloc_and_copy",
+    "dmirror_devmem_free",
+    "dmirror_migrate_alloc_and_copy",
+    "dmirror_migrate_finalize_and_map",
+    "dmirror_migrate_to_device",
+    "dmirror_migrate_to_system",
+)
+
+
+def dmirror_allocate_chunk(mdevice: DmirrorDevice) -> int:
+    """``dmirror_allocate_chunk()`` (without taking a page): add a 256 MiB pagemap and put
+    its pages on the free list. Coherent devices use their fixed SPM range."""
+    sys = mdevice.sys
+    if mdevice.is_private:
+        start = sys.request_free_mem_region(DEVMEM_CHUNK_PAGES)
+        if start < 0:
+            return -ENOMEM
+        mtype = MemoryType.MEMORY_DEVICE_PRIVATE
+    else:
+        start = sys.spm_range(1 if mdevice.minor == 2 else 0)
+        if start < 0 or mdevice.chunks:
+            return -EINVAL
+        mtype = MemoryType.MEMORY_DEVICE_COHERENT
+    ops = DevPagemapOps(page_free=lambda pfn: dmirror_devmem_free(mdevice, pfn),
+                        migrate_to_ram=dmirror_devmem_fault)
+    pgmap = DevPagemap(mtype, start, DEVMEM_CHUNK_PAGES, ops, owner=mdevice)
+    with mdevice.devmem_lock.held():
+        ret = memremap_pages(sys, pgmap)
+        if ret:
+            return ret
+        mdevice.chunks.append(DmirrorChunk(pgmap, mdevice))
+    with mdevice.lock.held():
+        # the free list is a stack; pages come out lowest pfn first
+        mdevice.free_pages.extend(range(start + DEVMEM_CHUNK_PAGES - 1, start - 1, -1))
+    sys.stats.add("dmirror.chunks")
+    return 0
+
+
+def dmirror_devmem_free(mdevice: DmirrorDevice, pfn: int) -> None:
+    """``dmirror_devmem_free()`` (``page_free``): free the backing page of a private page
+    and put the device page back on the free list (unless its chunk is being removed)."""
+    sys = mdevice.sys
+    backing = int(sys.mem.zone_device_data[pfn])
+    mdevice.backing_owner.pop(backing or pfn, None)
+    if mdevice.is_private and backing:
+        sys.mem.zone_device_data[pfn] = 0
+        folio_put(sys, backing)
+    with mdevice.lock.held():
+        chunk = next(c for c in mdevice.chunks if c.pagemap.start_pfn <= pfn < c.pagemap.start_pfn + c.pagemap.nr_pages)
+        if not chunk.remove:
+            mdevice.cfree += 1
+            mdevice.free_pages.append(pfn)
+
+
+def dmirror_devmem_alloc_page(dmirror: "Dmirror") -> int:
+    """``dmirror_devmem_alloc_page()`` (order 0): a private device gets a system page to
+    hold the data (``zone_device_data``); the device page comes off the free list, or from
+    a new chunk. Returns the device pfn (refcount 1, locked) or -1."""
+    mdevice = dmirror.mdevice
+    sys = mdevice.sys
+    rpage = 0
+    if mdevice.is_private:
+        rpage = sys.mem.alloc_page()
+        if rpage < 0:
+            return -1
+    with mdevice.lock.held():
+        dpage = mdevice.free_pages.pop() if mdevice.free_pages else -1
+        if dpage >= 0:
+            mdevice.calloc += 1
+    if dpage < 0:
+        if dmirror_allocate_chunk(mdevice) or not mdevice.free_pages:
+            if rpage:
+                folio_put(sys, rpage)
+            return -1
+        with mdevice.lock.held():
+            dpage = mdevice.free_pages.pop()
+            mdevice.calloc += 1
+    zone_device_page_init(sys, dpage)
+    sys.mem.zone_device_data[dpage] = rpage
+    return dpage
+
+
+def _backing_page(sys: "System", dpage: int) -> int:
+    """``BACKING_PAGE()``: a private page's data page; a coherent page holds its data."""
+    rpage = int(sys.mem.zone_device_data[dpage])
+    return rpage if rpage else dpage
+
+
+def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None:
+    """``dmirror_migrate_alloc_and_copy()`` (order 0): a device page for every selected
+    entry, the data copied (or cleared for holes and the zero page) into its backing page.
+    7.3's ``HMM_DMIRROR_FLAG_FAIL_ALLOC`` fails the first allocation (that entry is left)."""
+    sys = dmirror.sys
+    mem = sys.mem
+    for i in range(args.npages):
+        s = int(args.src[i])
+        if not s & MIGRATE_PFN_MIGRATE:
+            continue
+        spage = migrate_pfn_to_page(s)
+        if spage >= 0 and mem.pgmap[spage]:
+            sys.stats.add("dmirror.warn_already_device")  # WARN: page already in device
+            continue
+        if dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
+            dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
+            dpage = -1
+        else:
+            dpage = dmirror_devmem_alloc_page(dmirror)
+        if dpage < 0:
+            continue
+        rpage = _backing_page(sys, dpage)
+        dmirror.mdevice.backing_owner[rpage] = dmirror
+        args.dst[i] = np.uint64(migrate_pfn(dpage) | (s & MIGRATE_PFN_WRITE))
+        if spage >= 0:
+            mem.copy_pages(rpage, spage)
+        else:
+            mem.clear_pages(rpage)
+
+
+def dmirror_migrate_finalize_and_map(args: MigrateVma, dmirror: "Dmirror") -> int:
+    """``dmirror_migrate_finalize_and_map()``: map the migrated pages (their backing pages)
+    in the device page table, tagged WRITE where the source was writable."""
+    sys = dmirror.sys
+    with dmirror.mutex.held():
+        vpn0 = args.start >> PAGE_SHIFT
+        for i in range(args.npages):
+            if not int(args.src[i]) & MIGRATE_PFN_MIGRATE:
+                continue
+            d = int(args.dst[i])
+            dpage = migrate_pfn_to_page(d)
+            if dpage < 0:
+                continue
+            tag = DPT_XA_TAG_WRITE if d & MIGRATE_PFN_WRITE else 0
+            dmirror.pt.store_range(vpn0 + i, np.array([(_backing_page(sys, dpage) << 2) | tag], np.int64))
+    return 0
+
+
+def _select_device(dmirror: "Dmirror") -> int:
+    """``dmirror_select_device()``."""
+    return (MIGRATE_VMA_SELECT_DEVICE_PRIVATE if dmirror.mdevice.is_private
+            else MIGRATE_VMA_SELECT_DEVICE_COHERENT)
+
+
+def dmirror_devmem_fault_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> int:
+    """``dmirror_devmem_fault_alloc_and_copy()`` (order 0): a system page for every selected
+    device page, its device page-table entry erased, the data copied back. Returns 0 or
+    ``VM_FAULT_OOM`` (also when 7.3's FAIL_ALLOC fails the allocation)."""
+    sys = dmirror.sys
+    mem = sys.mem
+    for i in range(args.npages):
+        s = int(args.src[i])
+        spage = migrate_pfn_to_page(s)
+        if spage < 0 or not s & MIGRATE_PFN_MIGRATE:
+            continue
+        if not mem.pgmap[spage]:
+            sys.stats.add("dmirror.warn_not_device")  # WARN_ON
+            continue
+        rpage = _backing_page(sys, spage)
+        if dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
+            dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
+            dpage = -1
+        else:
+            dpage = mem.alloc_page()
+        if dpage < 0:
+            return VM_FAULT_OOM
+        folio_lock(sys, dpage)
+        args.dst[i] = np.uint64(migrate_pfn(dpage) | (s & MIGRATE_PFN_WRITE))
+        vpn = (args.start >> PAGE_SHIFT) + i
+        dmirror.pt.erase_range(vpn, vpn)
+        mem.copy_pages(dpage, rpage)
+    return 0
+
+
+def dmirror_devmem_fault(vmf: "VmFault") -> int:
+    """``dmirror_devmem_fault()`` (``migrate_to_ram``): migrate the faulting page back to a
+    system page, through the dmirror that put it on the device."""
+    sys = vmf.vma.vm_mm.sys
+    rpage = _backing_page(sys, vmf.page)
+    pg = sys.pgmap_of(vmf.page)
+    assert pg is not None
+    dmirror = pg.owner.backing_owner[rpage]
+    start = vmf.address & PAGE_MASK
+    args = MigrateVma(vmf.vma, start, start + PAGE_SIZE, dmirror.mdevice, _select_device(dmirror),
+                      fault_page=vmf.page)
+    if migrate_vma_setup(args):
+        return VM_FAULT_SIGBUS
+    ret = dmirror_devmem_fault_alloc_and_copy(args, dmirror)
+    if ret:
+        migrate_vma_finalize(args)
+        return ret
+    migrate_vma_pages(args)
+    migrate_vma_finalize(args)
+    return 0
+
+
+def _migrate_windows(dmirror: "Dmirror", cmd: HmmDmirrorCmd, to_dev: bool) -> int:
+    """The loop of ``dmirror_migrate_to_device()`` / ``dmirror_migrate_to_system()``: one
+    ``migrate_vma_*`` round per page table (or VMA end) of the range."""
+    mm = dmirror.notifier.mm
+    start = cmd.addr
+    end = start + (cmd.npages << PAGE_SHIFT)
+    if end < start:
+        return -EINVAL
+    if not mmget_not_zero(mm):
+        return -EINVAL
+    ret = 0
+    if not to_dev:
+        cmd.cpages = 0
+    mmap_read_lock(mm)
+    try:
+        addr = start
+        while addr < end:
+            vma = mm.vma_lookup(addr)
+            if vma is None or not vma.vm_flags & VM_READ:
+                return -EINVAL
+            nxt = min(end, addr + (512 << PAGE_SHIFT), vma.vm_end)
+            flags = MIGRATE_VMA_SELECT_SYSTEM if to_dev else _select_device(dmirror)
+            args = MigrateVma(vma, addr, nxt, dmirror.mdevice, flags)
+            ret = migrate_vma_setup(args)
+            if ret:
+                return ret
+            if to_dev:
+                dmirror_migrate_alloc_and_copy(args, dmirror)
+                migrate_vma_pages(args)
+                dmirror_migrate_finalize_and_map(args, dmirror)
+                migrate_vma_finalize(args)
+            else:
+                if dmirror_devmem_fault_alloc_and_copy(args, dmirror):
+                    migrate_vma_finalize(args)
+                    return -ENOMEM
+                migrate_vma_pages(args)
+                cmd.cpages += sum(1 for v in args.src[:args.npages].tolist()
+                                  if v & MIGRATE_PFN_VALID and v & MIGRATE_PFN_MIGRATE)
+                migrate_vma_finalize(args)
+            addr = nxt
+    finally:
+        mmap_read_unlock(mm)
+        mmput(mm)
+    return ret
+
+
+def dmirror_migrate_to_system(dmirror: "Dmirror", cmd: HmmDmirrorCmd) -> int:
+    """``dmirror_migrate_to_system()``: ``cpages`` counts the device pages moved back."""
+    return _migrate_windows(dmirror, cmd, to_dev=False)
+
+
+def dmirror_migrate_to_device(dmirror: "Dmirror", cmd: HmmDmirrorCmd, caller: "Task") -> int:
+    """``dmirror_migrate_to_device()``: migrate, then read the device's copy back into the
+    user's buffer (``-ENOENT`` if a page of the range is not on the device)."""
+    ret = _migrate_windows(dmirror, cmd, to_dev=True)
+    if ret:
+        return ret
+    start = cmd.addr
+    size = cmd.npages << PAGE_SHIFT
+    bounce = _bounce_init(dmirror.sys, start, size)
+    if isinstance(bounce, int):
+        return bounce
+    try:
+        with dmirror.mutex.held():
+            ret = dmirror_do_read(dmirror, start, start + size, bounce)
+        if ret == 0:
+            ret = _bounce_to_user(dmirror, bounce, caller, cmd.ptr)
+        cmd.cpages = bounce.cpages
+    finally:
+        _bounce_fini(dmirror.sys, bounce)
+    return ret
+
+
+def _device_pages_in_use(mdevice: DmirrorDevice) -> bool:
+    mem = mdevice.sys.mem
+    return any(bool(mem.refcount[c.pagemap.start_pfn:c.pagemap.start_pfn + c.pagemap.nr_pages].any())
+               for c in mdevice.chunks)
+
+
+def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
+    """``dmirror_device_evict_chunk()``: migrate every page of the chunk that is in use
+    back to system memory (``migrate_device_range`` / ``_pages`` / ``_finalize``), a window
+    of pages at a time. A chunk with no page in use needs nothing."""
+    sys = chunk.mdevice.sys
+    mem = sys.mem
+    pg = chunk.pagemap
+    used = np.flatnonzero(mem.refcount[pg.start_pfn:pg.start_pfn + pg.nr_pages] > 0)
+    if not len(used):
+        return
+    lo, hi = pg.start_pfn + int(used[0]), pg.start_pfn + int(used[-1]) + 1
+    for start in range(lo, hi, 512):
+        n = min(512, hi - start)
+        src = np.zeros(n, np.uint64)
+        dst = np.zeros(n, np.uint64)
+        migrate_device_range(sys, src, start, n)
+        for i in range(n):
+            spage = migrate_pfn_to_page(int(src[i]))
+            if spage < 0 or not int(src[i]) & MIGRATE_PFN_MIGRATE:
+                continue
+            dpage = mem.alloc_page()
+            if dpage < 0:
+                raise KernelOops("dmirror_device_evict_chunk: __GFP_NOFAIL allocation failed")
+            folio_lock(sys, dpage)
+            mem.copy_pages(dpage, _backing_page(sys, spage))
+            dst[i] = np.uint64(migrate_pfn(dpage) | (int(src[i]) & MIGRATE_PFN_WRITE))
+        migrate_device_pages(sys, src, dst, n)
+        migrate_device_finalize(sys, src, dst, n)
