@@ -20,7 +20,7 @@ from .errno import EINVAL
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
 from .pagemap import folio_lock
-from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_locked
+from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_head, PG_locked
 
 if TYPE_CHECKING:
     from .system import System
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = (
     "DevPagemap", "DevPagemapOps", "MemoryType",
     "is_device_coherent_page", "is_device_private_page", "is_zone_device_page",
-    "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_page_init",
+    "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_folio_init", "zone_device_page_init",
 )
 
 
@@ -162,12 +162,29 @@ def is_device_coherent_page(sys: "System", pfn: int) -> bool:
     return pg is not None and pg.is_coherent
 
 
-def zone_device_page_init(sys: "System", pfn: int) -> None:
-    """``zone_device_page_init()``: a driver hands out a free device page: refcount 1,
-    locked (the caller unlocks it), pgmap reference taken."""
+def zone_device_page_init(sys: "System", pfn: int, order: int = 0) -> None:
+    """``zone_device_page_init()``: a driver hands out a free device page (7.3: a free
+    range of ``2**order`` device pages, made one folio by :func:`zone_device_folio_init`):
+    refcount 1 on the head, locked (the caller unlocks it), pgmap reference taken. 6.12's
+    version has no order (the caller passes 0)."""
     mem = sys.mem
     pg = page_pgmap(sys, pfn)
-    assert pg is not None and mem.refcount[pfn] == 0, f"pfn {pfn:#x} is not a free device page"
+    nr = 1 << order
+    assert pg is not None and not mem.refcount[pfn:pfn + nr].any(), f"pfn {pfn:#x} is not a free device page"
+    assert pg.start_pfn <= pfn and pfn + nr <= pg.start_pfn + pg.nr_pages, "folio crosses its pagemap"
+    # a page may have been part of an earlier larger folio: clear order, head and mapping
+    mem.order[pfn:pfn + nr] = 0
+    mem.head_off[pfn:pfn + nr] = 0
+    mem.flags[pfn:pfn + nr] &= ~np.uint32(PG_head)
+    mem.mapping[pfn:pfn + nr] = 0
     mem.refcount[pfn] = 1
     pg.nr_used += 1
     folio_lock(sys, pfn)
+
+
+def zone_device_folio_init(sys: "System", head: int, order: int) -> None:
+    """``zone_device_folio_init()`` (7.3): :func:`zone_device_page_init` of ``2**order``
+    pages, then a large rmappable folio when *order* is not 0."""
+    zone_device_page_init(sys, head, order)
+    if order:
+        sys.mem.prep_compound(head, order)
