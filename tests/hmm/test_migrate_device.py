@@ -227,11 +227,14 @@ def test_dmirror_fail_alloc_leaves_the_first_page_and_read_back_is_enoent(make_s
     assert proc.read(a, 4 * P) == b"f" * (4 * P)
 
 
-def test_dmirror_migrate_splits_a_thp(make_system) -> None:
-    """A PMD-mapped THP is split when collected (6.12's rule, kept for 7.3 until device THP
-    is modelled): its 512 pages migrate as order-0 pages, data preserved."""
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_dmirror_migrate_splits_a_thp(make_system, kernel: str) -> None:
+    """A PMD-mapped THP is split when collected in 6.12: its 512 pages migrate as order-0
+    pages. 7.3 moves it whole to a device-private PMD (see test_migrate_device_huge.py).
+    Data preserved either way (7.3 brings it back with MIGRATE_TO_SYS)."""
     from hmmsim.kernel.page_types import PMD_SIZE
-    system = make_system(thp="always")
+    from hmmsim.kernel.pgtable import is_pmd_device_private_entry
+    system = make_system(thp="always", kernel=kernel)
     proc = system.spawn()
     base = proc.mmap(2 * PMD_SIZE)
     a = (base + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
@@ -239,7 +242,12 @@ def test_dmirror_migrate_splits_a_thp(make_system) -> None:
     proc.write(a, data)
     d = proc.open_device(0)
     assert d.migrate(a, 512).cpages == 512
-    assert is_device_private_entry(pte_to_swp_entry(_pte(proc, a + 100 * P)))
+    if kernel == "6.12":
+        assert is_device_private_entry(pte_to_swp_entry(_pte(proc, a + 100 * P)))
+    else:
+        assert is_pmd_device_private_entry(proc.mm.pmd_ref(a).get())
+        system.check_invariants(full=True)
+        assert d.migrate_to_sys(a, 512) == 1  # one compound entry
     system.check_invariants(full=True)
     assert proc.read(a, PMD_SIZE) == data
     d.close()

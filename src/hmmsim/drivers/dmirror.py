@@ -212,7 +212,7 @@ def hmm_dmirror_init(sys: "System") -> None:
         types += [HMM_DMIRROR_MEMORY_DEVICE_COHERENT, HMM_DMIRROR_MEMORY_DEVICE_COHERENT]
     for minor, t in enumerate(types):
         dev = DmirrorDevice(sys, minor, t)
-        ret = dmirror_allocate_chunk(dev)
+        ret, _page = dmirror_allocate_chunk(dev)
         if ret:
             raise RuntimeError(f"hmm_dmirror_init: device {minor}: {ret}")
         sys.dmirror_devices.append(dev)

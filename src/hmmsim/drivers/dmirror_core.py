@@ -121,6 +121,8 @@ class DmirrorDevice:
         self.calloc = 0
         self.cfree = 0
         self.free_pages: list[int] = []
+        #: free device THPs (head pfns, 7.3), a stack like :attr:`free_pages`
+        self.free_folios: list[int] = []
         #: backing page (private) or device page (coherent) -> the dmirror that migrated
         #: it there (test_hmm keeps this in the backing page's ``zone_device_data``)
         self.backing_owner: dict[int, "Dmirror"] = {}

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..hmm.migrate_device import (
+    MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_VALID,
     MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_COMPOUND,
     MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM,
@@ -32,16 +34,19 @@ from ..kernel.memremap import (
     DevPagemapOps,
     MemoryType,
     memremap_pages,
+    zone_device_folio_init,
     zone_device_page_init,
 )
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.mm_types import VM_FAULT_OOM, VM_FAULT_SIGBUS, VmFault
 from ..kernel.page_types import (
-    PAGE_MASK,
+    HPAGE_PMD_NR,
+    HPAGE_PMD_ORDER,
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from ..kernel.pagemap import folio_lock
+from ..kernel.pagemap import folio_lock, folio_unlock
+from ..kernel.physmem import PG_head
 from ..kernel.system import DEVMEM_CHUNK_PAGES
 from ..kernel.task import mmget_not_zero, mmput
 from ..kernel.vma import VM_READ
@@ -71,6 +76,7 @@ __all__ = (
     "dmirror_devmem_alloc_page",
     "dmirror_devmem_fault",
     "dmirror_devmem_fault_alloc_and_copy",
+    "dmirror_devmem_folio_split",
     "dmirror_devmem_free",
     "dmirror_migrate_alloc_and_copy",
     "dmirror_migrate_finalize_and_map",
@@ -79,75 +85,143 @@ __all__ = (
 )
 
 
-def dmirror_allocate_chunk(mdevice: DmirrorDevice) -> int:
-    """``dmirror_allocate_chunk()`` (without taking a page): add a 256 MiB pagemap and put
-    its pages on the free list. Coherent devices use their fixed SPM range."""
+def dmirror_allocate_chunk(mdevice: DmirrorDevice, want_page: bool = False,
+                           is_large: bool = False) -> tuple[int, int]:
+    """Models ``lib/test_hmm.c:dmirror_allocate_chunk()``: add a 256 MiB pagemap and put
+    its pages on the free lists (7.3 with *is_large*: every aligned 2 MiB block as a free
+    device THP), then, if *want_page*, take one page (a THP if *is_large*) off them.
+    Private devices get a range from ``request_free_mem_region``; a coherent device
+    always asks for its one fixed SPM range, so a second chunk fails in
+    ``memremap_pages`` (WARN "Conflicting mapping in same section", ``-ENOMEM``).
+    Returns ``(0 or -errno, pfn or -1)``."""
     sys = mdevice.sys
     if mdevice.is_private:
         start = sys.request_free_mem_region(DEVMEM_CHUNK_PAGES)
         if start < 0:
-            return -ENOMEM
+            return -ENOMEM, -1
         mtype = MemoryType.MEMORY_DEVICE_PRIVATE
     else:
         start = sys.spm_range(1 if mdevice.minor == 2 else 0)
-        if start < 0 or mdevice.chunks:
-            return -EINVAL
+        if start < 0:
+            return -EINVAL, -1
         mtype = MemoryType.MEMORY_DEVICE_COHERENT
     ops = DevPagemapOps(page_free=lambda pfn: dmirror_devmem_free(mdevice, pfn),
-                        migrate_to_ram=dmirror_devmem_fault)
+                        migrate_to_ram=dmirror_devmem_fault,
+                        folio_split=(lambda head, nr: dmirror_devmem_folio_split(mdevice, head, nr))
+                        if sys.profile.device_private_thp else None)
     pgmap = DevPagemap(mtype, start, DEVMEM_CHUNK_PAGES, ops, owner=mdevice)
     with mdevice.devmem_lock.held():
         ret = memremap_pages(sys, pgmap)
         if ret:
-            return ret
+            return ret, -1
         mdevice.chunks.append(DmirrorChunk(pgmap, mdevice))
-    with mdevice.lock.held():
-        # the free list is a stack; pages come out lowest pfn first
-        mdevice.free_pages.extend(range(start + DEVMEM_CHUNK_PAGES - 1, start - 1, -1))
     sys.stats.add("dmirror.chunks")
-    return 0
+    page = -1
+    ret = 0
+    with mdevice.lock.held():
+        # the free lists are stacks; pages come out lowest pfn first
+        if is_large:
+            mdevice.free_folios.extend(range(start + DEVMEM_CHUNK_PAGES - HPAGE_PMD_NR, start - 1, -HPAGE_PMD_NR))
+        else:
+            mdevice.free_pages.extend(range(start + DEVMEM_CHUNK_PAGES - 1, start - 1, -1))
+        if want_page:
+            if is_large and mdevice.free_folios:
+                page = mdevice.free_folios.pop()
+                mdevice.calloc += HPAGE_PMD_NR
+            elif not is_large and mdevice.free_pages:
+                page = mdevice.free_pages.pop()
+                mdevice.calloc += 1
+            else:
+                ret = -ENOMEM
+    return ret, page
 
 
 def dmirror_devmem_free(mdevice: DmirrorDevice, pfn: int) -> None:
-    """``dmirror_devmem_free()`` (``page_free``): free the backing page of a private page
-    and put the device page back on the free list (unless its chunk is being removed)."""
+    """``dmirror_devmem_free()`` (``page_free``/``folio_free``): free the backing folio of a
+    private device folio and put the device folio back on its free list (a THP on
+    ``free_folios``), unless its chunk is being removed."""
     sys = mdevice.sys
-    backing = int(sys.mem.zone_device_data[pfn])
+    mem = sys.mem
+    order = int(mem.order[pfn])
+    backing = int(mem.zone_device_data[pfn])
     mdevice.backing_owner.pop(backing or pfn, None)
     if mdevice.is_private and backing:
-        sys.mem.zone_device_data[pfn] = 0
+        mem.zone_device_data[pfn] = 0
         folio_put(sys, backing)
     with mdevice.lock.held():
         chunk = next(c for c in mdevice.chunks if c.pagemap.start_pfn <= pfn < c.pagemap.start_pfn + c.pagemap.nr_pages)
         if not chunk.remove:
-            mdevice.cfree += 1
-            mdevice.free_pages.append(pfn)
+            mdevice.cfree += 1 << order
+            if order:
+                mdevice.free_folios.append(pfn)
+            else:
+                mdevice.free_pages.append(pfn)
 
 
-def dmirror_devmem_alloc_page(dmirror: "Dmirror") -> int:
-    """``dmirror_devmem_alloc_page()`` (order 0): a private device gets a system page to
-    hold the data (``zone_device_data``); the device page comes off the free list, or from
-    a new chunk. Returns the device pfn (refcount 1, locked) or -1."""
+def dmirror_devmem_folio_split(mdevice: DmirrorDevice, head: int, nr: int) -> None:
+    """``dmirror_devmem_folio_split()`` (7.3's ``folio_split`` op), for all *nr* pages of
+    a device THP just split at *head*: a private device splits the backing THP the same
+    way (each device page keeps its own backing page, the mirror owner carried over).
+
+    On a coherent device the backing page is the device page itself, and the op resets
+    the new folios' mapping, ``zone_device_data`` and reference counts: the driver's
+    per-page data is corrupted and a later RELEASE waits forever (conventions item 28).
+    The model reports that as an oops here instead of imitating it."""
+    sys = mdevice.sys
+    mem = sys.mem
+    rpage = int(mem.zone_device_data[head])
+    if not mdevice.is_private:
+        raise KernelOops("dmirror_devmem_folio_split: splitting a device-coherent THP resets its "
+                         "pages' mapping, zone_device_data and refcounts (BACKING_PAGE is the page "
+                         "itself); a later RELEASE hangs (conventions item 28)")
+    if not rpage:
+        return
+    owner = mdevice.backing_owner.get(rpage)
+    rnr = 1 << int(mem.order[rpage])
+    mem.order[rpage] = 0
+    mem.head_off[rpage:rpage + rnr] = 0
+    mem.flags[rpage] &= ~np.uint32(PG_head)
+    mem.mapping[rpage:rpage + rnr] = 0
+    mem.refcount[rpage:rpage + rnr] = 1
+    n = min(nr, rnr)
+    mem.zone_device_data[head + 1:head + n] = np.arange(rpage + 1, rpage + n, dtype=mem.zone_device_data.dtype)
+    if owner is not None:
+        for r in range(rpage + 1, rpage + n):
+            mdevice.backing_owner[r] = owner
+
+
+def dmirror_devmem_alloc_page(dmirror: "Dmirror", is_large: bool = False) -> int:
+    """``dmirror_devmem_alloc_page()``: a private device gets a system folio of the same
+    order to hold the data (``zone_device_data``); the device page (7.3 *is_large*: a
+    device THP from ``free_folios``) comes off its free list, or from a new chunk, and is
+    made a folio (``zone_device_folio_init``; 6.12 ``zone_device_page_init``). Returns
+    the device pfn (refcount 1, locked) or -1."""
     mdevice = dmirror.mdevice
     sys = mdevice.sys
+    order = HPAGE_PMD_ORDER if is_large else 0
     rpage = 0
     if mdevice.is_private:
-        rpage = sys.mem.alloc_page()
+        rpage = sys.mem.alloc_folio(order)
         if rpage < 0:
             return -1
     with mdevice.lock.held():
-        dpage = mdevice.free_pages.pop() if mdevice.free_pages else -1
-        if dpage >= 0:
+        dpage = -1
+        if is_large and mdevice.free_folios:
+            dpage = mdevice.free_folios.pop()
+            mdevice.calloc += 1 << order
+        elif not is_large and mdevice.free_pages:
+            dpage = mdevice.free_pages.pop()
             mdevice.calloc += 1
     if dpage < 0:
-        if dmirror_allocate_chunk(mdevice) or not mdevice.free_pages:
+        ret, dpage = dmirror_allocate_chunk(mdevice, True, is_large)
+        if ret:
             if rpage:
                 folio_put(sys, rpage)
             return -1
-        with mdevice.lock.held():
-            dpage = mdevice.free_pages.pop()
-            mdevice.calloc += 1
-    zone_device_page_init(sys, dpage)
+    if sys.profile.device_private_thp:
+        zone_device_folio_init(sys, dpage, order)
+    else:
+        zone_device_page_init(sys, dpage)
     sys.mem.zone_device_data[dpage] = rpage
     return dpage
 
@@ -158,40 +232,88 @@ def _backing_page(sys: "System", dpage: int) -> int:
     return rpage if rpage else dpage
 
 
+def _take_fail_alloc(dmirror: "Dmirror") -> bool:
+    """7.3's ``HMM_DMIRROR_FLAG_FAIL_ALLOC``: consumed by the next allocation, which fails."""
+    if dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
+        dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
+        return True
+    return False
+
+
 def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None:
-    """``dmirror_migrate_alloc_and_copy()`` (order 0): a device page for every selected
-    entry, the data copied (or cleared for holes and the zero page) into its backing page.
-    7.3's ``HMM_DMIRROR_FLAG_FAIL_ALLOC`` fails the first allocation (that entry is left)."""
+    """``dmirror_migrate_alloc_and_copy()``: a device page for every selected entry, the
+    data copied (or cleared for holes and the zero page) into its backing page. A
+    compound entry (7.3) gets a device THP (``dst`` COMPOUND); if that allocation fails
+    (or FAIL_ALLOC fails it) the 512 pages get order-0 device pages instead, which
+    makes ``migrate_vma_pages`` split the source. An order-0 entry whose allocation
+    fails is left alone."""
     sys = dmirror.sys
     mem = sys.mem
-    for i in range(args.npages):
-        s = int(args.src[i])
+    src, dst = args.src, args.dst
+    npages = args.npages
+    i = 0
+    while i < npages:
+        s = int(src[i])
         if not s & MIGRATE_PFN_MIGRATE:
+            i += 1
             continue
+        is_large = bool(s & MIGRATE_PFN_COMPOUND)
+        write = s & MIGRATE_PFN_WRITE
         spage = migrate_pfn_to_page(s)
         if spage >= 0 and mem.pgmap[spage]:
             sys.stats.add("dmirror.warn_already_device")  # WARN: page already in device
+            i += 1
             continue
-        if dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
-            dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
-            dpage = -1
-        else:
-            dpage = dmirror_devmem_alloc_page(dmirror)
+        dpage = -1 if _take_fail_alloc(dmirror) else dmirror_devmem_alloc_page(dmirror, is_large)
         if dpage < 0:
+            if not is_large:
+                i += 1
+                continue
+            nr = HPAGE_PMD_NR if spage < 0 else mem.folio_nr_pages(spage)
+            for k in range(nr):
+                if i >= npages:
+                    break
+                dpage = dmirror_devmem_alloc_page(dmirror, False)
+                if dpage < 0:
+                    sys.stats.add("dmirror.warn_thp_fallback_alloc")
+                    raise KernelOops("dmirror_migrate_alloc_and_copy: an order-0 device page of the "
+                                     "THP fallback could not be allocated (NULL dereference)")
+                rpage = _backing_page(sys, dpage)
+                dmirror.mdevice.backing_owner[rpage] = dmirror
+                dst[i] = np.uint64(migrate_pfn(dpage) | write)
+                if spage >= 0:
+                    mem.copy_pages(rpage, spage + k)
+                else:
+                    mem.clear_pages(rpage)
+                i += 1
             continue
         rpage = _backing_page(sys, dpage)
         dmirror.mdevice.backing_owner[rpage] = dmirror
-        args.dst[i] = np.uint64(migrate_pfn(dpage) | (s & MIGRATE_PFN_WRITE))
+        dst[i] = np.uint64(migrate_pfn(dpage) | write)
+        if is_large:
+            dst[i] = np.uint64(int(dst[i]) | MIGRATE_PFN_COMPOUND)
+            if mem.order[dpage]:
+                nr = mem.folio_nr_pages(dpage)
+                rp = np.arange(rpage, rpage + nr, dtype=np.int64)
+                if spage >= 0:
+                    mem.copy_pages(rp, np.arange(spage, spage + nr, dtype=np.int64))
+                else:
+                    mem.clear_pages(rp)
+                i += nr
+                continue
         if spage >= 0:
             mem.copy_pages(rpage, spage)
         else:
             mem.clear_pages(rpage)
+        i += 1
 
 
 def dmirror_migrate_finalize_and_map(args: MigrateVma, dmirror: "Dmirror") -> int:
     """``dmirror_migrate_finalize_and_map()``: map the migrated pages (their backing pages)
-    in the device page table, tagged WRITE where the source was writable."""
+    in the device page table, tagged WRITE where the source was writable; a compound
+    destination maps all its pages."""
     sys = dmirror.sys
+    mem = sys.mem
     with dmirror.mutex.held():
         vpn0 = args.start >> PAGE_SHIFT
         for i in range(args.npages):
@@ -201,8 +323,10 @@ def dmirror_migrate_finalize_and_map(args: MigrateVma, dmirror: "Dmirror") -> in
             dpage = migrate_pfn_to_page(d)
             if dpage < 0:
                 continue
+            nr = mem.folio_nr_pages(mem.compound_head(dpage)) if d & MIGRATE_PFN_COMPOUND else 1
             tag = DPT_XA_TAG_WRITE if d & MIGRATE_PFN_WRITE else 0
-            dmirror.pt.store_range(vpn0 + i, np.array([(_backing_page(sys, dpage) << 2) | tag], np.int64))
+            rpage = _backing_page(sys, dpage)
+            dmirror.pt.store_range(vpn0 + i, (np.arange(rpage, rpage + nr, dtype=np.int64) << 2) | tag)
     return 0
 
 
@@ -213,46 +337,93 @@ def _select_device(dmirror: "Dmirror") -> int:
 
 
 def dmirror_devmem_fault_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> int:
-    """``dmirror_devmem_fault_alloc_and_copy()`` (order 0): a system page for every selected
-    device page, its device page-table entry erased, the data copied back. Returns 0 or
-    ``VM_FAULT_OOM`` (also when 7.3's FAIL_ALLOC fails the allocation)."""
+    """``dmirror_devmem_fault_alloc_and_copy()``: a system page for every selected device
+    page, its device page-table entry erased, the data copied back. A device THP (7.3)
+    gets a system THP (``dst`` COMPOUND); when FAIL_ALLOC fails that allocation the 512
+    pages get order-0 pages (``migrate_vma_pages`` then splits the device THP). Returns
+    0 or ``VM_FAULT_OOM`` (an order-0 allocation failed, or FAIL_ALLOC failed one).
+    Like the kernel, the step after an entry is ``1 << order`` of the last folio seen."""
     sys = dmirror.sys
     mem = sys.mem
-    for i in range(args.npages):
-        s = int(args.src[i])
+    src, dst = args.src, args.dst
+    npages = args.npages
+    vpn = args.start >> PAGE_SHIFT
+    end_vpn = vpn + npages
+    i = 0
+    order = 0
+    while vpn < end_vpn and i < npages:
+        s = int(src[i])
         spage = migrate_pfn_to_page(s)
         if spage < 0 or not s & MIGRATE_PFN_MIGRATE:
+            vpn += 1
+            i += 1 << order
             continue
         if not mem.pgmap[spage]:
             sys.stats.add("dmirror.warn_not_device")  # WARN_ON
+            vpn += 1
+            i += 1 << order
             continue
         rpage = _backing_page(sys, spage)
-        if dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
-            dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
+        order = int(mem.order[mem.compound_head(rpage)])
+        d = MIGRATE_PFN_COMPOUND if order else 0
+        d |= s & MIGRATE_PFN_WRITE
+        if _take_fail_alloc(dmirror):
+            d &= ~MIGRATE_PFN_COMPOUND
             dpage = -1
+        elif order:
+            dpage = mem.alloc_folio(order)
         else:
             dpage = mem.alloc_page()
-        if dpage < 0:
+        if dpage < 0 and not order:
+            dst[i] = np.uint64(d)
             return VM_FAULT_OOM
-        folio_lock(sys, dpage)
-        args.dst[i] = np.uint64(migrate_pfn(dpage) | (s & MIGRATE_PFN_WRITE))
-        vpn = (args.start >> PAGE_SHIFT) + i
-        dmirror.pt.erase_range(vpn, vpn)
-        mem.copy_pages(dpage, rpage)
+        nr = 1 << order
+        if dpage >= 0:
+            folio_lock(sys, dpage)
+            dst[i] = np.uint64(d | migrate_pfn(dpage))
+            dmirror.pt.erase_range(vpn, vpn + nr - 1)
+            mem.copy_pages(np.arange(dpage, dpage + nr, dtype=np.int64), np.arange(rpage, rpage + nr, dtype=np.int64))
+        else:
+            dst[i] = np.uint64(d)
+            for k in range(nr):  # try with smaller pages
+                p = mem.alloc_page()
+                if p < 0:
+                    while k > 0:
+                        k -= 1
+                        f = migrate_pfn_to_page(int(dst[i + k]))
+                        folio_unlock(sys, f)
+                        folio_put(sys, f)
+                    dst[i:i + nr] = 0
+                    return VM_FAULT_OOM
+                folio_lock(sys, p)
+                dst[i + k] = np.uint64(migrate_pfn(p))
+                dmirror.pt.erase_range(vpn + k, vpn + k)
+                mem.copy_pages(p, rpage + k)
+        vpn += nr
+        i += nr
     return 0
 
 
 def dmirror_devmem_fault(vmf: "VmFault") -> int:
-    """``dmirror_devmem_fault()`` (``migrate_to_ram``): migrate the faulting page back to a
-    system page, through the dmirror that put it on the device."""
+    """``dmirror_devmem_fault()`` (``migrate_to_ram``): migrate the faulting page back to
+    system memory through the dmirror that put it on the device; a fault on a
+    device-private PMD (7.3, no pte) migrates the whole device THP as one compound
+    entry."""
     sys = vmf.vma.vm_mm.sys
-    rpage = _backing_page(sys, vmf.page)
+    mem = sys.mem
+    rpage = _backing_page(sys, mem.compound_head(vmf.page))
     pg = sys.pgmap_of(vmf.page)
     assert pg is not None
     dmirror = pg.owner.backing_owner[rpage]
-    start = vmf.address & PAGE_MASK
-    args = MigrateVma(vmf.vma, start, start + PAGE_SIZE, dmirror.mdevice, _select_device(dmirror),
-                      fault_page=vmf.page)
+    order = int(mem.order[mem.compound_head(vmf.page)])
+    if vmf.orig_pte:  # a pte fault: the folio may be partially mapped
+        order = 0
+    size = PAGE_SIZE << order
+    start = vmf.address & ~(size - 1)
+    flags = _select_device(dmirror)
+    if order:
+        flags |= MIGRATE_VMA_SELECT_COMPOUND
+    args = MigrateVma(vmf.vma, start, start + size, dmirror.mdevice, flags, fault_page=vmf.page)
     if migrate_vma_setup(args):
         return VM_FAULT_SIGBUS
     ret = dmirror_devmem_fault_alloc_and_copy(args, dmirror)
@@ -275,6 +446,7 @@ def _migrate_windows(dmirror: "Dmirror", cmd: HmmDmirrorCmd, to_dev: bool) -> in
     if not mmget_not_zero(mm):
         return -EINVAL
     ret = 0
+    thp = dmirror.sys.profile.device_private_thp
     if not to_dev:
         cmd.cpages = 0
     mmap_read_lock(mm)
@@ -286,6 +458,8 @@ def _migrate_windows(dmirror: "Dmirror", cmd: HmmDmirrorCmd, to_dev: bool) -> in
                 return -EINVAL
             nxt = min(end, addr + (512 << PAGE_SHIFT), vma.vm_end)
             flags = MIGRATE_VMA_SELECT_SYSTEM if to_dev else _select_device(dmirror)
+            if thp:
+                flags |= MIGRATE_VMA_SELECT_COMPOUND
             args = MigrateVma(vma, addr, nxt, dmirror.mdevice, flags)
             ret = migrate_vma_setup(args)
             if ret:
@@ -346,28 +520,43 @@ def _device_pages_in_use(mdevice: DmirrorDevice) -> bool:
 def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
     """``dmirror_device_evict_chunk()``: migrate every page of the chunk that is in use
     back to system memory (``migrate_device_range`` / ``_pages`` / ``_finalize``), a window
-    of pages at a time. A chunk with no page in use needs nothing."""
+    of pages at a time; a device THP (7.3, a compound entry) gets a system THP. A chunk
+    with no page in use needs nothing."""
     sys = chunk.mdevice.sys
     mem = sys.mem
     pg = chunk.pagemap
     used = np.flatnonzero(mem.refcount[pg.start_pfn:pg.start_pfn + pg.nr_pages] > 0)
     if not len(used):
         return
-    lo, hi = pg.start_pfn + int(used[0]), pg.start_pfn + int(used[-1]) + 1
-    for start in range(lo, hi, 512):
-        n = min(512, hi - start)
+    lo = pg.start_pfn + int(used[0])
+    hi = pg.start_pfn + int(used[-1]) + 1
+    hi += (1 << int(mem.order[hi - 1])) - 1
+    for start in range(lo, hi, HPAGE_PMD_NR):
+        n = min(HPAGE_PMD_NR, hi - start)
         src = np.zeros(n, np.uint64)
         dst = np.zeros(n, np.uint64)
         migrate_device_range(sys, src, start, n)
         for i in range(n):
-            spage = migrate_pfn_to_page(int(src[i]))
-            if spage < 0 or not int(src[i]) & MIGRATE_PFN_MIGRATE:
+            s_ = int(src[i])
+            spage = migrate_pfn_to_page(s_)
+            if spage < 0 or not s_ & MIGRATE_PFN_MIGRATE:
                 continue
-            dpage = mem.alloc_page()
-            if dpage < 0:
-                raise KernelOops("dmirror_device_evict_chunk: __GFP_NOFAIL allocation failed")
+            if s_ & MIGRATE_PFN_COMPOUND:
+                order = int(mem.order[spage])
+                dpage = mem.alloc_folio(order)
+                if dpage < 0:
+                    raise KernelOops("dmirror_device_evict_chunk: folio_alloc() of a THP failed "
+                                     "(NULL dereference; the kernel has no fallback here)")
+            else:
+                order = 0
+                dpage = mem.alloc_page()
+                if dpage < 0:
+                    raise KernelOops("dmirror_device_evict_chunk: __GFP_NOFAIL allocation failed")
             folio_lock(sys, dpage)
-            mem.copy_pages(dpage, _backing_page(sys, spage))
-            dst[i] = np.uint64(migrate_pfn(dpage) | (int(src[i]) & MIGRATE_PFN_WRITE))
+            nr = 1 << order
+            mem.copy_pages(np.arange(dpage, dpage + nr, dtype=np.int64),
+                           np.arange(_backing_page(sys, spage), _backing_page(sys, spage) + nr, dtype=np.int64))
+            dst[i] = np.uint64(migrate_pfn(dpage) | (s_ & MIGRATE_PFN_WRITE)
+                               | (MIGRATE_PFN_COMPOUND if order else 0))
         migrate_device_pages(sys, src, dst, n)
         migrate_device_finalize(sys, src, dst, n)

@@ -62,7 +62,8 @@ if TYPE_CHECKING:
     from ..kernel.vma import Vma
 
 __all__ = (
-    "MIGRATE_PFN_MIGRATE", "MIGRATE_PFN_SHIFT", "MIGRATE_PFN_VALID", "MIGRATE_PFN_WRITE",
+    "MIGRATE_PFN_COMPOUND", "MIGRATE_PFN_MIGRATE", "MIGRATE_PFN_SHIFT", "MIGRATE_PFN_VALID",
+    "MIGRATE_PFN_WRITE", "MIGRATE_VMA_SELECT_COMPOUND",
     "MIGRATE_VMA_SELECT_DEVICE_COHERENT", "MIGRATE_VMA_SELECT_DEVICE_PRIVATE",
     "MIGRATE_VMA_SELECT_SYSTEM", "MigrateVma", "migrate_device_finalize", "migrate_device_pages",
     "migrate_device_range", "migrate_pfn", "migrate_pfn_to_page",
@@ -74,11 +75,15 @@ __all__ = (
 MIGRATE_PFN_VALID = 1 << 0
 MIGRATE_PFN_MIGRATE = 1 << 1
 MIGRATE_PFN_WRITE = 1 << 3
+#: a compound (PMD-sized) entry (7.3): one src/dst entry stands for 512 pages
+MIGRATE_PFN_COMPOUND = 1 << 4
 MIGRATE_PFN_SHIFT = 6
 #: ``enum migrate_vma_direction``
 MIGRATE_VMA_SELECT_SYSTEM = 1 << 0
 MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1 << 1
 MIGRATE_VMA_SELECT_DEVICE_COHERENT = 1 << 2
+#: collect PMD-sized folios and holes as one compound entry (7.3)
+MIGRATE_VMA_SELECT_COMPOUND = 1 << 3
 
 
 def migrate_pfn(pfn: int) -> int:
@@ -129,6 +134,8 @@ def migrate_vma_collect_hole(start: int, end: int, depth: int, walk: MmWalk) -> 
     assert walk.vma is not None
     if not vma_is_anonymous(walk.vma):
         return migrate_vma_collect_skip(start, end, walk)
+    if m.flags & MIGRATE_VMA_SELECT_COMPOUND and _huge.migrate_vma_collect_hole_compound(m, start, end, walk):
+        return 0
     n = (end - start) >> PAGE_SHIFT
     m.src[m.npages:m.npages + n] = MIGRATE_PFN_MIGRATE
     m.dst[m.npages:m.npages + n] = 0
@@ -174,7 +181,13 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
     e = pmd.get()
     if e == 0:
         return migrate_vma_collect_hole(start, end, -1, walk)
-    if pmd_present(e) and pmd_leaf(e):
+    thp = sys.profile.device_private_thp
+    if thp and (not pmd_present(e) or pmd_leaf(e)):
+        # 7.3: THPs and device-private PMDs are collected whole or split there
+        if _huge.migrate_vma_collect_huge_pmd(pmd, start, end, walk) == 0:
+            return 0
+        e = pmd.get()
+    elif pmd_present(e) and pmd_leaf(e):
         head = pte_pfn(e)
         if mem.is_huge_zero_pfn(head):
             split_huge_pmd(vma, pmd, start)
@@ -197,6 +210,7 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
     if got is None:
         return migrate_vma_collect_skip(start, end, walk)
     tbl, tid = got
+    locked = True
     try:
         for addr in range(start, end, PAGE_SIZE):
             i = pte_index(addr)
@@ -219,6 +233,14 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
                 mpfn, page = _select_present(m, vma, addr, pte)
             if mpfn & MIGRATE_PFN_VALID:
                 head = mem.compound_head(page)
+                if thp and mem.order[head]:
+                    # 7.3: split the large folio and look at this pte again
+                    mem.refcount[head] += 1
+                    mm.pte_unmap_unlock(tid)
+                    locked = False
+                    if _huge.migrate_vma_split_folio(sys, head):
+                        return migrate_vma_collect_skip(addr, end, walk)
+                    return migrate_vma_collect_pmd(pmd, addr, end, walk)
                 if not mem.mapping[head] or mem.order[head]:
                     mpfn = 0
                 else:
@@ -227,7 +249,8 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
             m.src[m.npages] = mpfn
             m.npages += 1
     finally:
-        mm.pte_unmap_unlock(tid)
+        if locked:
+            mm.pte_unmap_unlock(tid)
     return 0
 
 
@@ -275,8 +298,12 @@ def migrate_vma_check_page(sys: "System", page: int, fault_page: int) -> bool:
     and (for the fault page) the fault's."""
     mem = sys.mem
     extra = 1 + (page == fault_page)
-    if mem.order[mem.compound_head(page)]:
-        return False
+    head = mem.compound_head(page)
+    if mem.order[head]:
+        if not sys.profile.device_private_thp:
+            return False  # 6.12: "FIXME support THP"
+        extra += bool(mem.pgmap[head]) + (sys.mapping_cache_of(head) is not None)
+        return int(mem.refcount[head]) - extra <= mem.folio_mapcount(head)
     if mem.pgmap[page]:
         extra += 1
     cache = sys.mapping_cache_of(page)
@@ -299,6 +326,9 @@ def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int
             if s & MIGRATE_PFN_MIGRATE:
                 unmapped += 1
             continue
+        if mem.order[page]:
+            src[i] = np.uint64(s | MIGRATE_PFN_COMPOUND)
+            s = int(src[i])
         if mem.folio_mapcount(page) > 0:
             try_to_migrate(sys, page)
         if mem.folio_mapcount(page) > 0 or not migrate_vma_check_page(sys, page, fault_page):
@@ -364,6 +394,9 @@ def migrate_vma_insert_page(m: MigrateVma, addr: int, page: int, i: int) -> None
     ok = False
     if vma_is_anonymous(vma) and anon_vma_prepare(vma) == 0:
         pmd = mm.pmd_ref(addr, alloc=True)
+        if pmd is not None and pmd_present(pmd.get()) and pmd_leaf(pmd.get()) \
+                and mem.is_huge_zero_pfn(pte_pfn(pmd.get())):
+            split_huge_pmd(vma, pmd, addr)
         if pmd is not None and not (pmd_present(pmd.get()) and pmd_leaf(pmd.get())):
             got = mm.pte_offset_map_lock(pmd, alloc=True)
             if got is not None:
@@ -412,6 +445,10 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
                 assert m is not None, "a hole outside migrate_vma"
                 holes.append(i)
             continue
+        if (s_ | int(dst[i])) & MIGRATE_PFN_COMPOUND:  # 7.3 THP checks (and split)
+            if _huge.migrate_device_pages_compound(sys, src, dst, i, m):
+                continue
+            s_ = int(src[i])
         if not s_ & MIGRATE_PFN_MIGRATE:
             continue
         newpg = sys.pgmap_of(new) if mem.pgmap[new] else None
@@ -425,6 +462,9 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
         first = m.start + (holes[0] << PAGE_SHIFT)
         with notify_range(MmuNotifierEvent.MMU_NOTIFY_MIGRATE, m.vma.vm_mm, first, m.end, owner=m.pgmap_owner):
             for i in holes:
+                if int(src[i]) & MIGRATE_PFN_COMPOUND:
+                    _huge.migrate_vma_insert_compound_hole(m, i)
+                    continue
                 migrate_vma_insert_page(m, m.start + (i << PAGE_SHIFT), migrate_pfn_to_page(int(dst[i])), i)
 
 
@@ -453,6 +493,9 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
             if new >= 0:
                 folio_unlock(sys, new)
                 folio_put(sys, new)
+            continue
+        if mem.order[page] or (new >= 0 and mem.order[new]):  # 7.3: a THP entry
+            _huge.migrate_device_finalize_compound(sys, page, new, bool(int(src[i]) & MIGRATE_PFN_MIGRATE))
             continue
         target = new
         if not int(src[i]) & MIGRATE_PFN_MIGRATE or new < 0:
@@ -483,15 +526,30 @@ def migrate_device_range(sys: "System", src: npt.NDArray[np.uint64], start: int,
     them to migration entries (``migrate_device_unmap``). Used to evict device memory
     without a VMA. Returns 0."""
     mem = sys.mem
-    for i in range(npages):
+    src[:npages] = 0
+    i = 0
+    while i < npages:
         pfn = start + i
-        src[i] = 0
         if mem.refcount[pfn] <= 0:
+            i += 1
             continue
         mem.refcount[pfn] += 1
         if not folio_trylock(sys, pfn):
             folio_put(sys, pfn)
+            i += 1
             continue
         src[i] = np.uint64(migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE)
+        nr = 1 << int(mem.order[pfn])
+        if nr > 1:  # 7.3: a device THP is one compound entry (the rest stay 0)
+            if nr > npages - i:
+                folio_unlock(sys, pfn)
+                folio_put(sys, pfn)
+                src[i:npages] = 0
+                break
+            src[i] = np.uint64(int(src[i]) | MIGRATE_PFN_COMPOUND)
+        i += nr
     migrate_device_unmap(sys, src, npages, -1)
     return 0
+
+
+from . import migrate_device_huge as _huge  # noqa: E402  (the 7.3 THP paths; imports this module)

@@ -9,7 +9,12 @@ to the kernel layer: kernel code raises them without knowing about the user-faci
 
 from __future__ import annotations
 
-__all__ = ("KernelOops", "NotSupportedError")
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .system import System
+
+__all__ = ("KernelOops", "NotSupportedError", "WARN")
 
 
 class KernelOops(Exception):
@@ -18,3 +23,13 @@ class KernelOops(Exception):
 
 class NotSupportedError(Exception):
     """The model does not implement this path yet (the message says which)."""
+
+
+def WARN(sys: "System", message: str, counter: str) -> None:
+    """``WARN(1, message)``: the kernel prints a warning with a backtrace and goes on. The
+    model counts it under *counter* in ``sys.stats`` and keeps the message with the
+    machine's other survived warnings (``sys.ls.warnings``, printed by ``hmmsim run`` on
+    stderr), once per distinct message."""
+    sys.stats.add(counter)
+    if message not in sys.ls.warnings:
+        sys.ls.warnings.append(message)

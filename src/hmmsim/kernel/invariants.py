@@ -165,9 +165,11 @@ def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
                         if pmd_present(me):
                             tally.entire_maps[pfn] += 1
                         continue
-                    if not pmd_present(me):  # PMD migration entry
+                    if not pmd_present(me):  # PMD migration entry or (7.3) device-private PMD
                         if mem.flags[pfn] & PG_anon:
                             rss[1] += HPAGE_PMD_NR
+                        if (me >> 59) & 0x1F in (SWP_DEVICE_READ, SWP_DEVICE_WRITE):
+                            tally.entire_maps[pfn] += 1
                         continue
                     if mem.is_huge_zero_pfn(pfn):
                         continue
@@ -289,13 +291,23 @@ def _check_device_pages(sys: "System") -> None:
     for dev in getattr(sys, "dmirror_devices", []):
         if dev is None or not dev.calloc:
             continue  # no page ever left the free list built with the chunks: skip the O(N) part
-        free = np.asarray(dev.free_pages, np.int64)
+        folios = np.asarray(getattr(dev, "free_folios", []), np.int64)
+        free = np.concatenate([np.asarray(dev.free_pages, np.int64),
+                               (folios[:, None] + np.arange(HPAGE_PMD_NR)).ravel()])
         if len(np.unique(free)) != len(free):
             raise InvariantError(f"{dev}: a page is on the free list twice")
         if len(free) and (mem.refcount[free] != 0).any():
             raise InvariantError(f"{dev}: a page on the free list is in use")
-        idle = sum(int((mem.refcount[c.pagemap.start_pfn:c.pagemap.start_pfn + c.pagemap.nr_pages] == 0).sum())
-                   for c in dev.chunks if not c.remove)
+        idle = 0
+        for c in dev.chunks:
+            if c.remove:
+                continue
+            lo, hi = c.pagemap.start_pfn, c.pagemap.start_pfn + c.pagemap.nr_pages
+            off = mem.head_off[lo:hi].astype(np.int64)
+            pfns = np.arange(lo, hi, dtype=np.int64)
+            # tail pages of a device THP in use are not idle
+            in_use_tail = (off > 0) & (mem.refcount[pfns - off] > 0)
+            idle += int(((mem.refcount[lo:hi] == 0) & ~in_use_tail).sum())
         if idle != len(free):
             raise InvariantError(f"{dev}: {idle} idle device pages but {len(free)} on the free list")
 

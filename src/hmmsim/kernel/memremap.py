@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errno import EINVAL
+from .bug import WARN
+from .errno import EINVAL, ENOMEM
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
 from .pagemap import folio_lock
@@ -43,14 +44,19 @@ class MemoryType(enum.IntEnum):
 
 
 class DevPagemapOps:
-    """``struct dev_pagemap_ops``: ``page_free(pfn)`` and ``migrate_to_ram(vmf) -> vm_fault_t``."""
+    """``struct dev_pagemap_ops``: ``page_free(pfn)`` (7.3: ``folio_free``, called with the
+    head of a folio of any order), ``migrate_to_ram(vmf) -> vm_fault_t`` and 7.3's
+    ``folio_split(head, nr)`` (a device THP at *head* was just split into *nr* order-0
+    folios; the kernel calls it once per new folio, the model once per split)."""
 
-    __slots__ = ("page_free", "migrate_to_ram")
+    __slots__ = ("page_free", "migrate_to_ram", "folio_split")
 
     def __init__(self, page_free: Callable[[int], None] | None = None,
-                 migrate_to_ram: Callable[["VmFault"], int] | None = None) -> None:
+                 migrate_to_ram: Callable[["VmFault"], int] | None = None,
+                 folio_split: Callable[[int, int], None] | None = None) -> None:
         self.page_free = page_free
         self.migrate_to_ram = migrate_to_ram
+        self.folio_split = folio_split
 
 
 class DevPagemap:
@@ -85,9 +91,10 @@ class DevPagemap:
         """``free_zone_device_folio()``: the last reference is gone; clear the anon state
         and hand the page back to its driver through ``page_free``."""
         mem = sys.mem
-        mem.mapping[pfn] = 0
-        mem.index[pfn] = 0
-        mem.flags[pfn] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
+        nr = 1 << int(mem.order[pfn])
+        mem.mapping[pfn:pfn + nr] = 0
+        mem.index[pfn:pfn + nr] = 0
+        mem.flags[pfn:pfn + nr] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
         mem.refcount[pfn] = 0
         self.nr_used -= 1
         sys.stats.add("memremap.page_free")
@@ -102,8 +109,11 @@ class DevPagemap:
 def memremap_pages(sys: "System", pgmap: DevPagemap) -> int:
     """``memremap_pages()``: make the pgmap's pfns ZONE_DEVICE pages (all free, refcount 0).
 
-    Returns 0 or ``-EINVAL`` (missing ops/owner for the type, range outside the machine's
-    device pfn space or overlapping another pagemap)."""
+    Returns 0, ``-ENOMEM`` after the WARN "Conflicting mapping in same section" when a
+    pagemap already covers the range's first or last pfn (``pagemap_range()``; a
+    coherent dmirror asking for a second chunk at its fixed range), or ``-EINVAL``
+    (missing ops/owner for the type, range outside the machine's device pfn space or
+    overlapping another pagemap inside)."""
     if pgmap.type == MemoryType.MEMORY_DEVICE_PRIVATE:
         if pgmap.ops.migrate_to_ram is None or pgmap.ops.page_free is None or pgmap.owner is None:
             return -EINVAL
@@ -112,7 +122,13 @@ def memremap_pages(sys: "System", pgmap: DevPagemap) -> int:
             return -EINVAL
     mem = sys.mem
     a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
-    if a < mem.ram_pages or b > mem.max_pfn or mem.pgmap[a:b].any():
+    if a < mem.ram_pages or b > mem.max_pfn:
+        return -EINVAL
+    # pagemap_range(): a pagemap already at the first or last pfn of the range
+    if b > a and (mem.pgmap[a] or mem.pgmap[b - 1]):
+        WARN(sys, "Conflicting mapping in same section", "memremap.warn_conflicting_mapping")
+        return -ENOMEM
+    if mem.pgmap[a:b].any():
         return -EINVAL
     if pgmap.type == MemoryType.MEMORY_DEVICE_COHERENT and b > mem.data_pages:
         return -EINVAL

@@ -127,6 +127,14 @@ declare("migrate_vma.finalize", "migrate_vma_finalize() calls")
 declare("dmirror.invalidate", "dmirror_interval_invalidate() calls that cleared mirror entries")
 declare("dmirror.warn_readonly_write", "writes refused on a read-only mirror entry")
 declare("dmirror.release", "dmirror_fops_release() calls")
+declare("dmirror.warn_thp_fallback_alloc", "order-0 device pages that failed in 7.3's THP "
+        "fallback of dmirror_migrate_alloc_and_copy (the kernel dereferences NULL there)")
+declare("memremap.warn_conflicting_mapping", "WARNs \"Conflicting mapping in same section\" "
+        "(memremap_pages() of a range whose first or last pfn has a pagemap: -ENOMEM)")
+declare("migrate_vma.collect_huge_pmd", "THPs / device-private PMDs collected whole as one "
+        "compound entry (7.3, migrate_vma_collect_huge_pmd)")
+declare("migrate_vma.split_unmapped_folio", "compound entries split after unmapping because "
+        "the destination is order 0 (7.3, migrate_vma_split_unmapped_folio)")
 # -- locking --------------------------------------------------------------------------------------
 declare("lockdep.warning", "lockdep reports the kernel survives (LockState.warnings)")
 
