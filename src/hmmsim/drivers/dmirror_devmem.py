@@ -107,7 +107,7 @@ def dmirror_allocate_chunk(mdevice: DmirrorDevice, want_page: bool = False,
         mtype = MemoryType.MEMORY_DEVICE_COHERENT
     ops = DevPagemapOps(page_free=lambda pfn: dmirror_devmem_free(mdevice, pfn),
                         migrate_to_ram=dmirror_devmem_fault,
-                        folio_split=(lambda head, nr: dmirror_devmem_folio_split(mdevice, head, nr))
+                        folio_split=(lambda head, tail: dmirror_devmem_folio_split(mdevice, head, tail))
                         if sys.profile.device_private_thp else None)
     pgmap = DevPagemap(mtype, start, DEVMEM_CHUNK_PAGES, ops, owner=mdevice)
     with mdevice.devmem_lock.held():
@@ -158,36 +158,34 @@ def dmirror_devmem_free(mdevice: DmirrorDevice, pfn: int) -> None:
                 mdevice.free_pages.append(pfn)
 
 
-def dmirror_devmem_folio_split(mdevice: DmirrorDevice, head: int, nr: int) -> None:
-    """``dmirror_devmem_folio_split()`` (7.3's ``folio_split`` op), for all *nr* pages of
-    a device THP just split at *head*: a private device splits the backing THP the same
-    way (each device page keeps its own backing page, the mirror owner carried over).
-
-    On a coherent device the backing page is the device page itself, and the op resets
-    the new folios' mapping, ``zone_device_data`` and reference counts: the driver's
-    per-page data is corrupted and a later RELEASE waits forever (conventions item 28).
-    The model reports that as an oops here instead of imitating it."""
+def dmirror_devmem_folio_split(mdevice: DmirrorDevice, head: int, tail: int | None) -> None:
+    """``dmirror_devmem_folio_split()`` (7.3's ``folio_split`` op), called while the
+    device-private THP at *head* is split, once per new folio *tail* and then with
+    ``None``: the backing THP is split the same way (each device page gets its own
+    backing page, which keeps the mirror owner, a reference and no mapping); at the end
+    the backing head becomes an order-0 folio."""
     sys = mdevice.sys
     mem = sys.mem
     rpage = int(mem.zone_device_data[head])
-    if not mdevice.is_private:
-        raise KernelOops("dmirror_devmem_folio_split: splitting a device-coherent THP resets its "
-                         "pages' mapping, zone_device_data and refcounts (BACKING_PAGE is the page "
-                         "itself); a later RELEASE hangs (conventions item 28)")
     if not rpage:
+        if tail is not None:
+            mem.zone_device_data[tail] = 0
         return
+    if tail is None:  # folio_reset_order(), mapping NULL, folio_set_count(1)
+        mem.order[rpage] = 0
+        mem.flags[rpage] &= ~np.uint32(PG_head)
+        mem.mapping[rpage] = 0
+        mem.refcount[rpage] = 1
+        return
+    rtail = rpage + (tail - head)
+    mem.zone_device_data[tail] = rtail
     owner = mdevice.backing_owner.get(rpage)
-    rnr = 1 << int(mem.order[rpage])
-    mem.order[rpage] = 0
-    mem.head_off[rpage:rpage + rnr] = 0
-    mem.flags[rpage] &= ~np.uint32(PG_head)
-    mem.mapping[rpage:rpage + rnr] = 0
-    mem.refcount[rpage:rpage + rnr] = 1
-    n = min(nr, rnr)
-    mem.zone_device_data[head + 1:head + n] = np.arange(rpage + 1, rpage + n, dtype=mem.zone_device_data.dtype)
     if owner is not None:
-        for r in range(rpage + 1, rpage + n):
-            mdevice.backing_owner[r] = owner
+        mdevice.backing_owner[rtail] = owner
+    mem.head_off[rtail] = 0  # clear_compound_head()
+    mem.mapping[rtail] = 0
+    mem.mapping[tail] = mem.mapping[head]
+    mem.refcount[rtail] = 1
 
 
 def dmirror_devmem_alloc_page(dmirror: "Dmirror", is_large: bool = False) -> int:

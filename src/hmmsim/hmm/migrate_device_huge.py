@@ -36,13 +36,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ..kernel.bug import KernelOops
-from ..kernel.errno import EBUSY, EINVAL, ENOENT, ENOMEM
+from ..kernel.errno import EINVAL, ENOENT, ENOMEM
 from ..kernel.folio import folio_put
-from ..kernel.huge_memory import split_folio, thp_vma_suitable_order
-from ..kernel.migrate import make_migration_pte
-from ..kernel.mm import MM_ANONPAGES, PtRef, set_ptes
-from ..kernel.mmu_notifier import MmuNotifierEvent, notify_range
+from ..kernel.huge_memory import folio_split_unmapped, split_folio, split_huge_pmd_address, thp_vma_suitable_order
+from ..kernel.migrate import remove_migration_pmd, set_pmd_migration_entry
+from ..kernel.mm import MM_ANONPAGES, PtRef
 from ..kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK
 from ..kernel.pagemap import folio_lock, folio_trylock, folio_unlock
 from ..kernel.pgtable import (
@@ -53,15 +51,9 @@ from ..kernel.pgtable import (
     _PAGE_SWP_UFFD_WP,
     is_device_private_entry,
     is_migration_entry,
-    is_readable_exclusive_migration_entry,
     is_writable_device_private_entry,
-    is_writable_migration_entry,
     make_readable_device_private_entry,
-    make_readable_exclusive_migration_entry,
-    make_readable_migration_entry,
     make_writable_device_private_entry,
-    make_writable_migration_entry,
-    mk_table_entry,
     pfn_pte,
     pmd_leaf,
     pmd_present,
@@ -69,12 +61,11 @@ from ..kernel.pgtable import (
     pmd_trans_huge,
     pte_pfn,
     swp_entry_to_pmd,
-    swp_entry_to_pte,
     swp_offset_pfn,
 )
-from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_head, PG_swapbacked, PG_uptodate
+from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_uptodate
 from ..kernel.rmap import anon_vma_prepare, folio_add_new_anon_rmap_pmd, rmap_walk
-from ..kernel.vma import VM_UFFD_MISSING, VM_WRITE, vma_is_anonymous
+from ..kernel.vma import VM_UFFD_MISSING, VM_WRITE
 from .migrate_device import (
     MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
@@ -94,10 +85,8 @@ from .migrate_device import (
 if TYPE_CHECKING:
     from ..kernel.pagewalk import MmWalk
     from ..kernel.system import System
-    from ..kernel.vma import Vma
 
 __all__ = (
-    "folio_split_unmapped",
     "migrate_device_finalize_compound",
     "migrate_device_pages_compound",
     "migrate_vma_collect_hole_compound",
@@ -106,9 +95,6 @@ __all__ = (
     "migrate_vma_insert_huge_pmd_page",
     "migrate_vma_split_folio",
     "migrate_vma_split_unmapped_folio",
-    "remove_migration_pmd",
-    "set_pmd_migration_entry",
-    "split_device_folio",
 )
 
 _U = np.uint64
@@ -133,36 +119,6 @@ def migrate_vma_collect_hole_compound(m: MigrateVma, start: int, end: int, walk:
     m.cpages += 1
     migrate_vma_collect_skip(start + PAGE_SIZE, end, walk)
     return True
-
-
-def set_pmd_migration_entry(vma: "Vma", pmd: PtRef, e: int, head: int) -> int:
-    """Models ``mm/huge_memory.c:set_pmd_migration_entry()``: replace the PMD mapping
-    (present, or 7.3's device-private PMD) of the locked folio *head* by a PMD migration
-    entry (writable if the mapping was; else readable-exclusive for an exclusive anon
-    folio), keeping young/dirty, soft-dirty and uffd-wp; the folio loses its entire
-    mapping and the mapping's reference. Returns 0."""
-    mem = vma.vm_mm.sys.mem
-    nr = HPAGE_PMD_NR
-    anon_excl = bool(mem.flags[head] & PG_anon) and bool(mem.flags[head] & PG_anon_exclusive)
-    if pmd_present(e):
-        if e & _PAGE_DIRTY:
-            mem.flags[head] |= PG_dirty
-        mig = make_migration_pte(e & ~_PAGE_PSE, head, anon_excl) | _PAGE_PSE
-    else:
-        ent = pmd_to_swp_entry(e)
-        if is_writable_device_private_entry(ent):
-            sw = make_writable_migration_entry(head)
-        elif anon_excl:
-            sw = make_readable_exclusive_migration_entry(head)
-        else:
-            sw = make_readable_migration_entry(head)
-        mig = swp_entry_to_pmd(sw) | (e & _SWP_BITS)
-    if anon_excl:  # folio_try_share_anon_rmap_pmd() (pins are not modelled)
-        mem.flags[head:head + nr] &= ~np.uint32(PG_anon_exclusive)
-    pmd.set(mig)
-    mem.entire_mapcount[head] -= 1  # folio_remove_rmap_pmd
-    mem.refcount[head] -= 1  # the mapping's reference (collection holds one)
-    return 0
 
 
 def migrate_vma_collect_huge_pmd(pmd: PtRef, start: int, end: int, walk: "MmWalk") -> int:
@@ -221,7 +177,7 @@ def migrate_vma_collect_huge_pmd(pmd: PtRef, start: int, end: int, walk: "MmWalk
         m.dst[m.npages] = 0
         m.npages += 1
         m.cpages += 1
-        set_pmd_migration_entry(vma, pmd, e, head)
+        set_pmd_migration_entry(vma, pmd, start & PMD_MASK, head)
         migrate_vma_collect_skip(start + PAGE_SIZE, end, walk)
         mm.spin_unlock(ptl)
         sys.stats.add("migrate_vma.collect_huge_pmd")
@@ -229,7 +185,7 @@ def migrate_vma_collect_huge_pmd(pmd: PtRef, start: int, end: int, walk: "MmWalk
     mm.spin_unlock(ptl)
     if not mem.order[head]:
         return -ENOENT
-    ret = split_device_folio(sys, head) if mem.pgmap[head] else split_folio(sys, head)
+    ret = split_folio(sys, head)
     folio_unlock(sys, head)
     folio_put(sys, head)
     if ret:
@@ -246,117 +202,27 @@ def migrate_vma_split_folio(sys: "System", head: int) -> int:
     (The model's CPU fault does not lock the fault page, so the fault folio needs no
     special case here.)"""
     folio_lock(sys, head)
-    ret = split_device_folio(sys, head) if sys.mem.pgmap[head] else split_folio(sys, head)
+    ret = split_folio(sys, head)
     folio_unlock(sys, head)
     folio_put(sys, head)
     return ret
 
 
-# -- splitting device folios ------------------------------------------------------------------------
-def _split_device_private_pmd(vma: "Vma", pmd: PtRef, haddr: int, head: int) -> None:
-    """``__split_huge_pmd_locked()`` of a device-private PMD (7.3): 512 device-private
-    ptes of the folio's pages, same writability, soft-dirty and uffd-wp; the entire
-    mapping becomes one pte mapping per page."""
-    mm = vma.vm_mm
-    sys = mm.sys
-    mem = sys.mem
-    e = pmd.get()
-    ent = pmd_to_swp_entry(e)
-    sw = (make_writable_device_private_entry(head) if is_writable_device_private_entry(ent)
-          else make_readable_device_private_entry(head))
-    first = swp_entry_to_pte(sw) | (e & _SWP_BITS)
-    with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, haddr, haddr + HPAGE_PMD_SIZE):
-        ptl = mm.pmd_lock(pmd)
-        tid = sys.pt.alloc(1)
-        tbl = sys.pt.table(tid)
-        set_ptes(mm, tbl, 0, _U(first) + (np.arange(HPAGE_PMD_NR, dtype=np.uint64) << _U(PAGE_SHIFT)), HPAGE_PMD_NR)
-        pmd.set(mk_table_entry(tid))
-        mem.entire_mapcount[head] -= 1
-        mem.mapcount[head:head + HPAGE_PMD_NR] += 1
-        mem.refcount[head] += HPAGE_PMD_NR - 1
-        mm.spin_unlock(ptl)
-    sys.stats.add("thp.split_pmd")
-
-
-def split_device_folio(sys: "System", head: int) -> int:
-    """``split_folio()`` of a mapped device THP (7.3): every device-private PMD mapping it
-    is split to ptes, then the folio becomes 512 order-0 folios (each keeping a
-    reference per mapping; unmapped pages go back to the driver through the pagemap's
-    free op), and the pagemap's ``folio_split`` op splits the driver's per-page data.
-    Returns 0 (or ``-EBUSY`` for a non-anonymous folio)."""
-    mem = sys.mem
-    nr = 1 << int(mem.order[head])
-    if nr == 1:
-        return 0
-    if not mem.flags[head] & PG_anon:
-        return -EBUSY
-    for vma, addr in list(rmap_walk(mem, head)):
-        pmd = vma.vm_mm.pmd_ref(addr)
-        if pmd is None:
-            continue
-        e = pmd.get()
-        if e and not pmd_present(e) and is_device_private_entry(pmd_to_swp_entry(e)) \
-                and swp_offset_pfn(pmd_to_swp_entry(e)) == head:
-            _split_device_private_pmd(vma, pmd, addr & PMD_MASK, head)
-    pte_maps = mem.mapcount[head:head + nr].astype(np.int64)
-    extra = int(mem.refcount[head]) - int(pte_maps.sum()) - int(mem.entire_mapcount[head])
-    refs = pte_maps.copy()
-    refs[0] += extra
-    _split_folio_struct(sys, head, nr, refs, lock_tails=False)
-    # pages no longer referenced at all go back to the driver
-    pg = sys.pgmap_of(head)
-    assert pg is not None
-    for p in (head + np.flatnonzero(refs == 0)).tolist():
-        mem.refcount[p] = 1
-        pg.nr_used += 1
-        folio_put(sys, p)
-    return 0
-
-
-def _split_folio_struct(sys: "System", head: int, nr: int, refs: npt.NDArray[np.int64], lock_tails: bool) -> None:
-    """The struct-page half of ``__folio_split()`` to order 0: flags, mapping and the
-    pgmap's per-page data carried to every page, references as given in *refs*."""
-    mem = sys.mem
-    keep = mem.flags[head] & np.uint32(PG_anon | PG_dirty | PG_swapbacked | PG_uptodate)
-    pg = sys.pgmap_of(head) if mem.pgmap[head] else None
-    mem.order[head] = 0
-    mem.head_off[head:head + nr] = 0
-    mem.flags[head] &= ~np.uint32(PG_head)
-    mem.flags[head + 1:head + nr] |= keep
-    mem.mapping[head + 1:head + nr] = mem.mapping[head]
-    mem.refcount[head:head + nr] = refs
-    if pg is not None:
-        pg.nr_used += int((refs[1:] > 0).sum())
-        if pg.ops.folio_split is not None:
-            pg.ops.folio_split(head, nr)
-    if lock_tails:
-        for p in range(head + 1, head + nr):
-            folio_lock(sys, p)
-    sys.stats.add("thp.split_page")
-
-
-def folio_split_unmapped(sys: "System", head: int) -> int:
-    """Models ``mm/huge_memory.c:folio_split_unmapped()`` to order 0: a locked folio that
-    migration has unmapped (only migration entries point at it; the collection holds one
-    reference) becomes 512 locked order-0 folios, each holding one collection reference.
-    Returns 0."""
-    nr = 1 << int(sys.mem.order[head])
-    refs = np.ones(nr, np.int64)
-    refs[0] = sys.mem.refcount[head]
-    _split_folio_struct(sys, head, nr, refs, lock_tails=True)
-    return 0
-
-
 def migrate_vma_split_unmapped_folio(m: MigrateVma, idx: int, addr: int, head: int) -> int:
     """Models ``mm/migrate_device.c:migrate_vma_split_unmapped_folio()``: the PMD
     migration entry at *addr* becomes 512 pte migration entries (``split_huge_pmd_address``
-    with freeze), the unmapped folio is split, and ``src[idx..idx+511]`` become order-0
-    entries with the compound entry's flags. Returns 0."""
-    from ..kernel.huge_memory import split_huge_pmd_address
-    split_huge_pmd_address(m.vma, addr)
-    ret = folio_split_unmapped(m.vma.vm_mm.sys, head)
+    with freeze), the unmapped folio is split (``folio_split_unmapped``; a device-private
+    folio's driver hears of it through ``folio_split``), and ``src[idx..idx+511]`` become
+    order-0 entries with the compound entry's flags. Returns 0 or the split's error."""
+    sys = m.vma.vm_mm.sys
+    sys.mem.refcount[head] += 1  # folio_get: the freezing split drops the PMD's reference
+    split_huge_pmd_address(m.vma, addr, True)
+    nr = 1 << int(sys.mem.order[head])
+    ret = folio_split_unmapped(sys, head, 0)
     if ret:
         return ret
+    for p in range(head + 1, head + nr):  # the new folios stay locked (unmapped split)
+        folio_lock(sys, p)
     s = int(m.src[idx]) & ~MIGRATE_PFN_COMPOUND
     flags = s & ((1 << MIGRATE_PFN_SHIFT) - 1)
     pfn = s >> MIGRATE_PFN_SHIFT
@@ -468,31 +334,6 @@ def migrate_vma_insert_huge_pmd_page(m: MigrateVma, addr: int, head: int, i: int
 
 
 # -- finalize ---------------------------------------------------------------------------------------
-def remove_migration_pmd(vma: "Vma", pmd: PtRef, e: int, dst: int) -> None:
-    """Models ``mm/huge_memory.c:remove_migration_pmd()``: a PMD migration entry becomes
-    a PMD mapping of folio *dst*: a device-private PMD for a device-private folio (7.3),
-    else a present PMD (young/dirty/writable as the entry says, soft-dirty, uffd-wp).
-    An order-0 *dst* cannot be PMD-mapped: 7.3 maps 2 MiB of a 4 KiB page here
-    (conventions item 27) and the model reports the oops instead."""
-    sys = vma.vm_mm.sys
-    mem = sys.mem
-    if not mem.order[dst]:
-        raise KernelOops("remove_migration_pmd: a PMD migration entry left by an unmap of the whole "
-                         "THP is remapped to an order-0 folio after the migrating process split it "
-                         "(7.3 maps 2 MiB of a 4 KiB page, bad mapcount/rss; conventions item 27)")
-    from ..kernel.migrate import _restored_pte
-    ent = pmd_to_swp_entry(e)
-    excl = is_writable_migration_entry(ent) or is_readable_exclusive_migration_entry(ent)
-    pmd.set(_restored_pte(vma, e & ~_PAGE_PSE, dst) | _PAGE_PSE)
-    mem.entire_mapcount[dst] += 1
-    mem.refcount[dst] += 1
-    if mem.flags[dst] & PG_anon:
-        if excl:
-            mem.flags[dst:dst + HPAGE_PMD_NR] |= PG_anon_exclusive
-        else:
-            mem.flags[dst:dst + HPAGE_PMD_NR] &= ~np.uint32(PG_anon_exclusive)
-
-
 def _remove_migration_pmds(sys: "System", src: int, dst: int) -> bool:
     """``remove_migration_ptes()`` of a THP that only PMD migration entries point at:
     one rmap walk of the head. Returns False if some mapping of the folio is at the pte
@@ -505,7 +346,7 @@ def _remove_migration_pmds(sys: "System", src: int, dst: int) -> bool:
         if e and e & _PAGE_PSE and not pmd_present(e):
             ent = pmd_to_swp_entry(e)
             if is_migration_entry(ent) and swp_offset_pfn(ent) == src:
-                remove_migration_pmd(vma, pmd, e, dst)  # type: ignore[arg-type]
+                remove_migration_pmd(vma, pmd, addr & PMD_MASK, dst)  # type: ignore[arg-type]
                 continue
         if e and not (e & _PAGE_PSE):
             all_pmd = False

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 __all__ = (
     "DevPagemap", "DevPagemapOps", "MemoryType",
     "is_device_coherent_page", "is_device_private_page", "is_zone_device_page",
-    "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_folio_init", "zone_device_page_init",
+    "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_folio_init",
+    "zone_device_page_init", "zone_device_private_split_cb",
 )
 
 
@@ -44,16 +45,16 @@ class MemoryType(enum.IntEnum):
 
 
 class DevPagemapOps:
-    """``struct dev_pagemap_ops``: ``page_free(pfn)`` (7.3: ``folio_free``, called with the
-    head of a folio of any order), ``migrate_to_ram(vmf) -> vm_fault_t`` and 7.3's
-    ``folio_split(head, nr)`` (a device THP at *head* was just split into *nr* order-0
-    folios; the kernel calls it once per new folio, the model once per split)."""
+    """``struct dev_pagemap_ops``: ``page_free(pfn)``, ``migrate_to_ram(vmf) -> vm_fault_t``
+    and (7.3, device-private only) ``folio_split(head, tail)``, called for each new folio
+    when a large device-private folio is split and once more with ``tail=None`` at the end
+    (see :func:`zone_device_private_split_cb`)."""
 
     __slots__ = ("page_free", "migrate_to_ram", "folio_split")
 
     def __init__(self, page_free: Callable[[int], None] | None = None,
                  migrate_to_ram: Callable[["VmFault"], int] | None = None,
-                 folio_split: Callable[[int, int], None] | None = None) -> None:
+                 folio_split: Callable[[int, int | None], None] | None = None) -> None:
         self.page_free = page_free
         self.migrate_to_ram = migrate_to_ram
         self.folio_split = folio_split
@@ -91,9 +92,10 @@ class DevPagemap:
         """``free_zone_device_folio()``: the last reference is gone; clear the anon state
         and hand the page back to its driver through ``page_free``."""
         mem = sys.mem
-        nr = 1 << int(mem.order[pfn])
-        mem.mapping[pfn:pfn + nr] = 0
+        nr = 1 << int(mem.order[pfn]) if mem.flags[pfn] & PG_head else 1
+        mem.mapping[pfn] = 0
         mem.index[pfn:pfn + nr] = 0
+        # every page of a large folio loses AnonExclusive (7.3 frees device THPs whole)
         mem.flags[pfn:pfn + nr] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
         mem.refcount[pfn] = 0
         self.nr_used -= 1
@@ -204,3 +206,18 @@ def zone_device_folio_init(sys: "System", head: int, order: int) -> None:
     zone_device_page_init(sys, head, order)
     if order:
         sys.mem.prep_compound(head, order)
+
+
+def zone_device_private_split_cb(sys: "System", head: int, new: int | None) -> None:
+    """``zone_device_private_split_cb()`` (7.3): while a device-private folio at *head*
+    is split, tell the driver about each new folio *new* (then once with ``None``). With
+    no ``folio_split`` op the new folio just takes the original's pgmap and mapping (the
+    pgmap is per pfn here, so only the mapping is copied)."""
+    pg = page_pgmap(sys, head)
+    if pg is None or not pg.is_private:
+        return
+    if pg.ops.folio_split is None:
+        if new is not None:
+            sys.mem.mapping[new] = sys.mem.mapping[head]
+        return
+    pg.ops.folio_split(head, new)
