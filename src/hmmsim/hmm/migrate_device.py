@@ -33,7 +33,7 @@ from ..kernel.migrate import folio_migrate_mapping, make_migration_pte, remove_m
 from ..kernel.mm import MM_ANONPAGES, PtRef
 from ..kernel.mmu_notifier import MmuNotifierEvent, notify_range
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE, pte_index
-from ..kernel.pagemap import folio_trylock, folio_unlock
+from ..kernel.pagemap import folio_test_locked, folio_trylock, folio_unlock
 from ..kernel.pagewalk import MmWalk, MmWalkOps, walk_page_range
 from ..kernel.pgtable import (
     _PAGE_DIRTY,
@@ -100,7 +100,7 @@ class MigrateVma:
     """``struct migrate_vma``."""
 
     __slots__ = ("vma", "src", "dst", "start", "end", "npages", "cpages", "pgmap_owner",
-                 "flags", "fault_page")
+                 "flags", "fault_page", "fault_folio")
 
     def __init__(self, vma: "Vma", start: int, end: int, pgmap_owner: Any, flags: int,
                  fault_page: int = -1) -> None:
@@ -115,6 +115,10 @@ class MigrateVma:
         self.pgmap_owner = pgmap_owner
         self.flags = flags
         self.fault_page = fault_page
+        #: head of the fault page's folio when the caller holds its lock (7.3's PMD fault
+        #: does; the model's pte fault path does not lock), else -1: collection does not
+        #: trylock it and finalize leaves it locked, as for the kernel's ``fault_folio``
+        self.fault_folio = -1
 
 
 def migrate_vma_collect_skip(start: int, end: int, walk: MmWalk) -> int:
@@ -376,6 +380,8 @@ def migrate_vma_setup(m: MigrateVma) -> int:
     m.src[:nr] = 0
     m.cpages = 0
     m.npages = 0
+    if m.fault_page >= 0 and folio_test_locked(sys, m.fault_page):
+        m.fault_folio = sys.mem.compound_head(m.fault_page)
     migrate_vma_collect(m)
     if m.cpages:
         m.cpages = migrate_device_unmap(sys, m.src, m.npages, m.fault_page)
@@ -480,7 +486,7 @@ def migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.ND
 
 
 def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt.NDArray[np.uint64],
-                            npages: int) -> None:
+                            npages: int, fault_folio: int = -1) -> None:
     """Models ``mm/migrate_device.c:migrate_device_finalize()``: migration entries become
     mappings of the destination, or of the source where the entry was not migrated; every
     page is unlocked and the collection and allocation references are dropped (a source
@@ -495,7 +501,8 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
                 folio_put(sys, new)
             continue
         if mem.order[page] or (new >= 0 and mem.order[new]):  # 7.3: a THP entry
-            _huge.migrate_device_finalize_compound(sys, page, new, bool(int(src[i]) & MIGRATE_PFN_MIGRATE))
+            _huge.migrate_device_finalize_compound(sys, page, new, bool(int(src[i]) & MIGRATE_PFN_MIGRATE),
+                                                   fault_folio)
             continue
         target = new
         if not int(src[i]) & MIGRATE_PFN_MIGRATE or new < 0:
@@ -504,7 +511,8 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
                 folio_put(sys, new)
             target = page
         remove_migration_ptes(sys, page, target)
-        folio_unlock(sys, page)
+        if page != fault_folio:
+            folio_unlock(sys, page)
         if target != page:
             mem.flags[page] &= ~np.uint32(PG_anon | PG_anon_exclusive)
             mem.mapping[page] = 0
@@ -517,7 +525,7 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
 
 def migrate_vma_finalize(m: MigrateVma) -> None:
     """Models ``mm/migrate_device.c:migrate_vma_finalize()``."""
-    migrate_device_finalize(m.vma.vm_mm.sys, m.src, m.dst, m.npages)
+    migrate_device_finalize(m.vma.vm_mm.sys, m.src, m.dst, m.npages, m.fault_folio)
 
 
 def migrate_device_range(sys: "System", src: npt.NDArray[np.uint64], start: int, npages: int) -> int:

@@ -168,7 +168,7 @@ def migrate_vma_collect_huge_pmd(pmd: PtRef, start: int, end: int, walk: "MmWalk
         mm.spin_unlock(ptl)
         return -ENOENT
     mem.refcount[head] += 1  # folio_get
-    if not folio_trylock(sys, head):
+    if head != m.fault_folio and not folio_trylock(sys, head):
         mm.spin_unlock(ptl)
         folio_put(sys, head)
         return migrate_vma_collect_skip(start, end, walk)
@@ -186,7 +186,8 @@ def migrate_vma_collect_huge_pmd(pmd: PtRef, start: int, end: int, walk: "MmWalk
     if not mem.order[head]:
         return -ENOENT
     ret = split_folio(sys, head)
-    folio_unlock(sys, head)
+    if head != m.fault_folio:
+        folio_unlock(sys, head)
     folio_put(sys, head)
     if ret:
         return migrate_vma_collect_skip(start, end, walk)
@@ -354,7 +355,8 @@ def _remove_migration_pmds(sys: "System", src: int, dst: int) -> bool:
     return all_pmd
 
 
-def migrate_device_finalize_compound(sys: "System", src: int, dst: int, migrated: bool) -> None:
+def migrate_device_finalize_compound(sys: "System", src: int, dst: int, migrated: bool,
+                                     fault_folio: int = -1) -> None:
     """``__migrate_device_finalize()`` for an entry whose source is a large folio *src*
     (*dst* -1: none): the migration entries become mappings of the destination if the
     entry migrated, else of the source again; locks and collection/allocation
@@ -369,7 +371,8 @@ def migrate_device_finalize_compound(sys: "System", src: int, dst: int, migrated
     if mem.order[target] == 0 or not _remove_migration_pmds(sys, src, target):
         remove_migration_ptes(sys, src, target)
     nr = 1 << int(mem.order[src])
-    folio_unlock(sys, src)
+    if src != fault_folio:
+        folio_unlock(sys, src)
     if target != src:
         mem.flags[src:src + nr] &= ~np.uint32(PG_anon | PG_anon_exclusive)
         mem.mapping[src:src + nr] = 0
