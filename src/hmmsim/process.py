@@ -51,6 +51,7 @@ from .errors import BusError, InvalidArgument, Killed, SegmentationFault, error_
 from .kernel.cpu import SIGBUS, SIGKILL, translate_range, user_copy
 from .kernel.errno import EBADF, EINVAL, ESRCH
 from .kernel.madvise import (
+    MADV_COLLAPSE,
     MADV_DONTNEED,
     MADV_FREE,
     MADV_HUGEPAGE,
@@ -81,7 +82,7 @@ if TYPE_CHECKING:
 
 __all__ = ("Process", "parse_prot", "syscall")
 
-_ADVICE = {"dontneed": MADV_DONTNEED, "free": MADV_FREE, "hugepage": MADV_HUGEPAGE,
+_ADVICE = {"collapse": MADV_COLLAPSE, "dontneed": MADV_DONTNEED, "free": MADV_FREE, "hugepage": MADV_HUGEPAGE,
            "nohugepage": MADV_NOHUGEPAGE, "pageout": MADV_PAGEOUT}
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from hmmsim.kernel.profile import KERNELS
 from hmmsim.scenario.run import reference_config
-from hmmsim.selftests.harness import HMM_TESTS_C, NOT_MODELLED, run_test, select_tests
+from hmmsim.selftests.harness import HMM_TESTS_C, NOT_MODELLED, REAL_KERNEL_FAILS, run_test, select_tests
 
 SELECTED = [(k, *t) for k in KERNELS for t in select_tests(kernel=k)]
 
@@ -14,8 +14,13 @@ SELECTED = [(k, *t) for k in KERNELS for t in select_tests(kernel=k)]
                          ids=[f"{k}-{f}.{v.name}.{n}" for k, f, n, _fn, v in SELECTED])
 def test_hmm_selftest(kernel, fixture, name, fn, variant):
     r = run_test(fixture, name, fn, variant, reference_config(kernel))
+    full = f"{fixture}.{variant.name}.{name}"
     if name in NOT_MODELLED:
         assert (r.status, r.message) == ("skip", NOT_MODELLED[name])
+    elif full in REAL_KERNEL_FAILS[kernel]:
+        # the real kernel fails it (see the reason): hmmsim fails it the same way
+        assert r.status == "fail" and r.details[-1] == REAL_KERNEL_FAILS[kernel][full], r.details
+        assert "expected (-12) == (0)" in r.message  # MIGRATE_TO_SYS: -ENOMEM, as the kernel
     else:
         assert r.status == "pass", "\n".join([r.message, *r.details])
 

@@ -1,4 +1,5 @@
-"""madvise: MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT.
+"""madvise: MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT, MADV_COLLAPSE
+(anonymous VMAs, :mod:`.khugepaged`).
 
 Models ``mm/madvise.c``: ``do_madvise`` and ``madvise_walk_vmas`` (advice is applied to
 every mapped part of the range and ``-ENOMEM`` reported for holes; a range with no VMA
@@ -31,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errno import EAGAIN, EINVAL, ENOMEM
+from .khugepaged import MADV_COLLAPSE, madvise_collapse
 from .huge_memory import madvise_free_huge_pmd, split_folio
 from .memory import zap_page_range_single
 from .mm import MM, MM_SWAPENTS, PtRef, set_pte_at, set_ptes
@@ -64,7 +66,7 @@ from .vma import (
     vma_is_anonymous,
 )
 
-__all__ = ("MADV_DONTNEED", "MADV_FREE", "MADV_HUGEPAGE", "MADV_NOHUGEPAGE", "MADV_PAGEOUT",
+__all__ = ("MADV_COLLAPSE", "MADV_DONTNEED", "MADV_FREE", "MADV_HUGEPAGE", "MADV_NOHUGEPAGE", "MADV_PAGEOUT",
            "do_madvise")
 
 MADV_DONTNEED = 4
@@ -72,7 +74,7 @@ MADV_FREE = 8
 MADV_PAGEOUT = 21
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
-_VALID = {MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT, MADV_HUGEPAGE, MADV_NOHUGEPAGE}
+_VALID = {MADV_DONTNEED, MADV_FREE, MADV_PAGEOUT, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE}
 _U = np.uint64
 
 
@@ -223,6 +225,8 @@ def _madvise_vma(mm: MM, vma: Vma, start: int, end: int, behavior: int) -> int:
         return _madvise_dontneed(vma, start, end)
     if behavior == MADV_FREE:
         return _madvise_free(vma, start, end)
+    if behavior == MADV_COLLAPSE:
+        return madvise_collapse(vma, start, end)
     if behavior == MADV_PAGEOUT:
         if vma_is_anonymous(vma):
             reclaim_pages(vma, start, end)

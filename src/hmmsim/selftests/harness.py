@@ -49,7 +49,8 @@ from ..system import System
 
 __all__ = (
     "ASSERT_EQ", "ASSERT_FALSE", "ASSERT_GE", "ASSERT_GT", "ASSERT_LE", "ASSERT_LT", "ASSERT_NE",
-    "ASSERT_TRUE", "EXPECT_EQ", "EXPECT_NE", "HMM_TESTS_C", "HUGETLB_SETUP_DEFAULT_PAGES", "NEEDS_MIGRATION", "NOT_MODELLED", "SKIP",
+    "ASSERT_TRUE", "EXPECT_EQ", "EXPECT_NE", "HMM_TESTS_C", "HUGETLB_SETUP_DEFAULT_PAGES", "NEEDS_MIGRATION", "NOT_MODELLED",
+    "REAL_KERNEL_FAILS", "SKIP",
     "TESTS", "TEST_F", "TestFailure", "TestResult", "TestSkipped", "UnknownSelection", "VARIANTS",
     "Variant", "run_test",
     "run_tests", "select_tests",
@@ -129,6 +130,22 @@ NOT_MODELLED: dict[str, str] = {
     **{n: "needs device-exclusive access (HMM_DMIRROR_EXCLUSIVE): not modelled yet"
        for n in ("exclusive", "exclusive_mprotect", "exclusive_cow")},
     "userfaultfd_read": "needs userfaultfd and HMM_DMIRROR_READ_UNLOCKED: not modelled yet",
+}
+
+
+#: tests that the real kernel of a release fails in the reference environment
+#: (``/work/briefs``-style kernel-run of its own hmm-tests), with the reason: hmmsim runs
+#: them, fails them the same way, and adds the reason to the failure report
+REAL_KERNEL_FAILS: dict[str, dict[str, str]] = {
+    "6.12": {},
+    "7.3": {
+        "hmm.hmm_device_coherent.migrate_anon_huge_err": (
+            "the real 7.3 kernel fails this test too (hmm-tests.c:2394, ret -12): a coherent "
+            "device has one fixed memory range, so its THP allocations ask for a second chunk "
+            "there, memremap_pages() WARNs 'Conflicting mapping in same section' and fails "
+            "with -ENOMEM; the THP migrated to order-0 device pages, and with FAIL_ALLOC the "
+            "first order-0 page of MIGRATE_TO_SYS cannot be allocated (VM_FAULT_OOM)"),
+    },
 }
 
 
@@ -297,7 +314,8 @@ def run_test(fixture: str, name: str, fn: TestFn, variant: Variant, config: Syst
     except TestSkipped as e:
         return TestResult(full, "skip", str(e), time.perf_counter() - t0)
     except TestFailure as e:
-        return TestResult(full, "fail", str(e), time.perf_counter() - t0)
+        why = REAL_KERNEL_FAILS.get((config or reference_config()).kernel, {}).get(full)
+        return TestResult(full, "fail", str(e), time.perf_counter() - t0, [str(e)] + ([why] if why else []))
     except Exception as e:  # a model bug or an unmodelled path: report, don't crash the run
         tb = traceback.format_exc().splitlines()
         return TestResult(full, "fail", f"{type(e).__name__}: {e}", time.perf_counter() - t0, tb)

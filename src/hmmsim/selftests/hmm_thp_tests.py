@@ -10,7 +10,7 @@ fails with ``-ENOMEM``, so every THP goes to order-0 device pages (the source is
 ``migrate_anon_huge_err`` then fails its MIGRATE_TO_SYS with ``-ENOMEM``, as the real
 7.3 kernel does: with FAIL_ALLOC set, the first order-0 page of the split THP cannot be
 allocated and ``dmirror_devmem_fault_alloc_and_copy`` returns ``VM_FAULT_OOM``
-(:data:`COHERENT_HUGE_ERR_REASON`)."""
+(:data:`~hmmsim.selftests.harness.REAL_KERNEL_FAILS` has the reason)."""
 
 from __future__ import annotations
 
@@ -48,16 +48,8 @@ from .hmm_tests import (
     set_ints,
 )
 
-__all__ = ("BENCHMARK_MAX_SIZE", "COHERENT_HUGE_ERR_REASON", "PM_SWAP", "hmm_buffer_alloc",
-           "pagemap_get_entry")
-
-#: why ``hmm.hmm_device_coherent.migrate_anon_huge_err`` fails on 7.3 (the real kernel
-#: fails it the same way, hmm-tests.c:2394, ``ret`` -12)
-COHERENT_HUGE_ERR_REASON = (
-    "a coherent device has one fixed memory range: its THP allocation asks for a second chunk, "
-    "memremap_pages() WARNs 'Conflicting mapping in same section' and fails with -ENOMEM, so "
-    "the THP went to order-0 device pages; with FAIL_ALLOC the first order-0 page of the "
-    "MIGRATE_TO_SYS cannot be allocated: VM_FAULT_OOM, -ENOMEM")
+__all__ = ("BENCHMARK_MAX_SIZE", "PM_PRESENT", "PM_SWAP", "hmm_buffer_alloc", "pagemap_get_entry",
+           "print_benchmark_results", "run_migration_benchmark")
 
 #: the largest buffer ``benchmark_thp_migration`` runs (the C goes to 256 MiB, 128 THPs;
 #: the default keeps the test suite quick: set ``HMMSIM_THP_BENCH_MAX`` in bytes for more)
@@ -305,7 +297,7 @@ def migrate_anon_huge_err(self: FixtureState, variant: Variant) -> None:
     ret = hmm_dmirror_cmd(p, self.fd, HMM_DMIRROR_FLAGS, buffer, HMM_DMIRROR_FLAG_FAIL_ALLOC)
     ASSERT_EQ(ret, 0)
     ret = hmm_migrate_dev_to_sys(p, self.fd, buffer, npages)
-    ASSERT_EQ(ret, 0)  # the coherent variant fails here: COHERENT_HUGE_ERR_REASON
+    ASSERT_EQ(ret, 0)  # the coherent variant fails here, as on the real kernel (REAL_KERNEL_FAILS)
     ASSERT_EQ(int(ints(p, buffer.ptr + 2048 * 4, 1)[0]), 2048)
     buffer.ptr = old_ptr
     hmm_buffer_free(p, buffer)
