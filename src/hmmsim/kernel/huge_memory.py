@@ -47,6 +47,7 @@ from .page_types import (
     PAGE_SHIFT,
     PMD_MASK,
     PUD_SIZE,
+    pte_index,
 )
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -83,6 +84,7 @@ from .pgtable import (
 from .physmem import (
     PG_anon,
     PG_anon_exclusive,
+    PG_data,
     PG_dirty,
     PG_head,
     PG_hugetlb,
@@ -98,6 +100,7 @@ from .rmap import (
 )
 from .vma import (
     VM_HUGEPAGE,
+    VM_LOCKED,
     VM_NOHUGEPAGE,
     VM_SHARED,
     VM_SPECIAL,
@@ -606,8 +609,54 @@ def split_folio(sys: "System", head: int) -> int:
         end = min(addr + (nr << PAGE_SHIFT), vma.vm_end)
         with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, vma.vm_mm, max(addr, vma.vm_start), end):
             pass
+    pgmap = sys.pgmap_of(head)
     _split_folio_to_order0(sys, head, nr)
+    if pgmap is None or not pgmap.is_private:
+        _map_unused_to_zeropage(sys, head, nr)
     return 0
+
+
+def _map_unused_to_zeropage(sys: "System", head: int, nr: int) -> None:
+    """The remap step of ``__folio_split()`` of an anonymous folio (``remap_page`` with
+    ``RMP_USE_SHARED_ZEROPAGE`` in 6.12, ``TTU_USE_SHARED_ZEROPAGE`` in 7.3): a new
+    order-0 folio whose page holds only zeroes is mapped by the shared zero page instead
+    (``try_to_map_unused_to_zeropage``: a special pte keeping soft-dirty and uffd-wp,
+    one anon rss less), and freed once nothing else references it. Mlocked VMAs keep
+    their pages."""
+    mem = sys.mem
+    pfns = np.arange(head, head + nr, dtype=np.int64)
+    mapped = pfns[mem.mapcount[head:head + nr] > 0]
+    mapped = mapped[mapped < mem.data_pages]
+    if not len(mapped):
+        return
+    zero = (mem.flags[mapped] & PG_data) == 0
+    has = np.flatnonzero(~zero)
+    if len(has):
+        zero[has] = ~mem.data[mapped[has]].any(axis=1)
+    for p in mapped[zero].tolist():
+        for vma, addr in list(rmap_walk(mem, p)):
+            if vma.vm_flags & VM_LOCKED:
+                continue
+            mm = vma.vm_mm
+            pmd = mm.pmd_ref(addr)
+            got = mm.pte_offset_map_lock(pmd) if pmd is not None else None
+            if got is None:
+                continue
+            tbl, tid = got
+            try:
+                i = pte_index(addr)
+                e = int(tbl[i])
+                if not pte_present(e) or pte_pfn(e) != p:
+                    continue
+                new = pte_mkspecial(pfn_pte(mem.zero_pfn, vma.vm_page_prot))
+                new |= e & (_PAGE_SOFT_DIRTY | _PAGE_UFFD_WP)
+                set_ptes(mm, tbl, i, _U(new), 1)
+                mem.mapcount[p] -= 1
+                mm.add_mm_counter(MM_ANONPAGES, -1)
+            finally:
+                mm.pte_unmap_unlock(tid)
+            sys.stats.add("thp.split_zero_page")
+            folio_put(sys, p)
 
 
 def folio_split_unmapped(sys: "System", head: int, new_order: int = 0) -> int:

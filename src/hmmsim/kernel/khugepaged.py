@@ -26,7 +26,7 @@ from .folio import folios_put
 from .huge_memory import map_anon_folio_pmd_pf
 from .mm import MM_ANONPAGES
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK
+from .page_types import HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK
 from .pgtable import _PAGE_PRESENT, _PAGE_PROTNONE, PTE_PFN_MASK, pmd_leaf, pmd_present
 from .physmem import PG_anon
 from .rmap import anon_vma_prepare, folio_remove_rmap_ptes

@@ -57,6 +57,7 @@ declare("fault.spurious", "faults on entries that already allowed the access (on
 declare("fault.user_error", "user accesses that ended in SIGSEGV/SIGBUS (the CPU's fault loop gave up)")
 _declare_all("THP events named like their /proc/vmstat items (thp_fault_alloc, thp_split_pmd, ...)",
              "thp.fault_alloc", "thp.fault_fallback", "thp.zero_page_alloc", "thp.wp_reuse", "thp.collapse_alloc",
+             "thp.split_zero_page",
              "thp.split_pmd", "thp.split_page")
 declare("thp.fault_device_private_pmd", "CPU faults on 7.3 device-private PMDs that reached the "
         "pagemap's migrate_to_ram (do_huge_pmd_device_private)")
