@@ -138,7 +138,8 @@ def migrate_vma_collect_hole(start: int, end: int, depth: int, walk: MmWalk) -> 
     assert walk.vma is not None
     if not vma_is_anonymous(walk.vma):
         return migrate_vma_collect_skip(start, end, walk)
-    if m.flags & MIGRATE_VMA_SELECT_COMPOUND and _huge.migrate_vma_collect_hole_compound(m, start, end, walk):
+    if m.flags & MIGRATE_VMA_SELECT_COMPOUND and walk.vma.vm_mm.sys.profile.device_private_thp \
+            and _huge.migrate_vma_collect_hole_compound(m, start, end, walk):
         return 0
     n = (end - start) >> PAGE_SHIFT
     m.src[m.npages:m.npages + n] = MIGRATE_PFN_MIGRATE
