@@ -199,7 +199,8 @@ def dmirror_devmem_alloc_page(dmirror: "Dmirror", is_large: bool = False) -> int
     order = HPAGE_PMD_ORDER if is_large else 0
     rpage = 0
     if mdevice.is_private:
-        rpage = sys.mem.alloc_folio(order)
+        # GFP_HIGHUSER: not zeroed (a THP is overwritten by the copy or cleared for a hole)
+        rpage = sys.mem.alloc_folio(order, zero=False) if order else sys.mem.alloc_page()
         if rpage < 0:
             return -1
     with mdevice.lock.held():
@@ -369,7 +370,7 @@ def dmirror_devmem_fault_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") ->
             d &= ~MIGRATE_PFN_COMPOUND
             dpage = -1
         elif order:
-            dpage = mem.alloc_folio(order)
+            dpage = mem.alloc_folio(order, zero=False)  # every byte is copied below
         else:
             dpage = mem.alloc_page()
         if dpage < 0 and not order:
@@ -541,7 +542,7 @@ def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
                 continue
             if s_ & MIGRATE_PFN_COMPOUND:
                 order = int(mem.order[spage])
-                dpage = mem.alloc_folio(order)
+                dpage = mem.alloc_folio(order, zero=False)
                 if dpage < 0:
                     raise KernelOops("dmirror_device_evict_chunk: folio_alloc() of a THP failed "
                                      "(NULL dereference; the kernel has no fallback here)")

@@ -324,7 +324,7 @@ def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int
     from ..kernel.migrate import try_to_migrate
     mem = sys.mem
     unmapped = restore = 0
-    for i in range(npages):
+    for i in np.flatnonzero(src[:npages]).tolist():  # zero entries (after a compound one) do nothing
         s = int(src[i])
         page = migrate_pfn_to_page(s)
         if page < 0:
@@ -341,7 +341,7 @@ def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int
             restore += 1
             continue
         unmapped += 1
-    for i in range(npages):
+    for i in np.flatnonzero(src[:npages]).tolist():
         if not restore:
             break
         s = int(src[i])
@@ -440,7 +440,7 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
     state to the destination (a file page cannot go to device memory)."""
     mem = sys.mem
     holes: list[int] = []
-    for i in range(npages):
+    for i in np.flatnonzero(src[:npages] | dst[:npages]).tolist():  # (0, 0) entries do nothing
         s_ = int(src[i])
         new = migrate_pfn_to_page(int(dst[i]))
         page = migrate_pfn_to_page(s_)
@@ -493,7 +493,7 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     page is unlocked and the collection and allocation references are dropped (a source
     page freed this way goes back to its allocator or driver)."""
     mem = sys.mem
-    for i in range(npages):
+    for i in np.flatnonzero(src[:npages] | dst[:npages]).tolist():
         new = migrate_pfn_to_page(int(dst[i]))
         page = migrate_pfn_to_page(int(src[i]))
         if page < 0:

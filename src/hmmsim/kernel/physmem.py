@@ -178,14 +178,17 @@ class PhysMem:
         assert 0 <= n <= self.charged
         self.charged -= n
 
-    def _take(self, pfns: npt.NDArray[np.int64]) -> None:
+    def _take(self, pfns: npt.NDArray[np.int64], zero: bool = True) -> None:
         self._free[pfns] = False
         self._block_free -= np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
         self.nr_free -= len(pfns)
-        dirty = pfns[(self.flags[pfns] & PG_data) != 0]
-        if len(dirty):
-            self._zero(dirty)
-        self._reset(pfns, flags=0, refcount=1)
+        if zero:
+            dirty = pfns[(self.flags[pfns] & PG_data) != 0]
+            if len(dirty):
+                self._zero(dirty)
+            self._reset(pfns, flags=0, refcount=1)
+        else:
+            self._reset(pfns, flags=self.flags[pfns] & np.uint32(PG_data), refcount=1)
 
     def _zero(self, pfns: npt.NDArray[np.int64]) -> None:
         """Zero the contents of *pfns*: runs of consecutive frames as slices."""
@@ -234,8 +237,10 @@ class PhysMem:
         got = self.alloc_pages_bulk(1)
         return int(got[0]) if len(got) else -1
 
-    def alloc_folio(self, order: int) -> int:
-        """``folio_alloc()``: a zeroed folio of 2**order pages; returns the head pfn or -1."""
+    def alloc_folio(self, order: int, zero: bool = True) -> int:
+        """``folio_alloc()``: a zeroed folio of 2**order pages; returns the head pfn or -1.
+        With *zero* False (no ``__GFP_ZERO``: the caller overwrites every byte, as a
+        migration's copy does) a large folio keeps whatever its pages held."""
         if order == 0:
             return self.alloc_page()
         if order != HPAGE_PMD_ORDER:
@@ -245,7 +250,7 @@ class PhysMem:
             return -1
         head = int(cand[0]) * _BLOCK
         pfns = np.arange(head, head + _BLOCK, dtype=np.int64)
-        self._take(pfns)
+        self._take(pfns, zero)
         self.prep_compound(head, order)
         return head
 
