@@ -53,7 +53,7 @@ __all__ = ("BENCHMARK_MAX_SIZE", "PM_PRESENT", "PM_SWAP", "hmm_buffer_alloc", "p
 
 #: the largest buffer ``benchmark_thp_migration`` runs (the C goes to 256 MiB, 128 THPs;
 #: the default keeps the test suite quick: set ``HMMSIM_THP_BENCH_MAX`` in bytes for more)
-BENCHMARK_MAX_SIZE = int(os.environ.get("HMMSIM_THP_BENCH_MAX", str(2 * TWOMEG)))
+BENCHMARK_MAX_SIZE = int(os.environ.get("HMMSIM_THP_BENCH_MAX", str(TWOMEG)))
 
 #: ``PM_SWAP`` of /proc/PID/pagemap (bit 62) and ``PM_PRESENT`` (bit 63)
 PM_SWAP = 1 << 62
