@@ -30,7 +30,7 @@ Traceback (most recent call last):
 hmmsim.errors.InvalidArgument: -EINVAL: munmap
 >>> p.madvise(a, 4096, "willneed")
 Traceback (most recent call last):
-hmmsim.errors.InvalidArgument: -EINVAL: madvise: unknown advice 'willneed' (use dontneed, free, hugepage, nohugepage, pageout or a MADV_* number)
+hmmsim.errors.InvalidArgument: -EINVAL: madvise: unknown advice 'willneed' (use collapse, dontneed, free, hugepage, nohugepage, pageout or a MADV_* number)
 >>> p.exit(); p.mmap(4096)
 Traceback (most recent call last):
 hmmsim.errors.NoSuchProcess: -ESRCH: mmap: process ... has exited
