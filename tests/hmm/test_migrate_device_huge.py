@@ -269,3 +269,39 @@ def test_madvise_collapse_makes_one_thp(make_system) -> None:
     assert system.mem.nr_free == free  # 512 pages out, one 512-page THP in
     assert proc.read(a, PMD_SIZE) == DATA
     assert do_madvise(proc.mm, a + PMD_SIZE, PMD_SIZE, MADV_COLLAPSE) == -22
+
+
+def test_migrate_device_pfns_selects_a_device_thp_as_one_compound_entry(make_system) -> None:
+    """migrate_device_pfns() over the pfns of a device THP and a free device page: the
+    head is one COMPOUND entry (the tails' entries 0), the free page is not selected;
+    the caller's system THP then takes the data and the PMD maps it."""
+    from hmmsim.hmm.migrate_device import (
+        migrate_device_finalize,
+        migrate_device_pages,
+        migrate_device_pfns,
+        migrate_pfn,
+    )
+    from hmmsim.kernel.pagemap import folio_lock
+    system, proc, a = _thp(make_system)
+    d = proc.open_device(0)
+    d.migrate(a, HPAGE_PMD_NR)
+    head = swp_offset_pfn(pte_to_swp_entry(proc.mm.pmd_ref(a).get()))
+    free = system.dmirror_devices[0].free_pages[-1]
+    n = HPAGE_PMD_NR + 1
+    src = np.array(list(range(head, head + HPAGE_PMD_NR)) + [free], np.uint64)
+    dst = np.zeros(n, np.uint64)
+    assert migrate_device_pfns(system, src, n) == 0
+    assert int(src[0]) == migrate_pfn(head) | MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND
+    assert not src[1:].any()
+    assert is_pmd_migration_entry(proc.mm.pmd_ref(a).get())
+    new = system.mem.alloc_folio(9)
+    folio_lock(system, new)
+    system.mem.copy_pages(np.arange(new, new + HPAGE_PMD_NR), np.arange(int(system.mem.zone_device_data[head]),
+                                                                         int(system.mem.zone_device_data[head]) + HPAGE_PMD_NR))
+    dst[0] = migrate_pfn(new) | MIGRATE_PFN_COMPOUND
+    migrate_device_pages(system, src, dst, n)
+    migrate_device_finalize(system, src, dst, n)
+    e = proc.mm.pmd_ref(a).get()
+    assert pmd_present(e) and pte_pfn(e) == new
+    assert proc.read(a, PMD_SIZE) == DATA
+    d.close()

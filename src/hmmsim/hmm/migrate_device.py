@@ -66,7 +66,7 @@ __all__ = (
     "MIGRATE_PFN_WRITE", "MIGRATE_VMA_SELECT_COMPOUND",
     "MIGRATE_VMA_SELECT_DEVICE_COHERENT", "MIGRATE_VMA_SELECT_DEVICE_PRIVATE",
     "MIGRATE_VMA_SELECT_SYSTEM", "MigrateVma", "migrate_device_finalize", "migrate_device_pages",
-    "migrate_device_range", "migrate_pfn", "migrate_pfn_to_page",
+    "migrate_device_pfns", "migrate_device_range", "migrate_pfn", "migrate_pfn_to_page",
     "migrate_vma_collect_hole", "migrate_vma_collect_pmd", "migrate_vma_finalize",
     "migrate_vma_insert_page", "migrate_vma_pages", "migrate_vma_setup",
 )
@@ -556,6 +556,41 @@ def migrate_device_range(sys: "System", src: npt.NDArray[np.uint64], start: int,
                 src[i:npages] = 0
                 break
             src[i] = np.uint64(int(src[i]) | MIGRATE_PFN_COMPOUND)
+        i += nr
+    migrate_device_unmap(sys, src, npages, -1)
+    return 0
+
+
+def migrate_device_pfns(sys: "System", src: npt.NDArray[np.uint64], npages: int) -> int:
+    """Models ``mm/migrate_device.c:migrate_device_pfns()`` (7.3; 6.12 has only
+    :func:`migrate_device_range`): like ``migrate_device_range`` for an array of device
+    pfns that need not be contiguous (``src[i]`` holds a pfn on entry). A page in use is
+    referenced and locked (``migrate_device_pfn_lock``; a tail page is not); a large
+    folio makes its entry COMPOUND and the entries after it 0, and one that does not fit
+    in the array ends the selection. Then the pages are unmapped. Returns 0."""
+    mem = sys.mem
+    i = 0
+    while i < npages:
+        pfn = int(src[i])
+        head = mem.compound_head(pfn)
+        mpfn = 0
+        if head == pfn and mem.refcount[pfn] > 0:  # folio_get_nontail_page()
+            mem.refcount[pfn] += 1
+            if folio_trylock(sys, pfn):
+                mpfn = migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE
+            else:
+                folio_put(sys, pfn)
+        src[i] = np.uint64(mpfn)
+        nr = 1 << int(mem.order[head])
+        if nr > npages - i:
+            if mpfn:
+                folio_unlock(sys, pfn)
+                folio_put(sys, pfn)
+            src[i:npages] = 0
+            break
+        if nr > 1:
+            src[i] = np.uint64(mpfn | MIGRATE_PFN_COMPOUND)
+            src[i + 1:i + nr] = 0
         i += nr
     migrate_device_unmap(sys, src, npages, -1)
     return 0
