@@ -112,6 +112,8 @@ _declare_all("invalidate_range_start() calls by enum mmu_notifier_event",
 # -- hmm ------------------------------------------------------------------------------------------
 declare("hmm.range_fault", "hmm_range_fault() calls")
 declare("hmm.range_fault.ebusy", "hmm_range_fault() calls that returned -EBUSY (range invalidated)")
+declare("hmm.dma_map", "pages mapped by hmm_dma_map_pfn()")
+declare("hmm.dma_unmap", "pages unmapped by hmm_dma_unmap_pfn()")
 declare("hmm.range_fault.timeout", "hmm_range_fault_unlocked_timeout() calls that ran out of their retry budget (-EBUSY)")
 declare("hmm.walk", "walk_page_range() passes of hmm_range_fault() (1 + restarts after a fault)")
 declare("hmm.vma_fault", "hmm_vma_fault() spans (faults of a range on behalf of hmm_range_fault)")
