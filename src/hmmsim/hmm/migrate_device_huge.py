@@ -318,7 +318,7 @@ def migrate_vma_insert_huge_pmd_page(m: MigrateVma, addr: int, head: int, i: int
     ptl = mm.pmd_lock(pmd)
     try:
         e = pmd.get()
-        ok = not vma.vm_flags & VM_UFFD_MISSING
+        ok = not userfaultfd_missing(vma)  # back off, do not deliver the fault
         if ok and e and not (pmd_leaf(e) and pmd_present(e) and mem.is_huge_zero_pfn(pte_pfn(e))):
             ok = False
         if not ok:
