@@ -65,7 +65,8 @@ from ..kernel.pgtable import (
 )
 from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_uptodate
 from ..kernel.rmap import anon_vma_prepare, folio_add_new_anon_rmap_pmd, rmap_walk
-from ..kernel.vma import VM_UFFD_MISSING, VM_WRITE
+from ..kernel.userfaultfd_k import userfaultfd_missing
+from ..kernel.vma import VM_WRITE
 from .migrate_device import (
     MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
