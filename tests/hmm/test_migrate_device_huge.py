@@ -305,3 +305,27 @@ def test_migrate_device_pfns_selects_a_device_thp_as_one_compound_entry(make_sys
     assert pmd_present(e) and pte_pfn(e) == new
     assert proc.read(a, PMD_SIZE) == DATA
     d.close()
+
+
+def test_migrate_vma_pages_does_not_move_an_order0_source_to_a_compound_destination(make_system) -> None:
+    """__migrate_device_pages: an order-0 source entry given a compound destination is
+    deselected (MIGRATE cleared); finalize keeps the source mapped and frees the THP."""
+    from hmmsim.hmm.migrate_device import migrate_pfn, migrate_vma_pages
+    from hmmsim.kernel.pagemap import folio_lock
+    system = make_system(kernel="7.3")
+    proc = system.spawn()
+    a = proc.mmap(4 * P)
+    proc.write(a, b"s" * (4 * P))
+    old = pte_pfn(proc.mm.lookup_pte(a))
+    mmap_read_lock(proc.mm)
+    m = MigrateVma(proc.mm.find_vma(a), a, a + 4 * P, object(), MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND)
+    assert migrate_vma_setup(m) == 0 and m.cpages == 4
+    new = system.mem.alloc_folio(9)
+    folio_lock(system, new)
+    m.dst[0] = migrate_pfn(new) | MIGRATE_PFN_COMPOUND
+    migrate_vma_pages(m)
+    assert not int(m.src[0]) & MIGRATE_PFN_MIGRATE
+    migrate_vma_finalize(m)
+    mmap_read_unlock(proc.mm)
+    assert pte_pfn(proc.mm.lookup_pte(a)) == old and system.mem.is_free(new)
+    assert proc.read(a, 4 * P) == b"s" * (4 * P)
