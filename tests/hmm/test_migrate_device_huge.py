@@ -241,6 +241,7 @@ endfork
 
 
 def test_remove_migration_pmd_of_an_order0_folio_is_item_27() -> None:
+    # (recorded/thp_fork_order0_dst.hmm is the same sequence with snapshots, as 6.12 ran it)
     """7.3 unmaps the child's PMD too, splits only the parent's and later maps 2 MiB of
     a 4 KiB page in the child: hmmsim reports the oops naming remove_migration_pmd.
     6.12 (no dflags; the THP is split when collected) runs the same without FAIL_ALLOC."""
