@@ -527,9 +527,11 @@ def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
     used = np.flatnonzero(mem.refcount[pg.start_pfn:pg.start_pfn + pg.nr_pages] > 0)
     if not len(used):
         return
-    lo = pg.start_pfn + int(used[0])
+    # windows of 512 pfns aligned like the device THPs, so none straddles two windows
+    # (the kernel evicts the whole chunk with one migrate_device_range)
+    lo = max(pg.start_pfn, (pg.start_pfn + int(used[0])) & ~(HPAGE_PMD_NR - 1))
     hi = pg.start_pfn + int(used[-1]) + 1
-    hi += (1 << int(mem.order[hi - 1])) - 1
+    hi += (1 << int(mem.order[hi - 1])) - 1  # the last one may be a device THP's head
     for start in range(lo, hi, HPAGE_PMD_NR):
         n = min(HPAGE_PMD_NR, hi - start)
         src = np.zeros(n, np.uint64)
