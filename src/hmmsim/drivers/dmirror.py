@@ -62,6 +62,7 @@ from .dmirror_core import (
 from .dmirror_devmem import (
     dmirror_allocate_chunk,
     dmirror_device_evict_chunk,
+    dmirror_device_remove_chunks,
     dmirror_migrate_to_device,
     dmirror_migrate_to_system,
 )
@@ -129,7 +130,10 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
         ret = dmirror_migrate_to_device(dmirror, k, caller)
     elif command == HMM_DMIRROR_MIGRATE_TO_SYS:
         ret = dmirror_migrate_to_system(dmirror, k)
-    elif command in (HMM_DMIRROR_EXCLUSIVE, HMM_DMIRROR_RELEASE):
+    elif command == HMM_DMIRROR_RELEASE:
+        dmirror_device_remove_chunks(dmirror.mdevice)
+        ret = 0
+    elif command == HMM_DMIRROR_EXCLUSIVE:
         raise NotSupportedError(f"{IOCTL_NAMES[command]} (device memory migration) is not modelled yet")
     elif command == HMM_DMIRROR_FLAGS and dmirror.sys.profile.dmirror_flags_cmd:
         # the whole word is stored; HMM_DMIRROR_FLAG_FAIL_ALLOC is consumed by the next

@@ -32,6 +32,7 @@ from ..kernel.memremap import (
     DevPagemapOps,
     MemoryType,
     memremap_pages,
+    memunmap_pages,
     zone_device_page_init,
 )
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = (
     "dmirror_allocate_chunk",
     "dmirror_device_evict_chunk",
+    "dmirror_device_remove_chunks",
     "dmirror_devmem_alloc_page",
     "dmirror_devmem_fault",
     "dmirror_devmem_fault_alloc_and_copy",
@@ -371,3 +373,39 @@ def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
             dst[i] = np.uint64(migrate_pfn(dpage) | (int(src[i]) & MIGRATE_PFN_WRITE))
         migrate_device_pages(sys, src, dst, n)
         migrate_device_finalize(sys, src, dst, n)
+
+
+def dmirror_remove_free_pages(chunk: DmirrorChunk) -> None:
+    """``dmirror_remove_free_pages()`` (under ``mdevice->lock``): take the chunk's pages
+    off the device's free list. (The kernel's loop only moves the list head past the last
+    page of the chunk it finds; as every chunk is removed in turn and the list is reset
+    afterwards, the result is the same: no page of a removed chunk is handed out again.)"""
+    mdevice = chunk.mdevice
+    lo, hi = chunk.pagemap.start_pfn, chunk.pagemap.start_pfn + chunk.pagemap.nr_pages
+    mdevice.free_pages = [p for p in mdevice.free_pages if not lo <= p < hi]
+
+
+def dmirror_device_remove_chunks(mdevice: DmirrorDevice) -> None:
+    """``dmirror_device_remove_chunks()`` (HMM_DMIRROR_RELEASE): for every chunk, mark it
+    removed and drop its free pages, evict its pages in use to system memory
+    (:func:`dmirror_device_evict_chunk`; their ``page_free`` then keeps them off the free
+    list), ``memunmap_pages`` and, for private memory, ``release_mem_region``. The device
+    is left with no chunk: its next allocation maps a new one (coherent devices map their
+    fixed SPM range again)."""
+    sys = mdevice.sys
+    with mdevice.devmem_lock.held():
+        if not mdevice.chunks:
+            return
+        for chunk in list(mdevice.chunks):
+            with mdevice.lock.held():
+                chunk.remove = True
+                dmirror_remove_free_pages(chunk)
+            dmirror_device_evict_chunk(chunk)
+            pg = chunk.pagemap
+            memunmap_pages(sys, pg)
+            if pg.is_private:
+                sys.release_mem_region(pg.start_pfn, pg.nr_pages)
+            sys.stats.add("dmirror.chunks_removed")
+        mdevice.chunks = []
+        with mdevice.lock.held():
+            mdevice.free_pages = []

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .bug import KernelOops
 from .errno import EINVAL
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
@@ -133,14 +134,31 @@ def pagemap_range(sys: "System", pgmap: DevPagemap) -> None:
 
 
 def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:
-    """``memunmap_pages()``: the pages must all be free (the driver evicted them)."""
+    """``memunmap_pages()``: kill the pagemap's reference, wait until every page of it is
+    free (``wait_for_completion(&pgmap->done)``), then take the pfn range out of the pfn
+    space (``pageunmap_range``: the struct pages go away with it).
+
+    The kernel waits forever if a page still has a reference (the driver failed to evict
+    it): that is reported as :class:`~hmmsim.kernel.bug.KernelOops` naming the hang."""
     mem = sys.mem
     a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
+    assert pgmap.id and sys.pgmaps[pgmap.id - 1] is pgmap, "memunmap_pages of a pagemap not mapped"
     busy = np.flatnonzero(mem.refcount[a:b])
     if len(busy):
-        raise AssertionError(f"memunmap_pages: pfn {a + int(busy[0]):#x} still in use")
+        raise KernelOops(f"memunmap_pages: device pfn {a + int(busy[0]):#x} still has "
+                         f"{int(mem.refcount[a + int(busy[0])])} reference(s); the kernel "
+                         "waits forever for the pagemap's references (hang)")
+    assert pgmap.nr_used == 0
     mem.pgmap[a:b] = 0
+    mem.flags[a:b] = 0
+    mem.mapping[a:b] = 0
+    mem.index[a:b] = 0
+    mem.order[a:b] = 0
+    mem.head_off[a:b] = 0
+    mem.zone_device_data[a:b] = 0
     sys.pgmaps[pgmap.id - 1] = None  # type: ignore[call-overload]
+    pgmap.id = 0
+    sys.stats.add("memremap.unmap_pages", pgmap.nr_pages)
 
 
 def page_pgmap(sys: "System", pfn: int) -> DevPagemap | None:
