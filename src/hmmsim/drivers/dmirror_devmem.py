@@ -45,7 +45,7 @@ from ..kernel.page_types import (
 from ..kernel.pagemap import folio_lock
 from ..kernel.system import DEVMEM_CHUNK_PAGES
 from ..kernel.task import mmget_not_zero, mmput
-from ..kernel.vma import VM_READ
+from ..kernel.vma import VM_READ, VM_WRITE
 from .dmirror_core import (
     DPT_XA_TAG_WRITE,
     Dmirror,
@@ -166,6 +166,9 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
     7.3's ``HMM_DMIRROR_FLAG_FAIL_ALLOC`` fails the first allocation (that entry is left)."""
     sys = dmirror.sys
     mem = sys.mem
+    # 6.12: a hole or zero page (no source page) of a writable VMA gets a writable page
+    hole_write = MIGRATE_PFN_WRITE if (sys.profile.dmirror_hole_migrates_writable
+                                       and args.vma.vm_flags & VM_WRITE) else 0
     for i in range(args.npages):
         s = int(args.src[i])
         if not s & MIGRATE_PFN_MIGRATE:
@@ -183,7 +186,7 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
             continue
         rpage = _backing_page(sys, dpage)
         dmirror.mdevice.backing_owner[rpage] = dmirror
-        args.dst[i] = np.uint64(migrate_pfn(dpage) | (s & MIGRATE_PFN_WRITE))
+        args.dst[i] = np.uint64(migrate_pfn(dpage) | (s & MIGRATE_PFN_WRITE) | (hole_write if spage < 0 else 0))
         if spage >= 0:
             mem.copy_pages(rpage, spage)
         else:

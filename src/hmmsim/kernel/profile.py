@@ -82,6 +82,10 @@ class Profile:
     dmirror_read_unlocked_cmd: bool
     #: device-private THP: whole PMD-sized folios migrate to device memory (7.3)
     device_private_thp: bool
+    #: test_hmm's MIGRATE_TO_DEV gives a hole or zero page of a writable VMA a writable
+    #: device page (mirror entry tagged WRITE) although the source has no
+    #: MIGRATE_PFN_WRITE (6.12); 7.3 takes the write flag from the source only
+    dmirror_hole_migrates_writable: bool
     #: ``make_device_exclusive()`` one page at a time (7.3); 6.12 has
     #: ``make_device_exclusive_range()``, which fails with -EBUSY on a THP tail
     per_page_device_exclusive: bool
@@ -119,6 +123,7 @@ KERNELS: dict[str, Profile] = {
         dmirror_flags_cmd=False,
         dmirror_read_unlocked_cmd=False,
         device_private_thp=False,
+        dmirror_hole_migrates_writable=True,
         per_page_device_exclusive=False,
         boot_reserved_pages=3254,
     ),
@@ -140,6 +145,7 @@ KERNELS: dict[str, Profile] = {
         dmirror_flags_cmd=True,
         dmirror_read_unlocked_cmd=True,
         device_private_thp=True,
+        dmirror_hole_migrates_writable=False,
         per_page_device_exclusive=True,
         boot_reserved_pages=2680,
     ),
