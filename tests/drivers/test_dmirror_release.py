@@ -161,3 +161,23 @@ def test_release_mem_region_is_reused_and_checked(make_system) -> None:
     assert sys.request_free_mem_region(512) == s1
     assert sys.request_free_mem_region(DEVMEM_CHUNK_PAGES - 512) == s1 + 512
     assert sys.request_free_mem_region(512) == s2 + DEVMEM_CHUNK_PAGES
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_coherent_pages_reused_after_release_are_cleared_for_holes(make_system, kernel: str) -> None:
+    """The coherent range keeps its bytes across RELEASE and the next memremap_pages; a
+    hole migrated to one of its pages must still read as zeros (clear_highpage). Found by
+    the property test: memunmap_pages once dropped the "page may hold data" flag."""
+    sys = make_system(kernel=kernel)
+    proc = sys.spawn()
+    a = proc.mmap(4 * P)
+    proc.write(a, pattern(4, 4))
+    d = proc.open_device(2)
+    d.migrate(a, 4)
+    d.release()
+    b = proc.mmap(4 * P)
+    r = d.migrate(b, 4)  # holes: new coherent pages, cleared
+    assert r.cpages == 4 and not r.data.any()
+    assert proc.read(b, 4 * P) == bytes(4 * P)
+    assert proc.read(a, 4 * P) == pattern(4, 4)
+    d.close()

@@ -21,7 +21,7 @@ from .errno import EINVAL
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
 from .pagemap import folio_lock
-from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_head, PG_locked
+from .physmem import PG_anon, PG_anon_exclusive, PG_data, PG_dirty, PG_head, PG_locked
 
 if TYPE_CHECKING:
     from .system import System
@@ -150,7 +150,9 @@ def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:
                          "waits forever for the pagemap's references (hang)")
     assert pgmap.nr_used == 0
     mem.pgmap[a:b] = 0
-    mem.flags[a:b] = 0
+    # the struct pages go away; the memory's bytes stay (PG_data: "may hold non-zero
+    # bytes", which clear_pages() relies on, so it is kept)
+    mem.flags[a:b] &= np.uint32(PG_data)
     mem.mapping[a:b] = 0
     mem.index[a:b] = 0
     mem.order[a:b] = 0
