@@ -426,7 +426,7 @@ class DeviceMachine(RuleBasedStateMachine):
 #: ``pytest --hypothesis-long`` (or HMMSIM_HYPOTHESIS_LONG=1): a large random budget
 LONG = os.environ.get("HMMSIM_HYPOTHESIS_LONG", "") not in ("", "0")
 SETTINGS = (settings(max_examples=300, stateful_step_count=60, deadline=None, derandomize=False) if LONG
-            else settings(max_examples=6, stateful_step_count=25, deadline=None, derandomize=True))
+            else settings(max_examples=3, stateful_step_count=20, deadline=None, derandomize=True))
 
 
 class DeviceMachine612(DeviceMachine):
