@@ -15,7 +15,7 @@ from hmmsim.drivers.test_hmm_uapi import (
     HMM_DMIRROR_RELEASE,
     HmmDmirrorCmd,
 )
-from hmmsim.errors import KernelOops
+from hmmsim.kernel.locking import DeadlockError
 from hmmsim.kernel.errno import EINVAL
 from hmmsim.kernel.memremap import memunmap_pages
 from hmmsim.kernel.page_types import PAGE_SIZE as P
@@ -119,7 +119,7 @@ def test_release_evicts_every_handle_and_process(make_system, kernel: str) -> No
 def test_release_of_a_page_that_cannot_be_evicted_is_the_kernels_hang(make_system, kernel: str) -> None:
     """A device page with a reference nobody drops (here: a kernel reference taken by
     hand) is not migrated by ``migrate_device_range``; ``memunmap_pages`` then waits for
-    it forever. hmmsim reports that as a kernel oops naming the hang."""
+    it forever. hmmsim reports that hang (DeadlockError: ``kernel-hang`` in a scenario)."""
     sys = make_system(kernel=kernel)
     proc = sys.spawn()
     a = proc.mmap(2 * P)
@@ -129,7 +129,7 @@ def test_release_of_a_page_that_cannot_be_evicted_is_the_kernels_hang(make_syste
     dpfn = _device_pfn(proc, a)
     sys.mem.refcount[dpfn] += 1  # a get_page() whose put never comes
     sys.extra_refs[dpfn] = 1
-    with pytest.raises(KernelOops, match="memunmap_pages.*hang"):
+    with pytest.raises(DeadlockError, match="memunmap_pages.*hang"):
         d.release()
     # the page that could be evicted was
     assert proc.pte(a + P).startswith("pfn")
@@ -144,7 +144,7 @@ def test_memunmap_pages_refuses_a_pagemap_in_use(make_system) -> None:
     d = proc.open_device(0)
     d.migrate(a, 1)
     pg = sys.dmirror_devices[0].chunks[0].pagemap
-    with pytest.raises(KernelOops, match="still has 1 reference"):
+    with pytest.raises(DeadlockError, match="still has 1 reference"):
         memunmap_pages(sys, pg)
     assert sys.pgmap_of(pg.start_pfn) is pg, "nothing changed"
     d.close()

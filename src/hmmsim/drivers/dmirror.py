@@ -13,8 +13,9 @@ Commands implemented here: ``HMM_DMIRROR_READ``, ``HMM_DMIRROR_WRITE``,
 7.3), ``HMM_DMIRROR_CHECK_EXCLUSIVE``, ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``),
 ``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``HMM_DMIRROR_MIGRATE_TO_SYS`` (order-0 device pages from
 free lists, a private page's data in a backing system page, 7.3's FAIL_ALLOC), the
-pagemap's ``migrate_to_ram`` and eviction on close. Exclusive access, ``RELEASE`` and
-device THP folios raise :class:`NotSupportedError`.
+pagemap's ``migrate_to_ram``, eviction on close and ``HMM_DMIRROR_RELEASE`` (every chunk
+evicted and unmapped; the next allocation maps a new one). Exclusive access and device THP
+folios raise :class:`NotSupportedError`.
 
 The driver is split like this: ``dmirror_core`` (the structures and the bounce buffer),
 ``dmirror_mirror`` (notifier, range fault, READ/WRITE/SNAPSHOT/CHECK_EXCLUSIVE),

@@ -1,5 +1,6 @@
 """Device memory of the dmirror test device (``lib/test_hmm.c``): chunks and free lists,
-MIGRATE_TO_DEV / MIGRATE_TO_SYS, the pagemap's ``migrate_to_ram`` and eviction."""
+MIGRATE_TO_DEV / MIGRATE_TO_SYS, the pagemap's ``migrate_to_ram``, eviction (on close and
+HMM_DMIRROR_RELEASE, which also unmaps every chunk: ``dmirror_device_remove_chunks``)."""
 
 from __future__ import annotations
 

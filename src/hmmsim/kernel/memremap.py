@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bug import KernelOops
 from .errno import EINVAL
+from .locking import DeadlockError
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
 from .pagemap import folio_lock
@@ -139,15 +139,16 @@ def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:
     space (``pageunmap_range``: the struct pages go away with it).
 
     The kernel waits forever if a page still has a reference (the driver failed to evict
-    it): that is reported as :class:`~hmmsim.kernel.bug.KernelOops` naming the hang."""
+    it): that is :class:`~hmmsim.kernel.locking.DeadlockError` naming the wait (the
+    scenario runner reports it as ``kernel-hang``); nothing is changed."""
     mem = sys.mem
     a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
     assert pgmap.id and sys.pgmaps[pgmap.id - 1] is pgmap, "memunmap_pages of a pagemap not mapped"
     busy = np.flatnonzero(mem.refcount[a:b])
     if len(busy):
-        raise KernelOops(f"memunmap_pages: device pfn {a + int(busy[0]):#x} still has "
-                         f"{int(mem.refcount[a + int(busy[0])])} reference(s); the kernel "
-                         "waits forever for the pagemap's references (hang)")
+        raise DeadlockError(f"memunmap_pages: device pfn {a + int(busy[0]):#x} still has "
+                            f"{int(mem.refcount[a + int(busy[0])])} reference(s); "
+                            "wait_for_completion(&pgmap->done) waits forever (hang)")
     assert pgmap.nr_used == 0
     mem.pgmap[a:b] = 0
     # the struct pages go away; the memory's bytes stay (PG_data: "may hold non-zero
