@@ -34,6 +34,7 @@ from .drivers.test_hmm_uapi import (
     HMM_DMIRROR_MIGRATE_TO_DEV,
     HMM_DMIRROR_MIGRATE_TO_SYS,
     HMM_DMIRROR_READ,
+    HMM_DMIRROR_RELEASE,
     HMM_DMIRROR_SNAPSHOT,
     HMM_DMIRROR_WRITE,
     HmmDmirrorCmd,
@@ -184,6 +185,14 @@ class Device:
         if ret:
             raise error_from_errno(ret, "check_exclusive")
         return True
+
+    def release(self) -> None:
+        """HMM_DMIRROR_RELEASE: evict every page of the device (every handle's, every
+        process's) to system memory and unmap its memory; the next migration maps a new
+        chunk. (The driver ignores the range; the facade passes one page at 0.)"""
+        ret = self.ioctl(HMM_DMIRROR_RELEASE, HmmDmirrorCmd(addr=0, npages=1))
+        if ret:
+            raise error_from_errno(ret, "release")
 
     def close(self) -> None:
         """``close(fd)``: the mirror goes away and the device's memory is evicted."""

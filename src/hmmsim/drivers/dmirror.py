@@ -13,8 +13,9 @@ Commands implemented here: ``HMM_DMIRROR_READ``, ``HMM_DMIRROR_WRITE``,
 7.3), ``HMM_DMIRROR_CHECK_EXCLUSIVE``, ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``),
 ``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``HMM_DMIRROR_MIGRATE_TO_SYS`` (order-0 device pages from
 free lists, a private page's data in a backing system page, 7.3's FAIL_ALLOC), the
-pagemap's ``migrate_to_ram`` and eviction on close. Exclusive access, ``RELEASE`` and
-device THP folios raise :class:`NotSupportedError`.
+pagemap's ``migrate_to_ram``, eviction on close and ``HMM_DMIRROR_RELEASE`` (every chunk
+evicted and unmapped; the next allocation maps a new one). Exclusive access and device THP
+folios raise :class:`NotSupportedError`.
 
 The driver is split like this: ``dmirror_core`` (the structures and the bounce buffer),
 ``dmirror_mirror`` (notifier, range fault, READ/WRITE/SNAPSHOT/CHECK_EXCLUSIVE),
@@ -62,6 +63,7 @@ from .dmirror_core import (
 from .dmirror_devmem import (
     dmirror_allocate_chunk,
     dmirror_device_evict_chunk,
+    dmirror_device_remove_chunks,
     dmirror_migrate_to_device,
     dmirror_migrate_to_system,
 )
@@ -130,7 +132,10 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
         ret = dmirror_migrate_to_device(dmirror, k, caller)
     elif command == HMM_DMIRROR_MIGRATE_TO_SYS:
         ret = dmirror_migrate_to_system(dmirror, k)
-    elif command in (HMM_DMIRROR_EXCLUSIVE, HMM_DMIRROR_RELEASE):
+    elif command == HMM_DMIRROR_RELEASE:
+        dmirror_device_remove_chunks(dmirror.mdevice)
+        ret = 0
+    elif command == HMM_DMIRROR_EXCLUSIVE:
         raise NotSupportedError(f"{IOCTL_NAMES[command]} (device memory migration) is not modelled yet")
     elif command == HMM_DMIRROR_FLAGS and dmirror.sys.profile.dmirror_flags_cmd:
         # the whole word is stored; HMM_DMIRROR_FLAG_FAIL_ALLOC is consumed by the next

@@ -1,5 +1,6 @@
 """Device memory of the dmirror test device (``lib/test_hmm.c``): chunks and free lists,
-MIGRATE_TO_DEV / MIGRATE_TO_SYS, the pagemap's ``migrate_to_ram`` and eviction."""
+MIGRATE_TO_DEV / MIGRATE_TO_SYS, the pagemap's ``migrate_to_ram``, eviction (on close and
+HMM_DMIRROR_RELEASE, which also unmaps every chunk: ``dmirror_device_remove_chunks``)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from ..kernel.memremap import (
     DevPagemapOps,
     MemoryType,
     memremap_pages,
+    memunmap_pages,
     zone_device_folio_init,
     zone_device_page_init,
 )
@@ -49,7 +51,7 @@ from ..kernel.pagemap import folio_lock, folio_unlock
 from ..kernel.physmem import PG_head
 from ..kernel.system import DEVMEM_CHUNK_PAGES
 from ..kernel.task import mmget_not_zero, mmput
-from ..kernel.vma import VM_READ
+from ..kernel.vma import VM_READ, VM_WRITE
 from .dmirror_core import (
     DPT_XA_TAG_WRITE,
     Dmirror,
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
 __all__ = (
     "dmirror_allocate_chunk",
     "dmirror_device_evict_chunk",
+    "dmirror_device_remove_chunks",
     "dmirror_devmem_alloc_page",
     "dmirror_devmem_fault",
     "dmirror_devmem_fault_alloc_and_copy",
@@ -248,6 +251,9 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
     fails is left alone."""
     sys = dmirror.sys
     mem = sys.mem
+    # 6.12: a hole or zero page (no source page) of a writable VMA gets a writable page
+    hole_write = MIGRATE_PFN_WRITE if (sys.profile.dmirror_hole_migrates_writable
+                                       and args.vma.vm_flags & VM_WRITE) else 0
     src, dst = args.src, args.dst
     npages = args.npages
     i = 0
@@ -288,7 +294,7 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
             continue
         rpage = _backing_page(sys, dpage)
         dmirror.mdevice.backing_owner[rpage] = dmirror
-        dst[i] = np.uint64(migrate_pfn(dpage) | write)
+        dst[i] = np.uint64(migrate_pfn(dpage) | write | (hole_write if spage < 0 else 0))
         if is_large:
             dst[i] = np.uint64(int(dst[i]) | MIGRATE_PFN_COMPOUND)
             if mem.order[dpage]:
@@ -561,3 +567,41 @@ def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
                                | (MIGRATE_PFN_COMPOUND if order else 0))
         migrate_device_pages(sys, src, dst, n)
         migrate_device_finalize(sys, src, dst, n)
+
+
+def dmirror_remove_free_pages(chunk: DmirrorChunk) -> None:
+    """``dmirror_remove_free_pages()`` (under ``mdevice->lock``): take the chunk's pages
+    off the device's free lists (7.3: its free THPs too). (The kernel's loop only moves the list head past the last
+    page of the chunk it finds; as every chunk is removed in turn and the list is reset
+    afterwards, the result is the same: no page of a removed chunk is handed out again.)"""
+    mdevice = chunk.mdevice
+    lo, hi = chunk.pagemap.start_pfn, chunk.pagemap.start_pfn + chunk.pagemap.nr_pages
+    mdevice.free_pages = [p for p in mdevice.free_pages if not lo <= p < hi]
+    mdevice.free_folios = [p for p in mdevice.free_folios if not lo <= p < hi]
+
+
+def dmirror_device_remove_chunks(mdevice: DmirrorDevice) -> None:
+    """``dmirror_device_remove_chunks()`` (HMM_DMIRROR_RELEASE): for every chunk, mark it
+    removed and drop its free pages, evict its pages in use to system memory
+    (:func:`dmirror_device_evict_chunk`; their ``page_free`` then keeps them off the free
+    list), ``memunmap_pages`` and, for private memory, ``release_mem_region``. The device
+    is left with no chunk: its next allocation maps a new one (coherent devices map their
+    fixed SPM range again)."""
+    sys = mdevice.sys
+    with mdevice.devmem_lock.held():
+        if not mdevice.chunks:
+            return
+        for chunk in list(mdevice.chunks):
+            with mdevice.lock.held():
+                chunk.remove = True
+                dmirror_remove_free_pages(chunk)
+            dmirror_device_evict_chunk(chunk)
+            pg = chunk.pagemap
+            memunmap_pages(sys, pg)
+            if pg.is_private:
+                sys.release_mem_region(pg.start_pfn, pg.nr_pages)
+            sys.stats.add("dmirror.chunks_removed")
+        mdevice.chunks = []
+        with mdevice.lock.held():
+            mdevice.free_pages = []
+            mdevice.free_folios = []

@@ -249,7 +249,7 @@ def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) ->
     return (addr, ret) if ret else (bend, 0)
 
 
-def _kernel_pages(dmirror: Dmirror, entries: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+def _kernel_pages(dmirror: Dmirror, entries: npt.NDArray[np.int64], fn: str) -> npt.NDArray[np.int64]:
     """The pfns a kernel copy would go through (``memcpy_from/to_page``); a device-private
     page has no kernel mapping: the real kernel oopses (conventions, item 25)."""
     sys = dmirror.sys
@@ -257,7 +257,7 @@ def _kernel_pages(dmirror: Dmirror, entries: npt.NDArray[np.int64]) -> npt.NDArr
     if len(pfns) and (pfns >= sys.mem.data_pages).any():
         pfn = int(pfns[pfns >= sys.mem.data_pages][0])
         raise KernelOops(f"dmirror{dmirror.mdevice.minor}: copy through device-private page "
-                         f"{pfn:#x} (no kernel mapping): BUG in dmirror_do_read/write")
+                         f"{pfn:#x} (no kernel mapping): BUG in {fn}")
     return pfns
 
 
@@ -269,7 +269,7 @@ def dmirror_do_read(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBounc
     entries = dmirror.pt.load_range(start >> PAGE_SHIFT, n)
     missing = np.flatnonzero(entries < 0)
     k = int(missing[0]) if len(missing) else n
-    pfns = _kernel_pages(dmirror, entries[:k])
+    pfns = _kernel_pages(dmirror, entries[:k], "dmirror_do_read() memcpy_from_page")
     off = (start - bounce.addr) >> PAGE_SHIFT
     if k:
         if bounce.src is None:
@@ -288,7 +288,7 @@ def dmirror_do_write(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBoun
     entries = dmirror.pt.load_range(start >> PAGE_SHIFT, n)
     bad = np.flatnonzero((entries < 0) | ((entries & 3) != DPT_XA_TAG_WRITE))
     k = int(bad[0]) if len(bad) else n
-    pfns = _kernel_pages(dmirror, entries[:k])
+    pfns = _kernel_pages(dmirror, entries[:k], "dmirror_do_write() memcpy_to_page")
     off = (start - bounce.addr) & PAGE_MASK
     if k and bounce.src is not None:  # frame to frame from the user's buffer
         dmirror.sys.mem.copy_pages(pfns, bounce.src[off >> PAGE_SHIFT:(off >> PAGE_SHIFT) + k])

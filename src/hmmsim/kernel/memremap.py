@@ -18,10 +18,11 @@ import numpy as np
 
 from .bug import WARN
 from .errno import EINVAL, ENOMEM
+from .locking import DeadlockError
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
 from .pagemap import folio_lock
-from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_head, PG_locked
+from .physmem import PG_anon, PG_anon_exclusive, PG_data, PG_dirty, PG_head, PG_locked
 
 if TYPE_CHECKING:
     from .system import System
@@ -151,14 +152,34 @@ def pagemap_range(sys: "System", pgmap: DevPagemap) -> None:
 
 
 def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:
-    """``memunmap_pages()``: the pages must all be free (the driver evicted them)."""
+    """``memunmap_pages()``: kill the pagemap's reference, wait until every page of it is
+    free (``wait_for_completion(&pgmap->done)``), then take the pfn range out of the pfn
+    space (``pageunmap_range``: the struct pages go away with it).
+
+    The kernel waits forever if a page still has a reference (the driver failed to evict
+    it): that is :class:`~hmmsim.kernel.locking.DeadlockError` naming the wait (the
+    scenario runner reports it as ``kernel-hang``); nothing is changed."""
     mem = sys.mem
     a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
+    assert pgmap.id and sys.pgmaps[pgmap.id - 1] is pgmap, "memunmap_pages of a pagemap not mapped"
     busy = np.flatnonzero(mem.refcount[a:b])
     if len(busy):
-        raise AssertionError(f"memunmap_pages: pfn {a + int(busy[0]):#x} still in use")
+        raise DeadlockError(f"memunmap_pages: device pfn {a + int(busy[0]):#x} still has "
+                            f"{int(mem.refcount[a + int(busy[0])])} reference(s); "
+                            "wait_for_completion(&pgmap->done) waits forever (hang)")
+    assert pgmap.nr_used == 0
     mem.pgmap[a:b] = 0
+    # the struct pages go away; the memory's bytes stay (PG_data: "may hold non-zero
+    # bytes", which clear_pages() relies on, so it is kept)
+    mem.flags[a:b] &= np.uint32(PG_data)
+    mem.mapping[a:b] = 0
+    mem.index[a:b] = 0
+    mem.order[a:b] = 0
+    mem.head_off[a:b] = 0
+    mem.zone_device_data[a:b] = 0
     sys.pgmaps[pgmap.id - 1] = None  # type: ignore[call-overload]
+    pgmap.id = 0
+    sys.stats.add("memremap.unmap_pages", pgmap.nr_pages)
 
 
 def page_pgmap(sys: "System", pfn: int) -> DevPagemap | None:

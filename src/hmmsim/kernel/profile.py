@@ -84,6 +84,10 @@ class Profile:
     hmm_dma_map_helpers: bool
     #: device-private THP: whole PMD-sized folios migrate to device memory (7.3)
     device_private_thp: bool
+    #: test_hmm's MIGRATE_TO_DEV gives a hole or zero page of a writable VMA a writable
+    #: device page (mirror entry tagged WRITE) although the source has no
+    #: MIGRATE_PFN_WRITE (6.12); 7.3 takes the write flag from the source only
+    dmirror_hole_migrates_writable: bool
     #: ``make_device_exclusive()`` one page at a time (7.3); 6.12 has
     #: ``make_device_exclusive_range()``, which fails with -EBUSY on a THP tail
     per_page_device_exclusive: bool
@@ -122,6 +126,7 @@ KERNELS: dict[str, Profile] = {
         dmirror_read_unlocked_cmd=False,
         hmm_dma_map_helpers=False,
         device_private_thp=False,
+        dmirror_hole_migrates_writable=True,
         per_page_device_exclusive=False,
         boot_reserved_pages=3254,
     ),
@@ -144,6 +149,7 @@ KERNELS: dict[str, Profile] = {
         dmirror_read_unlocked_cmd=True,
         hmm_dma_map_helpers=True,
         device_private_thp=True,
+        dmirror_hole_migrates_writable=False,
         per_page_device_exclusive=True,
         boot_reserved_pages=2680,
     ),

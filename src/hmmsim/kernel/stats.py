@@ -89,8 +89,9 @@ _declare_all("migration (migration entry waits, try_to_migrate, remove_migration
              "migrate.remove_migration_ptes", "migrate.pages")
 _declare_all("PMD migration entries installed (set_pmd_migration_entry) and removed "
              "(remove_migration_pmd)", "migrate.set_pmd_migration_entry", "migrate.remove_migration_pmd")
-_declare_all("ZONE_DEVICE (pages of memremap_pages() ranges, free_zone_device_folio() calls)",
-             "memremap.pages", "memremap.page_free")
+_declare_all("ZONE_DEVICE (pages of memremap_pages() ranges, free_zone_device_folio() calls, "
+             "pages of memunmap_pages() ranges)", "memremap.pages", "memremap.page_free",
+             "memremap.unmap_pages")
 # -- page tables and the walker -------------------------------------------------------------------
 _declare_all("page-table pages allocated at that level (l1 = pte table ... l4 = pgd)",
              "pgtable.alloc.l1", "pgtable.alloc.l2", "pgtable.alloc.l3", "pgtable.alloc.l4")
@@ -133,6 +134,7 @@ DMIRROR_IOCTLS = ("read", "write", "migrate_to_dev", "migrate_to_sys", "snapshot
 _declare_all("dmirror_fops_unlocked_ioctl() calls by command (after argument checks)",
              *(f"dmirror.ioctl.{c}" for c in DMIRROR_IOCTLS))
 declare("dmirror.chunks", "device memory chunks allocated (dmirror_allocate_chunk)")
+declare("dmirror.chunks_removed", "device memory chunks removed (dmirror_device_remove_chunks)")
 declare("dmirror.warn_already_device", "WARNs: a page selected for MIGRATE_TO_DEV is already a device page")
 declare("dmirror.warn_not_device", "WARN_ONs: a page selected for migration to RAM is not a device page")
 declare("migrate_vma.setup", "migrate_vma_setup() calls that collected a range")

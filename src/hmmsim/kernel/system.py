@@ -115,6 +115,8 @@ class System:
         data_pages = ram_pages + coherent_pages
         self._private_base = (data_pages + DEVMEM_CHUNK_PAGES - 1) // DEVMEM_CHUNK_PAGES * DEVMEM_CHUNK_PAGES
         self._private_next = self._private_base
+        #: device-private ranges given back by ``release_mem_region`` (start pfn -> pages)
+        self._private_released: dict[int, int] = {}
         max_pfn = self._private_base + (config.device_private_space >> PAGE_SHIFT)
         self.mem = PhysMem(ram_pages, data_pages, max_pfn, config.reserved_pages)
         #: every live address space (``exit_mmap`` takes an mm off the list)
@@ -149,12 +151,28 @@ class System:
     # -- device memory ----------------------------------------------------------------------
     def request_free_mem_region(self, nr_pages: int) -> int:
         """``request_free_mem_region()``: a free physical range for device-private memory
-        (not CPU addressable); returns its first pfn or -1."""
+        (not CPU addressable); returns its first pfn or -1. A range given back by
+        :meth:`release_mem_region` is found again first (the lowest one that fits)."""
+        for start in sorted(self._private_released):
+            have = self._private_released[start]
+            if have >= nr_pages:
+                del self._private_released[start]
+                if have > nr_pages:
+                    self._private_released[start + nr_pages] = have - nr_pages
+                return start
         start = self._private_next
         if start + nr_pages > self.mem.max_pfn:
             return -1
         self._private_next += nr_pages
         return start
+
+    def release_mem_region(self, start: int, nr_pages: int) -> None:
+        """``release_mem_region()``: give back a range :meth:`request_free_mem_region`
+        handed out (the driver unmapped its pages first)."""
+        assert self._private_base <= start and start + nr_pages <= self._private_next, "not a requested region"
+        assert all(not (s < start + nr_pages and start < s + n) for s, n in self._private_released.items()), \
+            "region released twice"
+        self._private_released[start] = nr_pages
 
     def spm_range(self, index: int) -> int:
         """First pfn of special-purpose (device-coherent) memory range *index* (0 or 1),

@@ -37,6 +37,7 @@ from ..drivers.test_hmm_uapi import (
     HMM_DMIRROR_MIGRATE_TO_SYS,
     HMM_DMIRROR_READ,
     HMM_DMIRROR_READ_UNLOCKED,
+    HMM_DMIRROR_RELEASE,
     HMM_DMIRROR_SNAPSHOT,
     HMM_DMIRROR_WRITE,
     HmmDmirrorCmd,
@@ -74,7 +75,7 @@ _ADVICE = {"hugepage": MADV_HUGEPAGE, "nohugepage": MADV_NOHUGEPAGE, "dontneed":
            "free": MADV_FREE}
 #: commands whose kernel side is not modelled yet, and what they need
 _UNSUPPORTED = {
-    "dexclusive": "device-exclusive access", "drelease": "device memory eviction",
+    "dexclusive": "device-exclusive access",
 }
 #: pages handled per step by CPU commands and buffer copies (bounds memory for huge ranges)
 _CHUNK = 4096
@@ -597,6 +598,10 @@ class _Runner:
     def op_dcheck_exclusive(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
         ret = self._ioctl_no_buffer(ctx, handle, HMM_DMIRROR_CHECK_EXCLUSIVE, self.region(ctx, name, off), npages)
         self.out(ctx, cmd, "dcheck_exclusive", ret=ret)
+
+    def op_drelease(self, ctx: _Ctx, cmd: Command, handle: str) -> None:
+        ret = self._ioctl_no_buffer(ctx, handle, HMM_DMIRROR_RELEASE, 0, 1)
+        self.out(ctx, cmd, "drelease", ret=ret)
 
     def op_dflags(self, ctx: _Ctx, cmd: Command, handle: str, value: int) -> None:
         ret = self._ioctl_no_buffer(ctx, handle, HMM_DMIRROR_FLAGS, 0, value)
