@@ -330,3 +330,28 @@ def test_migrate_vma_pages_does_not_move_an_order0_source_to_a_compound_destinat
     mmap_read_unlock(proc.mm)
     assert pte_pfn(proc.mm.lookup_pte(a)) == old and system.mem.is_free(new)
     assert proc.read(a, 4 * P) == b"s" * (4 * P)
+
+
+#: conventions item 28: a coherent THP (after a RELEASE) split by a one-page migration
+ITEM_28 = """open h 2
+mmap a 1024 rw private,anon align=512
+madvise a 0 1024 hugepage
+fill a 0 512 9
+drelease h
+dmigrate h a 0 512
+dsnapshot h a 0 2
+dmigrate h a 0 1
+drelease h
+"""
+
+
+def test_memunmap_pages_after_a_coherent_thp_split_is_item_28() -> None:
+    """7.3 (real kernel: the same -ENOENT for the one-page migration, then RELEASE never
+    returns): the device THP is PMD-mapped (snapshot 0x46), the split leaves 511 folios
+    without a pgmap, and RELEASE is reported as a hang in memunmap_pages. 6.12 has no
+    device THPs and runs it (recorded/thp_coherent_release_split)."""
+    out = _scenario(ITEM_28, "7.3")
+    assert out[6]["prot"] == "4646" and out[7]["ret"] == -2
+    assert out[-1]["error"] == "kernel-hang" and out[-1]["op"] == "drelease"
+    assert "memunmap_pages" in out[-1]["message"] and "item 28" in out[-1]["message"]
+    assert all("error" not in r for r in _scenario(ITEM_28, "6.12"))

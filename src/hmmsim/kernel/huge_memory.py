@@ -706,6 +706,8 @@ def _split_folio_to_order0(sys: "System", head: int, nr: int, unmapped: bool = F
             for p in range(head + 1, head + nr):
                 zone_device_private_split_cb(sys, head, p)
             zone_device_private_split_cb(sys, head, None)
+        elif sys.profile.device_private_thp:
+            pgmap.lost_split_folios += nr - 1  # the new folios have no pgmap (item 28)
     sys.stats.add("thp.split_page")
     dead = np.flatnonzero(mem.refcount[head:head + nr] == 0) + head
     if pgmap is not None:

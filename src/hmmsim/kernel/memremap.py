@@ -64,7 +64,7 @@ class DevPagemapOps:
 class DevPagemap:
     """``struct dev_pagemap``: one range of device pfns with a type, ops and an owner."""
 
-    __slots__ = ("type", "start_pfn", "nr_pages", "ops", "owner", "id", "nr_used")
+    __slots__ = ("type", "start_pfn", "nr_pages", "ops", "owner", "id", "nr_used", "lost_split_folios")
 
     def __init__(self, type_: MemoryType, start_pfn: int, nr_pages: int, ops: DevPagemapOps, owner: Any) -> None:
         self.type = type_
@@ -75,6 +75,11 @@ class DevPagemap:
         self.id = 0
         #: pages with a reference (the pgmap's percpu ref count)
         self.nr_used = 0
+        #: a large folio of this (coherent) pagemap was split: 7.3's ``__folio_split`` tells
+        #: only device-private pagemaps about the new folios (``zone_device_private_split_cb``),
+        #: so the new coherent folios have no ``pgmap``; freeing them skips the pagemap's
+        #: reference and ``memunmap_pages`` later waits forever (conventions item 28)
+        self.lost_split_folios = 0
 
     @property
     def is_private(self) -> bool:
@@ -162,6 +167,11 @@ def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:
     mem = sys.mem
     a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
     assert pgmap.id and sys.pgmaps[pgmap.id - 1] is pgmap, "memunmap_pages of a pagemap not mapped"
+    if pgmap.lost_split_folios:
+        raise DeadlockError(f"memunmap_pages: {pgmap.lost_split_folios} folio(s) made by splitting a "
+                            "device-coherent THP got no pgmap (7.3 passes it on to device-private folios "
+                            "only), so their references to the pagemap were never dropped; "
+                            "wait_for_completion(&pgmap->done) waits forever (hang, conventions item 28)")
     busy = np.flatnonzero(mem.refcount[a:b])
     if len(busy):
         raise DeadlockError(f"memunmap_pages: device pfn {a + int(busy[0]):#x} still has "
