@@ -78,6 +78,10 @@ def folios_put(sys: "System", heads: npt.NDArray[np.int64]) -> None:
             free_folio(sys, h)
 
 
+def _sorted_distinct(a: npt.NDArray[np.int64]) -> bool:
+    return bool((a[1:] != a[:-1]).all())
+
+
 def folios_put_in_order(sys: "System", pfns: npt.NDArray[np.int64]) -> None:
     """:func:`folio_put` of each page of *pfns*, in that order, in bulk: the folios whose
     last reference goes are freed in the order a loop of :func:`folio_put` frees them
@@ -90,7 +94,7 @@ def folios_put_in_order(sys: "System", pfns: npt.NDArray[np.int64]) -> None:
     n = len(heads)
     if n == 0:
         return
-    if n > 1 and len(np.unique(heads)) != n:
+    if n > 1 and not bool((heads[1:] > heads[:-1]).all()) and not _sorted_distinct(np.sort(heads)):
         for h in heads.tolist():
             folio_put(sys, h)
         return

@@ -58,6 +58,14 @@ _MODE_NAME = {READ: "read", WRITE: "write"}
 KEYED_LOCK_CLASSES = frozenset({"folio_lock"})
 
 
+def _distinct(keys: npt.NDArray[np.int64]) -> bool:
+    """No key repeats (cheap when the keys are increasing, as batches mostly are)."""
+    if len(keys) < 2 or bool((keys[1:] > keys[:-1]).all()):
+        return True
+    s = np.sort(keys)
+    return bool((s[1:] != s[:-1]).all())
+
+
 class LockdepError(AssertionError):
     """A locking rule was broken (what lockdep would report as a splat)."""
 
@@ -132,7 +140,6 @@ class Thread:
                 total += n
                 if len(items) < limit:
                     items.append(k)
-                    total -= 1
         more = total - len(items)
         return ", ".join(items) + (f" and {more} more" if more > 0 else "") if items else "no locks"
 
@@ -256,11 +263,11 @@ class LockState:
         self._count(klass, mode)
         return True
 
-    def _count(self, klass: str, mode: int) -> None:
+    def _count(self, klass: str, mode: int, n: int = 1) -> None:
         key = self._stat_keys.get((klass, mode))
         if key is None:
             key = self._stat_keys[(klass, mode)] = f"lock.{klass}.{_MODE_NAME[mode]}"
-        self.stats.add(key)
+        self.stats.add(key, n)
 
     # -- keyed lock classes -------------------------------------------------------------
     def _slot_of(self, t: Thread) -> int:
@@ -288,10 +295,7 @@ class LockState:
         t.keyed[klass] = arr
         nc = t.nr_class
         nc[klass] = nc.get(klass, 0) + n
-        key = self._stat_keys.get((klass, mode))
-        if key is None:
-            key = self._stat_keys[(klass, mode)] = f"lock.{klass}.{_MODE_NAME[mode]}"
-        self.stats.add(key, n)
+        self._count(klass, mode, n)
 
     def _acquire_keyed(self, t: Thread, ident: tuple[str, int], klass: str, mode: int,
                        sleepable: bool, trylock: bool) -> bool:
@@ -335,7 +339,7 @@ class LockState:
         arr = self._keyed_array(klass, int(keys.max()) + 1)
         owners = arr[keys]
         ok = owners == 0
-        if n > 1 and ok.any():
+        if n > 1 and ok.any() and not _distinct(keys):
             # a key given twice: only its first occurrence can succeed
             first = np.zeros(n, np.bool_)
             first[np.unique(keys, return_index=True)[1]] = True
@@ -365,7 +369,7 @@ class LockState:
         t = self.current
         arr = self._keyed.get(klass)
         if arr is None or int(keys.max()) >= len(arr) or not t.slot or not (arr[keys] == t.slot).all() \
-                or (len(keys) > 1 and len(np.unique(keys)) != len(keys)):
+                or not _distinct(keys):
             raise LockdepError(f"{t.name}: releasing {klass} that it does not hold")
         arr[keys] = 0
         self._keyed_put(t, klass, len(keys))
@@ -377,6 +381,12 @@ class LockState:
             nc[klass] = c
         else:
             del nc[klass]
+
+    def count_acquisitions(self, klass: str, n: int, mode: int = WRITE) -> None:
+        """Count *n* more acquisitions of a lock of *klass* that a batch took once for
+        what a loop takes *n* more times (the counters keep the loop's totals)."""
+        if n > 0:
+            self._count(klass, mode, n)
 
     def release(self, ident: Hashable, klass: str) -> None:
         """Release lock *ident* held by the current thread."""

@@ -224,9 +224,12 @@ def zone_device_pages_init(sys: "System", pfns: npt.NDArray[np.int64]) -> None:
     mem.flags[pfns] &= ~np.uint32(PG_head)
     mem.mapping[pfns] = 0
     mem.refcount[pfns] = 1
-    ids, counts = np.unique(pids, return_counts=True)
-    for pid, cnt in zip(ids.tolist(), counts.tolist()):
-        sys.pgmaps[pid - 1].nr_used += cnt
+    if pids[0] == pids[-1] and bool((pids == pids[0]).all()):
+        sys.pgmaps[int(pids[0]) - 1].nr_used += len(pfns)
+    else:
+        ids, counts = np.unique(pids, return_counts=True)
+        for pid, cnt in zip(ids.tolist(), counts.tolist()):
+            sys.pgmaps[pid - 1].nr_used += cnt
     folios_lock(sys, pfns)
 
 

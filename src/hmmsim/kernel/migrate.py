@@ -367,7 +367,7 @@ def remove_migration_ptes_folios(sys: "System", srcs: npt.NDArray[np.int64],
     for k, pg in enumerate(sys.pgmaps):
         private[k + 1] = pg is not None and pg.is_private
     dev_private = private[pids]
-    umids = np.unique(mids)
+    umids = mids[:1] if bool((mids == mids[0]).all()) else np.unique(mids)
     for mid in umids.tolist():
         obj = mem.mapping_obj(mid)
         if not isinstance(obj, AnonVma):
