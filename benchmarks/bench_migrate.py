@@ -10,37 +10,55 @@ CLI entry point), each next to a numpy copy of the same bytes measured in the sa
   size (every byte moves twice) over the sum.
 * Facade: ``Device.migrate`` (which also hands the read-back bytes to Python) and
   ``Device.migrate_to_sys``.
-* ``hmmsim run``: ``fill``, ``dmigrate``, ``dmigrate_sys``, ``check`` of the region
-  (``dmigrate`` includes the runner's buffer: populated, read back and crc'd); a
-  command's time is taken between its output line and the previous one. The reference
+* ``hmmsim run``: ``fill``, twice ``dmigrate`` and ``dmigrate_sys``, ``check`` of the
+  region (``dmigrate`` includes the runner's buffer: populated, read back and crc'd); a
+  command's time is taken between its output line and the previous one, the better of
+  its two runs counts (as the API's better round trip of two: the first one also
+  commits host memory for frames never touched before; the numpy copy is a best of 3). The reference
   machine OOM-kills 1 GiB device commands (as the real one does), so the CLI runs with a
   larger ``--ram``.
 
 Targets: round trip >= 10% of the numpy copy's bandwidth with 4 KiB pages, >= 25% with
 THP (what the kernel release does with THPs: 6.12 splits them when collected).
 
-Run: ``python benchmarks/bench_migrate.py [GiB] [--kernel 6.12|7.3] [--no-cli] [--no-thp]``
+Run: ``python benchmarks/bench_migrate.py [GiB] [--kernel 6.12|7.3] [--no-cli] [--no-thp] [--cpu]``
+(``--cpu``: time everything, the numpy copy included, in CPU time of this process, for a
+machine shared with other busy processes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
 import tempfile
-import time
-
 import numpy as np
 
+import _common
 from _common import GiB, numpy_copy_rate, report
-from bench_device import _Clock
 from hmmsim import System
 from hmmsim.drivers.test_hmm_uapi import (
     HMM_DMIRROR_MIGRATE_TO_DEV,
     HMM_DMIRROR_MIGRATE_TO_SYS,
     HmmDmirrorCmd,
 )
+
+class _Clock(io.TextIOBase):
+    """stdout that notes (with the benchmarks' clock) when each line arrives."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self._buf = ""
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self.lines.append((_common.clock(), line))
+        return len(s)
+
 
 #: the share of the numpy copy's bandwidth a round trip must reach
 TARGET = {"4k": 0.10, "thp": 0.25}
@@ -55,7 +73,7 @@ def _region(s: System, size: int, thp: bool):  # noqa: ANN202
     return p, a
 
 
-def bench_api(size: int, yard: float, kernel: str, thp: bool) -> bool:
+def bench_api(size: int, yard: float, kernel: str, thp: bool, repeat: int = 2) -> bool:
     kind = "thp" if thp else "4k"
     npages = size >> 12
     s = System(kernel=kernel, ram=4 * size + GiB, hugetlb_pages=0)
@@ -63,20 +81,23 @@ def bench_api(size: int, yard: float, kernel: str, thp: bool) -> bool:
     buf = p.mmap(size)
     p.touch(buf, size, write=True)  # the user buffer MIGRATE_TO_DEV copies the device's data into
     d = p.open_device(0)
-    cmd = HmmDmirrorCmd(addr=a, npages=npages, ptr=buf)
-    t0 = time.perf_counter()
-    ret = p.task.ioctl(d.fd, HMM_DMIRROR_MIGRATE_TO_DEV, cmd)
-    t1 = time.perf_counter()
-    assert ret == 0 and cmd.cpages == npages, (ret, cmd.cpages)
-    back = HmmDmirrorCmd(addr=a, npages=npages)
-    t2 = time.perf_counter()
-    ret = p.task.ioctl(d.fd, HMM_DMIRROR_MIGRATE_TO_SYS, back)
-    t3 = time.perf_counter()
-    assert ret == 0 and back.cpages == npages, (ret, back.cpages)
-    assert p.read(buf + size - 8, 8) == np.uint64(size // 8 - 1).tobytes()
-    assert p.read(a + size - 8, 8) == np.uint64(size // 8 - 1).tobytes()
+    tdev = tsys = float("inf")
+    for _ in range(repeat):  # the best of *repeat* round trips (the first one also
+        # commits the host memory of frames never touched before)
+        cmd = HmmDmirrorCmd(addr=a, npages=npages, ptr=buf)
+        t0 = _common.clock()
+        ret = p.task.ioctl(d.fd, HMM_DMIRROR_MIGRATE_TO_DEV, cmd)
+        t1 = _common.clock()
+        assert ret == 0 and cmd.cpages == npages, (ret, cmd.cpages)
+        back = HmmDmirrorCmd(addr=a, npages=npages)
+        t2 = _common.clock()
+        ret = p.task.ioctl(d.fd, HMM_DMIRROR_MIGRATE_TO_SYS, back)
+        t3 = _common.clock()
+        assert ret == 0 and back.cpages == npages, (ret, back.cpages)
+        assert p.read(buf + size - 8, 8) == np.uint64(size // 8 - 1).tobytes()
+        assert p.read(a + size - 8, 8) == np.uint64(size // 8 - 1).tobytes()
+        tdev, tsys = min(tdev, t1 - t0), min(tsys, t3 - t2)
     s.check_invariants()
-    tdev, tsys = t1 - t0, t3 - t2
     y = yard / 1e9
     target = TARGET[kind] * y
     ok = report(f"API ({kind}, {kernel}) MIGRATE_TO_DEV (GB/s)", size / tdev / 1e9, "GB/s", target, y)
@@ -91,11 +112,10 @@ def bench_facade(size: int, yard: float, kernel: str) -> bool:
     s = System(kernel=kernel, ram=4 * size + GiB, hugetlb_pages=0)
     p, a = _region(s, size, False)
     d = p.open_device(0)
-    t0 = time.perf_counter()
+    t0 = _common.clock()
     r = d.migrate(a, npages)
-    t1 = time.perf_counter()
     n = d.migrate_to_sys(a, npages)
-    t2 = time.perf_counter()
+    t2 = _common.clock()
     assert r.cpages == npages and n == npages
     assert r.data[-8:].view(np.uint64)[0] == size // 8 - 1
     del r
@@ -114,7 +134,8 @@ def bench_cli(size: int, yard: float, kernel: str, thp: bool) -> bool:
     ram = f"{(4 * size + 2 * GiB) >> 20}M"
     text = "\n".join(["hmmsim-scenario 1", "open d 0", f"mmap a {npages} rw private,anon",
                       *([f"madvise a 0 {npages} hugepage"] if thp else []),
-                      f"fill a 0 {npages} 7", f"dmigrate d a 0 {npages}", f"dmigrate_sys d a 0 {npages}",
+                      f"fill a 0 {npages} 7",
+                      *[f"dmigrate d a 0 {npages}", f"dmigrate_sys d a 0 {npages}"] * 2,
                       f"check a 0 {npages} 7", ""])
     with tempfile.NamedTemporaryFile("w", suffix=".hmm", delete=False) as f:
         f.write(text)
@@ -129,7 +150,9 @@ def bench_cli(size: int, yard: float, kernel: str, thp: bool) -> bool:
         assert rec.get("ret") == 0 and rec.get("mismatch", 0) == 0, rec
         if rec["op"] in ("dmigrate", "dmigrate_sys"):
             assert rec["cpages"] == npages, rec
-    took = {rec["op"]: t - t_prev for (t_prev, _), (t, rec) in zip(recs, recs[1:])}
+    took: dict[str, float] = {}  # op -> its best time (each migration runs twice)
+    for (t_prev, _), (t, rec) in zip(recs, recs[1:]):
+        took[rec["op"]] = min(took.get(rec["op"], float("inf")), t - t_prev)
     y = yard / 1e9
     target = TARGET[kind] * y
     ok = report(f"hmmsim run ({kind}, {kernel}) dmigrate (GB/s)", size / took["dmigrate"] / 1e9, "GB/s", target, y)
@@ -155,6 +178,8 @@ def main(gib: float = 1.0, kernel: str = "7.3", cli: bool = True, thp: bool = Tr
 
 if __name__ == "__main__":
     args = [x for x in sys.argv[1:] if not x.startswith("--")]
+    if "--cpu" in sys.argv:
+        _common.use_cpu_clock()
     kern = "7.3"
     if "--kernel" in sys.argv:
         kern = sys.argv[sys.argv.index("--kernel") + 1]

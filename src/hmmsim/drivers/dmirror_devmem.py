@@ -3,6 +3,8 @@ MIGRATE_TO_DEV / MIGRATE_TO_SYS, the pagemap's ``migrate_to_ram`` and eviction."
 
 from __future__ import annotations
 
+from collections import deque
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -139,8 +141,7 @@ def dmirror_devmem_free_pages(mdevice: DmirrorDevice, pfns: npt.NDArray[np.int64
     pfns = np.asarray(pfns, np.int64)
     backing = mem.zone_device_data[pfns]
     owner = mdevice.backing_owner
-    for key in np.where(backing != 0, backing, pfns).tolist():
-        owner.pop(key, None)
+    deque(map(owner.pop, np.where(backing != 0, backing, pfns).tolist(), repeat(None)), maxlen=0)
     if mdevice.is_private:
         has = backing != 0
         if has.any():

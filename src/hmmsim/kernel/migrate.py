@@ -363,10 +363,13 @@ def remove_migration_ptes_folios(sys: "System", srcs: npt.NDArray[np.int64],
     index = mem.index[srcs]
     dst_anon = (mem.flags[dsts] & PG_anon) != 0
     pids = mem.pgmap[dsts]
-    private = np.zeros(len(sys.pgmaps) + 1, np.bool_)
-    for k, pg in enumerate(sys.pgmaps):
-        private[k + 1] = pg is not None and pg.is_private
-    dev_private = private[pids]
+    if pids.any():
+        private = np.zeros(len(sys.pgmaps) + 1, np.bool_)
+        for k, pg in enumerate(sys.pgmaps):
+            private[k + 1] = pg is not None and pg.is_private
+        dev_private = private[pids]
+    else:
+        dev_private = np.zeros(len(dsts), np.bool_)
     umids = mids[:1] if bool((mids == mids[0]).all()) else np.unique(mids)
     for mid in umids.tolist():
         obj = mem.mapping_obj(mid)
@@ -390,10 +393,12 @@ def _remove_migration_ptes_vma(sys: "System", vma: "Vma", sel: npt.NDArray[np.in
     mm = vma.vm_mm
     mem = sys.mem
     keys = addrs >> 21
-    order = np.argsort(keys, kind="stable")
-    keys_o = keys[order]
-    cuts = np.flatnonzero(np.diff(keys_o)) + 1
-    for grp in np.split(order, cuts):
+    if keys[0] == keys[-1] and bool((keys == keys[0]).all()):
+        groups = [np.arange(len(keys))]  # one page table (a migration window)
+    else:
+        order = np.argsort(keys, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(keys[order])) + 1)
+    for grp in groups:
         a0 = int(addrs[grp[0]])
         pmd = mm.pmd_ref(a0)
         if pmd is None:
