@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..kernel.errno import EINVAL
+from ..kernel.errno import EBUSY, EINVAL
 from ..kernel.folio import folio_put
 from ..kernel.huge_memory import split_folio, split_huge_pmd
 from ..kernel.migrate import folio_migrate_mapping, make_migration_pte, remove_migration_ptes
@@ -64,7 +64,8 @@ if TYPE_CHECKING:
 __all__ = (
     "MIGRATE_PFN_MIGRATE", "MIGRATE_PFN_SHIFT", "MIGRATE_PFN_VALID", "MIGRATE_PFN_WRITE",
     "MIGRATE_VMA_SELECT_DEVICE_COHERENT", "MIGRATE_VMA_SELECT_DEVICE_PRIVATE",
-    "MIGRATE_VMA_SELECT_SYSTEM", "MigrateVma", "migrate_device_finalize", "migrate_device_pages",
+    "MIGRATE_VMA_SELECT_SYSTEM", "MigrateVma", "migrate_device_coherent_folio", "migrate_device_finalize",
+    "migrate_device_pages",
     "migrate_device_range", "migrate_pfn", "migrate_pfn_to_page",
     "migrate_vma_collect_hole", "migrate_vma_collect_pmd", "migrate_vma_finalize",
     "migrate_vma_insert_page", "migrate_vma_pages", "migrate_vma_setup",
@@ -495,3 +496,30 @@ def migrate_device_range(sys: "System", src: npt.NDArray[np.uint64], start: int,
         src[i] = np.uint64(migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE)
     migrate_device_unmap(sys, src, npages, -1)
     return 0
+
+
+def migrate_device_coherent_folio(sys: "System", pfn: int) -> int:
+    """Models ``mm/migrate_device.c:migrate_device_coherent_folio()``: move one order-0
+    page out of device-coherent memory into a new system page, without a VMA (what a
+    FOLL_LONGTERM pin asks for). The caller holds a reference on the page, which this
+    consumes. Returns 0, or -EBUSY if the page could not be unmapped or no system page
+    was available (the page stays where it was)."""
+    from ..kernel.pagemap import folio_lock
+    mem = sys.mem
+    folio_lock(sys, pfn)
+    src = np.array([migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE], np.uint64)
+    dst = np.zeros(1, np.uint64)
+    migrate_device_unmap(sys, src, 1, -1)
+    if not int(src[0]) & MIGRATE_PFN_MIGRATE:
+        return -EBUSY
+    new = mem.alloc_page()
+    if new >= 0:
+        folio_lock(sys, new)
+        dst[0] = np.uint64(migrate_pfn(new))
+    migrate_device_pages(sys, src, dst, 1)
+    if int(src[0]) & MIGRATE_PFN_MIGRATE:
+        mem.copy_pages(new, pfn)
+    migrated = bool(int(src[0]) & MIGRATE_PFN_MIGRATE)
+    migrate_device_finalize(sys, src, dst, 1)
+    sys.stats.add("migrate_device.coherent_folio")
+    return 0 if migrated else -EBUSY

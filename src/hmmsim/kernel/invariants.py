@@ -56,6 +56,8 @@ class _Tally:
     def __init__(self, n: int) -> None:
         self.pte_maps = np.zeros(n, np.int64)
         self.entire_maps = np.zeros(n, np.int64)
+        #: references held by entries that are not mappings (6.12's device-exclusive)
+        self.ref_only = np.zeros(n, np.int64)
         self.tables: set[int] = set()
 
 
@@ -87,10 +89,15 @@ def _leaf_entries(tally: _Tally, mm: "MM", base: int, entries: npt.NDArray[np.ui
     if sw.any():
         t = (e[sw] >> _U(59)).astype(np.int64)
         spf = pfn[sw]
-        dev = (t == SWP_DEVICE_WRITE) | (t == SWP_DEVICE_READ) | (t == SWP_DEVICE_EXCLUSIVE_WRITE) | (t == SWP_DEVICE_EXCLUSIVE_READ)
+        excl = (t == SWP_DEVICE_EXCLUSIVE_WRITE) | (t == SWP_DEVICE_EXCLUSIVE_READ)
+        dev = (t == SWP_DEVICE_WRITE) | (t == SWP_DEVICE_READ) | excl
         if dev.any():
-            np.add.at(tally.pte_maps, spf[dev], 1)
             rss[1] += int(dev.sum())
+            if not mm.sys.profile.device_exclusive_mapped and excl.any():
+                # 6.12: a device-exclusive entry holds its page's reference, not a mapping
+                np.add.at(tally.ref_only, mem.heads(spf[excl]), 1)
+                dev &= ~excl
+            np.add.at(tally.pte_maps, spf[dev], 1)
         mig = (t >= SWP_MIGRATION_READ) & (t <= SWP_MIGRATION_WRITE)
         if mig.any():
             for p in spf[mig].tolist():
@@ -236,6 +243,7 @@ def _expected_refs(sys: "System", tally: _Tally) -> npt.NDArray[np.int64]:
     if len(used):
         np.add.at(exp, mem.heads(used), maps[used])
     exp += tally.entire_maps
+    exp += tally.ref_only
     for mm_obj in sys.iter_address_spaces():
         for pfn in mm_obj.pages.values():
             exp[pfn] += 1

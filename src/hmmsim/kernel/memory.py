@@ -118,7 +118,9 @@ def _zap_nonpresent(vma: Vma, pte: int, rss: list[int], puts: list[int]) -> None
         pfn = swp_offset_pfn(entry)
         head = mem.compound_head(pfn)
         rss[MM_ANONPAGES if mem.flags[head] & PG_anon else MM_FILEPAGES] -= 1
-        mem.mapcount[pfn] -= 1
+        # 6.12's device-exclusive entry holds a reference but no mapping
+        if is_device_private_entry(entry) or sys.profile.device_exclusive_mapped:
+            mem.mapcount[pfn] -= 1
         puts.append(head)
     elif not non_swap_entry(entry):
         rss[MM_SWAPENTS] -= 1
@@ -368,8 +370,7 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
             set_pte_at(src_vma.vm_mm, stbl, i, pte)
         return pte
     if is_device_exclusive_entry(entry):
-        # the kernel restores the parent's entry first (restore_exclusive_pte) and retries
-        raise NotSupportedError("fork of a device-exclusive entry: not modelled yet")
+        raise AssertionError("device-exclusive entries are restored before the copy")
     if is_pte_marker_entry(entry):
         if pte_marker_get(entry) & PTE_MARKER_UFFD_WP and dst_vma.vm_flags & VM_UFFD_WP:
             return pte
@@ -378,11 +379,37 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
 
 
 
+def _restore_exclusive_ptes(src_vma: Vma, stbl: npt.NDArray[np.uint64], i0: int, seg: npt.NDArray[np.uint64],
+                            addr0: int) -> None:
+    """``copy_nonpresent_pte()`` of a device-exclusive entry (``try_restore_exclusive_pte``):
+    the parent's entry becomes a present pte again (folio lock taken without sleeping),
+    then it is copied like any present pte. The device loses its exclusive access."""
+    from .fault import restore_exclusive_pte
+    from .pagemap import folio_trylock, folio_unlock
+    odd = (seg != 0) & ((seg & _PRESENT_ANY) == 0)
+    if not odd.any():
+        return
+    sys = src_vma.vm_mm.sys
+    for k in np.flatnonzero(odd).tolist():
+        pte = int(seg[k])
+        entry = pte_to_swp_entry(pte)
+        if not is_device_exclusive_entry(entry):
+            continue
+        page = swp_offset_pfn(entry)
+        if not folio_trylock(sys, page):
+            # the kernel drops the locks, waits for the folio and copies the range again
+            raise NotSupportedError("fork of a device-exclusive entry whose folio is locked")
+        restore_exclusive_pte(src_vma, page, addr0 + (k << PAGE_SHIFT), stbl, i0 + k, pte)
+        folio_unlock(sys, page)
+        sys.stats.add("fork.restore_exclusive_pte")
+
+
 def _copy_pte_table(dst_vma: Vma, src_vma: Vma, dtbl: npt.NDArray[np.uint64], stbl: npt.NDArray[np.uint64],
                     i0: int, i1: int, addr0: int, rss: list[int]) -> None:
     """``copy_pte_range()`` for entries ``[i0, i1)`` (both tables locked)."""
     mem = src_vma.vm_mm.sys.mem
     seg = stbl[i0:i1]
+    _restore_exclusive_ptes(src_vma, stbl, i0, seg, addr0)
     out = seg.copy()
     present = (seg & _PRESENT_ANY) != 0
     normal = present & ((seg & _U(_PAGE_SPECIAL)) == 0)
