@@ -87,6 +87,7 @@ _declare_all("device-exclusive access (make_device_exclusive_range / make_device
              "rmap.make_device_exclusive_range", "rmap.make_device_exclusive",
              "fault.remove_device_exclusive_entry", "fork.restore_exclusive_pte")
 declare("migrate_device.coherent_folio", "migrate_device_coherent_folio() calls")
+declare("gup_test.warn", "gup_test WARNs: a pinned page that is not dma-pinned or not long-term pinnable")
 _declare_all("ZONE_DEVICE (pages of memremap_pages() ranges, free_zone_device_folio() calls)",
              "memremap.pages", "memremap.page_free")
 # -- page tables and the walker -------------------------------------------------------------------
