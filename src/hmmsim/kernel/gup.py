@@ -137,6 +137,10 @@ def try_grab_folio(sys: "System", pfn: int, refs: int, flags: int) -> int:
     ``GUP_PIN_COUNTING_BIAS`` references of a small folio, or *refs* references and
     *refs* ``_pincount`` of a large one. Returns 0 (or -ENOMEM on a dead folio)."""
     mem = sys.mem
+    if mem.is_zero_pfn(pfn) or mem.is_huge_zero_pfn(pfn):
+        # the zero folios are never pinned (is_zero_folio); their references are not
+        # counted here (the model keeps no refcount on them)
+        return 0
     head = mem.compound_head(pfn)
     if mem.refcount[head] <= 0:
         return -ENOMEM
@@ -144,8 +148,6 @@ def try_grab_folio(sys: "System", pfn: int, refs: int, flags: int) -> int:
         mem.refcount[head] += refs
         _hold(sys, head, refs)
     elif flags & FOLL_PIN:
-        if mem.is_zero_pfn(pfn) or mem.is_huge_zero_pfn(pfn):
-            return 0  # the zero folios are never pinned (is_zero_folio)
         if mem.order[head]:
             mem.refcount[head] += refs
             _hold(sys, head, refs)
@@ -159,10 +161,10 @@ def try_grab_folio(sys: "System", pfn: int, refs: int, flags: int) -> int:
 def gup_put_folio(sys: "System", pfn: int, refs: int, flags: int) -> None:
     """``gup_put_folio()``: undo :func:`try_grab_folio` (the last reference frees)."""
     mem = sys.mem
+    if mem.is_zero_pfn(pfn) or mem.is_huge_zero_pfn(pfn):
+        return
     head = mem.compound_head(pfn)
     if flags & FOLL_PIN:
-        if mem.is_zero_pfn(pfn) or mem.is_huge_zero_pfn(pfn):
-            return
         if mem.order[head]:
             left = sys.folio_pincount.get(head, 0) - refs
             if left < 0:
