@@ -256,3 +256,26 @@ def test_gup_test_ioctl(make_system: Callable[..., System], kernel: str) -> None
     assert proc.task.ioctl(fd, PIN_LONGTERM_TEST_START, PinLongtermTest(addr=a, size=P)) == 0
     proc.close(fd)  # release drops the pins
     assert not sys.extra_refs
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_copy_present_page_pinned_at_fork(make_system: Callable[..., System], kernel: str) -> None:
+    """fork gives the child its own copy of a pinned exclusive anon page (the parent's pte
+    stays writable: the pinned page keeps being the parent's); unpinned pages are shared
+    read-only as usual."""
+    sys = make_system(kernel=kernel)
+    proc = sys.spawn("t")
+    a = proc.mmap(2 * P)
+    proc.write(a, b"p" * (2 * P))
+    got, pages = _pin(proc, a, 1, FOLL_WRITE)
+    assert got == 1
+    child = proc.fork()
+    assert sys.stats["fork.copy_present_page"] == 1
+    pe, ce = proc.mm.lookup_pte(a), child.mm.lookup_pte(a)
+    assert pte_pfn(pe) == pages[0] and pe & 2 and pte_pfn(ce) != pages[0] and ce & 2
+    assert pte_pfn(proc.mm.lookup_pte(a + P)) == pte_pfn(child.mm.lookup_pte(a + P))
+    assert child.read(a, 2) == b"pp"
+    proc.write(a, b"q")
+    assert child.read(a, 1) == b"p"
+    child.exit()
+    unpin_user_pages(sys, pages)
