@@ -21,7 +21,8 @@ from hmmsim.drivers.gup_test import (
     PinLongtermTest,
     gup_test_open,
 )
-from hmmsim.kernel.errno import EFAULT, EINVAL, EOPNOTSUPP
+from hmmsim.errors import HmmError
+from hmmsim.kernel.errno import EFAULT, EINVAL, ENOENT, EOPNOTSUPP
 from hmmsim.kernel.gup import (
     FOLL_LONGTERM,
     FOLL_SPLIT_PMD,
@@ -203,8 +204,9 @@ def test_migrate_vma_check_page_refuses_pinned_pages(make_system: Callable[..., 
     got, pages = _pin(proc, a, 1, FOLL_WRITE)
     assert got == 1
     d = proc.open_device(0)
-    with pytest.raises(Exception):
-        d.migrate(a, 1)  # the read-back finds nothing on the device: -ENOENT
+    with pytest.raises(HmmError) as ei:
+        d.migrate(a, 1)  # the read-back finds nothing on the device
+    assert ei.value.errno == ENOENT
     assert pte_pfn(proc.mm.lookup_pte(a)) == pages[0]
     unpin_user_pages(sys, pages)
     assert d.migrate(a, 1).cpages == 1

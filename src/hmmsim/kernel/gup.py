@@ -15,15 +15,17 @@ A page list is a Python list of pfns. The references GUP hands out are held by i
 the invariant checker learns about them through ``System.extra_refs`` (head pfn ->
 references), which :func:`try_grab_folio` and :func:`gup_put_folio` keep up to date.
 
->>> from hmmsim.kernel.system import System
+>>> from hmmsim import System
 >>> from hmmsim.kernel.gup import FOLL_WRITE, pin_user_pages, unpin_user_pages, folio_maybe_dma_pinned
->>> sys = System(ram=64 << 20, test_hmm=False)
->>> t = sys.create_task("a.out")
->>> from hmmsim.kernel.task import vm_mmap
->>> addr = vm_mmap(t, 0, 2 << 12, 3, 0x22, None, 0)
+>>> from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
+>>> sys = System(ram=256 << 20, hugetlb_pages=8, test_hmm=False)
+>>> proc = sys.spawn("a.out")
+>>> addr = proc.mmap(2 << 12)
 >>> pages = []
->>> with t.running():
-...     n = pin_user_pages(addr, 2, FOLL_WRITE, pages)
+>>> with proc.task.running():
+...     mmap_read_lock(proc.mm)
+...     n = pin_user_pages(proc.task, addr, 2, FOLL_WRITE, pages)
+...     mmap_read_unlock(proc.mm)
 >>> n, folio_maybe_dma_pinned(sys, pages[0])
 (2, True)
 >>> unpin_user_pages(sys, pages)
@@ -256,8 +258,6 @@ def follow_page_mask(vma: Vma, address: int, flags: int) -> tuple[int, int]:
     :param flags: ``unsigned int``, FOLL_*
     """
     mm = vma.vm_mm
-    sys = mm.sys
-    mem = sys.mem
     if (flags & (FOLL_PIN | FOLL_GET)) == (FOLL_PIN | FOLL_GET):
         return 0, -EINVAL
     pmd = mm.pmd_ref(address)
@@ -606,7 +606,6 @@ def _gup_fast(mm: "MM", start: int, nr_pages: int, gup_flags: int, pages: list[i
     FOLL_LONGTERM, exclusive for a read-only pin); stop at the first other one."""
     from .fault import vm_normal_page
     sys = mm.sys
-    mem = sys.mem
     done = 0
     addr = start
     while done < nr_pages:

@@ -225,6 +225,7 @@ def check_invariants(sys: "System", full: bool = True) -> None:
         raise InvariantError(f"pfn {p:#x}: entire_mapcount {int(mem.entire_mapcount[p])} but "
                              f"{int(tally.entire_maps[p])} huge entries map it")
     _check_refcounts(sys, tally)
+    _check_pins(sys)
     _check_frames(sys)
     _check_device_pages(sys)
     leaked = set(sys.pt.allocated_ids().tolist()) - tally.tables
@@ -274,6 +275,17 @@ def _check_refcounts(sys: "System", tally: _Tally) -> None:
         p = int(bad[0])
         raise InvariantError(f"pfn {p:#x}: refcount {int(rc[p])} but {int(exp[p])} references are known "
                              f"(flags {int(mem.flags[p]):#x})")
+
+
+def _check_pins(sys: "System") -> None:
+    """GUP pins: ``_pincount`` only on large folios, each pin also a reference held by a
+    GUP caller (``extra_refs``)."""
+    mem = sys.mem
+    for h, k in sys.folio_pincount.items():
+        if not mem.order[h] or mem.head_off[h]:
+            raise InvariantError(f"pfn {h:#x}: pincount {k} on a page that is not a large folio's head")
+        if not 0 < k <= sys.extra_refs.get(h, 0):
+            raise InvariantError(f"pfn {h:#x}: pincount {k} but {sys.extra_refs.get(h, 0)} GUP references")
 
 
 def _check_device_pages(sys: "System") -> None:
