@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -233,7 +233,7 @@ def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) ->
     if any(v.vm_flags & VM_HUGETLB for v in mm.vmas(addr, bend)):
         return addr, 0
     stats = dmirror.sys.stats
-    protocol = {key: stats[key] for key in _PROTOCOL_KEYS}
+    protocol = stats.save(_PROTOCOL_KEYS)
     n = (bend - addr) >> PAGE_SHIFT
     r = HmmRange(notifier=dmirror.notifier, start=addr, end=bend, hmm_pfns=np.zeros(n, np.uint64),
                  pfn_flags_mask=0, default_flags=flags, dev_private_owner=dmirror.mdevice)
@@ -241,8 +241,7 @@ def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) ->
     if not stored:
         # hmm_range_fault failed (or kept saying -EBUSY): the faults made so far stay made
         # (and counted), the calls do not; the window loop redoes this part
-        for key in _PROTOCOL_KEYS:
-            stats._c[key] = protocol[key]  # noqa: SLF001
+        stats.restore(protocol)
         return addr, 0
     _count_windows(dmirror, -(-n // win) - 1, snapshot=False)
     return (addr, ret) if ret else (bend, 0)
@@ -499,13 +498,13 @@ def _snapshot_batch(dmirror: Dmirror, start: int, end: int, nwin: int) -> npt.ND
     mm = dmirror.notifier.mm
     assert mm is not None
     stats = dmirror.sys.stats
-    saved = _stats_save(stats)
+    saved = stats.save()
     n = (end - start) >> PAGE_SHIFT
     r = HmmRange(notifier=dmirror.notifier, start=start, end=end, hmm_pfns=np.zeros(n, np.uint64),
                  dev_private_owner=dmirror.mdevice)
     ret, perm = dmirror_range_snapshot(dmirror, r)
     if ret or perm is None:
-        _stats_restore(stats, saved)
+        stats.restore(saved)
         return None
     _count_windows(dmirror, nwin - 1, snapshot=True)
     return perm
@@ -588,15 +587,6 @@ def _threads_may_race(sys: "System") -> bool:
     """Another simulated thread could run at a scheduling point (an interleaving hook is
     registered with the lock state)."""
     return sys.ls.has_hooks
-
-
-def _stats_save(stats: Any) -> Any:
-    return stats._c.copy()  # noqa: SLF001
-
-
-def _stats_restore(stats: Any, saved: Any) -> None:
-    stats._c.clear()  # noqa: SLF001
-    stats._c.update(saved)  # noqa: SLF001
 
 
 def _count_windows(dmirror: Dmirror, extra: int, snapshot: bool) -> None:

@@ -238,6 +238,22 @@ class Stats:
         """Return the non-zero counters (those starting with *prefix*), sorted by name."""
         return {k: v for k, v in sorted(self._c.items()) if v and k.startswith(prefix)}
 
+    def save(self, keys: Iterable[str] | None = None) -> dict[str, int]:
+        """The current values of *keys* (every counter when None), for :meth:`restore`."""
+        if keys is None:
+            return dict(self._c)
+        return {k: self[k] for k in keys}
+
+    def restore(self, saved: dict[str, int]) -> None:
+        """Put back counters from :meth:`save`: undo what a model-internal attempt counted
+        (e.g. a batched walk that must be redone window by window). With a full save, counters
+        first touched after it go back to zero."""
+        if len(saved) >= len(self._c):
+            for k in self._c:
+                self._c[k] = saved.get(k, 0)
+        else:
+            self._c.update(saved)
+
     def reset(self) -> None:
         """Zero every counter."""
         for k in self._c:

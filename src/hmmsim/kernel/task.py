@@ -144,10 +144,12 @@ class Task:
 
         A helper thread that belongs to no task (an :class:`~hmmsim.kernel.sched.Interleave`
         racer) keeps its own identity: it acts as another thread of the process, so a
-        racer may call the facade of the very process it interrupts."""
+        racer may call the facade of the very process it interrupts. A simulated thread of
+        this process (:meth:`Scheduler.spawn <hmmsim.kernel.sched.Scheduler.spawn>` with
+        ``task=``) keeps its own identity too."""
         ls = self.sys.ls
         cur = ls.current
-        if cur.task is None and cur is not ls.main:
+        if cur is not ls.main and (cur.task is None or (cur.task is self and cur is not self.thread)):
             yield self
             return
         with ls.as_thread(self.thread):
