@@ -153,6 +153,8 @@ class MM:
         ls = system.ls
         self.mmap_lock = Lock(ls, "mmap_lock")
         self.page_table_lock = Lock(ls, "page_table_lock", sleepable=False)
+        #: ``MMF_UNSTABLE``: the OOM reaper tore the address space down under its users
+        self.mmf_unstable = False
         self.pgd = system.pt.alloc(4)
         self._starts: list[int] = []
         self._vmas: list[Vma] = []

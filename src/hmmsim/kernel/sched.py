@@ -101,12 +101,14 @@ class SimThread:
     ``blocked`` (``waits_for`` says for what) or ``done``; ``result`` / ``exception`` hold
     the outcome of the body."""
 
-    def __init__(self, sched: "Scheduler", body: Callable[[], Any], name: str, task: Any) -> None:
+    def __init__(self, sched: "Scheduler", body: Callable[[], Any], name: str, task: Any,
+                 thread: Thread | None = None, daemon: bool = False) -> None:
         self.sched = sched
         self.body = body
         self.name = name
         self.task = task
-        self.lthread = Thread(name, task=task)
+        self.daemon = daemon
+        self.lthread = thread if thread is not None else Thread(name, task=task)
         self.state = _NEW
         self.waits_for = ""
         self.wait_lock: Any = None
@@ -183,22 +185,26 @@ class Scheduler:
         self.steps = 0
         self.running: SimThread | None = None
         self._back = threading.Semaphore(0)
-        self._by_lthread: dict[int, SimThread] = {}
         self._killing = False
         self._attached = False
 
     # -- setup ---------------------------------------------------------------------------------
-    def spawn(self, body: Callable[[], Any], name: str | None = None, task: Any = None) -> SimThread:
+    def spawn(self, body: Callable[[], Any], name: str | None = None, task: Any = None,
+              thread: Thread | None = None, daemon: bool = False) -> SimThread:
         """``kthread_run()`` / ``clone(CLONE_VM | CLONE_THREAD)``: a new simulated thread
         running *body*; with *task*, a thread of that process (its own tid, the process's
-        mm and files)."""
-        if task is not None:
+        mm and files). *thread*: run *body* as that existing lock identity instead (e.g. a
+        task's own thread). A *daemon* thread does not keep :meth:`run` going: run returns
+        once every other thread ended, leaving daemons blocked where they wait (a handler
+        thread serving faults across many calls); :meth:`__exit__` unwinds them."""
+        if thread is not None:
+            name, task = thread.name, thread.task
+        elif task is not None:
             tid = next(self.sys.pids)
             name = name or task.name
             name = f"{name}/{tid}"
-        t = SimThread(self, body, name or f"kthread{len(self.threads)}", task)
+        t = SimThread(self, body, name or f"kthread{len(self.threads)}", task, thread, daemon)
         self.threads.append(t)
-        self._by_lthread[id(t.lthread)] = t
         return t
 
     def __enter__(self) -> "Scheduler":
@@ -311,9 +317,8 @@ class Scheduler:
         last: SimThread | None = None
         for _ in range(self.max_steps):
             t = self._pick(last)
-            if t is None:
-                pending = [x for x in self.threads if x.state != _DONE]
-                if not pending:
+            if t is None or (t.daemon and not self._pending()):
+                if not self._pending():
                     return
                 msg = self.describe_deadlock()
                 self._kill_all()
@@ -329,6 +334,10 @@ class Scheduler:
         msg = f"scheduler: no end after {self.max_steps} switches"
         self._kill_all()
         raise DeadlockError(msg)
+
+    def _pending(self) -> list[SimThread]:
+        """Threads that keep :meth:`run` going: not ended, not daemons."""
+        return [x for x in self.threads if x.state != _DONE and not x.daemon]
 
     def describe_deadlock(self) -> str:
         """Who waits for what, and who holds the locks waited for."""

@@ -129,7 +129,6 @@ NOT_MODELLED: dict[str, str] = {
         "migrate_anon_huge_free", "migrate_anon_huge_fault", "migrate_partial_unmap_fault",
         "migrate_remap_fault", "migrate_anon_huge_err", "migrate_anon_huge_zero_err",
         "benchmark_thp_migration")},
-    "userfaultfd_read": "needs userfaultfd and HMM_DMIRROR_READ_UNLOCKED: not modelled yet",
 }
 
 
@@ -316,7 +315,7 @@ def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
     order), filtered by test names (``anon_read`` or ``hmm.hmm_device_private.anon_read``)
     and variant names. A test without a ported body gets a
     function that SKIPs with its :data:`NOT_MODELLED` reason."""
-    from . import hmm_exclusive_tests, hmm_migrate_tests, hmm_tests  # noqa: F401  (registers the TEST_Fs)
+    from . import hmm_exclusive_tests, hmm_migrate_tests, hmm_tests, hmm_uffd_tests  # noqa: F401  (registers the TEST_Fs)
     names = set(names)
     variants = set(variants)
     ported = {(f, n): fn for f, n, fn, rel in TESTS if kernel in rel}
