@@ -217,3 +217,29 @@ def test_hmm_range_fault_device_exclusive(make_system: Callable[..., System], ke
     assert d.check_exclusive(a, 2)
     e.close()
     d.close()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_migrate_device_range_device_exclusive(make_system: Callable[..., System], kernel: str) -> None:
+    """Closing a coherent device whose page another device made exclusive: 7.3 evicts the
+    page through try_to_migrate (it comes back read-only, data intact); 6.12, which would
+    restore the entry read-only and leak a reference, is reported as not modelled."""
+    from hmmsim.kernel.bug import NotSupportedError
+    sys = make_system(kernel=kernel, ram=1 << 30)
+    proc = sys.spawn("t")
+    a = proc.mmap(2 * P)
+    proc.write(a, b"c" * (2 * P))
+    c = proc.open_device(2)
+    c.migrate(a, 2)
+    d = proc.open_device(0)
+    d.exclusive(a, 1)
+    if kernel == "6.12":
+        with pytest.raises(NotSupportedError):
+            c.close()  # stopped before the eviction changed anything
+        _exclusive_entry(proc, a)
+    else:
+        c.close()
+        e = proc.mm.lookup_pte(a)
+        assert pte_present(e) and not pte_write(e) and sys.mem.pgmap[(e >> 12) & ((1 << 40) - 1)] == 0
+    assert proc.read(a, 2) == b"cc"
+    d.close()

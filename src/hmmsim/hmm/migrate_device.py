@@ -485,12 +485,30 @@ def migrate_vma_finalize(m: MigrateVma) -> None:
     migrate_device_finalize(m.vma.vm_mm.sys, m.src, m.dst, m.npages)
 
 
+def _refuse_612_exclusive_eviction(sys: "System", pfn: int) -> None:
+    """6.12 evicting a device page that only a device-exclusive entry references: the real
+    kernel migrates nothing (the entry's reference fails ``folio_migrate_mapping``), then
+    ``remove_migration_ptes`` turns the entry into a read-only pte and takes a reference
+    it never drops (its PVMW_MIGRATION walk still matches device-exclusive entries).
+    Not modelled: stop and say so rather than diverge."""
+    from ..kernel.bug import NotSupportedError
+    from ..kernel.rmap import page_has_device_exclusive_entry
+    if page_has_device_exclusive_entry(sys, pfn):
+        raise NotSupportedError(f"6.12: evicting device page {pfn:#x} that a device-exclusive entry "
+                                "references (the kernel restores the entry read-only and leaks a "
+                                "reference): not modelled")
+
+
 def migrate_device_range(sys: "System", src: npt.NDArray[np.uint64], start: int, npages: int) -> int:
     """Models ``mm/migrate_device.c:migrate_device_range()``: select every page of the pfn
     range that is in use and can be locked (a collection reference taken), then unmap
     them to migration entries (``migrate_device_unmap``). Used to evict device memory
     without a VMA. Returns 0."""
     mem = sys.mem
+    if not sys.profile.device_exclusive_mapped:
+        used = (mem.refcount[start:start + npages] > 0) & (mem.mapcount[start:start + npages] == 0)
+        for i in np.flatnonzero(used).tolist():
+            _refuse_612_exclusive_eviction(sys, start + i)
     for i in range(npages):
         pfn = start + i
         src[i] = 0

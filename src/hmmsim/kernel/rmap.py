@@ -34,7 +34,8 @@ __all__ = (
     "folio_dup_file_rmap_ptes", "folio_make_device_exclusive", "folio_maybe_mapped_shared",
     "folio_remove_rmap_pmd", "folio_remove_rmap_ptes",
     "folio_try_dup_anon_rmap_pmd", "folio_try_dup_anon_rmap_ptes", "make_device_exclusive",
-    "make_device_exclusive_range", "page_make_device_exclusive_one", "rmap_walk",
+    "make_device_exclusive_range", "page_has_device_exclusive_entry", "page_make_device_exclusive_one",
+    "rmap_walk",
     "unlink_anon_vmas",
 )
 
@@ -434,3 +435,26 @@ def make_device_exclusive(mm: "MM", addr: int, owner: object) -> tuple[int, int]
             return page, head
         folio_unlock(sys, head)
         put_page(sys, page)
+
+
+def page_has_device_exclusive_entry(sys: "System", pfn: int) -> bool:
+    """Whether a device-exclusive entry of some VMA on the page's anon_vma points at page
+    *pfn* (for 6.12, whose entries hold a reference but are no mapping: nothing else
+    finds them)."""
+    from .pgtable import is_device_exclusive_entry, pte_present, pte_to_swp_entry, swp_offset_pfn
+    mem = sys.mem
+    head = mem.compound_head(pfn)
+    av = mem.mapping_obj(int(mem.mapping[head]))
+    if not isinstance(av, AnonVma):
+        return False
+    index = int(mem.index[pfn])
+    for vma in list(av.vmas):
+        addr = vma.address_of_index(index)
+        if not vma.vm_start <= addr < vma.vm_end:
+            continue
+        e = vma.vm_mm.lookup_pte(addr)
+        if e and not pte_present(e):
+            ent = pte_to_swp_entry(e)
+            if is_device_exclusive_entry(ent) and swp_offset_pfn(ent) == pfn:
+                return True
+    return False
