@@ -52,6 +52,7 @@ from .mm_types import (
 )
 from .page_types import HPAGE_PMD_NR, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, pte_index
 from .pgtable import (
+    _PAGE_DEVMAP,
     pmd_leaf,
     pmd_present,
     pte_pfn,
@@ -80,7 +81,7 @@ from .vma import (
 )
 
 if TYPE_CHECKING:
-    from .mm import MM
+    from .mm import MM, PtRef
     from .system import System
     from .task import Task
 
@@ -244,14 +245,14 @@ def _gup_must_unshare(vma: Vma, flags: int, page: int) -> bool:
     return not mem.flags[page] & PG_anon_exclusive
 
 
-def follow_page_mask(vma: Vma, address: int, flags: int) -> tuple[int, int]:
+def follow_page_mask(vma: Vma, address: int, flags: int) -> tuple[int, int, int]:
     """``follow_page_mask()`` (``follow_pmd_mask`` / ``follow_page_pte`` /
     ``follow_huge_pmd``): the page mapped at *address*, referenced as *flags* ask.
 
-    Returns ``(page, page_mask)``: a page >= 0 (``page_mask`` 511 for a PMD-mapped THP,
-    whose reference was taken), ``-1`` when nothing usable is mapped (the caller faults),
-    or, for an error, the error of :func:`_follow_page_pte` encoded by :func:`_encode` in
-    *page* or ``(0, -errno)`` from the huge path.
+    Returns ``(page, page_mask, err)``: a page >= 0 with its reference taken
+    (``page_mask`` 511 for a PMD-mapped THP, else 0); page -1 with err 0 when nothing
+    usable is mapped (the caller faults); or err = ``-errno`` (``-EMLINK``: a read-only
+    pin must unshare first; ``-EEXIST``: a pfn mapping without struct page).
 
     :param vma: ``struct vm_area_struct *``
     :param address: ``unsigned long``
@@ -259,103 +260,88 @@ def follow_page_mask(vma: Vma, address: int, flags: int) -> tuple[int, int]:
     """
     mm = vma.vm_mm
     if (flags & (FOLL_PIN | FOLL_GET)) == (FOLL_PIN | FOLL_GET):
-        return 0, -EINVAL
+        return -1, 0, -EINVAL
     pmd = mm.pmd_ref(address)
     if pmd is None:
-        return -1, 0
+        return -1, 0, 0
     e = pmd.get()
     if e == 0 or not pmd_present(e):
-        return -1, 0
+        return -1, 0, 0
     if pmd_leaf(e):
         if pte_protnone(e):
-            return -1, 0
+            return -1, 0, 0
         if not vma.vm_flags & VM_HUGETLB and flags & FOLL_SPLIT_PMD:
             from .huge_memory import split_huge_pmd
             split_huge_pmd(vma, pmd, address)
             if pmd.get() == 0 and mm.pte_table(pmd, alloc=True) < 0:
-                return 0, -ENOMEM
-            return _follow_page_pte(vma, address, pmd, flags), 0
+                return -1, 0, -ENOMEM
+            return _follow_page_pte(vma, address, pmd, flags)
         ptl = mm.pmd_lock(pmd)
         try:
             e = pmd.get()
-            if not pmd_present(e) or not pmd_leaf(e):
-                pass
-            else:
+            if pmd_present(e) and pmd_leaf(e):
                 return _follow_huge_pmd(vma, address, e, flags)
         finally:
             mm.spin_unlock(ptl)
-        return _follow_page_pte(vma, address, pmd, flags), 0
-    return _follow_page_pte(vma, address, pmd, flags), 0
+    return _follow_page_pte(vma, address, pmd, flags)
 
 
-def _follow_huge_pmd(vma: Vma, address: int, e: int, flags: int) -> tuple[int, int]:
+def _follow_huge_pmd(vma: Vma, address: int, e: int, flags: int) -> tuple[int, int, int]:
     """``follow_huge_pmd()`` (pmd lock held)."""
     sys = vma.vm_mm.sys
     mem = sys.mem
     head = pte_pfn(e)
     page = head + ((address >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1))
     if flags & FOLL_WRITE and not pte_write(e):
-        return -1, 0
+        return -1, 0, 0
     if not pte_write(e) and _gup_must_unshare(vma, flags, page):
-        return 0, -EMLINK
+        return -1, 0, -EMLINK
     ret = try_grab_folio(sys, page, 1, flags)
     if ret:
-        return 0, ret
+        return -1, 0, ret
     if flags & FOLL_TOUCH and flags & FOLL_WRITE:
         mem.flags[head] |= PG_dirty
-    return page, HPAGE_PMD_NR - 1
+    return page, HPAGE_PMD_NR - 1, 0
 
 
-def _follow_page_pte(vma: Vma, address: int, pmd: "object", flags: int) -> int:
-    """``follow_page_pte()``: returns a page, -1 (fault needed), or ``-errno - 2``
-    (decoded by :func:`follow_page_mask`'s callers through :func:`_decode`)."""
+def _follow_page_pte(vma: Vma, address: int, pmd: PtRef, flags: int) -> tuple[int, int, int]:
+    """``follow_page_pte()`` (see :func:`follow_page_mask` for the result)."""
     from .fault import vm_normal_page
     mm = vma.vm_mm
     sys = mm.sys
     mem = sys.mem
-    got = mm.pte_offset_map_lock(pmd)  # type: ignore[arg-type]
+    got = mm.pte_offset_map_lock(pmd)
     if got is None:
-        return -1
+        return -1, 0, 0
     tbl, tid = got
     try:
         pte = int(tbl[pte_index(address)])
         if not pte_present(pte) or pte_protnone(pte):
-            return -1
+            return -1, 0, 0
         page = vm_normal_page(vma, address, pte)
         if flags & FOLL_WRITE and not _can_follow_write_pte(vma, pte, page, flags):
-            return -1
+            return -1, 0, 0
         if page < 0:
             pfn = pte_pfn(pte)
-            if sys.profile.pte_devmap and pte & (1 << 58) and flags & (FOLL_GET | FOLL_PIN):
+            if sys.profile.pte_devmap and pte & _PAGE_DEVMAP and flags & (FOLL_GET | FOLL_PIN):
                 page = pfn  # a devmap pte: the page is valid while its pgmap is
             elif flags & FOLL_DUMP:
-                return _encode(-EFAULT)
+                return -1, 0, -EFAULT
             elif mem.is_zero_pfn(pfn):
                 page = pfn
             else:
                 # follow_pfn_pte(): no struct page to hand out
-                return _encode(-EFAULT if flags & (FOLL_GET | FOLL_PIN) else -EEXIST)
+                return -1, 0, -EFAULT if flags & (FOLL_GET | FOLL_PIN) else -EEXIST
         if not pte_write(pte) and _gup_must_unshare(vma, flags, page):
-            return _encode(-EMLINK)
+            return -1, 0, -EMLINK
         ret = try_grab_folio(sys, page, 1, flags)
         if ret:
-            return _encode(ret)
+            return -1, 0, ret
         if flags & FOLL_TOUCH and flags & FOLL_WRITE and not mem.is_zero_pfn(page):
             mem.flags[mem.compound_head(page)] |= PG_dirty
-        return page
+        return page, 0, 0
     finally:
         mm.pte_unmap_unlock(tid)
-
-
-def _encode(err: int) -> int:
-    return err - 2
-
-
-def _decode(page: int) -> tuple[int, int]:
-    """``(page, err)`` from :func:`_follow_page_pte`'s result."""
-    if page >= -1:
-        return page, 0
-    return 0, page + 2
 
 
 def faultin_page(vma: Vma, address: int, flags: int, unshare: bool) -> int:
@@ -424,12 +410,8 @@ def __get_user_pages(mm: "MM", start: int, nr_pages: int, gup_flags: int, pages:
             if ret:
                 break
         sys.stats.add("gup.follow_page_mask")
-        page, mask = follow_page_mask(vma, start, gup_flags)
-        if mask < 0:  # an error from the huge path
-            page, err = 0, mask
-        else:
-            page, err = _decode(page)
-        if page == -1 or err == -EMLINK:
+        page, mask, err = follow_page_mask(vma, start, gup_flags)
+        if (page == -1 and not err) or err == -EMLINK:
             sys.stats.add("gup.faultin_page")
             ret = faultin_page(vma, start, gup_flags, err == -EMLINK)
             if ret == 0:
@@ -447,8 +429,6 @@ def __get_user_pages(mm: "MM", start: int, nr_pages: int, gup_flags: int, pages:
             if increm > 1:
                 try_grab_folio(sys, page, increm - 1, gup_flags)
             pages.extend(page + j for j in range(increm))
-        elif increm and gup_flags & (FOLL_GET | FOLL_PIN):
-            gup_put_folio(sys, page, 1, gup_flags)
         i += increm
         start += increm * PAGE_SIZE
         nr_pages -= increm
