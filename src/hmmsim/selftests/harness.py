@@ -123,12 +123,7 @@ HUGETLB_SETUP_DEFAULT_PAGES: dict[str, int] = {"6.12": 0, "7.3": 1}
 NEEDS_MIGRATION = "needs device memory migration: not modelled yet"
 
 #: why a listed test is not run: everything in :data:`HMM_TESTS_C` without a ported body
-NOT_MODELLED: dict[str, str] = {
-    **{n: NEEDS_MIGRATION for n in (
-        "hmm_gup_test",)},
-    **{n: "needs device-exclusive access (HMM_DMIRROR_EXCLUSIVE): not modelled yet"
-       for n in ("exclusive", "exclusive_mprotect", "exclusive_cow")},
-}
+NOT_MODELLED: dict[str, str] = {}
 
 
 #: tests that the real kernel of a release fails in the reference environment
@@ -331,7 +326,7 @@ def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
     order), filtered by test names (``anon_read`` or ``hmm.hmm_device_private.anon_read``)
     and variant names. A test without a ported body gets a
     function that SKIPs with its :data:`NOT_MODELLED` reason."""
-    from . import hmm_device_tests, hmm_migrate_tests, hmm_tests, hmm_thp_tests, hmm_uffd_tests  # noqa: F401  (registers the TEST_Fs)
+    from . import hmm_device_tests, hmm_exclusive_tests, hmm_migrate_tests, hmm_tests, hmm_thp_tests, hmm_uffd_tests  # noqa: F401
     names = set(names)
     variants = set(variants)
     ported = {(f, n): fn for f, n, fn, rel in TESTS if kernel in rel}
