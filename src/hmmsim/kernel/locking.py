@@ -164,6 +164,9 @@ class LockState:
         self._stat_keys: dict[tuple[str, int], str] = {}
         #: lockdep reports that did not stop the kernel (``WARNING: ...`` in dmesg), in order
         self.warnings: list[str] = []
+        #: the :class:`~hmmsim.kernel.sched.Scheduler` running simulated threads, if any:
+        #: a contended lock or a wait then blocks the current thread instead of failing
+        self.scheduler: Any = None
         # keyed lock classes: klass -> owner slot per key (0: free); slot -> thread
         self._keyed: dict[str, npt.NDArray[np.int32]] = {}
         self._slots: list[Thread | None] = [None]
@@ -206,6 +209,10 @@ class LockState:
         Each round is a scheduling point; if no hook is registered (so no other thread
         could ever make *cond* true) this is a :class:`DeadlockError`."""
         self.might_sleep(what)
+        sch = self.scheduler
+        if sch is not None and sch.current() is not None:
+            sch.block_until(cond, what)
+            return
         for _ in range(100_000):
             if cond():
                 return
@@ -251,6 +258,13 @@ class LockState:
             if mode == WRITE or st[1] == WRITE:
                 if trylock:
                     return False
+                sch = self.scheduler
+                if sch is not None and sch.current() is not None:
+                    # sleep until the lock is free (or only read-held, for a reader)
+                    owners = self._owners
+                    sch.block_until(lambda: ident not in owners or (mode == READ and owners[ident][1] == READ),
+                                    klass, lock=ident)
+                    return self.acquire(ident, klass, mode, sleepable, trylock, where)
                 raise WouldBlock(ident, klass, list(holders))
             holders[t] = 1
         else:
@@ -309,6 +323,11 @@ class LockState:
                 return False
             if owner == t.slot:
                 raise LockdepError(f"{t.name}: recursive locking of {klass} (write), already held write")
+            sch = self.scheduler
+            if sch is not None and sch.current() is not None:
+                # sleep until the lock is free
+                sch.block_until(lambda: self._keyed_owner(ident) == 0, klass, lock=ident)
+                return self._acquire_keyed(t, ident, klass, mode, sleepable, trylock)
             th = self._slots[owner]
             raise WouldBlock(ident, klass, [th] if th is not None else [])
         self._slot_of(t)
@@ -352,8 +371,14 @@ class LockState:
             bad = int(owners[~ok][0]) if (owners != 0).any() else t.slot
             if bad == t.slot:
                 raise LockdepError(f"{t.name}: recursive locking of {klass} (write), already held write")
+            ident = (klass, int(keys[~ok][0]))
+            sch = self.scheduler
+            if sch is not None and sch.current() is not None:
+                # sleep until that lock is free, then try the whole batch again
+                sch.block_until(lambda: self._keyed_owner(ident) == 0, klass, lock=ident)
+                return self.acquire_keys(klass, keys, trylock, where)
             th = self._slots[bad]
-            raise WouldBlock((klass, int(keys[~ok][0])), klass, [th] if th is not None else [])
+            raise WouldBlock(ident, klass, [th] if th is not None else [])
         got = int(ok.sum())
         if got:
             self._slot_of(t)
