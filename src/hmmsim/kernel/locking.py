@@ -325,8 +325,8 @@ class LockState:
                 raise LockdepError(f"{t.name}: recursive locking of {klass} (write), already held write")
             sch = self.scheduler
             if sch is not None and sch.current() is not None:
-                # sleep until the lock is free
-                sch.block_until(lambda: self._keyed_owner(ident) == 0, klass, lock=ident)
+                # sleep until the holder unlocks it (folio_lock() of a locked folio)
+                sch.block_until(lambda: not self.is_locked(ident), klass, lock=ident)
                 return self._acquire_keyed(t, ident, klass, mode, sleepable, trylock)
             th = self._slots[owner]
             raise WouldBlock(ident, klass, [th] if th is not None else [])
@@ -375,7 +375,7 @@ class LockState:
             sch = self.scheduler
             if sch is not None and sch.current() is not None:
                 # sleep until that lock is free, then try the whole batch again
-                sch.block_until(lambda: self._keyed_owner(ident) == 0, klass, lock=ident)
+                sch.block_until(lambda: not self.is_locked(ident), klass, lock=ident)
                 return self.acquire_keys(klass, keys, trylock, where)
             th = self._slots[bad]
             raise WouldBlock(ident, klass, [th] if th is not None else [])
