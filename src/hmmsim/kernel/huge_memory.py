@@ -657,6 +657,8 @@ def _split_folio_to_order0(sys: "System", head: int, nr: int, unmapped: bool = F
             for p in range(head + 1, head + nr):
                 zone_device_private_split_cb(sys, head, p)
             zone_device_private_split_cb(sys, head, None)
+        elif pgmap.is_coherent:
+            pgmap.coherent_split_heads.append(head)
     sys.stats.add("thp.split_page")
     dead = np.flatnonzero(mem.refcount[head:head + nr] == 0) + head
     if pgmap is not None:

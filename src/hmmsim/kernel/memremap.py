@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .bug import KernelOops
 from .errno import EINVAL
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .system import System
 
 __all__ = (
-    "DevPagemap", "DevPagemapOps", "MemoryType",
+    "DevPagemap", "DevPagemapOps", "MemoryType", "check_coherent_split_hang",
     "is_device_coherent_page", "is_device_private_page", "is_zone_device_page",
     "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_folio_init",
     "zone_device_page_init", "zone_device_private_split_cb",
@@ -62,7 +63,7 @@ class DevPagemapOps:
 class DevPagemap:
     """``struct dev_pagemap``: one range of device pfns with a type, ops and an owner."""
 
-    __slots__ = ("type", "start_pfn", "nr_pages", "ops", "owner", "id", "nr_used")
+    __slots__ = ("type", "start_pfn", "nr_pages", "ops", "owner", "id", "nr_used", "coherent_split_heads")
 
     def __init__(self, type_: MemoryType, start_pfn: int, nr_pages: int, ops: DevPagemapOps, owner: Any) -> None:
         self.type = type_
@@ -71,8 +72,13 @@ class DevPagemap:
         self.ops = ops
         self.owner = owner
         self.id = 0
-        #: pages with a reference (the pgmap's percpu ref count)
+        #: folios with a reference (the pgmap's percpu ref count, by folio here)
         self.nr_used = 0
+        #: heads of large device-coherent folios split so far (7.3): nothing tells the
+        #: driver (``zone_device_private_split_cb`` is for device-private folios only), so
+        #: test_hmm's per-page data of the new folios is stale and its next RELEASE hangs
+        #: (conventions item 28); see :func:`check_coherent_split_hang`
+        self.coherent_split_heads: list[int] = []
 
     @property
     def is_private(self) -> bool:
@@ -211,3 +217,16 @@ def zone_device_private_split_cb(sys: "System", head: int, new: int | None) -> N
             sys.mem.mapping[new] = sys.mem.mapping[head]
         return
     pg.ops.folio_split(head, new)
+
+
+def check_coherent_split_hang(pgmap: DevPagemap, path: str) -> None:
+    """Raise :class:`~hmmsim.kernel.bug.KernelOops` naming *path* (the driver path that
+    walks the device's pages, e.g. ``"HMM_DMIRROR_RELEASE"``) if a large device-coherent
+    folio of *pgmap* was split: the real 7.3 kernel hangs there (conventions item 28)."""
+    if pgmap.coherent_split_heads:
+
+        raise KernelOops(f"hang: {path} after __folio_split() of the device-coherent THP at pfn "
+                         f"{pgmap.coherent_split_heads[0]:#x}: the split does not tell the driver "
+                         "(zone_device_private_split_cb only handles device-private folios), so "
+                         "test_hmm's per-page data of the new folios is stale and the real 7.3 "
+                         "kernel never returns (conventions item 28)")
