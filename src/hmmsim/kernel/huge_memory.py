@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errno import EAGAIN, EBUSY, EINVAL
-from .folio import free_folio, folio_put
+from .folio import folio_put, free_folio
 from .huge_memory_device import (
     change_huge_pmd_device_private,
     copy_huge_pmd_device_private,
