@@ -6,8 +6,11 @@ Models the parts of ``mm/huge_memory.c`` HMM meets: ``thp_vma_allowable_order``,
 6.12 and gets a new THP in 7.3, ``do_huge_zero_wp_pmd``), ``__split_huge_pmd`` (under an
 ``MMU_NOTIFY_CLEAR`` of the 2 MiB range), ``zap_huge_pmd``, ``copy_huge_pmd`` (fork),
 ``change_huge_pmd`` (mprotect), ``move_huge_pmd`` (mremap), and the PUD-level entry
-points used by device-dax style mappings. Only the PMD order (512 pages) exists; there
-are no mTHP sizes and khugepaged never collapses anything.
+points used by device-dax style mappings, and the folio split (``split_folio``,
+7.3's ``folio_split_unmapped``; device-private folios tell their driver through the
+pagemap's ``folio_split``). Each PMD path also takes 7.3's device-private PMDs: their
+branches live in :mod:`.huge_memory_device`. Only the PMD order (512 pages) exists;
+there are no mTHP sizes and khugepaged never collapses anything.
 """
 
 from __future__ import annotations
