@@ -222,7 +222,8 @@ def test_dmirror_exclusive_commands_are_not_modelled_yet(proc: Process) -> None:
 def test_dmirror_flags_and_read_unlocked_per_release(make_system, kernel: str) -> None:
     """HMM_DMIRROR_FLAGS and HMM_DMIRROR_READ_UNLOCKED exist only in 7.3's ioctl switch;
     6.12 answers both with its default -EINVAL. 7.3 stores the flags word, after the
-    driver's empty-range check (npages 0 is -EINVAL)."""
+    driver's empty-range check (npages 0 is -EINVAL), and reads through the unlocked
+    range fault."""
     proc = make_system(kernel=kernel).spawn()
     a = proc.mmap(P)
     fd = proc.open_device(0).fd
@@ -236,8 +237,13 @@ def test_dmirror_flags_and_read_unlocked_per_release(make_system, kernel: str) -
         assert ioctl(fd, HMM_DMIRROR_FLAGS, HmmDmirrorCmd(npages=0)) == -EINVAL
         assert ioctl(fd, HMM_DMIRROR_FLAGS, HmmDmirrorCmd(npages=HMM_DMIRROR_FLAG_FAIL_ALLOC)) == 0
         assert dmirror.flags == HMM_DMIRROR_FLAG_FAIL_ALLOC
-        with pytest.raises(NotSupportedError, match="READ_UNLOCKED"):
-            ioctl(fd, HMM_DMIRROR_READ_UNLOCKED, HmmDmirrorCmd(addr=a, npages=1))
+        # READ_UNLOCKED: a READ through hmm_range_fault_unlocked_timeout (one fault round)
+        buf = proc.mmap(P)
+        proc.write(a, b"\x5a" * 8)
+        cmd = HmmDmirrorCmd(addr=a, ptr=buf, npages=1)
+        assert ioctl(fd, HMM_DMIRROR_READ_UNLOCKED, cmd) == 0
+        assert (cmd.cpages, cmd.faults) == (1, 1)
+        assert proc.read(buf, 8) == b"\x5a" * 8
     # counted after the argument checks: 7.3's npages=0 call never reaches the switch
     assert proc.system.stats["dmirror.ioctl.flags"] == 1
     proc.system.ls.assert_no_locks()

@@ -114,3 +114,16 @@ def test_every_key_read_in_tests_and_docs_is_declared() -> None:
             keys |= set(pat.findall(path.read_text()))
     assert "lock.mmap_lock.read" in keys, "the README example is scanned"
     assert sorted(k for k in keys if k not in COUNTERS) == []
+
+
+def test_stats_save_restore_undoes_an_attempt() -> None:
+    s = Stats()
+    s.add("fault.do_anonymous_page", 2)
+    full = s.save()
+    part = s.save(["fault.do_anonymous_page"])
+    s.add("fault.do_anonymous_page", 5)
+    s.add("fault.do_wp_page")
+    s.restore(part)
+    assert s["fault.do_anonymous_page"] == 2 and s["fault.do_wp_page"] == 1
+    s.restore(full)
+    assert s["fault.do_anonymous_page"] == 2 and s["fault.do_wp_page"] == 0

@@ -69,6 +69,7 @@ from .dmirror_mirror import (
     dmirror_check_atomic,
     dmirror_min_ops,
     dmirror_read,
+    dmirror_read_unlocked,
     dmirror_snapshot,
     dmirror_write,
 )
@@ -137,8 +138,7 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
         dmirror.flags = k.npages
         ret = 0
     elif command == HMM_DMIRROR_READ_UNLOCKED and dmirror.sys.profile.dmirror_read_unlocked_cmd:
-        raise NotSupportedError("HMM_DMIRROR_READ_UNLOCKED (hmm_range_fault_unlocked_timeout) "
-                                "is not modelled yet")
+        ret = dmirror_read_unlocked(dmirror, k, caller, 0)
     else:
         # the ioctl switch's default: an unknown command, or one this release lacks
         return -EINVAL

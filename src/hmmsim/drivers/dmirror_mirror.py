@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +19,7 @@ from ..hmm.hmm import (
     HmmRange,
     hmm_pfn_layout,
     hmm_range_fault,
+    hmm_range_fault_unlocked_timeout,
 )
 from ..kernel.bug import KernelOops
 from ..kernel.cpu import (
@@ -233,7 +235,7 @@ def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) ->
     if any(v.vm_flags & VM_HUGETLB for v in mm.vmas(addr, bend)):
         return addr, 0
     stats = dmirror.sys.stats
-    protocol = {key: stats[key] for key in _PROTOCOL_KEYS}
+    protocol = stats.save(_PROTOCOL_KEYS)
     n = (bend - addr) >> PAGE_SHIFT
     r = HmmRange(notifier=dmirror.notifier, start=addr, end=bend, hmm_pfns=np.zeros(n, np.uint64),
                  pfn_flags_mask=0, default_flags=flags, dev_private_owner=dmirror.mdevice)
@@ -241,8 +243,7 @@ def _fault_batch(dmirror: Dmirror, addr: int, end: int, flags: int, win: int) ->
     if not stored:
         # hmm_range_fault failed (or kept saying -EBUSY): the faults made so far stay made
         # (and counted), the calls do not; the window loop redoes this part
-        for key in _PROTOCOL_KEYS:
-            stats._c[key] = protocol[key]  # noqa: SLF001
+        stats.restore(protocol)
         return addr, 0
     _count_windows(dmirror, -(-n // win) - 1, snapshot=False)
     return (addr, ret) if ret else (bend, 0)
@@ -298,11 +299,13 @@ def dmirror_do_write(dmirror: Dmirror, start: int, end: int, bounce: DmirrorBoun
 
 
 def _dmirror_copy_rounds(dmirror: Dmirror, cmd: HmmDmirrorCmd, end: int, bounce: DmirrorBounce,
-                         write: bool) -> int:
-    """The loop READ and WRITE share: copy through the mirror under the mutex until a
-    page is missing (``-ENOENT``), then fault from that page to the end (``cmd.faults``
-    counts the rounds) and try again."""
+                         write: bool, fault: Callable[[Dmirror, int, int, bool], int] | None = None) -> int:
+    """The loop READ, WRITE and READ_UNLOCKED share: copy through the mirror under the
+    mutex until a page is missing (``-ENOENT``), then fault from that page to the end
+    (``cmd.faults`` counts the rounds) and try again. *fault* defaults to
+    :func:`dmirror_fault`."""
     do_copy = dmirror_do_write if write else dmirror_do_read
+    do_fault = fault if fault is not None else dmirror_fault
     start = cmd.addr
     while True:
         with dmirror.mutex.held():
@@ -312,7 +315,7 @@ def _dmirror_copy_rounds(dmirror: Dmirror, cmd: HmmDmirrorCmd, end: int, bounce:
         if not write:  # faults may free, COW or zero the frames read so far
             _bounce_settle(dmirror.sys, bounce)
         start = cmd.addr + (bounce.cpages << PAGE_SHIFT)
-        ret = dmirror_fault(dmirror, start, end, write)
+        ret = do_fault(dmirror, start, end, write)
         if ret:
             return ret
         cmd.faults += 1
@@ -347,6 +350,68 @@ def dmirror_read(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
         return bounce
     try:
         ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=False)
+        if ret == 0 and _bounce_to_user(dmirror, bounce, caller, cmd.ptr):
+            ret = -EFAULT
+        cmd.cpages = bounce.cpages
+    finally:
+        _bounce_fini(dmirror.sys, bounce)
+    return ret
+
+
+def dmirror_range_fault_unlocked(dmirror: Dmirror, r: HmmRange, timeout: int) -> int:
+    """``dmirror_range_fault_unlocked()`` (7.3): ``hmm_range_fault_unlocked_timeout()``
+    takes mmap_lock itself (and may drop it in a fault); then the usual sequence check
+    under the mutex."""
+    while True:
+        ret = hmm_range_fault_unlocked_timeout(r, timeout)
+        if ret:
+            return ret
+        dmirror.mutex.lock()
+        if mmu_interval_read_retry(r.notifier, r.notifier_seq):
+            dmirror.mutex.unlock()
+            continue
+        try:
+            return dmirror_do_fault(dmirror, r)
+        finally:
+            dmirror.mutex.unlock()
+
+
+def dmirror_fault_unlocked(dmirror: Dmirror, start: int, end: int, write: bool, timeout: int = 0) -> int:
+    """``dmirror_fault_unlocked()`` (7.3): :func:`dmirror_fault` through the unlocked
+    range fault, 32 pages (its ``pfns[32]``) at a time, window by window."""
+    mm = dmirror.notifier.mm
+    assert mm is not None
+    flags = HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if write else 0)
+    r = HmmRange(notifier=dmirror.notifier, start=start, end=start,
+                 hmm_pfns=np.zeros(_UNLOCKED_WINDOW, np.uint64), pfn_flags_mask=0,
+                 default_flags=flags, dev_private_owner=dmirror.mdevice)
+    if not mmget_not_zero(mm):
+        return -EFAULT
+    ret = 0
+    try:
+        addr = start
+        while addr < end:
+            r.start = addr
+            r.end = min(addr + (_UNLOCKED_WINDOW << PAGE_SHIFT), end)
+            ret = dmirror_range_fault_unlocked(dmirror, r, timeout)
+            if ret:
+                break
+            addr = r.end
+    finally:
+        mmput(mm)
+    return ret
+
+
+def dmirror_read_unlocked(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task", timeout: int = 0) -> int:
+    """``dmirror_read_unlocked()`` (7.3): HMM_DMIRROR_READ_UNLOCKED, a READ whose faults
+    may drop mmap_lock (a userfaultfd handler can answer them); the ioctl passes timeout 0
+    (retry for ever)."""
+    end, bounce = _dmirror_bounce_for(dmirror, cmd)
+    if isinstance(bounce, int):
+        return bounce
+    try:
+        ret = _dmirror_copy_rounds(dmirror, cmd, end, bounce, write=False,
+                                   fault=lambda d, s, e, w: dmirror_fault_unlocked(d, s, e, w, timeout))
         if ret == 0 and _bounce_to_user(dmirror, bounce, caller, cmd.ptr):
             ret = -EFAULT
         cmd.cpages = bounce.cpages
@@ -499,13 +564,13 @@ def _snapshot_batch(dmirror: Dmirror, start: int, end: int, nwin: int) -> npt.ND
     mm = dmirror.notifier.mm
     assert mm is not None
     stats = dmirror.sys.stats
-    saved = _stats_save(stats)
+    saved = stats.save()
     n = (end - start) >> PAGE_SHIFT
     r = HmmRange(notifier=dmirror.notifier, start=start, end=end, hmm_pfns=np.zeros(n, np.uint64),
                  dev_private_owner=dmirror.mdevice)
     ret, perm = dmirror_range_snapshot(dmirror, r)
     if ret or perm is None:
-        _stats_restore(stats, saved)
+        stats.restore(saved)
         return None
     _count_windows(dmirror, nwin - 1, snapshot=True)
     return perm
@@ -564,6 +629,8 @@ def dmirror_snapshot(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> in
 # -- batching windows ------------------------------------------------------------------------------
 #: pages handled by one batched walk (bounds the temporary arrays: 8 bytes a page)
 _BATCH_PAGES = 1 << 16
+#: pages of one hmm_range of dmirror_fault_unlocked() (7.3's ``unsigned long pfns[32]``)
+_UNLOCKED_WINDOW = 32
 _U = np.uint64
 
 
@@ -588,15 +655,6 @@ def _threads_may_race(sys: "System") -> bool:
     """Another simulated thread could run at a scheduling point (an interleaving hook is
     registered with the lock state)."""
     return sys.ls.has_hooks
-
-
-def _stats_save(stats: Any) -> Any:
-    return stats._c.copy()  # noqa: SLF001
-
-
-def _stats_restore(stats: Any, saved: Any) -> None:
-    stats._c.clear()  # noqa: SLF001
-    stats._c.update(saved)  # noqa: SLF001
 
 
 def _count_windows(dmirror: Dmirror, extra: int, snapshot: bool) -> None:

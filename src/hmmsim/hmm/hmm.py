@@ -53,15 +53,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ..kernel.errno import EAGAIN, EBUSY, EFAULT, EINVAL, ENOLCK, EPERM
+from ..kernel.errno import EAGAIN, EBUSY, EFAULT, EINTR, EINVAL, ENOLCK, EPERM
 from ..kernel.fault_range import handle_mm_fault_range
+from ..kernel.hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
 from ..kernel.migrate import (
     is_pmd_migration_entry,
     migration_entry_wait,
     pmd_migration_entry_wait,
 )
-from ..kernel.hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
-from ..kernel.mm import PtRef, huge_pte_lock, mmap_assert_locked, spin_unlock
+from ..kernel.mm import (
+    PtRef,
+    huge_pte_lock,
+    mmap_assert_locked,
+    mmap_read_lock,
+    mmap_read_unlock,
+    spin_unlock,
+)
 from ..kernel.mm_types import (
     FAULT_FLAG_ALLOW_RETRY,
     FAULT_FLAG_KILLABLE,
@@ -72,7 +79,7 @@ from ..kernel.mm_types import (
     VM_FAULT_RETRY,
     vm_fault_to_errno,
 )
-from ..kernel.mmu_notifier import mmu_interval_check_retry
+from ..kernel.mmu_notifier import mmu_interval_check_retry, mmu_interval_read_begin
 from ..kernel.page_types import (
     HPAGE_PMD_ORDER,
     HPAGE_PUD_ORDER,
@@ -81,7 +88,13 @@ from ..kernel.page_types import (
     PUD_MASK,
     pte_index,
 )
-from ..kernel.pagewalk import ACTION_AGAIN, ACTION_CONTINUE, MmWalk, MmWalkOps, walk_page_range
+from ..kernel.pagewalk import (
+    ACTION_AGAIN,
+    ACTION_CONTINUE,
+    MmWalk,
+    MmWalkOps,
+    walk_page_range,
+)
 from ..kernel.pgtable import (
     _PAGE_DEVMAP,
     _PAGE_PRESENT,
@@ -111,7 +124,12 @@ from ..kernel.pgtable import (
     pte_write,
     swp_offset_pfn,
 )
-from ..kernel.trace import tracepoint_hmm_do_fault, tracepoint_hmm_range_fault, tracepoint_hmm_vma_fault
+from ..kernel.task import fatal_signal_pending
+from ..kernel.trace import (
+    tracepoint_hmm_do_fault,
+    tracepoint_hmm_range_fault,
+    tracepoint_hmm_vma_fault,
+)
 from ..kernel.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 from .pfn import (
     HMM_PFN_DMA_MAPPED,
@@ -148,7 +166,7 @@ __all__ = (
     "HMM_PFN_VALID", "HMM_PFN_WRITE", "HMM_RANGE_DEFAULT_TIMEOUT", "HmmPfnLayout",
     "HmmPteAction", "HmmRange", "HmmVmaWalk", "decode_hmm_pfn", "hmm_do_fault",
     "hmm_pfn_layout", "hmm_pfn_to_map_order", "hmm_pfn_to_pfn", "hmm_pte_need_fault",
-    "hmm_range_fault", "hmm_record_fault", "hmm_vma_handle_absent_pmd", "hmm_vma_handle_pte",
+    "hmm_range_fault", "hmm_range_fault_unlocked_timeout", "hmm_record_fault", "hmm_vma_handle_absent_pmd", "hmm_vma_handle_pte",
     "hmm_vma_handle_pte_table", "hmm_walk_ops", "pte_to_hmm_pfn_flags",
 )
 
@@ -721,8 +739,9 @@ hmm_walk_ops = MmWalkOps(
 
 def hmm_range_fault_locked(r: HmmRange, locked: list[bool] | None) -> int:
     """``hmm_range_fault_locked()``: the walk/fault loop. *locked* is None for
-    :func:`hmm_range_fault` (the unlocked variant, not modelled yet, passes a cell that
-    :func:`hmm_do_fault` clears when a fault dropped mmap_lock)."""
+    :func:`hmm_range_fault`; :func:`hmm_range_fault_unlocked_timeout` passes a cell that
+    :func:`hmm_do_fault` clears when a fault dropped mmap_lock (then -EBUSY, or -EINTR with
+    a fatal signal pending, and mmap_lock is no longer held)."""
     mm: MM | None = r.notifier.mm
     assert mm is not None, "hmm_range_fault: the notifier is not inserted"
     mmap_assert_locked(mm)
@@ -740,8 +759,8 @@ def hmm_range_fault_locked(r: HmmRange, locked: list[bool] | None) -> int:
         if ret == HMM_FAULT_PENDING:
             ret = hmm_do_fault(mm, hvw)
             if ret == HMM_FAULT_UNLOCKED:
-                # fatal_signal_pending(current) would make this -EINTR; the model's
-                # tasks have no fatal signals
+                if fatal_signal_pending(mm.sys):
+                    return -EINTR
                 return -EBUSY
         if ret != -EBUSY:
             return ret
@@ -761,3 +780,39 @@ def hmm_range_fault(r: HmmRange) -> int:
         docstring)
     """
     return hmm_range_fault_locked(r, None)
+
+
+def hmm_range_fault_unlocked_timeout(r: HmmRange, timeout: int) -> int:
+    """``hmm_range_fault_unlocked_timeout()`` (7.3): :func:`hmm_range_fault` for a caller
+    that does not hold mmap_lock. Takes the read lock itself (killable: -EINTR with a fatal
+    signal pending), fails with -EFAULT on an unstable address space (an OOM-reaped mm),
+    lets faults drop the lock (a userfaultfd handler answers them) and restarts, with a
+    fresh ``notifier_seq``, after every -EBUSY. *timeout* (jiffies, 0 = for ever) bounds
+    the retries without progress: the deadline restarts whenever a fault dropped the lock;
+    when it passes, -EBUSY. The model's clock moves one jiffy per attempt."""
+    mm = r.notifier.mm
+    assert mm is not None, "hmm_range_fault: the notifier is not inserted"
+    sys = mm.sys
+    locked = [False]
+    deadline = 0
+    while True:
+        if timeout and not locked[0]:
+            deadline = sys.jiffies + timeout
+        r.notifier_seq = mmu_interval_read_begin(r.notifier)
+        if fatal_signal_pending(sys):  # mmap_read_lock_killable()
+            return -EINTR
+        mmap_read_lock(mm)
+        if mm.mmf_unstable:  # check_stable_address_space()
+            mmap_read_unlock(mm)
+            return -EFAULT
+        if timeout and sys.jiffies > deadline:
+            mmap_read_unlock(mm)
+            sys.stats.add("hmm.range_fault.timeout")
+            return -EBUSY
+        sys.jiffies += 1
+        locked[0] = True
+        ret = hmm_range_fault_locked(r, locked)
+        if locked[0]:
+            mmap_read_unlock(mm)
+        if ret != -EBUSY:
+            return ret

@@ -29,7 +29,11 @@ import numpy.typing as npt
 from ..kernel.errno import EINVAL
 from ..kernel.folio import folio_put
 from ..kernel.huge_memory import split_folio, split_huge_pmd
-from ..kernel.migrate import folio_migrate_mapping, make_migration_pte, remove_migration_ptes
+from ..kernel.migrate import (
+    folio_migrate_mapping,
+    make_migration_pte,
+    remove_migration_ptes,
+)
 from ..kernel.mm import MM_ANONPAGES, PtRef
 from ..kernel.mmu_notifier import MmuNotifierEvent, notify_range
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE, pte_index
@@ -55,6 +59,7 @@ from ..kernel.pgtable import (
 )
 from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_dirty
 from ..kernel.rmap import anon_vma_prepare, folio_add_new_anon_rmap
+from ..kernel.userfaultfd_k import userfaultfd_missing
 from ..kernel.vma import VM_WRITE, vma_is_anonymous
 
 if TYPE_CHECKING:
@@ -370,7 +375,9 @@ def migrate_vma_insert_page(m: MigrateVma, addr: int, page: int, i: int) -> None
                 tbl, tid = got
                 try:
                     orig = int(tbl[pte_index(addr)])
-                    if orig == 0 or (pte_present(orig) and mem.is_zero_pfn(pte_pfn(orig))):
+                    # a userfaultfd-MISSING VMA backs off without delivering the fault
+                    if (orig == 0 or (pte_present(orig) and mem.is_zero_pfn(pte_pfn(orig)))) \
+                            and not userfaultfd_missing(vma):
                         pg = sys.pgmap_of(page) if mem.pgmap[page] else None
                         write = bool(vma.vm_flags & VM_WRITE)
                         if pg is not None and pg.is_private:

@@ -22,15 +22,18 @@ import numpy.typing as npt
 from .fault import (
     FAULT_FLAG_USER,
     FAULT_FLAG_WRITE,
+    VM_FAULT_COMPLETED,
     VM_FAULT_ERROR,
     VM_FAULT_HWPOISON,
     VM_FAULT_HWPOISON_LARGE,
     VM_FAULT_OOM,
+    VM_FAULT_RETRY,
     VM_FAULT_SIGBUS,
     VM_FAULT_SIGSEGV,
 )
 from .fault_range import handle_mm_fault_range
 from .mm import MM, mmap_read_lock, mmap_read_unlock
+from .mm_types import FAULT_FLAG_DEFAULT
 from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pte_index
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -103,8 +106,13 @@ def do_user_addr_fault(mm: MM, addr: int, write: bool, npages: int = 1) -> tuple
 
     Returns ``(signal or 0, pages faulted in before the failing one, pages that fail
     alike)``: without a VMA, or in a VMA that forbids the access, every page up to the
-    next VMA (or the end of this one) raises the same SIGSEGV and changes nothing."""
+    next VMA (or the end of this one) raises the same SIGSEGV and changes nothing.
+
+    A fault that dropped mmap_lock (``VM_FAULT_RETRY``: a userfaultfd answered it) returns
+    with the pages before it done; the caller's access loop retries the page (with
+    FAULT_FLAG_TRIED in the kernel), taking the lock again."""
     mmap_read_lock(mm)
+    locked = True
     try:
         vma = mm.find_vma(addr)
         end = addr + (npages << PAGE_SHIFT)
@@ -114,9 +122,12 @@ def do_user_addr_fault(mm: MM, addr: int, write: bool, npages: int = 1) -> tuple
         if (write and not vma.vm_flags & VM_WRITE) or (not write and not vma_is_accessible(vma)):
             return SIGSEGV, 0, (min(end, vma.vm_end) - addr) >> PAGE_SHIFT
         end = min(end, vma.vm_end)
-        flags = FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0)
+        flags = FAULT_FLAG_DEFAULT | FAULT_FLAG_USER | (FAULT_FLAG_WRITE if write else 0)
         ret, fail = handle_mm_fault_range(vma, addr, end, flags)
         done = (fail - addr) >> PAGE_SHIFT
+        if ret & (VM_FAULT_RETRY | VM_FAULT_COMPLETED):
+            locked = False
+            return 0, done, 0
         if not ret & VM_FAULT_ERROR:
             return 0, done, 0
         mm.sys.stats.add("fault.user_error")
@@ -128,7 +139,8 @@ def do_user_addr_fault(mm: MM, addr: int, write: bool, npages: int = 1) -> tuple
             return SIGSEGV, done, 1
         raise AssertionError(f"unexpected fault result {ret:#x}")
     finally:
-        mmap_read_unlock(mm)
+        if locked:
+            mmap_read_unlock(mm)
 
 
 #: a run of pages whose access raised a signal: (first page index, number of pages, signal)

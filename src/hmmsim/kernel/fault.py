@@ -90,13 +90,14 @@ from .pgtable import (
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapcache
 from .rmap import (
     anon_vma_prepare,
-    folio_maybe_mapped_shared,
     folio_add_file_rmap_ptes,
     folio_add_new_anon_rmap,
+    folio_maybe_mapped_shared,
     folio_remove_rmap_ptes,
 )
 from .swap import free_swap_and_cache
 from .trace import tracepoint_mm_fault
+from .userfaultfd_k import handle_userfault, userfaultfd_missing
 from .vma import (
     VM_HUGETLB,
     VM_MAYSHARE,
@@ -104,6 +105,7 @@ from .vma import (
     VM_MIXEDMAP,
     VM_PFNMAP,
     VM_SHARED,
+    VM_UFFD_MISSING,
     VM_WRITE,
     Vma,
     is_cow_mapping,
@@ -190,6 +192,9 @@ def __handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
     vmf.pmd = pmd
     e = pmd.get()
     if e == 0 and hm.thp_vma_allowable_order(vma, 9, address):
+        if vma_is_anonymous(vma) and userfaultfd_missing(vma):
+            # do_huge_pmd_anonymous_page(): a missing huge page goes to the userfaultfd
+            return handle_userfault(vmf, VM_UFFD_MISSING)
         ret = hm.create_huge_pmd(vmf)
         if not ret & VM_FAULT_FALLBACK:
             return ret
@@ -266,6 +271,9 @@ def do_anonymous_page(vmf: VmFault) -> int:
             return VM_FAULT_OOM
         tbl, tid = got
         if tbl[vmf.pte_idx] == 0:
+            if userfaultfd_missing(vma):
+                mm.pte_unmap_unlock(tid)
+                return handle_userfault(vmf, VM_UFFD_MISSING)
             set_pte_at(vmf.vma.vm_mm, tbl, vmf.pte_idx, entry)
         mm.pte_unmap_unlock(tid)
         return 0
@@ -285,6 +293,11 @@ def do_anonymous_page(vmf: VmFault) -> int:
         mm.pte_unmap_unlock(tid)
         sys.mem.free_pages([pfn])
         return 0
+    if userfaultfd_missing(vma):
+        # deliver the fault to user space, checked under the pte lock
+        mm.pte_unmap_unlock(tid)
+        sys.mem.free_pages([pfn])
+        return handle_userfault(vmf, VM_UFFD_MISSING)
     mm.add_mm_counter(MM_ANONPAGES, 1)
     folio_add_new_anon_rmap(sys.mem, pfn, vma, vmf.address)
     set_pte_at(vmf.vma.vm_mm, tbl, vmf.pte_idx, entry)

@@ -18,7 +18,14 @@ import numpy as np
 from . import huge_memory as hm
 from .fault import handle_mm_fault
 from .mm import MM_ANONPAGES, PtRef, mmap_assert_locked, ptlock_ptr, set_ptes
-from .mm_types import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_ERROR, VM_FAULT_OOM
+from .mm_types import (
+    FAULT_FLAG_UNSHARE,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_COMPLETED,
+    VM_FAULT_ERROR,
+    VM_FAULT_OOM,
+    VM_FAULT_RETRY,
+)
 from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pte_index
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -34,7 +41,7 @@ from .pgtable import (
 )
 from .rmap import anon_vma_prepare, folio_add_new_anon_rmap_ptes
 from .trace import tracepoint_mm_fault_range
-from .vma import VM_HUGETLB, VM_SHARED, VM_WRITE, Vma, vma_is_anonymous
+from .vma import VM_HUGETLB, VM_SHARED, VM_UFFD_MISSING, VM_WRITE, Vma, vma_is_anonymous
 
 if TYPE_CHECKING:
     from .system import System
@@ -45,6 +52,8 @@ _U = np.uint64
 
 # entry classes for the vectorised paths
 _C_OTHER, _C_NONE, _C_OK = 0, 1, 2
+#: results that end the range: an error, or a fault that dropped mmap_lock
+_STOP = VM_FAULT_ERROR | VM_FAULT_RETRY | VM_FAULT_COMPLETED
 
 
 def _account(sys: "System", n: int, handler: str | None) -> None:
@@ -62,7 +71,8 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
     """Fault every page of ``[start, end)`` (inside *vma*) in address order.
 
     Equivalent to ``for addr in range(start, end, PAGE_SIZE): ret = handle_mm_fault(vma,
-    addr, flags)``, stopping at the first ``VM_FAULT_ERROR`` result: the same page-table
+    addr, flags)``, stopping at the first ``VM_FAULT_ERROR`` result or at a fault that
+    dropped mmap_lock (``VM_FAULT_RETRY``/``VM_FAULT_COMPLETED``, e.g. a userfaultfd): the same page-table
     updates, allocation order, rmap/rss/stat counts and notifier calls. Runs of empty
     anonymous ptes and of ptes that already allow the access are handled a whole
     run at a time; everything else goes through :func:`handle_mm_fault`.
@@ -77,7 +87,7 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
         nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
         if vma.vm_flags & VM_HUGETLB or flags & FAULT_FLAG_UNSHARE:
             ret = handle_mm_fault(vma, addr, flags)
-            if ret & VM_FAULT_ERROR:
+            if ret & _STOP:
                 return ret, addr
             addr += PAGE_SIZE
             continue
@@ -87,7 +97,7 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
             # no pte table yet, or a huge/non-present pmd: let the first page decide
             # (it may create a THP, split a huge pmd, wait for migration...)
             ret = handle_mm_fault(vma, addr, flags)
-            if ret & VM_FAULT_ERROR:
+            if ret & _STOP:
                 return ret, addr
             pmd = mm.pmd_ref(addr)
             e = pmd.get() if pmd is not None else 0
@@ -100,7 +110,7 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
                 addr = nxt
             continue
         ret, addr = _fault_pte_run(vma, pmd, addr, nxt, flags)
-        if ret & VM_FAULT_ERROR:
+        if ret & _STOP:
             return ret, addr
     return 0, end
 
@@ -122,7 +132,7 @@ def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tup
         cls[present & ((seg & _U(_PAGE_RW)) != 0)] = _C_OK
     else:
         cls[present] = _C_OK
-    if anon and not vma.vm_flags & VM_SHARED:
+    if anon and not vma.vm_flags & (VM_SHARED | VM_UFFD_MISSING):
         cls[seg == 0] = _C_NONE
     # run boundaries
     cuts = np.flatnonzero(np.diff(cls)) + 1
@@ -139,7 +149,7 @@ def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tup
         else:
             for k in range(a, b):
                 ret = handle_mm_fault(vma, addr + (k << PAGE_SHIFT), flags)
-                if ret & VM_FAULT_ERROR:
+                if ret & _STOP:
                     return ret, addr + (k << PAGE_SHIFT)
     return 0, nxt
 

@@ -121,6 +121,9 @@ class LockState:
         self._stat_keys: dict[tuple[str, int], str] = {}
         #: lockdep reports that did not stop the kernel (``WARNING: ...`` in dmesg), in order
         self.warnings: list[str] = []
+        #: the :class:`~hmmsim.kernel.sched.Scheduler` running simulated threads, if any:
+        #: a contended lock or a wait then blocks the current thread instead of failing
+        self.scheduler: Any = None
 
     # -- scheduling points -------------------------------------------------------------
     def add_hook(self, hook: Hook) -> None:
@@ -160,6 +163,10 @@ class LockState:
         Each round is a scheduling point; if no hook is registered (so no other thread
         could ever make *cond* true) this is a :class:`DeadlockError`."""
         self.might_sleep(what)
+        sch = self.scheduler
+        if sch is not None and sch.current() is not None:
+            sch.block_until(cond, what)
+            return
         for _ in range(100_000):
             if cond():
                 return
@@ -203,6 +210,13 @@ class LockState:
             if mode == WRITE or st[1] == WRITE:
                 if trylock:
                     return False
+                sch = self.scheduler
+                if sch is not None and sch.current() is not None:
+                    # sleep until the lock is free (or only read-held, for a reader)
+                    owners = self._owners
+                    sch.block_until(lambda: ident not in owners or (mode == READ and owners[ident][1] == READ),
+                                    klass, lock=ident)
+                    return self.acquire(ident, klass, mode, sleepable, trylock, where)
                 raise WouldBlock(ident, klass, list(holders))
             holders[t] = 1
         else:

@@ -153,6 +153,8 @@ class MM:
         ls = system.ls
         self.mmap_lock = Lock(ls, "mmap_lock")
         self.page_table_lock = Lock(ls, "page_table_lock", sleepable=False)
+        #: ``MMF_UNSTABLE``: the OOM reaper tore the address space down under its users
+        self.mmf_unstable = False
         self.pgd = system.pt.alloc(4)
         self._starts: list[int] = []
         self._vmas: list[Vma] = []
@@ -246,11 +248,17 @@ class MM:
             if not alloc:
                 return -1
             new = self.sys.pt.alloc(level)
-            # the upper level is populated under mm->page_table_lock (pmd: pmd lock)
+            # ``pmd_install()`` & co.: the upper level is populated under
+            # mm->page_table_lock, if it is still empty: another thread may have installed
+            # a table (or a huge entry) while this one allocated; then the new one is freed
             with self.page_table_lock.held():
-                tbl[idx] = mk_table_entry(new)
-            self.sys.stats.add(f"pgtable.alloc.l{level}")
-            return new
+                e = int(tbl[idx])
+                if e == 0:
+                    tbl[idx] = mk_table_entry(new)
+            if e == 0:
+                self.sys.stats.add(f"pgtable.alloc.l{level}")
+                return new
+            self.sys.pt.free(new)
         if not pmd_present(e) or pmd_leaf(e):
             return -1
         return table_id(e)

@@ -180,6 +180,8 @@ def _mergeable(a: Vma, b: Vma) -> bool:
         return False
     if a.vm_file is not b.vm_file or a.vm_ops is not b.vm_ops:
         return False
+    if a.vm_userfaultfd_ctx is not b.vm_userfaultfd_ctx:
+        return False
     if a.vm_pgoff + a.pages() != b.vm_pgoff:
         return False
     if a.anon_vma is not None and b.anon_vma is not None:

@@ -80,6 +80,8 @@ class Profile:
     dmirror_flags_cmd: bool
     #: test_hmm has ``HMM_DMIRROR_READ_UNLOCKED`` (7.3)
     dmirror_read_unlocked_cmd: bool
+    #: ``hmm_dma_map_alloc/free/map_pfn/unmap_pfn`` exist (6.16+: 7.3, not 6.12)
+    hmm_dma_map_helpers: bool
     #: device-private THP: whole PMD-sized folios migrate to device memory (7.3)
     device_private_thp: bool
     #: ``make_device_exclusive()`` one page at a time (7.3); 6.12 has
@@ -118,6 +120,7 @@ KERNELS: dict[str, Profile] = {
         dmirror_window=64,
         dmirror_flags_cmd=False,
         dmirror_read_unlocked_cmd=False,
+        hmm_dma_map_helpers=False,
         device_private_thp=False,
         per_page_device_exclusive=False,
         boot_reserved_pages=3254,
@@ -139,6 +142,7 @@ KERNELS: dict[str, Profile] = {
         dmirror_window=32,
         dmirror_flags_cmd=True,
         dmirror_read_unlocked_cmd=True,
+        hmm_dma_map_helpers=True,
         device_private_thp=True,
         per_page_device_exclusive=True,
         boot_reserved_pages=2680,

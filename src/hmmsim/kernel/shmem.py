@@ -28,7 +28,8 @@ from .mm_types import (
 )
 from .page_types import PAGE_SHIFT, PAGE_SIZE, pte_index
 from .physmem import PG_swapbacked, PG_uptodate
-from .vma import VmOps
+from .userfaultfd_k import handle_userfault, userfaultfd_missing
+from .vma import VM_UFFD_MISSING, VmOps
 
 if TYPE_CHECKING:
     from .system import System
@@ -74,6 +75,9 @@ def shmem_fault(vmf: "VmFault") -> int:
     inode = vma.vm_file.f_inode
     if vmf.pgoff >= _i_pages(inode):
         return VM_FAULT_SIGBUS
+    if vmf.pgoff not in inode.i_mapping.pages and userfaultfd_missing(vma):
+        # shmem_get_folio_gfp(): a hole of a MISSING-registered VMA goes to the userfaultfd
+        return handle_userfault(vmf, VM_UFFD_MISSING)
     pfn = shmem_get_folio(inode, vmf.pgoff)
     if pfn < 0:
         return VM_FAULT_OOM

@@ -76,6 +76,11 @@ declare("fork.copy_page_range", "copy_page_range() calls")
 _declare_all("task lifetime (fork, exit)", "task.fork", "task.exit")
 declare("page.free", "pages returned to the allocator")
 declare("shmem.alloc", "shmem folios allocated")
+declare("uffd.new", "userfaultfd() files created")
+declare("uffd.register", "UFFDIO_REGISTER calls that registered a range")
+declare("uffd.copy", "UFFDIO_COPY calls that filled pages")
+declare("uffd.handle_userfault", "faults handed to handle_userfault()")
+declare("uffd.sigbus_no_retry", "userfaultfd faults failed with SIGBUS: the fault could not drop mmap_lock")
 _declare_all("swap (pages written out by reclaim, pages read back in by do_swap_page)",
              "swap.pageout", "swap.swapin")
 _declare_all("migration (migration entry waits, try_to_migrate, remove_migration_ptes, "
@@ -111,6 +116,9 @@ _declare_all("invalidate_range_start() calls by enum mmu_notifier_event",
 # -- hmm ------------------------------------------------------------------------------------------
 declare("hmm.range_fault", "hmm_range_fault() calls")
 declare("hmm.range_fault.ebusy", "hmm_range_fault() calls that returned -EBUSY (range invalidated)")
+declare("hmm.dma_map", "pages mapped by hmm_dma_map_pfn()")
+declare("hmm.dma_unmap", "pages unmapped by hmm_dma_unmap_pfn()")
+declare("hmm.range_fault.timeout", "hmm_range_fault_unlocked_timeout() calls that ran out of their retry budget (-EBUSY)")
 declare("hmm.walk", "walk_page_range() passes of hmm_range_fault() (1 + restarts after a fault)")
 declare("hmm.vma_fault", "hmm_vma_fault() spans (faults of a range on behalf of hmm_range_fault)")
 declare("hmm.do_fault", "hmm_do_fault() spans (7.3: the recorded range faulted after the walk)")
@@ -231,6 +239,22 @@ class Stats:
     def snapshot(self, prefix: str = "") -> dict[str, int]:
         """Return the non-zero counters (those starting with *prefix*), sorted by name."""
         return {k: v for k, v in sorted(self._c.items()) if v and k.startswith(prefix)}
+
+    def save(self, keys: Iterable[str] | None = None) -> dict[str, int]:
+        """The current values of *keys* (every counter when None), for :meth:`restore`."""
+        if keys is None:
+            return dict(self._c)
+        return {k: self[k] for k in keys}
+
+    def restore(self, saved: dict[str, int]) -> None:
+        """Put back counters from :meth:`save`: undo what a model-internal attempt counted
+        (e.g. a batched walk that must be redone window by window). With a full save, counters
+        first touched after it go back to zero."""
+        if len(saved) >= len(self._c):
+            for k in self._c:
+                self._c[k] = saved.get(k, 0)
+        else:
+            self._c.update(saved)
 
     def reset(self) -> None:
         """Zero every counter."""

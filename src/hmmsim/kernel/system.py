@@ -130,6 +130,8 @@ class System:
         self.tasks: list[Task] = []
         #: pid allocator of this boot (``alloc_pid``): pids start at 1 on every machine
         self.pids = itertools.count(1)
+        #: the model's clock (``jiffies``): advanced only by code that has timeouts
+        self.jiffies = 0
         #: open invalidate_range_start() calls per mm (balance is asserted)
         self.notifier_active: dict[int, int] = {}
         self.dmirror_devices: list[Any] = []

@@ -39,6 +39,7 @@ from .mmap import do_mmap, do_munmap, remove_vma, vm_enough_memory
 from .mmu_notifier import mmu_notifier_release
 from .page_types import ULONG_MAX
 from .rmap import anon_vma_fork
+from .userfaultfd_k import dup_userfaultfd
 from .vma import (
     VM_ACCOUNT,
     VM_DONTCOPY,
@@ -51,7 +52,7 @@ from .vma import (
 if TYPE_CHECKING:
     from .system import System
 
-__all__ = ("Task", "exit_mmap", "mmget_not_zero", "mmput", "vm_mmap", "vm_munmap")
+__all__ = ("Task", "exit_mmap", "fatal_signal_pending", "mmget_not_zero", "mmput", "vm_mmap", "vm_munmap")
 
 
 def mmget_not_zero(mm: MM) -> bool:
@@ -113,6 +114,12 @@ def vm_munmap(mm: MM, start: int, length: int) -> int:
         mmap_write_unlock(mm)
 
 
+def fatal_signal_pending(sys: "System") -> bool:
+    """``fatal_signal_pending(current)``: the running task has a SIGKILL pending."""
+    t = sys.ls.current.task
+    return t is not None and t.sigkill_pending
+
+
 class Task:
     """``struct task_struct`` (one thread per process): an mm, a file table, a parent,
     and the simulated :class:`~hmmsim.kernel.locking.Thread` its system calls, faults and
@@ -136,6 +143,8 @@ class Task:
         self.exited = False
         #: the simulated thread this task runs as (``comm/pid``)
         self.thread = Thread(f"{self.name}/{self.pid}", task=self)
+        #: SIGKILL was sent and not yet acted on (``fatal_signal_pending()``)
+        self.sigkill_pending = False
 
     @contextmanager
     def running(self) -> Iterator["Task"]:
@@ -144,10 +153,12 @@ class Task:
 
         A helper thread that belongs to no task (an :class:`~hmmsim.kernel.sched.Interleave`
         racer) keeps its own identity: it acts as another thread of the process, so a
-        racer may call the facade of the very process it interrupts."""
+        racer may call the facade of the very process it interrupts. A simulated thread of
+        this process (:meth:`Scheduler.spawn <hmmsim.kernel.sched.Scheduler.spawn>` with
+        ``task=``) keeps its own identity too."""
         ls = self.sys.ls
         cur = ls.current
-        if cur.task is None and cur is not ls.main:
+        if cur is not ls.main and (cur.task is None or (cur.task is self and cur is not self.thread)):
             yield self
             return
         with ls.as_thread(self.thread):
@@ -214,6 +225,7 @@ class Task:
                 if not t.vm_flags & VM_WIPEONFORK:
                     anon_vma_fork(t, v)
                 t.vm_flags &= ~VM_LOCKED
+                dup_userfaultfd(t)
                 if t.vm_flags & VM_HUGETLB and not t.vm_flags & VM_MAYSHARE:
                     t.vm_private_data = None  # hugetlb_dup_vma_private(): no reservation
                 if t.vm_file is not None:

@@ -118,7 +118,7 @@ class Vma:
 
     __slots__ = ("vm_mm", "vm_start", "vm_end", "vm_flags", "vm_page_prot", "vm_pgoff",
                  "vm_file", "vm_ops", "anon_vma", "anon_vma_chain", "vm_private_data",
-                 "__weakref__")
+                 "vm_userfaultfd_ctx", "__weakref__")
 
     def __init__(self, mm: "MM", start: int, end: int, flags: int, pgoff: int = 0,
                  file: "File | None" = None, ops: VmOps | None = None) -> None:
@@ -134,6 +134,8 @@ class Vma:
         #: every anon_vma whose pages this VMA may map (``anon_vma_chain``)
         self.anon_vma_chain: list[AnonVma] = []
         self.vm_private_data: Any = None
+        #: the userfaultfd this VMA is registered with (``vm_userfaultfd_ctx.ctx``)
+        self.vm_userfaultfd_ctx: Any = None
 
     def clone(self) -> "Vma":
         """``vm_area_dup()`` + ``anon_vma_clone()``: a copy with the same fields, linked to the
@@ -143,6 +145,7 @@ class Vma:
         v.vm_page_prot = self.vm_page_prot
         v.anon_vma = self.anon_vma
         v.vm_private_data = self.vm_private_data
+        v.vm_userfaultfd_ctx = self.vm_userfaultfd_ctx
         for av in self.anon_vma_chain:
             av.vmas[v] = None
             v.anon_vma_chain.append(av)

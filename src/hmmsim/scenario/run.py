@@ -44,6 +44,7 @@ from ..drivers.test_hmm_uapi import (
 from ..kernel.bug import KernelOops, NotSupportedError
 from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_write_pages
 from ..kernel.errno import EBADF
+from ..kernel.locking import DeadlockError
 from ..kernel.madvise import (
     MADV_DONTNEED,
     MADV_FREE,
@@ -61,6 +62,7 @@ from ..kernel.system import GiB, MiB, System, SystemConfig
 from ..kernel.task import Task, vm_mmap, vm_munmap
 from ..kernel.vma import PROT_READ, PROT_WRITE
 from .parse import Command, Fork, Scenario, ScenarioParseError, parse_scenario
+from .uffd import ScenarioThreads
 
 __all__ = ("ARENA_BASE", "REFERENCE_MEMORY_IN_USE", "SLOT_SIZE", "reference_config", "run_scenario",
            "run_scenario_text")
@@ -73,7 +75,6 @@ _ADVICE = {"hugepage": MADV_HUGEPAGE, "nohugepage": MADV_NOHUGEPAGE, "dontneed":
 #: commands whose kernel side is not modelled yet, and what they need
 _UNSUPPORTED = {
     "dexclusive": "device-exclusive access", "drelease": "device memory eviction",
-    "uffd": "userfaultfd",
 }
 #: pages handled per step by CPU commands and buffer copies (bounds memory for huge ranges)
 _CHUNK = 4096
@@ -182,6 +183,7 @@ class _Runner:
         self.emit = emit
         self.after = after
         self.patterns = _Patterns()
+        self.threads = ScenarioThreads(sys)
 
     # -- plumbing -----------------------------------------------------------------------------
     @staticmethod
@@ -232,11 +234,18 @@ class _Runner:
         if node.op in _UNSUPPORTED:
             raise _Stop({"error": "unsupported", "line": node.line, "op": node.op,
                          "message": f"{node.op} needs {_UNSUPPORTED[node.op]}, not modelled yet"})
-        try:
+        op = getattr(self, f"op_{node.op}")
+
+        def body() -> None:
             with ctx.task.running():  # the command is a system call of this process
-                getattr(self, f"op_{node.op}")(ctx, node, *node.args)
+                op(ctx, node, *node.args)
+
+        try:
+            self.threads.run(ctx.task, body)
             if self.after is not None:
                 self.after(self.sys, node)
+        except DeadlockError as e:
+            raise _Stop({"error": "kernel-hang", "line": node.line, "op": node.op, "message": str(e)}) from None
         except KernelOops as e:
             raise _Stop({"error": "kernel-oops", "line": node.line, "op": node.op, "message": str(e)}) from None
         except NotSupportedError as e:
@@ -431,6 +440,10 @@ class _Runner:
         self.out(ctx, cmd, "pread", ret=0, crc=crc32(data))
 
     # -- devices ---------------------------------------------------------------------------------------
+    def op_uffd(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int, seed: int) -> None:
+        ret = self.threads.uffd(ctx.task, self.region(ctx, name, off), npages, ctx.regions[name][0], seed, _pattern)
+        self.out(ctx, cmd, "uffd", ret=ret)
+
     def op_open(self, ctx: _Ctx, cmd: Command, handle: str, dev: int) -> None:
         fd = dmirror_open(self.sys, ctx.task, dev)
         ctx.handles[handle] = fd if fd >= 0 else None
@@ -617,6 +630,8 @@ def run_scenario(scenario: Scenario, emit: Callable[[dict[str, Any]], None],
     except _Killed:
         emit({"error": "crash", "signal": SIGKILL})
         return sys
+    finally:
+        runner.threads.close()
     task.exit()
     return sys
 

@@ -131,7 +131,6 @@ NOT_MODELLED: dict[str, str] = {
         "benchmark_thp_migration")},
     **{n: "needs device-exclusive access (HMM_DMIRROR_EXCLUSIVE): not modelled yet"
        for n in ("exclusive", "exclusive_mprotect", "exclusive_cow")},
-    "userfaultfd_read": "needs userfaultfd and HMM_DMIRROR_READ_UNLOCKED: not modelled yet",
 }
 
 
@@ -318,7 +317,7 @@ def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
     order), filtered by test names (``anon_read`` or ``hmm.hmm_device_private.anon_read``)
     and variant names. A test without a ported body gets a
     function that SKIPs with its :data:`NOT_MODELLED` reason."""
-    from . import hmm_migrate_tests, hmm_tests  # noqa: F401  (registers the TEST_Fs)
+    from . import hmm_migrate_tests, hmm_tests, hmm_uffd_tests  # noqa: F401  (registers the TEST_Fs)
     names = set(names)
     variants = set(variants)
     ported = {(f, n): fn for f, n, fn, rel in TESTS if kernel in rel}
