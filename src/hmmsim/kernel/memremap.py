@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bug import KernelOops
 from .errno import EINVAL
+from .locking import DeadlockError
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
 from .pagemap import folio_lock
@@ -220,13 +220,13 @@ def zone_device_private_split_cb(sys: "System", head: int, new: int | None) -> N
 
 
 def check_coherent_split_hang(pgmap: DevPagemap, path: str) -> None:
-    """Raise :class:`~hmmsim.kernel.bug.KernelOops` naming *path* (the driver path that
-    walks the device's pages, e.g. ``"HMM_DMIRROR_RELEASE"``) if a large device-coherent
-    folio of *pgmap* was split: the real 7.3 kernel hangs there (conventions item 28)."""
+    """Raise :class:`~hmmsim.kernel.locking.DeadlockError` (a ``kernel-hang`` record in a
+    scenario) naming *path* (the driver path that walks the device's pages, e.g.
+    ``"HMM_DMIRROR_RELEASE"``) if a large device-coherent folio of *pgmap* was split: the
+    real 7.3 kernel never returns there (conventions item 28)."""
     if pgmap.coherent_split_heads:
-
-        raise KernelOops(f"hang: {path} after __folio_split() of the device-coherent THP at pfn "
-                         f"{pgmap.coherent_split_heads[0]:#x}: the split does not tell the driver "
-                         "(zone_device_private_split_cb only handles device-private folios), so "
-                         "test_hmm's per-page data of the new folios is stale and the real 7.3 "
-                         "kernel never returns (conventions item 28)")
+        raise DeadlockError(f"{path} after __folio_split() of the device-coherent THP at pfn "
+                            f"{pgmap.coherent_split_heads[0]:#x}: the split does not tell the driver "
+                            "(zone_device_private_split_cb only handles device-private folios), so "
+                            "test_hmm's per-page data of the new folios is stale and the real 7.3 "
+                            "kernel never returns (conventions item 28)")
