@@ -25,10 +25,10 @@ Exit status (:data:`EXIT_STATUS`; with several files, the largest of them):
 3     a scenario did not parse (``{"error":"parse",...}``)
 4     a scenario named an undefined region, file or handle (``{"error":"unknown-name"}``)
 5     a scenario needs something the model does not cover (``{"error":"unsupported"}``)
-6     a scenario hit the real kernel's crash or hang path (``{"error":"kernel-oops"}``,
-      ``{"error":"kernel-hang"}``: every simulated thread waits, e.g. a userfaultfd fault
-      nobody answers)
+6     a scenario hit the real kernel's crash path (``{"error":"kernel-oops"}``)
 7     a scenario was stopped by ``-t`` (``{"error":"timeout",...}``)
+8     a scenario would hang the real kernel (``{"error":"kernel-hang"}``: every simulated
+      thread waits, e.g. a userfaultfd fault nobody answers)
 ====  ================================================================================
 
 >>> main(["selftest", "-l", "-r", "open_close"])
@@ -60,7 +60,7 @@ __all__ = ("EXIT_STATUS", "main")
 #: exit status per outcome (see the module docstring)
 EXIT_STATUS: dict[str, int] = {
     "ok": 0, "internal": 1, "usage": 2, "parse": 3, "unknown-name": 4, "unsupported": 5,
-    "kernel-oops": 6, "kernel-hang": 6, "timeout": 7,
+    "kernel-oops": 6, "timeout": 7, "kernel-hang": 8,
 }
 
 _SIZE = re.compile(r"^([0-9]+)([KMG]?)(i?B)?$", re.IGNORECASE)
