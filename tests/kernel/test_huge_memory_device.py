@@ -544,3 +544,28 @@ def test_copy_pmd_migration_entry_of_device_folio(thp: DevicePrivateThp) -> None
     child.exit()
     thp.proc.munmap(BASE, HPAGE_PMD_SIZE)
     assert thp.freed == [h]
+
+
+def test_split_folio_frees_unmapped_pages_of_a_ram_thp(make_system) -> None:
+    """The same release step for a RAM THP: after a partial munmap the folio is
+    PTE-mapped but for its last page; split_folio frees that page at once (a new folio
+    with no reference), the others keep one reference per mapping."""
+    system = make_system(kernel="7.3")
+    p = system.spawn()
+    map_region(p, 1)
+    p.madvise(BASE, HPAGE_PMD_SIZE, "hugepage")
+    p.write(BASE, b"\x01" * (HPAGE_PMD_SIZE))
+    e = p.mm.pmd_ref(BASE).get()
+    assert pmd_leaf(e)
+    mem = system.mem
+    h = pte_pfn(e)
+    p.munmap(BASE + (NR - 1) * PAGE_SIZE, PAGE_SIZE)
+    free = mem.nr_free
+    folio_lock(system, h)
+    mem.refcount[h] += 1
+    assert split_folio(system, h) == 0
+    assert mem.nr_free == free + 1 and mem.is_free(h + NR - 1)
+    assert (mem.refcount[h + 1:h + NR - 1] == 1).all() and int(mem.refcount[h]) == 2
+    folio_unlock(system, h)
+    folio_put(system, h)
+    assert p.read(BASE, 16) == b"\x01" * 16
