@@ -9,7 +9,7 @@ import pytest
 from hmmsim import Process
 from hmmsim.drivers.dmirror import DmirrorPT, dmirror_open
 from hmmsim.drivers.test_hmm_uapi import (
-    HMM_DMIRROR_EXCLUSIVE, HMM_DMIRROR_FLAG_FAIL_ALLOC, HMM_DMIRROR_FLAGS, HMM_DMIRROR_RELEASE, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
+    HMM_DMIRROR_FLAG_FAIL_ALLOC, HMM_DMIRROR_FLAGS, HMM_DMIRROR_RELEASE, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
     HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO, HMM_DMIRROR_READ,
     HMM_DMIRROR_READ_UNLOCKED,
     HmmDmirrorCmd,
@@ -209,10 +209,10 @@ def test_dmirror_mmap_of_the_device_file(proc: Process) -> None:
     d.close()
 
 
-def test_dmirror_exclusive_commands_are_not_modelled_yet(proc: Process) -> None:
+def test_dmirror_release_is_not_modelled_yet(proc: Process) -> None:
     a = proc.mmap(P)
     d = proc.open_device(0)
-    for command in (HMM_DMIRROR_EXCLUSIVE, HMM_DMIRROR_RELEASE):
+    for command in (HMM_DMIRROR_RELEASE,):
         with pytest.raises(NotSupportedError):
             d.ioctl(command, HmmDmirrorCmd(addr=a, npages=1))
     d.close()

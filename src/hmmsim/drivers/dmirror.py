@@ -10,14 +10,15 @@ ignores ``MMU_NOTIFY_MIGRATE`` events of its own device without ``set_seq``.
 
 Commands implemented here: ``HMM_DMIRROR_READ``, ``HMM_DMIRROR_WRITE``,
 ``HMM_DMIRROR_SNAPSHOT`` (windows of ``profile.dmirror_window`` pages: 64 in 6.12, 32 in
-7.3), ``HMM_DMIRROR_CHECK_EXCLUSIVE``, ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``),
+7.3), ``HMM_DMIRROR_EXCLUSIVE`` (``dmirror_exclusive``), ``HMM_DMIRROR_CHECK_EXCLUSIVE``, ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``),
 ``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``HMM_DMIRROR_MIGRATE_TO_SYS`` (order-0 device pages from
 free lists, a private page's data in a backing system page, 7.3's FAIL_ALLOC), the
-pagemap's ``migrate_to_ram`` and eviction on close. Exclusive access, ``RELEASE`` and
+pagemap's ``migrate_to_ram`` and eviction on close. ``RELEASE`` and
 device THP folios raise :class:`NotSupportedError`.
 
 The driver is split like this: ``dmirror_core`` (the structures and the bounce buffer),
 ``dmirror_mirror`` (notifier, range fault, READ/WRITE/SNAPSHOT/CHECK_EXCLUSIVE),
+``dmirror_exclusive`` (EXCLUSIVE),
 ``dmirror_devmem`` (device memory and migration) and this module (file operations, the
 ioctl switch, module init).
 
@@ -65,6 +66,7 @@ from .dmirror_devmem import (
     dmirror_migrate_to_device,
     dmirror_migrate_to_system,
 )
+from .dmirror_exclusive import dmirror_exclusive
 from .dmirror_mirror import (
     dmirror_check_atomic,
     dmirror_min_ops,
@@ -130,7 +132,9 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
         ret = dmirror_migrate_to_device(dmirror, k, caller)
     elif command == HMM_DMIRROR_MIGRATE_TO_SYS:
         ret = dmirror_migrate_to_system(dmirror, k)
-    elif command in (HMM_DMIRROR_EXCLUSIVE, HMM_DMIRROR_RELEASE):
+    elif command == HMM_DMIRROR_EXCLUSIVE:
+        ret = dmirror_exclusive(dmirror, k, caller)
+    elif command == HMM_DMIRROR_RELEASE:
         raise NotSupportedError(f"{IOCTL_NAMES[command]} (device memory migration) is not modelled yet")
     elif command == HMM_DMIRROR_FLAGS and dmirror.sys.profile.dmirror_flags_cmd:
         # the whole word is stored; HMM_DMIRROR_FLAG_FAIL_ALLOC is consumed by the next
