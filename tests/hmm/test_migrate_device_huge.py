@@ -348,10 +348,10 @@ drelease h
 def test_memunmap_pages_after_a_coherent_thp_split_is_item_28() -> None:
     """7.3 (real kernel: the same -ENOENT for the one-page migration, then RELEASE never
     returns): the device THP is PMD-mapped (snapshot 0x46), the split leaves 511 folios
-    without a pgmap, and RELEASE is reported as a hang in memunmap_pages. 6.12 has no
+    without word to the driver, and RELEASE is reported as a hang. 6.12 has no
     device THPs and runs it (recorded/thp_coherent_release_split)."""
     out = _scenario(ITEM_28, "7.3")
     assert out[6]["prot"] == "4646" and out[7]["ret"] == -2
     assert out[-1]["error"] == "kernel-hang" and out[-1]["op"] == "drelease"
-    assert "memunmap_pages" in out[-1]["message"] and "item 28" in out[-1]["message"]
+    assert "HMM_DMIRROR_RELEASE" in out[-1]["message"] and "item 28" in out[-1]["message"]
     assert all("error" not in r for r in _scenario(ITEM_28, "6.12"))

@@ -16,27 +16,35 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .helpers import BASE, DevicePrivateThp, Recorder, map_region
 from hmmsim.kernel.errno import EAGAIN
 from hmmsim.kernel.fault import handle_mm_fault
 from hmmsim.kernel.folio import folio_put
-from hmmsim.kernel.huge_memory import folio_split_unmapped, split_folio, split_huge_pmd_address
+from hmmsim.kernel.huge_memory import (
+    folio_split_unmapped,
+    split_folio,
+    split_huge_pmd_address,
+)
 from hmmsim.kernel.invariants import InvariantError, check_invariants
-from hmmsim.kernel.migrate import (folio_migrate_mapping, is_pmd_migration_entry, remove_migration_ptes,
-                                   try_to_migrate)
+from hmmsim.kernel.migrate import (
+    folio_migrate_mapping,
+    is_pmd_migration_entry,
+    remove_migration_ptes,
+    try_to_migrate,
+)
 from hmmsim.kernel.mm import MM_ANONPAGES, mmap_read_lock, mmap_read_unlock
 from hmmsim.kernel.mm_types import FAULT_FLAG_WRITE
 from hmmsim.kernel.mmu_notifier import MmuNotifierEvent
 from hmmsim.kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE, pte_index
 from hmmsim.kernel.pagemap import folio_lock, folio_test_locked, folio_unlock
 from hmmsim.kernel.pgtable import (
-    SWP_DEVICE_READ,
-    SWP_DEVICE_WRITE,
-    SWP_MIGRATION_READ_EXCLUSIVE,
-    SWP_MIGRATION_WRITE,
     _PAGE_PSE,
     _PAGE_SWP_SOFT_DIRTY,
     _PAGE_SWP_UFFD_WP,
+    SWP_DEVICE_READ,
+    SWP_DEVICE_WRITE,
+    SWP_MIGRATION_READ,
+    SWP_MIGRATION_READ_EXCLUSIVE,
+    SWP_MIGRATION_WRITE,
     is_pmd_device_private_entry,
     is_writable_device_private_entry,
     make_readable_device_private_entry,
@@ -54,11 +62,13 @@ from hmmsim.kernel.pgtable import (
 from hmmsim.kernel.physmem import PG_anon, PG_anon_exclusive
 from hmmsim.kernel.rmap import page_vma_mapped_pmd
 
+from .helpers import BASE, DevicePrivateThp, Recorder, map_region
+
 NR = HPAGE_PMD_NR
 
 
 @pytest.fixture
-def thp(make_system):  # noqa: ANN001, ANN201
+def thp(make_system):
     """A 7.3 process with a writable device-private THP at BASE."""
     system = make_system(kernel="7.3")
     p = system.spawn("devthp")
@@ -66,18 +76,18 @@ def thp(make_system):  # noqa: ANN001, ANN201
     return DevicePrivateThp(p, BASE)
 
 
-def ptes(proc, addr: int = BASE):  # noqa: ANN001, ANN201
+def ptes(proc, addr: int = BASE):
     """The 512 ptes of the table under the PMD of *addr*."""
     mm = proc.mm
     pmd = mm.pmd_ref(addr)
     return mm.sys.pt.table(mm.pte_table(pmd)).copy()
 
 
-def swp_types(tbl) -> np.ndarray:  # noqa: ANN001
+def swp_types(tbl) -> np.ndarray:
     return (tbl >> np.uint64(59)).astype(np.int64)
 
 
-def fault(proc, addr: int, write: bool = False) -> int:  # noqa: ANN001
+def fault(proc, addr: int, write: bool = False) -> int:
     """One ``handle_mm_fault`` at *addr* (mmap lock held), as a CPU access would."""
     mm = proc.mm
     mmap_read_lock(mm)
@@ -87,7 +97,7 @@ def fault(proc, addr: int, write: bool = False) -> int:  # noqa: ANN001
         mmap_read_unlock(mm)
 
 
-def migrate_back(thp: DevicePrivateThp, vmf) -> int:  # noqa: ANN001
+def migrate_back(thp: DevicePrivateThp, vmf) -> int:
     """A minimal driver ``migrate_to_ram`` for a whole device THP: unmap it to a PMD
     migration entry, move it to a new RAM THP, remap (what migrate_vma does, without the
     copy: device pages hold no data here)."""
@@ -265,7 +275,7 @@ def test___split_huge_pmd_locked_device_private_partial_munmap(thp: DevicePrivat
     assert thp.freed == [h] and thp.pgmap.nr_used == 0
 
 
-def test___split_huge_pmd_locked_device_private_readable_keeps_bits(make_system) -> None:  # noqa: ANN001
+def test___split_huge_pmd_locked_device_private_readable_keeps_bits(make_system) -> None:
     system = make_system(kernel="7.3")
     p = system.spawn()
     map_region(p)
@@ -300,7 +310,7 @@ def test_split_huge_pmd_address_freeze_device_private(thp: DevicePrivateThp) -> 
 
 
 @pytest.mark.parametrize("with_op", [True, False])
-def test_split_folio_device_private(make_system, with_op: bool) -> None:  # noqa: ANN001
+def test_split_folio_device_private(make_system, with_op: bool) -> None:
     """split_folio of a PMD-mapped device THP: the PMD is split, then the folio; the
     driver's folio_split hears of every new folio, then (head, None); a new folio nothing
     maps any more (the last page, unmapped before) goes back to the driver at once."""
@@ -358,7 +368,7 @@ def test_folio_split_unmapped_device_private(thp: DevicePrivateThp) -> None:
 
 # -- migration entries ------------------------------------------------------------------------------
 @pytest.mark.parametrize("writable", [True, False])
-def test_set_pmd_migration_entry_device_private(make_system, writable: bool) -> None:  # noqa: ANN001
+def test_set_pmd_migration_entry_device_private(make_system, writable: bool) -> None:
     system = make_system(kernel="7.3")
     p = system.spawn()
     map_region(p)
@@ -459,3 +469,103 @@ def test_check_invariants_pte_mapped_device_thp_tails_are_in_use(thp: DevicePriv
     thp.proc.munmap(BASE, PAGE_SIZE)
     check_invariants(thp.sys)
     assert pte_index(BASE) == 0
+
+
+def test_check_coherent_split_hang() -> None:
+    """Conventions item 28: once a large device-coherent folio was split, the driver path
+    that walks the device's pages is reported as the real 7.3 kernel's hang."""
+    from hmmsim.kernel.locking import DeadlockError
+    from hmmsim.kernel.memremap import (
+        DevPagemap,
+        DevPagemapOps,
+        MemoryType,
+        check_coherent_split_hang,
+    )
+    pg = DevPagemap(MemoryType.MEMORY_DEVICE_COHERENT, 0x1000, 512, DevPagemapOps(page_free=lambda p: None), object())
+    check_coherent_split_hang(pg, "HMM_DMIRROR_RELEASE")
+    pg.coherent_split_heads.append(0x1000)
+    with pytest.raises(DeadlockError, match=r"HMM_DMIRROR_RELEASE .* 0x1000.*never returns.*item 28"):
+        check_coherent_split_hang(pg, "HMM_DMIRROR_RELEASE")
+
+
+def test___split_huge_pmd_locked_device_private_in_fork_child(thp: DevicePrivateThp) -> None:
+    """After fork both map the folio by a read-only PMD; a partial munmap in the child
+    splits only the child's PMD (511 readable ptes), the parent's PMD stays."""
+    mem = thp.sys.mem
+    h = thp.head
+    child = thp.proc.fork()
+    child.munmap(BASE + 3 * PAGE_SIZE, PAGE_SIZE)
+    t = swp_types(ptes(child))
+    assert t[3] == 0 and (np.delete(t, 3) == SWP_DEVICE_READ).all()
+    assert is_pmd_device_private_entry(thp.pmd()), "the parent keeps its PMD"
+    assert int(mem.refcount[h]) == 1 + NR - 1 and int(mem.entire_mapcount[h]) == 1
+    assert int(mem.mapcount[h + 3]) == 0 and int(mem.mapcount[h + 4]) == 1
+    assert child.mm.rss[MM_ANONPAGES] == NR - 1
+    child.exit()
+    assert int(mem.refcount[h]) == 1 and not mem.mapcount[h:h + NR].any() and thp.freed == []
+
+
+def test_zap_pmd_migration_entry_of_device_folio(thp: DevicePrivateThp) -> None:
+    """munmap while the device THP is unmapped for migration: the PMD migration entry is
+    zapped (rss only); the abandoned migration restores nothing and the last reference
+    frees the folio to its driver."""
+    sys = thp.sys
+    h = thp.head
+    folio_lock(sys, h)
+    sys.mem.refcount[h] += 1
+    assert try_to_migrate(sys, h)
+    thp.proc.munmap(BASE, HPAGE_PMD_SIZE)
+    assert thp.proc.mm.rss[MM_ANONPAGES] == 0 and thp.freed == []
+    assert remove_migration_ptes(sys, h, h) == 0
+    folio_unlock(sys, h)
+    folio_put(sys, h)
+    assert thp.freed == [h] and thp.pgmap.nr_used == 0
+
+
+def test_copy_pmd_migration_entry_of_device_folio(thp: DevicePrivateThp) -> None:
+    """fork while the device THP is unmapped for migration: both get a readable PMD
+    migration entry; abandoning the migration gives both a readable device-private PMD
+    of the shared (not exclusive) folio."""
+    sys = thp.sys
+    mem = sys.mem
+    h = thp.head
+    folio_lock(sys, h)
+    mem.refcount[h] += 1
+    assert try_to_migrate(sys, h)
+    child = thp.proc.fork()
+    assert swp_type(pmd_to_swp_entry(thp.pmd())) == swp_type(pmd_to_swp_entry(thp.pmd(child))) == SWP_MIGRATION_READ
+    assert remove_migration_ptes(sys, h, h) == 2
+    folio_unlock(sys, h)
+    folio_put(sys, h)
+    want = swp_entry_to_pmd(make_readable_device_private_entry(h))
+    assert thp.pmd() == want and thp.pmd(child) == want
+    assert int(mem.refcount[h]) == 2 and int(mem.entire_mapcount[h]) == 2
+    assert not (mem.flags[h:h + NR] & PG_anon_exclusive).any()
+    child.exit()
+    thp.proc.munmap(BASE, HPAGE_PMD_SIZE)
+    assert thp.freed == [h]
+
+
+def test_split_folio_frees_unmapped_pages_of_a_ram_thp(make_system) -> None:
+    """The same release step for a RAM THP: after a partial munmap the folio is
+    PTE-mapped but for its last page; split_folio frees that page at once (a new folio
+    with no reference), the others keep one reference per mapping."""
+    system = make_system(kernel="7.3")
+    p = system.spawn()
+    map_region(p, 1)
+    p.madvise(BASE, HPAGE_PMD_SIZE, "hugepage")
+    p.write(BASE, b"\x01" * (HPAGE_PMD_SIZE))
+    e = p.mm.pmd_ref(BASE).get()
+    assert pmd_leaf(e)
+    mem = system.mem
+    h = pte_pfn(e)
+    p.munmap(BASE + (NR - 1) * PAGE_SIZE, PAGE_SIZE)
+    free = mem.nr_free
+    folio_lock(system, h)
+    mem.refcount[h] += 1
+    assert split_folio(system, h) == 0
+    assert mem.nr_free == free + 1 and mem.is_free(h + NR - 1)
+    assert (mem.refcount[h + 1:h + NR - 1] == 1).all() and int(mem.refcount[h]) == 2
+    folio_unlock(system, h)
+    folio_put(system, h)
+    assert p.read(BASE, 16) == b"\x01" * 16

@@ -39,6 +39,7 @@ from ..kernel.memremap import (
     DevPagemap,
     DevPagemapOps,
     MemoryType,
+    check_coherent_split_hang,
     memremap_pages,
     memunmap_pages,
     zone_device_folio_init,
@@ -775,6 +776,7 @@ def dmirror_device_remove_chunks(mdevice: DmirrorDevice) -> None:
             with mdevice.lock.held():
                 chunk.remove = True
                 dmirror_remove_free_pages(chunk)
+            check_coherent_split_hang(chunk.pagemap, "HMM_DMIRROR_RELEASE")  # item 28 (7.3)
             dmirror_device_evict_chunk(chunk)
             pg = chunk.pagemap
             memunmap_pages(sys, pg)

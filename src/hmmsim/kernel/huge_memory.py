@@ -6,8 +6,11 @@ Models the parts of ``mm/huge_memory.c`` HMM meets: ``thp_vma_allowable_order``,
 6.12 and gets a new THP in 7.3, ``do_huge_zero_wp_pmd``), ``__split_huge_pmd`` (under an
 ``MMU_NOTIFY_CLEAR`` of the 2 MiB range), ``zap_huge_pmd``, ``copy_huge_pmd`` (fork),
 ``change_huge_pmd`` (mprotect), ``move_huge_pmd`` (mremap), and the PUD-level entry
-points used by device-dax style mappings. Only the PMD order (512 pages) exists; there
-are no mTHP sizes and khugepaged never collapses anything.
+points used by device-dax style mappings, and the folio split (``split_folio``,
+7.3's ``folio_split_unmapped``; device-private folios tell their driver through the
+pagemap's ``folio_split``). Each PMD path also takes 7.3's device-private PMDs: their
+branches live in :mod:`.huge_memory_device`. Only the PMD order (512 pages) exists;
+there are no mTHP sizes and khugepaged never collapses anything.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errno import EAGAIN, EBUSY, EINVAL
-from .folio import free_folio, folio_put
+from .folio import folio_put, free_folio
 from .huge_memory_device import (
     change_huge_pmd_device_private,
     copy_huge_pmd_device_private,
@@ -706,8 +709,8 @@ def _split_folio_to_order0(sys: "System", head: int, nr: int, unmapped: bool = F
             for p in range(head + 1, head + nr):
                 zone_device_private_split_cb(sys, head, p)
             zone_device_private_split_cb(sys, head, None)
-        elif sys.profile.device_private_thp:
-            pgmap.lost_split_folios += nr - 1  # the new folios have no pgmap (item 28)
+        elif pgmap.is_coherent:
+            pgmap.coherent_split_heads.append(head)
     sys.stats.add("thp.split_page")
     dead = np.flatnonzero(mem.refcount[head:head + nr] == 0) + head
     if pgmap is not None:

@@ -91,10 +91,10 @@ def _leaf_entries(tally: _Tally, mm: "MM", base: int, entries: npt.NDArray[np.ui
     if sw.any():
         t = (e[sw] >> _U(59)).astype(np.int64)
         spf = pfn[sw]
+        excl = (t == SWP_DEVICE_EXCLUSIVE_WRITE) | (t == SWP_DEVICE_EXCLUSIVE_READ)
         priv = (t == SWP_DEVICE_WRITE) | (t == SWP_DEVICE_READ)
         if priv.any():
             _check_device_private_pfns(mm, base, nz[sw][priv], spf[priv])
-        excl = (t == SWP_DEVICE_EXCLUSIVE_WRITE) | (t == SWP_DEVICE_EXCLUSIVE_READ)
         dev = priv | excl
         if dev.any():
             rss[1] += int(dev.sum())

@@ -64,7 +64,6 @@ from .pgtable import (
     is_device_exclusive_entry,
     is_device_private_entry,
     is_migration_entry,
-    swp_entry_to_pmd,
     is_readable_exclusive_migration_entry,
     is_swap_pmd,
     is_writable_device_private_entry,
@@ -82,6 +81,7 @@ from .pgtable import (
     pte_pfn,
     pte_present,
     pte_to_swp_entry,
+    swp_entry_to_pmd,
     swp_entry_to_pte,
     swp_offset,
     swp_offset_pfn,
@@ -91,6 +91,7 @@ from .rmap import AnonVma, page_vma_mapped_pmd, rmap_walk
 from .vma import is_cow_mapping
 
 if TYPE_CHECKING:
+    from .physmem import PhysMem
     from .system import System
     from .vma import Vma
 
@@ -243,7 +244,10 @@ def try_to_migrate(sys: "System", pfn: int) -> bool:
     head = mem.compound_head(pfn)
     assert folio_test_locked(sys, head), "try_to_migrate() needs the folio locked"
     nr = 1 << int(mem.order[head])
-    for p in range(head, head + nr):
+    # pte mappings (present, device-private) count in mapcount: a large folio with none
+    # is mapped by PMDs only, which the head's rmap walk finds
+    pages = range(head, head + nr) if nr == 1 or mem.mapcount[head:head + nr].any() else range(head, head + 1)
+    for p in pages:
         for vma, addr in list(rmap_walk(mem, p)):
             found = _mapped_pte(vma, addr)
             if found is None:
@@ -313,6 +317,22 @@ def _restored_pte(vma: "Vma", mig: int, dst: int) -> int:
     return pte
 
 
+def _only_pmd_vmas(mem: "PhysMem", head: int, nr: int, pmd_vmas: set["Vma"]) -> bool:
+    """Whether every VMA that may map a page of the anonymous folio *head* maps it with
+    the PMD at the head's address (*pmd_vmas*): then no page needs its own rmap walk."""
+    obj = mem.mapping_obj(int(mem.mapping[head]))
+    if not isinstance(obj, AnonVma):
+        return False
+    first = int(mem.index[head])
+    for vma in obj.vmas:
+        if vma in pmd_vmas:
+            continue
+        lo = vma.address_of_index(first)
+        if lo + (nr << 12) > vma.vm_start and lo < vma.vm_end:
+            return False
+    return True
+
+
 def remove_migration_ptes(sys: "System", src: int, dst: int) -> int:
     """``remove_migration_ptes()``: every migration entry of folio *src* becomes a mapping
     of folio *dst* (the same folio when a migration is abandoned). Returns the number of
@@ -322,14 +342,21 @@ def remove_migration_ptes(sys: "System", src: int, dst: int) -> int:
     dst = mem.compound_head(dst)
     nr = 1 << int(mem.order[src])
     done = 0
+    pmd_vmas: set["Vma"] = set()  # VMAs where a PMD covers the whole (large) folio
     for i in range(nr):
+        if i == 1 and _only_pmd_vmas(mem, src, nr, pmd_vmas):
+            break
         for vma, addr in list(rmap_walk(mem, src + i)):
+            if vma in pmd_vmas:
+                continue
             found = _mapped_pte(vma, addr)
             if found is None:
                 continue
             ref, level = found
             e = ref.get()
             if level == 2:
+                if i == 0:
+                    pmd_vmas.add(vma)
                 if page_vma_mapped_pmd(e, src, migration=True):
                     remove_migration_pmd(vma, ref, addr & PMD_MASK, dst)
                     done += 1
