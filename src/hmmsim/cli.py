@@ -12,6 +12,8 @@
     reason) on every fixture variant with kselftest output (``--json`` for a JSON array
     on stdout and nothing else; ``-r NAME`` (``anon_read`` or the full name ``-l``
     prints, ``hmm.hmm_device_private.anon_read``) and ``--variant VARIANT`` select).
+``hmmsim compare``, ``hmmsim fuzz``, ``hmmsim minimize``
+    Differential testing against real kernels (:mod:`hmmsim.oracle.cli`).
 ``hmmsim --version``
     The package version and the kernel releases modelled.
 
@@ -27,6 +29,8 @@ Exit status (:data:`EXIT_STATUS`; with several files, the largest of them):
 5     a scenario needs something the model does not cover (``{"error":"unsupported"}``)
 6     a scenario hit the real kernel's crash path (``{"error":"kernel-oops"}``)
 7     a scenario was stopped by ``-t`` (``{"error":"timeout",...}``)
+8     a scenario would hang the real kernel (``{"error":"kernel-hang"}``: every simulated
+      thread waits, e.g. a userfaultfd fault nobody answers)
 ====  ================================================================================
 
 >>> main(["selftest", "-l", "-r", "open_close"])
@@ -58,7 +62,7 @@ __all__ = ("EXIT_STATUS", "main")
 #: exit status per outcome (see the module docstring)
 EXIT_STATUS: dict[str, int] = {
     "ok": 0, "internal": 1, "usage": 2, "parse": 3, "unknown-name": 4, "unsupported": 5,
-    "kernel-oops": 6, "timeout": 7,
+    "kernel-oops": 6, "timeout": 7, "kernel-hang": 8,
 }
 
 _SIZE = re.compile(r"^([0-9]+)([KMG]?)(i?B)?$", re.IGNORECASE)
@@ -233,6 +237,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="run only this variant (repeatable): " + _variant_help())
     st.add_argument("-l", dest="list", action="store_true", help="list the selected tests and exit")
     st.add_argument("--summary", action="store_true", help="a table of results after the TAP output")
+    from .oracle.cli import add_parsers
+    add_parsers(sub)
     return ap
 
 
@@ -252,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_run(args, ap)
     if args.cmd == "selftest":
         return _cmd_selftest(args)
+    if args.cmd in ("compare", "fuzz", "minimize"):
+        from .oracle.cli import run_command
+        ret = run_command(args)
+        assert ret is not None
+        return ret
     ap.print_help()
     return EXIT_STATUS["usage"]
 

@@ -85,6 +85,30 @@ class DmirrorPT:
             leaf[off:off + m] = vals[i:i + m]
             i += m
 
+    def store_indices(self, vpns: npt.NDArray[np.int64], vals: npt.NDArray[np.int64]) -> None:
+        """``xa_store()`` of each ``vals[i]`` at index ``vpns[i]`` (increasing indices)."""
+        keys = vpns // _LEAF
+        cuts = np.flatnonzero(np.diff(keys)) + 1
+        for grp in np.split(np.arange(len(vpns)), cuts):
+            k = int(keys[grp[0]])
+            leaf = self.leaves.get(k)
+            if leaf is None:
+                leaf = self.leaves[k] = np.full(_LEAF, -1, np.int64)
+            leaf[vpns[grp] - k * _LEAF] = vals[grp]
+
+    def erase_indices(self, vpns: npt.NDArray[np.int64]) -> None:
+        """``xa_erase()`` of each index of *vpns* (increasing indices)."""
+        keys = vpns // _LEAF
+        cuts = np.flatnonzero(np.diff(keys)) + 1
+        for grp in np.split(np.arange(len(vpns)), cuts):
+            k = int(keys[grp[0]])
+            leaf = self.leaves.get(k)
+            if leaf is None:
+                continue
+            leaf[vpns[grp] - k * _LEAF] = -1
+            if (leaf < 0).all():
+                del self.leaves[k]
+
     def erase_range(self, first: int, last: int) -> None:
         """``xa_erase()`` of every index in ``[first, last]`` (inclusive)."""
         for k in [k for k in self.leaves if first // _LEAF <= k <= last // _LEAF]:

@@ -4,12 +4,16 @@ HMM_DMIRROR_RELEASE, which also unmaps every chunk: ``dmirror_device_remove_chun
 
 from __future__ import annotations
 
+from collections import deque
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from ..hmm.migrate_device import (
     MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SHIFT,
     MIGRATE_PFN_VALID,
     MIGRATE_PFN_WRITE,
     MIGRATE_VMA_SELECT_DEVICE_COHERENT,
@@ -27,7 +31,7 @@ from ..hmm.migrate_device import (
 )
 from ..kernel.bug import KernelOops
 from ..kernel.errno import EINVAL, ENOMEM
-from ..kernel.folio import folio_put
+from ..kernel.folio import folio_put, folios_put
 from ..kernel.memremap import (
     DevPagemap,
     DevPagemapOps,
@@ -35,6 +39,7 @@ from ..kernel.memremap import (
     memremap_pages,
     memunmap_pages,
     zone_device_page_init,
+    zone_device_pages_init,
 )
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.mm_types import VM_FAULT_OOM, VM_FAULT_SIGBUS, VmFault
@@ -43,7 +48,7 @@ from ..kernel.page_types import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from ..kernel.pagemap import folio_lock
+from ..kernel.pagemap import folio_lock, folios_lock
 from ..kernel.system import DEVMEM_CHUNK_PAGES
 from ..kernel.task import mmget_not_zero, mmput
 from ..kernel.vma import VM_READ, VM_WRITE
@@ -75,6 +80,7 @@ __all__ = (
     "dmirror_devmem_fault",
     "dmirror_devmem_fault_alloc_and_copy",
     "dmirror_devmem_free",
+    "dmirror_devmem_free_pages",
     "dmirror_migrate_alloc_and_copy",
     "dmirror_migrate_finalize_and_map",
     "dmirror_migrate_to_device",
@@ -97,7 +103,8 @@ def dmirror_allocate_chunk(mdevice: DmirrorDevice) -> int:
             return -EINVAL
         mtype = MemoryType.MEMORY_DEVICE_COHERENT
     ops = DevPagemapOps(page_free=lambda pfn: dmirror_devmem_free(mdevice, pfn),
-                        migrate_to_ram=dmirror_devmem_fault)
+                        migrate_to_ram=dmirror_devmem_fault,
+                        pages_free=lambda pfns: dmirror_devmem_free_pages(mdevice, pfns))
     pgmap = DevPagemap(mtype, start, DEVMEM_CHUNK_PAGES, ops, owner=mdevice)
     with mdevice.devmem_lock.held():
         ret = memremap_pages(sys, pgmap)
@@ -125,6 +132,66 @@ def dmirror_devmem_free(mdevice: DmirrorDevice, pfn: int) -> None:
         if not chunk.remove:
             mdevice.cfree += 1
             mdevice.free_pages.append(pfn)
+
+
+def dmirror_devmem_free_pages(mdevice: DmirrorDevice, pfns: npt.NDArray[np.int64]) -> None:
+    """:func:`dmirror_devmem_free` of each page of *pfns*, in order, in bulk (the
+    pagemap's ``pages_free``): the backing pages freed together, the device pages pushed
+    on the free list in that order (the device lock counted once per page, as the loop
+    takes it)."""
+    sys = mdevice.sys
+    mem = sys.mem
+    pfns = np.asarray(pfns, np.int64)
+    backing = mem.zone_device_data[pfns]
+    owner = mdevice.backing_owner
+    deque(map(owner.pop, np.where(backing != 0, backing, pfns).tolist(), repeat(None)), maxlen=0)
+    if mdevice.is_private:
+        has = backing != 0
+        if has.any():
+            mem.zone_device_data[pfns[has]] = 0
+            folios_put(sys, np.sort(backing[has]))
+    with mdevice.lock.held():
+        keep = np.ones(len(pfns), np.bool_)
+        for c in mdevice.chunks:
+            if c.remove:
+                keep &= ~((pfns >= c.pagemap.start_pfn) & (pfns < c.pagemap.start_pfn + c.pagemap.nr_pages))
+        kept = pfns[keep]
+        mdevice.cfree += len(kept)
+        mdevice.free_pages.extend(kept.tolist())
+    sys.ls.count_acquisitions(mdevice.lock.klass, len(pfns) - 1)
+
+
+def _devmem_alloc_pages(dmirror: "Dmirror", k: int) -> npt.NDArray[np.int64]:
+    """:func:`dmirror_devmem_alloc_page` *k* times, in bulk: the device pages (-1 where an
+    allocation failed) in the order the loop would hand them out. Runs of allocations
+    that cannot fail (pages on the free list and, for a private device, free RAM for the
+    backing pages) are done at once; the others (a new chunk, a failure) one by one."""
+    mdevice = dmirror.mdevice
+    sys = mdevice.sys
+    mem = sys.mem
+    out = np.full(k, -1, np.int64)
+    done = 0
+    while done < k:
+        m = min(k - done, len(mdevice.free_pages))
+        if mdevice.is_private:
+            m = min(m, max(mem.nr_free - mem.charged, 0))
+        if m <= 0:
+            out[done] = dmirror_devmem_alloc_page(dmirror)
+            done += 1
+            continue
+        rpages = mem.alloc_pages_bulk(m, zero=False) if mdevice.is_private else np.zeros(m, np.int64)
+        assert len(rpages) == m
+        with mdevice.lock.held():
+            taken = mdevice.free_pages[-m:]
+            del mdevice.free_pages[-m:]
+            mdevice.calloc += m
+        sys.ls.count_acquisitions(mdevice.lock.klass, m - 1)
+        dpages = np.array(taken[::-1], np.int64)
+        zone_device_pages_init(sys, dpages)
+        mem.zone_device_data[dpages] = rpages
+        out[done:done + m] = dpages
+        done += m
+    return out
 
 
 def dmirror_devmem_alloc_page(dmirror: "Dmirror") -> int:
@@ -164,51 +231,62 @@ def _backing_page(sys: "System", dpage: int) -> int:
 def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None:
     """``dmirror_migrate_alloc_and_copy()`` (order 0): a device page for every selected
     entry, the data copied (or cleared for holes and the zero page) into its backing page.
-    7.3's ``HMM_DMIRROR_FLAG_FAIL_ALLOC`` fails the first allocation (that entry is left)."""
+    7.3's ``HMM_DMIRROR_FLAG_FAIL_ALLOC`` fails the first allocation (that entry is left).
+    The entries of a window are allocated and copied in bulk."""
     sys = dmirror.sys
     mem = sys.mem
     # 6.12: a hole or zero page (no source page) of a writable VMA gets a writable page
     hole_write = MIGRATE_PFN_WRITE if (sys.profile.dmirror_hole_migrates_writable
                                        and args.vma.vm_flags & VM_WRITE) else 0
-    for i in range(args.npages):
-        s = int(args.src[i])
-        if not s & MIGRATE_PFN_MIGRATE:
-            continue
-        spage = migrate_pfn_to_page(s)
-        if spage >= 0 and mem.pgmap[spage]:
-            sys.stats.add("dmirror.warn_already_device")  # WARN: page already in device
-            continue
-        if dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
-            dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
-            dpage = -1
-        else:
-            dpage = dmirror_devmem_alloc_page(dmirror)
-        if dpage < 0:
-            continue
-        rpage = _backing_page(sys, dpage)
-        dmirror.mdevice.backing_owner[rpage] = dmirror
-        args.dst[i] = np.uint64(migrate_pfn(dpage) | (s & MIGRATE_PFN_WRITE) | (hole_write if spage < 0 else 0))
-        if spage >= 0:
-            mem.copy_pages(rpage, spage)
-        else:
-            mem.clear_pages(rpage)
+    s_ = args.src[:args.npages]
+    sel = (s_ & np.uint64(MIGRATE_PFN_MIGRATE)) != 0
+    spage = np.where((s_ & np.uint64(MIGRATE_PFN_VALID)) != 0,
+                     (s_ >> np.uint64(MIGRATE_PFN_SHIFT)).astype(np.int64), -1)
+    already = sel & (spage >= 0) & (mem.pgmap[np.maximum(spage, 0)] != 0)
+    if already.any():
+        sys.stats.add("dmirror.warn_already_device", int(already.sum()))  # WARN: page already in device
+    want = np.flatnonzero(sel & ~already)
+    if len(want) and dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
+        dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
+        want = want[1:]
+    if len(want) == 0:
+        return
+    dpages = _devmem_alloc_pages(dmirror, len(want))
+    ok = dpages >= 0
+    idx, dpages = want[ok], dpages[ok]
+    if len(idx) == 0:
+        return
+    rdata = mem.zone_device_data[dpages]
+    rpages = np.where(rdata != 0, rdata, dpages)
+    dmirror.mdevice.backing_owner.update(dict.fromkeys(rpages.tolist(), dmirror))
+    sp = spage[idx]
+    has = sp >= 0
+    args.dst[idx] = ((dpages.astype(np.uint64) << np.uint64(MIGRATE_PFN_SHIFT)) | np.uint64(MIGRATE_PFN_VALID)
+                     | (s_[idx] & np.uint64(MIGRATE_PFN_WRITE))
+                     | np.where(has, np.uint64(0), np.uint64(hole_write)))
+    if has.any():
+        mem.copy_pages(rpages[has], sp[has])
+    if not has.all():
+        mem.clear_pages(rpages[~has])
 
 
 def dmirror_migrate_finalize_and_map(args: MigrateVma, dmirror: "Dmirror") -> int:
     """``dmirror_migrate_finalize_and_map()``: map the migrated pages (their backing pages)
     in the device page table, tagged WRITE where the source was writable."""
     sys = dmirror.sys
+    mem = sys.mem
     with dmirror.mutex.held():
-        vpn0 = args.start >> PAGE_SHIFT
-        for i in range(args.npages):
-            if not int(args.src[i]) & MIGRATE_PFN_MIGRATE:
-                continue
-            d = int(args.dst[i])
-            dpage = migrate_pfn_to_page(d)
-            if dpage < 0:
-                continue
-            tag = DPT_XA_TAG_WRITE if d & MIGRATE_PFN_WRITE else 0
-            dmirror.pt.store_range(vpn0 + i, np.array([(_backing_page(sys, dpage) << 2) | tag], np.int64))
+        s_ = args.src[:args.npages]
+        d_ = args.dst[:args.npages]
+        idx = np.flatnonzero(((s_ & np.uint64(MIGRATE_PFN_MIGRATE)) != 0)
+                             & ((d_ & np.uint64(MIGRATE_PFN_VALID)) != 0))
+        if len(idx):
+            d = d_[idx]
+            dpages = (d >> np.uint64(MIGRATE_PFN_SHIFT)).astype(np.int64)
+            rdata = mem.zone_device_data[dpages]
+            rpages = np.where(rdata != 0, rdata, dpages)
+            tags = np.where((d & np.uint64(MIGRATE_PFN_WRITE)) != 0, DPT_XA_TAG_WRITE, 0)
+            dmirror.pt.store_indices((args.start >> PAGE_SHIFT) + idx, (rpages << 2) | tags)
     return 0
 
 
@@ -221,30 +299,38 @@ def _select_device(dmirror: "Dmirror") -> int:
 def dmirror_devmem_fault_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> int:
     """``dmirror_devmem_fault_alloc_and_copy()`` (order 0): a system page for every selected
     device page, its device page-table entry erased, the data copied back. Returns 0 or
-    ``VM_FAULT_OOM`` (also when 7.3's FAIL_ALLOC fails the allocation)."""
+    ``VM_FAULT_OOM`` (also when 7.3's FAIL_ALLOC fails the allocation): the entries before
+    the failing one are done. The entries of a window are done in bulk."""
     sys = dmirror.sys
     mem = sys.mem
-    for i in range(args.npages):
-        s = int(args.src[i])
-        spage = migrate_pfn_to_page(s)
-        if spage < 0 or not s & MIGRATE_PFN_MIGRATE:
-            continue
-        if not mem.pgmap[spage]:
-            sys.stats.add("dmirror.warn_not_device")  # WARN_ON
-            continue
-        rpage = _backing_page(sys, spage)
-        if dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
-            dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
-            dpage = -1
-        else:
-            dpage = mem.alloc_page()
-        if dpage < 0:
-            return VM_FAULT_OOM
-        folio_lock(sys, dpage)
-        args.dst[i] = np.uint64(migrate_pfn(dpage) | (s & MIGRATE_PFN_WRITE))
-        vpn = (args.start >> PAGE_SHIFT) + i
-        dmirror.pt.erase_range(vpn, vpn)
-        mem.copy_pages(dpage, rpage)
+    s_ = args.src[:args.npages]
+    sel = ((s_ & np.uint64(MIGRATE_PFN_VALID)) != 0) & ((s_ & np.uint64(MIGRATE_PFN_MIGRATE)) != 0)
+    spage = np.where(sel, (s_ >> np.uint64(MIGRATE_PFN_SHIFT)).astype(np.int64), 0)
+    notdev = sel & (mem.pgmap[spage] == 0)
+    if notdev.any():
+        sys.stats.add("dmirror.warn_not_device", int(notdev.sum()))  # WARN_ON
+    want = np.flatnonzero(sel & ~notdev)
+    if len(want) == 0:
+        return 0
+    if dmirror.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
+        dmirror.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC
+        return VM_FAULT_OOM
+    m = min(len(want), max(mem.nr_free - mem.charged, 0))
+    if m:
+        idx = want[:m]
+        sp = spage[idx]
+        rdata = mem.zone_device_data[sp]
+        rpages = np.where(rdata != 0, rdata, sp)
+        dpages = mem.alloc_pages_bulk(m, zero=False)
+        assert len(dpages) == m
+        folios_lock(sys, dpages)
+        args.dst[idx] = ((dpages.astype(np.uint64) << np.uint64(MIGRATE_PFN_SHIFT)) | np.uint64(MIGRATE_PFN_VALID)
+                         | (s_[idx] & np.uint64(MIGRATE_PFN_WRITE)))
+        dmirror.pt.erase_indices((args.start >> PAGE_SHIFT) + idx)
+        mem.copy_pages(dpages, rpages)
+    if m < len(want):
+        mem.alloc_page()  # fails: the OOM this allocation meets
+        return VM_FAULT_OOM
     return 0
 
 
@@ -306,8 +392,9 @@ def _migrate_windows(dmirror: "Dmirror", cmd: HmmDmirrorCmd, to_dev: bool) -> in
                     migrate_vma_finalize(args)
                     return -ENOMEM
                 migrate_vma_pages(args)
-                cmd.cpages += sum(1 for v in args.src[:args.npages].tolist()
-                                  if v & MIGRATE_PFN_VALID and v & MIGRATE_PFN_MIGRATE)
+                s_ = args.src[:args.npages]
+                cmd.cpages += int(np.count_nonzero((s_ & np.uint64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE))
+                                                   == np.uint64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)))
                 migrate_vma_finalize(args)
             addr = nxt
     finally:

@@ -27,25 +27,28 @@ import numpy as np
 import numpy.typing as npt
 
 from ..kernel.errno import EINVAL
-from ..kernel.folio import folio_put
+from ..kernel.folio import folio_put, folios_put_in_order
 from ..kernel.huge_memory import split_folio, split_huge_pmd
 from ..kernel.migrate import (
     folio_migrate_mapping,
     make_migration_pte,
-    remove_migration_ptes,
+    make_migration_ptes,
+    remove_migration_ptes_folios,
+    try_to_migrate,
 )
 from ..kernel.mm import MM_ANONPAGES, PtRef
 from ..kernel.mmu_notifier import MmuNotifierEvent, notify_range
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE, pte_index
-from ..kernel.pagemap import folio_trylock, folio_unlock
+from ..kernel.pagemap import folio_trylock, folio_unlock, folios_trylock, folios_unlock
 from ..kernel.pagewalk import MmWalk, MmWalkOps, walk_page_range
 from ..kernel.pgtable import (
     _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
     _PAGE_RW,
     _PAGE_SWP_SOFT_DIRTY,
     _PAGE_SWP_UFFD_WP,
-    is_device_private_entry,
-    is_writable_device_private_entry,
+    decode_pte_table,
     make_readable_device_private_entry,
     make_writable_device_private_entry,
     pfn_pte,
@@ -53,11 +56,9 @@ from ..kernel.pgtable import (
     pmd_present,
     pte_pfn,
     pte_present,
-    pte_to_swp_entry,
     swp_entry_to_pte,
-    swp_offset_pfn,
 )
-from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_dirty
+from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_uptodate
 from ..kernel.rmap import anon_vma_prepare, folio_add_new_anon_rmap
 from ..kernel.userfaultfd_k import userfaultfd_missing
 from ..kernel.vma import VM_WRITE, vma_is_anonymous
@@ -84,6 +85,10 @@ MIGRATE_PFN_SHIFT = 6
 MIGRATE_VMA_SELECT_SYSTEM = 1 << 0
 MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1 << 1
 MIGRATE_VMA_SELECT_DEVICE_COHERENT = 1 << 2
+
+_U = np.uint64
+#: the page flags ``folio_migrate_flags()`` carries over (as :func:`folio_migrate_mapping`)
+_MIGRATE_KEEP_FLAGS = PG_anon | PG_anon_exclusive | PG_dirty | PG_swapbacked | PG_uptodate
 
 
 def migrate_pfn(pfn: int) -> int:
@@ -203,37 +208,154 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
         return migrate_vma_collect_skip(start, end, walk)
     tbl, tid = got
     try:
-        for addr in range(start, end, PAGE_SIZE):
-            i = pte_index(addr)
-            pte = int(tbl[i])
-            mpfn, page = 0, -1
-            if pte == 0:
-                if vma_is_anonymous(vma):
-                    mpfn = MIGRATE_PFN_MIGRATE
-                    m.cpages += 1
-            elif not pte_present(pte):
-                ent = pte_to_swp_entry(pte)
-                if is_device_private_entry(ent):
-                    page = swp_offset_pfn(ent)
-                    pg = sys.pgmap_of(page)
-                    if m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE and pg is not None and pg.owner is m.pgmap_owner:
-                        mpfn = migrate_pfn(page) | MIGRATE_PFN_MIGRATE
-                        if is_writable_device_private_entry(ent):
-                            mpfn |= MIGRATE_PFN_WRITE
-            else:
-                mpfn, page = _select_present(m, vma, addr, pte)
-            if mpfn & MIGRATE_PFN_VALID:
-                head = mem.compound_head(page)
-                if not mem.mapping[head] or mem.order[head]:
-                    mpfn = 0
-                else:
-                    mpfn = _collect_one(m, vma, tbl, i, pte, page, mpfn)
-            m.dst[m.npages] = 0
-            m.src[m.npages] = mpfn
-            m.npages += 1
+        i0 = pte_index(start)
+        n = (end - start) >> PAGE_SHIFT
+        mpfn, pages, rare = _migrate_vma_classify_ptes(m, vma, tbl[i0:i0 + n])
+        for j in np.flatnonzero(rare).tolist():
+            mpfn[j], pages[j] = _collect_pte_one(m, vma, tbl, i0 + j, start + (j << PAGE_SHIFT))
+        sel = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
+        if len(sel):
+            _collect_ptes(m, vma, tbl, i0, sel, pages[sel], mpfn)
+        m.dst[m.npages:m.npages + n] = 0
+        m.src[m.npages:m.npages + n] = mpfn
+        m.npages += n
     finally:
         mm.pte_unmap_unlock(tid)
     return 0
+
+
+def _selectable_pgmaps_kinds(sys: "System") -> tuple[None, npt.NDArray[np.int8]]:
+    """Per pgmap id (0: none) its kind: 1 private, 2 coherent, 3 other."""
+    kind = np.zeros(len(sys.pgmaps) + 1, np.int8)
+    for k, pg in enumerate(sys.pgmaps):
+        if pg is not None:
+            kind[k + 1] = 1 if pg.is_private else 2 if pg.is_coherent else 3
+    return None, kind
+
+
+def _selectable_pgmaps(m: MigrateVma, sys: "System") -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int8]]:
+    """Per pgmap id (0: none): whether its pages are selected (device-private pages of
+    the owner with SELECT_DEVICE_PRIVATE, coherent pages of the owner with
+    SELECT_DEVICE_COHERENT), and its kind (1 private, 2 coherent, 3 other)."""
+    nr = len(sys.pgmaps) + 1
+    ok = np.zeros(nr, np.bool_)
+    kind = np.zeros(nr, np.int8)
+    for k, pg in enumerate(sys.pgmaps):
+        if pg is None:
+            continue
+        kind[k + 1] = 1 if pg.is_private else 2 if pg.is_coherent else 3
+        if pg.owner is m.pgmap_owner:
+            ok[k + 1] = bool(m.flags & (MIGRATE_VMA_SELECT_DEVICE_PRIVATE if pg.is_private
+                                        else MIGRATE_VMA_SELECT_DEVICE_COHERENT if pg.is_coherent else 0))
+    return ok, kind
+
+
+def _migrate_vma_classify_ptes(m: MigrateVma, vma: "Vma", ptes: npt.NDArray[np.uint64]
+                               ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """The selection of :func:`migrate_vma_collect_pmd` for a run of ptes at once:
+    ``(mpfn, page, rare)``. Holes and the zero page (counted in ``cpages`` here), system
+    pages, device-private entries and coherent pages get their mpfn (VALID ones still to
+    be locked and unmapped); entries of other kinds are marked *rare* for the per-entry
+    path (:func:`_collect_pte_one`)."""
+    sys = vma.vm_mm.sys
+    mem = sys.mem
+    n = len(ptes)
+    d = decode_pte_table(ptes)
+    anon = vma_is_anonymous(vma)
+    mpfn = np.zeros(n, np.uint64)
+    pages = np.full(n, -1, np.int64)
+    system = bool(m.flags & MIGRATE_VMA_SELECT_SYSTEM)
+    if anon:
+        mpfn[d.none] = MIGRATE_PFN_MIGRATE
+        m.cpages += int(d.none.sum())
+    pfn = d.pfn.astype(np.int64)
+    present = d.present
+    zero = present & (pfn == mem.zero_pfn)
+    if zero.any() and system and anon:
+        mpfn[zero] = MIGRATE_PFN_MIGRATE
+        m.cpages += int(zero.sum())
+    normal = present & ~zero & ~d.special & (pfn < mem.max_pfn)
+    rare = present & ~zero & ~normal
+    sel_tab, kind_tab = _selectable_pgmaps(m, sys)
+    if normal.any():
+        p = np.where(normal, pfn, 0)
+        pid = np.where(normal, mem.pgmap[p], 0)
+        kind = kind_tab[pid]
+        rare |= normal & (kind != 0) & (kind != 2)  # a present pte of a non-coherent device page
+        take = normal & (((kind == 0) & system) | ((kind == 2) & sel_tab[pid]))
+        take &= ~rare
+        pages[take] = pfn[take]
+        mpfn[take] = ((pfn[take].astype(np.uint64) << _U(MIGRATE_PFN_SHIFT))
+                      | _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+                      | np.where(d.write[take], _U(MIGRATE_PFN_WRITE), _U(0)))
+    if d.has_swap and d.device_private.any():
+        dp = d.device_private
+        p = np.where(dp, pfn, 0)
+        pid = np.where(dp, mem.pgmap[p], 0)
+        take = dp & sel_tab[pid] & (kind_tab[pid] == 1)
+        pages[dp] = pfn[dp]
+        mpfn[take] = ((pfn[take].astype(np.uint64) << _U(MIGRATE_PFN_SHIFT))
+                      | _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+                      | np.where(d.device_private_write[take], _U(MIGRATE_PFN_WRITE), _U(0)))
+    # a selected page is collected only if it is a small folio with a mapping
+    v = np.flatnonzero((mpfn & _U(MIGRATE_PFN_VALID)) != 0)
+    if len(v):
+        heads = mem.heads(pages[v])
+        bad = (mem.mapping[heads] == 0) | (mem.order[heads] != 0)
+        mpfn[v[bad]] = 0
+    return mpfn, pages, rare
+
+
+def _collect_pte_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i: int, addr: int) -> tuple[int, int]:
+    """One present pte of a rare kind (a special mapping, a non-coherent device page):
+    the per-entry selection and collection."""
+    pte = int(tbl[i])
+    mem = vma.vm_mm.sys.mem
+    mpfn, page = _select_present(m, vma, addr, pte)
+    if mpfn & MIGRATE_PFN_VALID:
+        head = mem.compound_head(page)
+        if page < 0 or not mem.mapping[head] or mem.order[head]:
+            mpfn = 0
+        else:
+            mpfn = _collect_one(m, vma, tbl, i, pte, page, mpfn)
+    return mpfn, page
+
+
+def _collect_ptes(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i0: int,
+                  sel: npt.NDArray[np.int64], pages: npt.NDArray[np.int64], mpfn: npt.NDArray[np.uint64]) -> None:
+    """:func:`_collect_one` of the selected entries *sel* (indices from *i0*) of one pte
+    table at once: a reference taken and the folio trylocked (entries whose folio is
+    locked are deselected); a locked page's pte becomes a migration entry (dirty moved
+    to the folio, AnonExclusive carried by the entry), its mapping dropped."""
+    sys = vma.vm_mm.sys
+    mem = sys.mem
+    mem.refcount[pages] += 1  # folio_get
+    ok = folios_trylock(sys, pages)
+    if not ok.all():
+        failed = pages[~ok]
+        mpfn[sel[~ok]] = 0
+        for p in failed.tolist():
+            folio_put(sys, p)
+        sel, pages = sel[ok], pages[ok]
+        if len(sel) == 0:
+            return
+    m.cpages += len(sel)
+    idx = i0 + sel
+    ptes = tbl[idx]
+    fl = mem.flags[pages]
+    anon_excl = ((fl & np.uint32(PG_anon)) != 0) & ((fl & np.uint32(PG_anon_exclusive)) != 0)
+    present = (ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+    writable = (mpfn[sel] & _U(MIGRATE_PFN_WRITE)) != 0
+    dirty = present & ((ptes & _U(_PAGE_DIRTY)) != 0)
+    mem.flags[pages[dirty]] |= np.uint32(PG_dirty)
+    src_pte = np.where(present, np.where(writable, ptes, ptes & ~_U(_PAGE_RW)),
+                       np.where(writable, _U(_PAGE_RW), _U(0)))
+    mig = make_migration_ptes(src_pte, pages, anon_excl)
+    mig |= np.where(present, _U(0), ptes & _U(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP))
+    mem.flags[pages[anon_excl]] &= ~np.uint32(PG_anon_exclusive)
+    tbl[idx] = mig
+    mem.mapcount[pages] -= 1  # folio_remove_rmap_pte
+    mem.refcount[pages] -= 1  # the mapping's reference (the collection's is still held)
 
 
 def _collect_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i: int, pte: int,
@@ -293,36 +415,47 @@ def migrate_vma_check_page(sys: "System", page: int, fault_page: int) -> bool:
 def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int, fault_page: int) -> int:
     """Models ``mm/migrate_device.c:migrate_device_unmap()``: pages still mapped elsewhere
     are unmapped (``try_to_migrate``); those still mapped or with extra references are
-    restored and deselected. Returns the number of entries still to migrate."""
-    from ..kernel.migrate import try_to_migrate
+    restored and deselected. Returns the number of entries still to migrate.
+
+    Done for all entries at once: a small folio no longer mapped (the common case: the
+    collection just unmapped it) is only checked; folios still mapped (shared with a
+    fork, mapped twice) and large folios go through ``try_to_migrate`` one by one."""
     mem = sys.mem
-    unmapped = restore = 0
-    for i in range(npages):
-        s = int(src[i])
-        page = migrate_pfn_to_page(s)
-        if page < 0:
-            if s & MIGRATE_PFN_MIGRATE:
-                unmapped += 1
-            continue
+    s_ = src[:npages]
+    valid = (s_ & _U(MIGRATE_PFN_VALID)) != 0
+    unmapped = int((~valid & ((s_ & _U(MIGRATE_PFN_MIGRATE)) != 0)).sum())
+    idx = np.flatnonzero(valid)
+    if len(idx) == 0:
+        return unmapped
+    pages = (s_[idx] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+    heads = mem.heads(pages)
+    small = (heads == pages) & (mem.order[pages] == 0)
+    simple = small & (mem.mapcount[pages] + mem.entire_mapcount[pages] == 0)
+    keep = np.zeros(len(idx), np.bool_)
+    for j in np.flatnonzero(~simple).tolist():
+        page = int(pages[j])
         if mem.folio_mapcount(page) > 0:
             try_to_migrate(sys, page)
-        if mem.folio_mapcount(page) > 0 or not migrate_vma_check_page(sys, page, fault_page):
-            src[i] = np.uint64(s & ~MIGRATE_PFN_MIGRATE)
-            restore += 1
-            continue
-        unmapped += 1
-    for i in range(npages):
-        if not restore:
-            break
-        s = int(src[i])
-        page = migrate_pfn_to_page(s)
-        if page < 0 or s & MIGRATE_PFN_MIGRATE:
-            continue
-        remove_migration_ptes(sys, page, page)
-        src[i] = 0
+        keep[j] = mem.folio_mapcount(page) == 0 and migrate_vma_check_page(sys, page, fault_page)
+    if simple.any():
+        sp = pages[simple]
+        extra = 1 + (sp == fault_page) + (mem.pgmap[sp] != 0)
+        file_ = np.flatnonzero((mem.flags[sp] & np.uint32(PG_anon)) == 0)
+        for j in file_.tolist():
+            extra[j] += sys.mapping_cache_of(int(sp[j])) is not None
+        keep[simple] = mem.refcount[sp].astype(np.int64) - extra <= mem.mapcount[sp]
+    unmapped += int(keep.sum())
+    restore = len(idx) - int(keep.sum())
+    if not restore:
+        return unmapped
+    s_[idx[~keep]] &= ~_U(MIGRATE_PFN_MIGRATE)
+    back = np.flatnonzero(((s_ & _U(MIGRATE_PFN_VALID)) != 0) & ((s_ & _U(MIGRATE_PFN_MIGRATE)) == 0))[:restore]
+    bp = (s_[back] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+    remove_migration_ptes_folios(sys, bp, bp)
+    s_[back] = 0
+    for page in bp.tolist():
         folio_unlock(sys, page)
         folio_put(sys, page)
-        restore -= 1
     return unmapped
 
 
@@ -404,34 +537,43 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
     """Models ``mm/migrate_device.c:__migrate_device_pages()``: entries without a
     destination are deselected; holes (VMA migrations only) get their page inserted under
     one MMU_NOTIFY_MIGRATE from the first hole to the end; the others move their struct-page
-    state to the destination (a file page cannot go to device memory)."""
+    state to the destination (a file page cannot go to device memory). Small anonymous
+    folios move in bulk, others one by one."""
     mem = sys.mem
-    holes: list[int] = []
-    for i in range(npages):
-        s_ = int(src[i])
-        new = migrate_pfn_to_page(int(dst[i]))
-        page = migrate_pfn_to_page(s_)
-        if new < 0:
-            src[i] = np.uint64(s_ & ~MIGRATE_PFN_MIGRATE)
-            continue
-        if page < 0:
-            if s_ & MIGRATE_PFN_MIGRATE:
-                assert m is not None, "a hole outside migrate_vma"
-                holes.append(i)
-            continue
-        if not s_ & MIGRATE_PFN_MIGRATE:
-            continue
-        newpg = sys.pgmap_of(new) if mem.pgmap[new] else None
-        if newpg is not None:
-            if not (newpg.is_private or newpg.is_coherent) or sys.mapping_cache_of(page) is not None:
-                src[i] = np.uint64(s_ & ~MIGRATE_PFN_MIGRATE)
-                continue
-        folio_migrate_mapping(sys, new, page)
-    if holes:
-        assert m is not None
-        first = m.start + (holes[0] << PAGE_SHIFT)
+    s_ = src[:npages]
+    d_ = dst[:npages]
+    has_new = (d_ & _U(MIGRATE_PFN_VALID)) != 0
+    s_[~has_new] &= ~_U(MIGRATE_PFN_MIGRATE)
+    svalid = (s_ & _U(MIGRATE_PFN_VALID)) != 0
+    mig = (s_ & _U(MIGRATE_PFN_MIGRATE)) != 0
+    holes = np.flatnonzero(has_new & ~svalid & mig)
+    move = np.flatnonzero(has_new & svalid & mig)
+    if len(move):
+        pages = (s_[move] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+        new = (d_[move] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+        _, kind_tab = _selectable_pgmaps_kinds(sys)
+        nkind = kind_tab[mem.pgmap[new]]
+        anon = (mem.flags[mem.heads(pages)] & np.uint32(PG_anon)) != 0
+        bad = np.zeros(len(move), np.bool_)
+        todev = nkind != 0
+        bad[todev & (nkind == 3)] = True
+        for j in np.flatnonzero(todev & ~anon & ~bad).tolist():
+            bad[j] = sys.mapping_cache_of(int(pages[j])) is not None
+        s_[move[bad]] &= ~_U(MIGRATE_PFN_MIGRATE)
+        ok = ~bad
+        fast = ok & anon & (mem.order[pages] == 0) & (mem.head_off[pages] == 0)
+        for j in np.flatnonzero(ok & ~fast).tolist():
+            folio_migrate_mapping(sys, int(new[j]), int(pages[j]))
+        if fast.any():
+            fp, fn = pages[fast], new[fast]
+            mem.mapping[fn] = mem.mapping[fp]
+            mem.index[fn] = mem.index[fp]
+            mem.flags[fn] |= mem.flags[fp] & np.uint32(_MIGRATE_KEEP_FLAGS)
+    if len(holes):
+        assert m is not None, "a hole outside migrate_vma"
+        first = m.start + (int(holes[0]) << PAGE_SHIFT)
         with notify_range(MmuNotifierEvent.MMU_NOTIFY_MIGRATE, m.vma.vm_mm, first, m.end, owner=m.pgmap_owner):
-            for i in holes:
+            for i in holes.tolist():
                 migrate_vma_insert_page(m, m.start + (i << PAGE_SHIFT), migrate_pfn_to_page(int(dst[i])), i)
 
 
@@ -451,31 +593,39 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     """Models ``mm/migrate_device.c:migrate_device_finalize()``: migration entries become
     mappings of the destination, or of the source where the entry was not migrated; every
     page is unlocked and the collection and allocation references are dropped (a source
-    page freed this way goes back to its allocator or driver)."""
+    page freed this way goes back to its allocator or driver).
+
+    In bulk: the entries are remapped by :func:`remove_migration_ptes_folios`, the locks
+    released together, and the references dropped in the order the kernel's loop drops
+    them (per entry: an unused destination, the source, the destination), so pages freed
+    go back to their allocator or driver in that order."""
     mem = sys.mem
-    for i in range(npages):
-        new = migrate_pfn_to_page(int(dst[i]))
-        page = migrate_pfn_to_page(int(src[i]))
-        if page < 0:
-            if new >= 0:
-                folio_unlock(sys, new)
-                folio_put(sys, new)
-            continue
-        target = new
-        if not int(src[i]) & MIGRATE_PFN_MIGRATE or new < 0:
-            if new >= 0:
-                folio_unlock(sys, new)
-                folio_put(sys, new)
-            target = page
-        remove_migration_ptes(sys, page, target)
-        folio_unlock(sys, page)
-        if target != page:
-            mem.flags[page] &= ~np.uint32(PG_anon | PG_anon_exclusive)
-            mem.mapping[page] = 0
-        folio_put(sys, page)
-        if target != page:
-            folio_unlock(sys, target)
-            folio_put(sys, target)
+    s_ = src[:npages]
+    d_ = dst[:npages]
+    sv = (s_ & _U(MIGRATE_PFN_VALID)) != 0
+    dv = (d_ & _U(MIGRATE_PFN_VALID)) != 0
+    page = np.where(sv, (s_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64), -1)
+    new = np.where(dv, (d_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64), -1)
+    migrated = sv & dv & ((s_ & _U(MIGRATE_PFN_MIGRATE)) != 0)
+    unused = dv & ~migrated  # a hole's page (inserted or not) or a destination not used
+    sidx = np.flatnonzero(sv)
+    pages = page[sidx]
+    targets = np.where(migrated[sidx], new[sidx], pages)
+    if len(sidx):
+        remove_migration_ptes_folios(sys, pages, targets)
+    if unused.any():
+        folios_unlock(sys, new[unused])
+    if len(sidx):
+        folios_unlock(sys, pages)
+        mp = page[migrated]
+        mem.flags[mp] &= ~np.uint32(PG_anon | PG_anon_exclusive)
+        mem.mapping[mp] = 0
+    if migrated.any():
+        folios_unlock(sys, new[migrated])
+    # the references, in the kernel's order: per entry the unused destination, the
+    # source, the migrated destination
+    seq = np.stack([np.where(unused, new, -1), page, np.where(migrated, new, -1)], axis=1).reshape(-1)
+    folios_put_in_order(sys, seq[seq >= 0])
     sys.stats.add("migrate_vma.finalize")
 
 
@@ -490,15 +640,14 @@ def migrate_device_range(sys: "System", src: npt.NDArray[np.uint64], start: int,
     them to migration entries (``migrate_device_unmap``). Used to evict device memory
     without a VMA. Returns 0."""
     mem = sys.mem
-    for i in range(npages):
-        pfn = start + i
-        src[i] = 0
-        if mem.refcount[pfn] <= 0:
-            continue
-        mem.refcount[pfn] += 1
-        if not folio_trylock(sys, pfn):
+    src[:npages] = 0
+    pfns = start + np.flatnonzero(mem.refcount[start:start + npages] > 0)
+    if len(pfns):
+        mem.refcount[pfns] += 1
+        ok = folios_trylock(sys, pfns)
+        for pfn in pfns[~ok].tolist():
             folio_put(sys, pfn)
-            continue
-        src[i] = np.uint64(migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE)
+        got = pfns[ok]
+        src[got - start] = (got.astype(np.uint64) << _U(MIGRATE_PFN_SHIFT)) | _U(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID)
     migrate_device_unmap(sys, src, npages, -1)
     return 0

@@ -27,6 +27,7 @@ from .mm_types import (
     FAULT_FLAG_WRITE,
     VM_FAULT_HWPOISON_LARGE,
     VM_FAULT_SIGBUS,
+    VmFault,
 )
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import (
@@ -68,12 +69,14 @@ from .physmem import (
     PG_swapbacked,
 )
 from .rmap import anon_vma_prepare
+from .userfaultfd_k import handle_userfault, userfaultfd_missing
 from .vma import (
     VM_DONTEXPAND,
     VM_HUGETLB,
     VM_MAYSHARE,
     VM_NORESERVE,
     VM_SHARED,
+    VM_UFFD_MISSING,
     VM_WRITE,
     Vma,
     VmOps,
@@ -271,6 +274,14 @@ def _hugetlb_no_page(vma: Vma, haddr: int, pmd: "object", flags: int) -> int:
         return VM_FAULT_SIGBUS
     shared = bool(vma.vm_flags & VM_MAYSHARE)
     cache = inode.i_mapping.pages
+    if idx not in cache and userfaultfd_missing(vma):
+        # hugetlb_handle_userfault(): drop the vma lock, hand the fault to the userfaultfd
+        # (the lock is taken again for hugetlb_fault()'s unlock)
+        hugetlb_vma_unlock_read(vma)
+        try:
+            return handle_userfault(VmFault(vma, haddr, flags), VM_UFFD_MISSING)
+        finally:
+            hugetlb_vma_lock_read(vma)
     head = cache.get(idx, -1) if shared else -1
     if head < 0:
         if shared and inode.resv > 0:

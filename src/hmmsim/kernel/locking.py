@@ -20,6 +20,13 @@ Keyed locks are named once, by the kernel's accessor names: ``ptlock_ptr``/``pte
 ``hugetlb_vma_lockptr`` (:mod:`hmmsim.kernel.hugetlb`), ``folio_lockptr``
 (:mod:`hmmsim.kernel.pagemap`); the first element of each identity is its lock class.
 
+Lock classes keyed by a number (``folio_lock``, keyed by the head pfn: see
+:data:`KEYED_LOCK_CLASSES`) keep their owners in a numpy array instead of the dict, so that
+a migration can take or release the folio locks of a whole page table (or of a 1 GiB range)
+in one call (:meth:`LockState.acquire_keys`, :meth:`LockState.release_keys`): each lock is
+still one acquisition in the counters and in the holder's per-class count, and every
+conflict (recursive locking, held by another thread) is found as for a single lock.
+
 The model runs one simulated thread at a time. A lock that is held by another (suspended)
 simulated thread cannot be taken: :class:`WouldBlock` is raised, which the interleaving
 machinery turns into "try again at the next scheduling point", and which is a
@@ -32,16 +39,31 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from .stats import Stats, declare_lock_class
 
 __all__ = (
-    "DeadlockError", "Lock", "LockState", "LockdepError", "READ", "Thread", "WRITE",
-    "WouldBlock",
+    "DeadlockError", "KEYED_LOCK_CLASSES", "Lock", "LockState", "LockdepError", "READ",
+    "Thread", "WRITE", "WouldBlock",
 )
 
 READ = 1
 WRITE = 2
 _MODE_NAME = {READ: "read", WRITE: "write"}
+#: lock classes whose identities are ``(klass, key)`` with an integer key (a pfn) and
+#: whose owners are kept in an array indexed by key: exclusive (WRITE), sleeping locks
+#: that bulk paths take by the thousand (``folio_lock``: ``PG_locked``, keyed by head pfn)
+KEYED_LOCK_CLASSES = frozenset({"folio_lock"})
+
+
+def _distinct(keys: npt.NDArray[np.int64]) -> bool:
+    """No key repeats (cheap when the keys are increasing, as batches mostly are)."""
+    if len(keys) < 2 or bool((keys[1:] > keys[:-1]).all()):
+        return True
+    s = np.sort(keys)
+    return bool((s[1:] != s[:-1]).all())
 
 
 class LockdepError(AssertionError):
@@ -71,7 +93,7 @@ class Thread:
     acquisition order (dicts keep insertion order), ``nr_spin`` counts the held locks
     that forbid sleeping and ``nr_class`` the held locks per lock class."""
 
-    __slots__ = ("name", "held", "nr_spin", "nr_class", "task")
+    __slots__ = ("name", "held", "nr_spin", "nr_class", "task", "slot", "keyed")
 
     def __init__(self, name: str, task: Any = None) -> None:
         self.name = name
@@ -84,20 +106,41 @@ class Thread:
         self.nr_class: dict[str, int] = {}
         #: the simulated task this thread runs (None for helper threads)
         self.task = task
+        #: this thread's number in the owner arrays of keyed lock classes (0: none yet)
+        self.slot = 0
+        #: keyed lock class -> its owner array (shared with the LockState), for the
+        #: classes of which this thread ever held a lock
+        self.keyed: dict[str, npt.NDArray[np.int32]] = {}
 
     def holds(self, ident: Hashable, mode: int | None = None) -> bool:
         h = self.held.get(ident)
-        return h is not None and (mode is None or h[1] == mode)
+        if h is None:
+            arr = self.keyed.get(ident[0]) if type(ident) is tuple else None  # noqa: E721
+            return (arr is not None and 0 <= ident[1] < len(arr) and int(arr[ident[1]]) == self.slot
+                    and mode in (None, WRITE))
+        return mode is None or h[1] == mode
+
+    def _keyed_held(self) -> list[tuple[Hashable, str, int]]:
+        return [((k, int(key)), k, WRITE) for k, arr in self.keyed.items()
+                if self.nr_class.get(k) for key in np.flatnonzero(arr == self.slot)]
 
     def held_locks(self) -> list[tuple[Hashable, str, int]]:
-        """``lockdep_print_held_locks()``: (ident, class, mode) in acquisition order."""
-        return [(i, h[0], h[1]) for i, h in self.held.items()]
+        """``lockdep_print_held_locks()``: (ident, class, mode) in acquisition order (the
+        locks of keyed classes after the others, by key)."""
+        return [(i, h[0], h[1]) for i, h in self.held.items()] + self._keyed_held()
 
     def describe_held(self, limit: int = 8) -> str:
         """The held locks for a message: ``mmap_lock(read), ptl`` (the first *limit*)."""
         items = [f"{h[0]}({_MODE_NAME[h[1]]})" if h[2] else h[0]
                  for _i, h in zip(range(limit), self.held.values())]
-        more = len(self.held) - len(items)
+        total = len(self.held)
+        for k in self.keyed:
+            n = self.nr_class.get(k, 0)
+            if n:
+                total += n
+                if len(items) < limit:
+                    items.append(k)
+        more = total - len(items)
         return ", ".join(items) + (f" and {more} more" if more > 0 else "") if items else "no locks"
 
     def __repr__(self) -> str:
@@ -124,6 +167,9 @@ class LockState:
         #: the :class:`~hmmsim.kernel.sched.Scheduler` running simulated threads, if any:
         #: a contended lock or a wait then blocks the current thread instead of failing
         self.scheduler: Any = None
+        # keyed lock classes: klass -> owner slot per key (0: free); slot -> thread
+        self._keyed: dict[str, npt.NDArray[np.int32]] = {}
+        self._slots: list[Thread | None] = [None]
 
     # -- scheduling points -------------------------------------------------------------
     def add_hook(self, hook: Hook) -> None:
@@ -189,6 +235,8 @@ class LockState:
             if sleepable and self.current.nr_spin:
                 self.might_sleep(klass)
         t = self.current
+        if type(ident) is tuple and ident[0] in KEYED_LOCK_CLASSES:  # noqa: E721
+            return self._acquire_keyed(t, ident, klass, mode, sleepable, trylock)
         st = self._owners.get(ident)
         if st is not None:
             holders = st[2]
@@ -229,15 +277,153 @@ class LockState:
         self._count(klass, mode)
         return True
 
-    def _count(self, klass: str, mode: int) -> None:
+    def _count(self, klass: str, mode: int, n: int = 1) -> None:
         key = self._stat_keys.get((klass, mode))
         if key is None:
             key = self._stat_keys[(klass, mode)] = f"lock.{klass}.{_MODE_NAME[mode]}"
-        self.stats.add(key)
+        self.stats.add(key, n)
+
+    # -- keyed lock classes -------------------------------------------------------------
+    def _slot_of(self, t: Thread) -> int:
+        if not t.slot:
+            t.slot = len(self._slots)
+            self._slots.append(t)
+        return t.slot
+
+    def _keyed_array(self, klass: str, size: int) -> npt.NDArray[np.int32]:
+        """The owner array of *klass*, grown to at least *size* keys."""
+        arr = self._keyed.get(klass)
+        if arr is None or len(arr) < size:
+            new = np.zeros(max(size, 2 * len(arr) if arr is not None else 1 << 16), np.int32)
+            if arr is not None:
+                new[:len(arr)] = arr
+            arr = self._keyed[klass] = new
+            for th in self._slots:
+                if th is not None and klass in th.keyed:
+                    th.keyed[klass] = arr
+        return arr
+
+    def _keyed_take(self, t: Thread, klass: str, arr: npt.NDArray[np.int32], keys: Any, n: int,
+                    mode: int) -> None:
+        arr[keys] = t.slot
+        t.keyed[klass] = arr
+        nc = t.nr_class
+        nc[klass] = nc.get(klass, 0) + n
+        self._count(klass, mode, n)
+
+    def _acquire_keyed(self, t: Thread, ident: tuple[str, int], klass: str, mode: int,
+                       sleepable: bool, trylock: bool) -> bool:
+        if mode != WRITE or not sleepable:
+            raise LockdepError(f"{klass}: keyed lock classes are sleeping exclusive locks")
+        key = int(ident[1])
+        arr = self._keyed_array(klass, key + 1)
+        owner = int(arr[key])
+        if owner:
+            if trylock:
+                return False
+            if owner == t.slot:
+                raise LockdepError(f"{t.name}: recursive locking of {klass} (write), already held write")
+            sch = self.scheduler
+            if sch is not None and sch.current() is not None:
+                # sleep until the holder unlocks it (folio_lock() of a locked folio)
+                sch.block_until(lambda: not self.is_locked(ident), klass, lock=ident)
+                return self._acquire_keyed(t, ident, klass, mode, sleepable, trylock)
+            th = self._slots[owner]
+            raise WouldBlock(ident, klass, [th] if th is not None else [])
+        self._slot_of(t)
+        self._keyed_take(t, klass, arr, key, 1, mode)
+        return True
+
+    def acquire_keys(self, klass: str, keys: npt.NDArray[np.int64], trylock: bool = False,
+                     where: str = "lock") -> npt.NDArray[np.bool_]:
+        """Take the locks ``(klass, key)`` of every key of *keys* (a keyed class,
+        :data:`KEYED_LOCK_CLASSES`) for write, as the same number of :meth:`acquire`
+        calls in that order would: counted one acquisition each, a trylock fails for a
+        key locked by anyone (also by an earlier occurrence in *keys*). A blocking
+        acquisition is one scheduling point for the batch and changes nothing if one of
+        the locks is held: recursive locking is a :class:`LockdepError`, a lock held by
+        another thread raises :class:`WouldBlock`. Returns which keys were locked."""
+        keys = np.asarray(keys, np.int64)
+        n = len(keys)
+        if n == 0:
+            return np.zeros(0, np.bool_)
+        if klass not in KEYED_LOCK_CLASSES:
+            raise LockdepError(f"{klass} is not a keyed lock class")
+        t = self.current
+        if not trylock:
+            if self._hooks:
+                self.schedule_point(where, klass)
+            if t.nr_spin:
+                self.might_sleep(klass)
+        arr = self._keyed_array(klass, int(keys.max()) + 1)
+        owners = arr[keys]
+        ok = owners == 0
+        if n > 1 and ok.any() and not _distinct(keys):
+            # a key given twice: only its first occurrence can succeed
+            first = np.zeros(n, np.bool_)
+            first[np.unique(keys, return_index=True)[1]] = True
+            dup = ok & ~first
+            if dup.any():
+                if not trylock:
+                    raise LockdepError(f"{t.name}: recursive locking of {klass} (write), already held write")
+                ok &= first
+        if not trylock and not ok.all():
+            bad = int(owners[~ok][0]) if (owners != 0).any() else t.slot
+            if bad == t.slot:
+                raise LockdepError(f"{t.name}: recursive locking of {klass} (write), already held write")
+            ident = (klass, int(keys[~ok][0]))
+            sch = self.scheduler
+            if sch is not None and sch.current() is not None:
+                # sleep until that lock is free, then try the whole batch again
+                sch.block_until(lambda: not self.is_locked(ident), klass, lock=ident)
+                return self.acquire_keys(klass, keys, trylock, where)
+            th = self._slots[bad]
+            raise WouldBlock(ident, klass, [th] if th is not None else [])
+        got = int(ok.sum())
+        if got:
+            self._slot_of(t)
+            self._keyed_take(t, klass, arr, keys[ok] if got < n else keys, got, WRITE)
+        return ok
+
+    def release_keys(self, klass: str, keys: npt.NDArray[np.int64]) -> None:
+        """Release the locks ``(klass, key)`` of every key of *keys*, all held by the
+        current thread (else a :class:`LockdepError` before anything is released)."""
+        keys = np.asarray(keys, np.int64)
+        if len(keys) == 0:
+            return
+        t = self.current
+        arr = self._keyed.get(klass)
+        if arr is None or int(keys.max()) >= len(arr) or not t.slot or not (arr[keys] == t.slot).all() \
+                or not _distinct(keys):
+            raise LockdepError(f"{t.name}: releasing {klass} that it does not hold")
+        arr[keys] = 0
+        self._keyed_put(t, klass, len(keys))
+
+    def _keyed_put(self, t: Thread, klass: str, n: int) -> None:
+        nc = t.nr_class
+        c = nc[klass] - n
+        if c:
+            nc[klass] = c
+        else:
+            del nc[klass]
+
+    def count_acquisitions(self, klass: str, n: int, mode: int = WRITE) -> None:
+        """Count *n* more acquisitions of a lock of *klass* that a batch took once for
+        what a loop takes *n* more times (the counters keep the loop's totals)."""
+        if n > 0:
+            self._count(klass, mode, n)
 
     def release(self, ident: Hashable, klass: str) -> None:
         """Release lock *ident* held by the current thread."""
         t = self.current
+        if type(ident) is tuple and ident[0] in KEYED_LOCK_CLASSES:  # noqa: E721
+            arr = self._keyed.get(ident[0])
+            key = int(ident[1])
+            if arr is None or key >= len(arr) or not t.slot or int(arr[key]) != t.slot:
+                raise LockdepError(f"{t.name}: releasing {klass} that it does not hold")
+            arr[key] = 0
+            self._keyed_put(t, klass, 1)
+            return
         st = self._owners.get(ident)
         holders = st[2] if st is not None else None
         if holders is None or t not in holders:
@@ -261,12 +447,22 @@ class LockState:
         else:
             del nc[h[0]]
 
+    def _keyed_owner(self, ident: Hashable) -> int:
+        if type(ident) is not tuple or ident[0] not in self._keyed:  # noqa: E721
+            return 0
+        arr = self._keyed[ident[0]]
+        return int(arr[ident[1]]) if 0 <= ident[1] < len(arr) else 0
+
     def is_locked(self, ident: Hashable) -> bool:
-        return ident in self._owners
+        return ident in self._owners or self._keyed_owner(ident) != 0
 
     def holders(self, ident: Hashable) -> list[Thread]:
         st = self._owners.get(ident)
-        return list(st[2]) if st else []
+        if st:
+            return list(st[2])
+        owner = self._keyed_owner(ident)
+        th = self._slots[owner] if owner else None
+        return [th] if th is not None else []
 
     # -- assertions ---------------------------------------------------------------------
     def lockdep_warn(self, message: str) -> None:
@@ -296,11 +492,17 @@ class LockState:
 
     def assert_no_locks(self) -> None:
         """Every thread has released every lock (checked after each test)."""
-        if self._owners:
-            desc = ", ".join(f"{next(iter(st[2])).name}:{st[0]}"
-                             for _i, st in zip(range(16), self._owners.values()))
-            more = len(self._owners) - 16
-            raise LockdepError(f"locks still held: {desc}" + (f" and {more} more" if more > 0 else ""))
+        held = [f"{next(iter(st[2])).name}:{st[0]}" for _i, st in zip(range(16), self._owners.values())]
+        total = len(self._owners)
+        for klass, arr in self._keyed.items():
+            busy = np.flatnonzero(arr)
+            total += len(busy)
+            for key in busy[:max(16 - len(held), 0)].tolist():
+                th = self._slots[int(arr[key])]
+                held.append(f"{th.name if th is not None else '?'}:{klass}")
+        if total:
+            more = total - len(held)
+            raise LockdepError(f"locks still held: {', '.join(held)}" + (f" and {more} more" if more > 0 else ""))
 
 
 class Lock:

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .errno import EINVAL
 from .locking import DeadlockError
 from .mm_types import VmFault
 from .page_types import PAGE_SHIFT
-from .pagemap import folio_lock
+from .pagemap import folio_lock, folios_lock
 from .physmem import PG_anon, PG_anon_exclusive, PG_data, PG_dirty, PG_head, PG_locked
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ __all__ = (
     "DevPagemap", "DevPagemapOps", "MemoryType",
     "is_device_coherent_page", "is_device_private_page", "is_zone_device_page",
     "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_folio_init", "zone_device_page_init",
+    "zone_device_pages_init",
 )
 
 
@@ -44,14 +46,20 @@ class MemoryType(enum.IntEnum):
 
 
 class DevPagemapOps:
-    """``struct dev_pagemap_ops``: ``page_free(pfn)`` and ``migrate_to_ram(vmf) -> vm_fault_t``."""
+    """``struct dev_pagemap_ops``: ``page_free(pfn)`` and ``migrate_to_ram(vmf) -> vm_fault_t``.
 
-    __slots__ = ("page_free", "migrate_to_ram")
+    ``pages_free(pfns)`` is the model's batch of ``page_free`` calls (a driver may give
+    one to have the pages of a bulk free handed back in one call, in order); without it
+    ``page_free`` is called for each page."""
+
+    __slots__ = ("page_free", "migrate_to_ram", "pages_free")
 
     def __init__(self, page_free: Callable[[int], None] | None = None,
-                 migrate_to_ram: Callable[["VmFault"], int] | None = None) -> None:
+                 migrate_to_ram: Callable[["VmFault"], int] | None = None,
+                 pages_free: Callable[[npt.NDArray[np.int64]], None] | None = None) -> None:
         self.page_free = page_free
         self.migrate_to_ram = migrate_to_ram
+        self.pages_free = pages_free
 
 
 class DevPagemap:
@@ -94,6 +102,25 @@ class DevPagemap:
         sys.stats.add("memremap.page_free")
         assert self.ops.page_free is not None
         self.ops.page_free(pfn)
+
+    def free_zone_device_folios(self, sys: "System", pfns: npt.NDArray[np.int64]) -> None:
+        """:meth:`free_zone_device_folio` of each small page of *pfns* (all of this
+        pagemap, each at its last reference), in order: ``page_free`` of each, or one
+        ``pages_free`` call."""
+        mem = sys.mem
+        pfns = np.asarray(pfns, np.int64)
+        mem.mapping[pfns] = 0
+        mem.index[pfns] = 0
+        mem.flags[pfns] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
+        mem.refcount[pfns] = 0
+        self.nr_used -= len(pfns)
+        sys.stats.add("memremap.page_free", len(pfns))
+        if self.ops.pages_free is not None:
+            self.ops.pages_free(pfns)
+            return
+        assert self.ops.page_free is not None
+        for pfn in pfns.tolist():
+            self.ops.page_free(pfn)
 
     def __repr__(self) -> str:
         return (f"DevPagemap({self.type.name}, pfn {self.start_pfn:#x}+{self.nr_pages:#x}, "
@@ -201,6 +228,30 @@ def zone_device_page_init(sys: "System", pfn: int, order: int = 0) -> None:
     mem.refcount[pfn] = 1
     pg.nr_used += 1
     folio_lock(sys, pfn)
+
+
+def zone_device_pages_init(sys: "System", pfns: npt.NDArray[np.int64]) -> None:
+    """:func:`zone_device_page_init` (order 0) of every free device page of *pfns*, in
+    bulk: each gets refcount 1 and is locked (one acquisition each), its pagemap a
+    reference."""
+    mem = sys.mem
+    pfns = np.asarray(pfns, np.int64)
+    if len(pfns) == 0:
+        return
+    pids = mem.pgmap[pfns]
+    assert pids.all() and not mem.refcount[pfns].any(), "not all free device pages"
+    mem.order[pfns] = 0
+    mem.head_off[pfns] = 0
+    mem.flags[pfns] &= ~np.uint32(PG_head)
+    mem.mapping[pfns] = 0
+    mem.refcount[pfns] = 1
+    if pids[0] == pids[-1] and bool((pids == pids[0]).all()):
+        sys.pgmaps[int(pids[0]) - 1].nr_used += len(pfns)
+    else:
+        ids, counts = np.unique(pids, return_counts=True)
+        for pid, cnt in zip(ids.tolist(), counts.tolist()):
+            sys.pgmaps[pid - 1].nr_used += cnt
+    folios_lock(sys, pfns)
 
 
 def zone_device_folio_init(sys: "System", head: int, order: int) -> None:

@@ -13,6 +13,12 @@ build on:
   *dst* (which is *src* when the migration is abandoned);
 * :func:`migrate_folio_unmap` / :func:`migrate_folio_move`: ``migrate_pages()`` for one
   folio, split in two so that the state in between can be observed and raced against.
+
+Batches (device migration of a page table or a GiB at a time): :func:`make_migration_ptes`
+and :func:`restore_migration_ptes` are the array twins of :func:`make_migration_pte` and
+the entry rebuilt by ``remove_migration_pte``; :func:`remove_migration_ptes_folios` is
+:func:`remove_migration_ptes` of many small anonymous folios at once (the same rmap walk,
+a VMA and a page table at a time).
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import numpy.typing as npt
 from .folio import folio_put
 from .mm import MM, MM_ANONPAGES, PtRef, ptlock_ptr, set_ptes, spin_lock, spin_unlock
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE, PMD_MASK, pte_index
+from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, pte_index
 from .pagemap import folio_test_locked, folio_trylock, folio_unlock, folio_wait_locked
 from .pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
@@ -38,6 +46,13 @@ from .pgtable import (
     _PAGE_UFFD_WP,
     _SWP_MIG_DIRTY,
     _SWP_MIG_YOUNG,
+    _SWP_TYPE_SHIFT,
+    PTE_PFN_MASK,
+    SWP_DEVICE_READ,
+    SWP_DEVICE_WRITE,
+    SWP_MIGRATION_READ,
+    SWP_MIGRATION_READ_EXCLUSIVE,
+    SWP_MIGRATION_WRITE,
     is_device_private_entry,
     is_migration_entry,
     is_writable_device_private_entry,
@@ -62,7 +77,7 @@ from .pgtable import (
     swp_offset_pfn,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_uptodate
-from .rmap import rmap_walk
+from .rmap import AnonVma, rmap_walk
 from .vma import is_cow_mapping
 
 if TYPE_CHECKING:
@@ -71,8 +86,9 @@ if TYPE_CHECKING:
 
 __all__ = (
     "change_pmd_migration_entry", "copy_pmd_migration_entry", "is_pmd_migration_entry",
-    "make_migration_pte", "migrate_folio_move", "migrate_folio_unmap", "migration_entry_wait",
-    "pmd_migration_entry_wait", "remove_migration_ptes", "split_huge_pmd_migration_entry",
+    "make_migration_pte", "make_migration_ptes", "migrate_folio_move", "migrate_folio_unmap",
+    "migration_entry_wait", "pmd_migration_entry_wait", "remove_migration_ptes",
+    "remove_migration_ptes_folios", "restore_migration_ptes", "split_huge_pmd_migration_entry",
     "try_to_migrate", "zap_pmd_migration_entry",
 )
 
@@ -102,6 +118,44 @@ def make_migration_pte(pte: int, pfn: int, anon_exclusive: bool) -> int:
     if pte & _PAGE_UFFD_WP:
         out |= _PAGE_SWP_UFFD_WP
     return out
+
+
+def make_migration_ptes(ptes: npt.NDArray[np.uint64], pfns: npt.NDArray[np.int64],
+                        anon_exclusive: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint64]:
+    """:func:`make_migration_pte` of every (pte, pfn, anon_exclusive) triple of the arrays."""
+    ptes = np.asarray(ptes, np.uint64)
+    typ = np.where((ptes & _U(_PAGE_RW)) != 0, _U(SWP_MIGRATION_WRITE),
+                   np.where(anon_exclusive, _U(SWP_MIGRATION_READ_EXCLUSIVE), _U(SWP_MIGRATION_READ)))
+    off = np.asarray(pfns, np.int64).astype(np.uint64)
+    off |= np.where((ptes & _U(_PAGE_ACCESSED)) != 0, _U(_SWP_MIG_YOUNG), _U(0))
+    off |= np.where((ptes & _U(_PAGE_DIRTY)) != 0, _U(_SWP_MIG_DIRTY), _U(0))
+    out = (typ << _U(_SWP_TYPE_SHIFT)) | (off << _U(12))
+    out |= np.where((ptes & _U(_PAGE_SOFT_DIRTY)) != 0, _U(_PAGE_SWP_SOFT_DIRTY), _U(0))
+    out |= np.where((ptes & _U(_PAGE_UFFD_WP)) != 0, _U(_PAGE_SWP_UFFD_WP), _U(0))
+    return out
+
+
+def restore_migration_ptes(vma: "Vma", migs: npt.NDArray[np.uint64], dsts: npt.NDArray[np.int64],
+                           device_private: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint64]:
+    """The entries that replace migration entries *migs* with mappings of pages *dsts* in
+    *vma* (``remove_migration_pte``; :func:`_restored_pte` of each): a device-private entry
+    where *device_private*, else a present pte with the VMA's protection, young, dirty and
+    writable as the migration entry recorded, soft-dirty and uffd-wp kept."""
+    migs = np.asarray(migs, np.uint64)
+    d = np.asarray(dsts, np.int64).astype(np.uint64)
+    typ = migs >> _U(_SWP_TYPE_SHIFT)
+    writable = typ == _U(SWP_MIGRATION_WRITE)
+    off = (migs >> _U(12)) & _U((1 << 42) - 1)
+    keep_sd = (migs & _U(_PAGE_SWP_SOFT_DIRTY)) != 0
+    keep_wp = (migs & _U(_PAGE_SWP_UFFD_WP)) != 0
+    dev = (np.where(writable, _U(SWP_DEVICE_WRITE), _U(SWP_DEVICE_READ)) << _U(_SWP_TYPE_SHIFT)) | (d << _U(12))
+    dev |= np.where(keep_sd, _U(_PAGE_SWP_SOFT_DIRTY), _U(0)) | np.where(keep_wp, _U(_PAGE_SWP_UFFD_WP), _U(0))
+    pte = ((d << _U(12)) & _U(PTE_PFN_MASK)) | _U(vma.vm_page_prot)
+    pte |= np.where((off & _U(_SWP_MIG_YOUNG)) != 0, _U(_PAGE_ACCESSED), _U(0))
+    pte |= np.where((off & _U(_SWP_MIG_DIRTY)) != 0, _U(_PAGE_DIRTY), _U(0))
+    pte = np.where(writable, pte | _U(_PAGE_RW), pte & ~_U(_PAGE_RW))
+    pte |= np.where(keep_sd, _U(_PAGE_SOFT_DIRTY), _U(0)) | np.where(keep_wp, _U(_PAGE_UFFD_WP), _U(0))
+    return np.where(device_private, dev, pte)
 
 
 def migration_entry_wait(mm: MM, pmd: PtRef, addr: int) -> None:
@@ -282,6 +336,102 @@ def remove_migration_ptes(sys: "System", src: int, dst: int) -> int:
             done += 1
     sys.stats.add("migrate.remove_migration_ptes")
     return done
+
+
+def remove_migration_ptes_folios(sys: "System", srcs: npt.NDArray[np.int64],
+                                 dsts: npt.NDArray[np.int64]) -> None:
+    """:func:`remove_migration_ptes` ``(srcs[i], dsts[i])`` for every i, in bulk: small
+    anonymous folios are found through their anon_vma's VMAs (the rmap walk of
+    :func:`rmap_walk`) a VMA and a page table at a time; other folios (file pages, large
+    folios) one by one. Counted as one ``migrate.remove_migration_ptes`` per folio and one
+    ``pgtable.set_pte`` per entry restored; one ``set_ptes`` scheduling point per table."""
+    mem = sys.mem
+    srcs = np.asarray(srcs, np.int64)
+    dsts = np.asarray(dsts, np.int64)
+    if len(srcs) == 0:
+        return
+    simple = ((mem.head_off[srcs] == 0) & (mem.order[srcs] == 0) & (mem.head_off[dsts] == 0)
+              & (mem.order[dsts] == 0) & ((mem.flags[srcs] & PG_anon) != 0))
+    mids = mem.mapping[srcs]
+    for i in np.flatnonzero(~simple).tolist():
+        remove_migration_ptes(sys, int(srcs[i]), int(dsts[i]))
+    if not simple.all():
+        srcs, dsts, mids = srcs[simple], dsts[simple], mids[simple]
+    if len(srcs) == 0:
+        return
+    sys.stats.add("migrate.remove_migration_ptes", len(srcs))
+    index = mem.index[srcs]
+    dst_anon = (mem.flags[dsts] & PG_anon) != 0
+    pids = mem.pgmap[dsts]
+    if pids.any():
+        private = np.zeros(len(sys.pgmaps) + 1, np.bool_)
+        for k, pg in enumerate(sys.pgmaps):
+            private[k + 1] = pg is not None and pg.is_private
+        dev_private = private[pids]
+    else:
+        dev_private = np.zeros(len(dsts), np.bool_)
+    umids = mids[:1] if bool((mids == mids[0]).all()) else np.unique(mids)
+    for mid in umids.tolist():
+        obj = mem.mapping_obj(mid)
+        if not isinstance(obj, AnonVma):
+            continue
+        sel = np.flatnonzero(mids == mid) if len(umids) > 1 else np.arange(len(srcs))
+        for vma in list(obj.vmas):
+            addrs = vma.vm_start + ((index[sel] - vma.vm_pgoff) << PAGE_SHIFT)
+            inside = (addrs >= vma.vm_start) & (addrs < vma.vm_end)
+            if not inside.any():
+                continue
+            _remove_migration_ptes_vma(sys, vma, sel[inside], addrs[inside], srcs, dsts, dst_anon, dev_private)
+
+
+def _remove_migration_ptes_vma(sys: "System", vma: "Vma", sel: npt.NDArray[np.int64],
+                               addrs: npt.NDArray[np.int64], srcs: npt.NDArray[np.int64],
+                               dsts: npt.NDArray[np.int64], dst_anon: npt.NDArray[np.bool_],
+                               dev_private: npt.NDArray[np.bool_]) -> None:
+    """The part of :func:`remove_migration_ptes_folios` in one VMA: the folios *sel* that
+    *vma* may map at *addrs*, grouped by page table."""
+    mm = vma.vm_mm
+    mem = sys.mem
+    keys = addrs >> 21
+    if keys[0] == keys[-1] and bool((keys == keys[0]).all()):
+        groups = [np.arange(len(keys))]  # one page table (a migration window)
+    else:
+        order = np.argsort(keys, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(keys[order])) + 1)
+    for grp in groups:
+        a0 = int(addrs[grp[0]])
+        pmd = mm.pmd_ref(a0)
+        if pmd is None:
+            continue
+        e = pmd.get()
+        if e == 0 or not pmd_present(e) or pmd_leaf(e):
+            continue  # no pte table: a PMD entry never holds a small folio's migration entry
+        tid = mm.pte_table(pmd)
+        tbl = sys.pt.table(tid)
+        idx = (addrs[grp] >> PAGE_SHIFT) & 511
+        ptes = tbl[idx]
+        s_ = srcs[sel[grp]]
+        typ = ptes >> _U(_SWP_TYPE_SHIFT)
+        hit = (((ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) == 0) & (ptes != 0)
+               & (typ >= _U(SWP_MIGRATION_READ)) & (typ <= _U(SWP_MIGRATION_WRITE))
+               & (((ptes >> _U(12)) & _U((1 << 40) - 1)) == s_.astype(np.uint64)))
+        if not hit.any():
+            continue
+        j = sel[grp][hit]
+        migs = ptes[hit]
+        new = dsts[j]
+        vals = restore_migration_ptes(vma, migs, new, dev_private[j])
+        sys.stats.add("pgtable.set_pte", len(j))
+        if sys.ls.has_hooks:
+            sys.ls.schedule_point("set_ptes")
+        tbl[idx[hit]] = vals
+        mem.mapcount[new] += 1
+        mem.refcount[new] += 1
+        t = migs >> _U(_SWP_TYPE_SHIFT)
+        excl = (t == _U(SWP_MIGRATION_WRITE)) | (t == _U(SWP_MIGRATION_READ_EXCLUSIVE))
+        an = dst_anon[j]
+        mem.flags[new[an & excl]] |= np.uint32(PG_anon_exclusive)
+        mem.flags[new[an & ~excl]] &= ~np.uint32(PG_anon_exclusive)
 
 
 def folio_migrate_mapping(sys: "System", dst: int, src: int) -> None:

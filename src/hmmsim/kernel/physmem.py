@@ -178,14 +178,17 @@ class PhysMem:
         assert 0 <= n <= self.charged
         self.charged -= n
 
-    def _take(self, pfns: npt.NDArray[np.int64]) -> None:
+    def _take(self, pfns: npt.NDArray[np.int64], zero: bool = True) -> None:
         self._free[pfns] = False
         self._block_free -= np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
         self.nr_free -= len(pfns)
-        dirty = pfns[(self.flags[pfns] & PG_data) != 0]
-        if len(dirty):
-            self._zero(dirty)
-        self._reset(pfns, flags=0, refcount=1)
+        if zero:
+            dirty = pfns[(self.flags[pfns] & PG_data) != 0]
+            if len(dirty):
+                self._zero(dirty)
+            self._reset(pfns, flags=0, refcount=1)
+        else:
+            self._reset(pfns, flags=self.flags[pfns] & np.uint32(PG_data), refcount=1)
 
     def _zero(self, pfns: npt.NDArray[np.int64]) -> None:
         """Zero the contents of *pfns*: runs of consecutive frames as slices."""
@@ -203,12 +206,13 @@ class PhysMem:
                     self.index, self.private, self.zone_device_data):
             arr[pfns] = 0
 
-    def alloc_pages_bulk(self, n: int) -> npt.NDArray[np.int64]:
+    def alloc_pages_bulk(self, n: int, zero: bool = True) -> npt.NDArray[np.int64]:
         """Allocate *n* zeroed order-0 pages, lowest pfns first, preferring pageblocks
         already in use (so 2 MiB blocks stay free for THP). Returns fewer on OOM.
 
-        Models ``alloc_pages_bulk()``; each page comes back with refcount 1.
-        """
+        Models ``alloc_pages_bulk()``; each page comes back with refcount 1. With
+        *zero* False (no ``__GFP_ZERO``: the caller overwrites every byte, as a
+        migration's copy does) the pages keep whatever they held."""
         out: list[npt.NDArray[np.int64]] = []
         need = min(n, max(self.nr_free - self.charged, 0))
         if need < n:
@@ -222,7 +226,7 @@ class PhysMem:
                     break
             b = int(cand[0])
             got = np.flatnonzero(self._free[b * _BLOCK:(b + 1) * _BLOCK])[:need] + b * _BLOCK
-            self._take(got)
+            self._take(got, zero)
             out.append(got)
             need -= len(got)
         if not out:

@@ -123,7 +123,7 @@ def handle_userfault(vmf: "VmFault", reason: int) -> int:
     must_wait = _must_wait(ctx, vmf)
     mmap_read_unlock(mm)  # release_fault_lock()
     if must_wait and not ctx.released:
-        sys.ls.wait_event(lambda: w.waken or ctx.released, "userfaultfd")
+        sys.ls.wait_event(lambda: w.waken or ctx.released, "a userfaultfd reply (handle_userfault)")
     for q in (ctx.fault_pending, ctx.fault_wqh):
         if w in q:
             q.remove(w)
