@@ -438,8 +438,11 @@ def _device_pages_in_use(mdevice: DmirrorDevice) -> bool:
 
 def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
     """``dmirror_device_evict_chunk()``: migrate every page of the chunk that is in use
-    back to system memory (``migrate_device_range`` / ``_pages`` / ``_finalize``), a window
-    of pages at a time. A chunk with no page in use needs nothing."""
+    back to system memory: ``migrate_device_range`` over the chunk (here: from its first
+    to its last page in use), a system page for every entry it selected (allocated,
+    locked and copied from the backing page in bulk), ``migrate_device_pages`` and
+    ``migrate_device_finalize``. A chunk with no page in use needs nothing. The kernel
+    allocates with ``__GFP_NOFAIL``: running out of RAM here is a kernel oops."""
     sys = chunk.mdevice.sys
     mem = sys.mem
     pg = chunk.pagemap
@@ -447,23 +450,27 @@ def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
     if not len(used):
         return
     lo, hi = pg.start_pfn + int(used[0]), pg.start_pfn + int(used[-1]) + 1
-    for start in range(lo, hi, 512):
-        n = min(512, hi - start)
-        src = np.zeros(n, np.uint64)
-        dst = np.zeros(n, np.uint64)
-        migrate_device_range(sys, src, start, n)
-        for i in range(n):
-            spage = migrate_pfn_to_page(int(src[i]))
-            if spage < 0 or not int(src[i]) & MIGRATE_PFN_MIGRATE:
-                continue
-            dpage = mem.alloc_page()
-            if dpage < 0:
-                raise KernelOops("dmirror_device_evict_chunk: __GFP_NOFAIL allocation failed")
-            folio_lock(sys, dpage)
-            mem.copy_pages(dpage, _backing_page(sys, spage))
-            dst[i] = np.uint64(migrate_pfn(dpage) | (int(src[i]) & MIGRATE_PFN_WRITE))
-        migrate_device_pages(sys, src, dst, n)
-        migrate_device_finalize(sys, src, dst, n)
+    n = hi - lo
+    src = np.zeros(n, np.uint64)
+    dst = np.zeros(n, np.uint64)
+    migrate_device_range(sys, src, lo, n)
+    _U = np.uint64
+    sel = np.flatnonzero(((src & _U(MIGRATE_PFN_VALID)) != 0) & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0))
+    if len(sel):
+        spages = (src[sel] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+        dpages = mem.alloc_pages_bulk(len(sel), zero=False)
+        if len(dpages) < len(sel):
+            if len(dpages):
+                folios_put(sys, dpages)
+            raise KernelOops("dmirror_device_evict_chunk: alloc_page(__GFP_NOFAIL) cannot get "
+                             f"{len(sel)} pages (out of memory)")
+        folios_lock(sys, dpages)
+        rdata = mem.zone_device_data[spages].astype(np.int64)
+        mem.copy_pages(dpages, np.where(rdata != 0, rdata, spages))
+        dst[sel] = ((dpages.astype(np.uint64) << _U(MIGRATE_PFN_SHIFT)) | _U(MIGRATE_PFN_VALID)
+                    | (src[sel] & _U(MIGRATE_PFN_WRITE)))
+    migrate_device_pages(sys, src, dst, n)
+    migrate_device_finalize(sys, src, dst, n)
 
 
 def dmirror_remove_free_pages(chunk: DmirrorChunk) -> None:
