@@ -30,7 +30,7 @@ def test_exit_status_values_are_distinct() -> None:
 @pytest.mark.parametrize("body, outcome, record", [
     ("mmap a 1 rw private,anon\nbogus 3\n", "parse", {"error": "parse", "line": 3, "message": "unknown op 'bogus'"}),
     ("mmap a 1 rw private,anon\nfill b 0 1 1\n", "unknown-name", {"error": "unknown-name", "line": 3, "op": "fill"}),
-    ("open d 0\nmmap a 1 rw private,anon\ndexclusive d a 0 1\n", "unsupported", None),
+    ("open d 0\ndrelease d\n", "unsupported", None),
     ("mmap a 1 rw private,anon\nmunmap a 0 1\nfill a 0 1 1\n", "ok", {"line": 4, "op": "fill", "page": 0, "ret": "segv"}),
 ])
 def test_run_exit_status_per_outcome(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str,

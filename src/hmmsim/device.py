@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from .drivers.test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
+    HMM_DMIRROR_EXCLUSIVE,
     HMM_DMIRROR_MIGRATE_TO_DEV,
     HMM_DMIRROR_MIGRATE_TO_SYS,
     HMM_DMIRROR_READ,
@@ -175,6 +176,14 @@ class Device:
         if ret:
             raise error_from_errno(ret, "migrate_to_sys")
         return cmd.cpages
+
+    def exclusive(self, addr: int, npages: int) -> DeviceAccess:
+        """HMM_DMIRROR_EXCLUSIVE: make *npages* at *addr* device-exclusive (atomic) and
+        read them back through the mirror (``cpages``: pages read)."""
+        self._npages("exclusive", npages)
+        cmd, out = self._with_buffer(npages << PAGE_SHIFT, HMM_DMIRROR_EXCLUSIVE, addr, npages)
+        assert out is not None
+        return DeviceAccess(out, cmd.cpages, cmd.faults)
 
     def check_exclusive(self, addr: int, npages: int) -> bool:
         """HMM_DMIRROR_CHECK_EXCLUSIVE: True if no page of the range is mapped ATOMIC."""

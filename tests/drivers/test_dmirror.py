@@ -9,12 +9,12 @@ import pytest
 from hmmsim import Process
 from hmmsim.drivers.dmirror import DmirrorPT, dmirror_open
 from hmmsim.drivers.test_hmm_uapi import (
-    HMM_DMIRROR_EXCLUSIVE, HMM_DMIRROR_FLAG_FAIL_ALLOC, HMM_DMIRROR_FLAGS, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
+    HMM_DMIRROR_FLAG_FAIL_ALLOC, HMM_DMIRROR_FLAGS, HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_NONE,
     HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_WRITE, HMM_DMIRROR_PROT_ZERO, HMM_DMIRROR_READ,
     HMM_DMIRROR_READ_UNLOCKED,
     HmmDmirrorCmd,
 )
-from hmmsim.errors import BadAddress, InvalidArgument, NoDevice, NotSupportedError, PermissionDenied
+from hmmsim.errors import BadAddress, InvalidArgument, NoDevice, PermissionDenied
 from hmmsim.kernel.errno import EBADF, EFAULT, EINVAL, ENODEV, ENOMEM, ENOTTY
 from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
 from hmmsim.kernel.mmu_notifier import MmuNotifierEvent, notify_range
@@ -208,14 +208,6 @@ def test_dmirror_mmap_of_the_device_file(proc: Process) -> None:
     proc.munmap(a, 2 * P)
     d.close()
 
-
-def test_dmirror_exclusive_commands_are_not_modelled_yet(proc: Process) -> None:
-    a = proc.mmap(P)
-    d = proc.open_device(0)
-    for command in (HMM_DMIRROR_EXCLUSIVE,):
-        with pytest.raises(NotSupportedError):
-            d.ioctl(command, HmmDmirrorCmd(addr=a, npages=1))
-    d.close()
 
 
 @pytest.mark.parametrize("kernel", ["6.12", "7.3"])

@@ -55,10 +55,12 @@ def test_recorded_scenarios_match_the_real_kernel(path: Path, kernel: str) -> No
     assert got == (RECORDED / kernel / f"{path.stem}.jsonl").read_text().splitlines()
 
 
-@pytest.mark.parametrize("path, kernel", golden_cases("device_", "version_flags_fail_alloc"))
+@pytest.mark.parametrize("path, kernel", golden_cases("device_", "version_flags_fail_alloc",
+                                                     "version_exclusive_thp"))
 def test_golden_device_scenarios_match_the_real_kernel(path: Path, kernel: str) -> None:
     """MIGRATE_TO_DEV / MIGRATE_TO_SYS, CPU faults through migrate_to_ram, snapshots of
-    device pages, 7.3's FAIL_ALLOC: every line as the real kernel printed it."""
+    device pages, 7.3's FAIL_ALLOC, device-exclusive access to a THP (6.12's -EBUSY, 7.3's
+    per-page entries): every line as the real kernel printed it."""
     got = run_scenario_text(path.read_bytes(), reference_config(kernel), after=check)
     assert got == golden_lines(path, kernel)
 

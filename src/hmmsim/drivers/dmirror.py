@@ -10,15 +10,16 @@ ignores ``MMU_NOTIFY_MIGRATE`` events of its own device without ``set_seq``.
 
 Commands implemented here: ``HMM_DMIRROR_READ``, ``HMM_DMIRROR_WRITE``,
 ``HMM_DMIRROR_SNAPSHOT`` (windows of ``profile.dmirror_window`` pages: 64 in 6.12, 32 in
-7.3), ``HMM_DMIRROR_CHECK_EXCLUSIVE``, ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``),
+7.3), ``HMM_DMIRROR_EXCLUSIVE`` (``dmirror_exclusive``), ``HMM_DMIRROR_CHECK_EXCLUSIVE``, ``HMM_DMIRROR_FLAGS`` (absent in 6.12: ``-EINVAL``),
 ``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``HMM_DMIRROR_MIGRATE_TO_SYS`` (order-0 device pages from
 free lists, a private page's data in a backing system page, 7.3's FAIL_ALLOC), the
 pagemap's ``migrate_to_ram``, eviction on close and ``HMM_DMIRROR_RELEASE`` (every chunk
-evicted and unmapped; the next allocation maps a new one). Exclusive access and device THP
-folios raise :class:`NotSupportedError`.
+evicted and unmapped; the next allocation maps a new one). Device THP folios raise
+:class:`NotSupportedError`.
 
 The driver is split like this: ``dmirror_core`` (the structures and the bounce buffer),
 ``dmirror_mirror`` (notifier, range fault, READ/WRITE/SNAPSHOT/CHECK_EXCLUSIVE),
+``dmirror_exclusive`` (EXCLUSIVE),
 ``dmirror_devmem`` (device memory and migration) and this module (file operations, the
 ioctl switch, module init).
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..kernel.bug import NotSupportedError
 from ..kernel.errno import EINVAL, ENODEV, ENOMEM
 from ..kernel.folio import folio_put
 from ..kernel.fs import FMODE_READ, FMODE_WRITE, File, FileOperations
@@ -67,6 +67,7 @@ from .dmirror_devmem import (
     dmirror_migrate_to_device,
     dmirror_migrate_to_system,
 )
+from .dmirror_exclusive import dmirror_exclusive
 from .dmirror_mirror import (
     dmirror_check_atomic,
     dmirror_min_ops,
@@ -136,7 +137,7 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
         dmirror_device_remove_chunks(dmirror.mdevice)
         ret = 0
     elif command == HMM_DMIRROR_EXCLUSIVE:
-        raise NotSupportedError(f"{IOCTL_NAMES[command]} (device memory migration) is not modelled yet")
+        ret = dmirror_exclusive(dmirror, k, caller)
     elif command == HMM_DMIRROR_FLAGS and dmirror.sys.profile.dmirror_flags_cmd:
         # the whole word is stored; HMM_DMIRROR_FLAG_FAIL_ALLOC is consumed by the next
         # device page allocation (dmirror_devmem_alloc_page / the THP allocator)

@@ -23,8 +23,6 @@ from ..hmm.migrate_device import (
     migrate_device_finalize,
     migrate_device_pages,
     migrate_device_range,
-    migrate_pfn,
-    migrate_pfn_to_page,
     migrate_vma_finalize,
     migrate_vma_pages,
     migrate_vma_setup,
@@ -48,7 +46,7 @@ from ..kernel.page_types import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from ..kernel.pagemap import folio_lock, folios_lock
+from ..kernel.pagemap import folios_lock
 from ..kernel.system import DEVMEM_CHUNK_PAGES
 from ..kernel.task import mmget_not_zero, mmput
 from ..kernel.vma import VM_READ, VM_WRITE

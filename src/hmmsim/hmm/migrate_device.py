@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..kernel.errno import EINVAL
+from ..kernel.errno import EBUSY, EINVAL
 from ..kernel.folio import folio_put, folios_put_in_order
 from ..kernel.huge_memory import split_folio, split_huge_pmd
 from ..kernel.migrate import (
@@ -58,7 +58,13 @@ from ..kernel.pgtable import (
     pte_present,
     swp_entry_to_pte,
 )
-from ..kernel.physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_uptodate
+from ..kernel.physmem import (
+    PG_anon,
+    PG_anon_exclusive,
+    PG_dirty,
+    PG_swapbacked,
+    PG_uptodate,
+)
 from ..kernel.rmap import anon_vma_prepare, folio_add_new_anon_rmap
 from ..kernel.userfaultfd_k import userfaultfd_missing
 from ..kernel.vma import VM_WRITE, vma_is_anonymous
@@ -70,7 +76,8 @@ if TYPE_CHECKING:
 __all__ = (
     "MIGRATE_PFN_MIGRATE", "MIGRATE_PFN_SHIFT", "MIGRATE_PFN_VALID", "MIGRATE_PFN_WRITE",
     "MIGRATE_VMA_SELECT_DEVICE_COHERENT", "MIGRATE_VMA_SELECT_DEVICE_PRIVATE",
-    "MIGRATE_VMA_SELECT_SYSTEM", "MigrateVma", "migrate_device_finalize", "migrate_device_pages",
+    "MIGRATE_VMA_SELECT_SYSTEM", "MigrateVma", "migrate_device_coherent_folio", "migrate_device_finalize",
+    "migrate_device_pages",
     "migrate_device_range", "migrate_pfn", "migrate_pfn_to_page",
     "migrate_vma_collect_hole", "migrate_vma_collect_pmd", "migrate_vma_finalize",
     "migrate_vma_insert_page", "migrate_vma_pages", "migrate_vma_setup",
@@ -634,12 +641,30 @@ def migrate_vma_finalize(m: MigrateVma) -> None:
     migrate_device_finalize(m.vma.vm_mm.sys, m.src, m.dst, m.npages)
 
 
+def _refuse_612_exclusive_eviction(sys: "System", pfn: int) -> None:
+    """6.12 evicting a device page that only a device-exclusive entry references: the real
+    kernel migrates nothing (the entry's reference fails ``folio_migrate_mapping``), then
+    ``remove_migration_ptes`` turns the entry into a read-only pte and takes a reference
+    it never drops (its PVMW_MIGRATION walk still matches device-exclusive entries).
+    Not modelled: stop and say so rather than diverge."""
+    from ..kernel.bug import NotSupportedError
+    from ..kernel.rmap import page_has_device_exclusive_entry
+    if page_has_device_exclusive_entry(sys, pfn):
+        raise NotSupportedError(f"6.12: evicting device page {pfn:#x} that a device-exclusive entry "
+                                "references (the kernel restores the entry read-only and leaks a "
+                                "reference): not modelled")
+
+
 def migrate_device_range(sys: "System", src: npt.NDArray[np.uint64], start: int, npages: int) -> int:
     """Models ``mm/migrate_device.c:migrate_device_range()``: select every page of the pfn
     range that is in use and can be locked (a collection reference taken), then unmap
     them to migration entries (``migrate_device_unmap``). Used to evict device memory
     without a VMA. Returns 0."""
     mem = sys.mem
+    if not sys.profile.device_exclusive_mapped:
+        used = (mem.refcount[start:start + npages] > 0) & (mem.mapcount[start:start + npages] == 0)
+        for i in np.flatnonzero(used).tolist():
+            _refuse_612_exclusive_eviction(sys, start + i)
     src[:npages] = 0
     pfns = start + np.flatnonzero(mem.refcount[start:start + npages] > 0)
     if len(pfns):
@@ -651,3 +676,30 @@ def migrate_device_range(sys: "System", src: npt.NDArray[np.uint64], start: int,
         src[got - start] = (got.astype(np.uint64) << _U(MIGRATE_PFN_SHIFT)) | _U(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID)
     migrate_device_unmap(sys, src, npages, -1)
     return 0
+
+
+def migrate_device_coherent_folio(sys: "System", pfn: int) -> int:
+    """Models ``mm/migrate_device.c:migrate_device_coherent_folio()``: move one order-0
+    page out of device-coherent memory into a new system page, without a VMA (what a
+    FOLL_LONGTERM pin asks for). The caller holds a reference on the page, which this
+    consumes. Returns 0, or -EBUSY if the page could not be unmapped or no system page
+    was available (the page stays where it was)."""
+    from ..kernel.pagemap import folio_lock
+    mem = sys.mem
+    folio_lock(sys, pfn)
+    src = np.array([migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE], np.uint64)
+    dst = np.zeros(1, np.uint64)
+    migrate_device_unmap(sys, src, 1, -1)
+    if not int(src[0]) & MIGRATE_PFN_MIGRATE:
+        return -EBUSY
+    new = mem.alloc_page()
+    if new >= 0:
+        folio_lock(sys, new)
+        dst[0] = np.uint64(migrate_pfn(new))
+    migrate_device_pages(sys, src, dst, 1)
+    if int(src[0]) & MIGRATE_PFN_MIGRATE:
+        mem.copy_pages(new, pfn)
+    migrated = bool(int(src[0]) & MIGRATE_PFN_MIGRATE)
+    migrate_device_finalize(sys, src, dst, 1)
+    sys.stats.add("migrate_device.coherent_folio")
+    return 0 if migrated else -EBUSY

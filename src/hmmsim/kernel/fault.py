@@ -21,7 +21,6 @@ import numpy as np
 import numpy.typing as npt
 
 from . import huge_memory as hm
-from .bug import NotSupportedError
 from .folio import folio_put
 from .hugetlb import hugetlb_fault
 from .migrate import (
@@ -63,6 +62,7 @@ from .pgtable import (
     PTE_MARKER_UFFD_WP,
     is_device_exclusive_entry,
     is_device_private_entry,
+    is_writable_device_exclusive_entry,
     is_hwpoison_entry,
     is_migration_entry,
     is_pte_marker_entry,
@@ -72,6 +72,7 @@ from .pgtable import (
     pte_dirty,
     pte_marker_get,
     pte_mkdirty,
+    pte_mkold,
     pte_mkspecial,
     pte_mkwrite,
     pte_mkyoung,
@@ -567,8 +568,8 @@ def do_swap_page(vmf: VmFault) -> int:
             migration_entry_wait(mm, vmf.pmd, vmf.address)
             return 0
         if is_device_exclusive_entry(entry):
-            raise NotSupportedError("CPU fault on a device-exclusive entry "
-                                    "(remove_device_exclusive_entry): not modelled yet")
+            vmf.page = swp_offset_pfn(entry)
+            return remove_device_exclusive_entry(vmf)
         if is_device_private_entry(entry):
             pfn = swp_offset_pfn(entry)
             got = mm.pte_offset_map_lock(vmf.pmd)
@@ -595,6 +596,83 @@ def do_swap_page(vmf: VmFault) -> int:
             return _handle_pte_marker(vmf, entry)
         return VM_FAULT_SIGBUS
     return do_swap_in(vmf, entry)
+
+
+def restore_exclusive_pte(vma: Vma, page: int, address: int, tbl: npt.NDArray[np.uint64], idx: int,
+                          orig_pte: int) -> None:
+    """``restore_exclusive_pte()``: turn the device-exclusive entry *orig_pte* at *address*
+    (pte table *tbl*, locked, the folio locked too) back into a present pte of *page*,
+    old, with its soft-dirty and uffd-wp bits.
+
+    6.12: the page gets its rmap back (the entry had dropped it, keeping the reference);
+    the pte is writable and dirty if the entry was writable (and the VMA allows writes).
+    7.3 (``device_exclusive_mapped``): the page never left rmap; the pte is writable
+    where ``can_change_pte_writable()`` allows it, dirty if the folio is."""
+    from .mprotect import _try_writable_mask
+    from .rmap import folio_add_file_rmap_ptes
+    mm = vma.vm_mm
+    mem = mm.sys.mem
+    head = mem.compound_head(page)
+    pte = pte_mkold(pfn_pte(page, vma.vm_page_prot))
+    if orig_pte & _PAGE_SWP_SOFT_DIRTY:
+        pte |= _PAGE_SOFT_DIRTY
+    if orig_pte & _PAGE_SWP_UFFD_WP:
+        pte |= _PAGE_UFFD_WP
+    if mm.sys.profile.device_exclusive_mapped:
+        if vma.vm_flags & VM_WRITE:
+            one = np.array([pte], np.uint64)
+            if _try_writable_mask(vma, one, one, np.array([True]))[0]:
+                if mem.flags[head] & PG_dirty:
+                    pte = pte_mkdirty(pte)
+                pte = pte_mkwrite(pte)
+    else:
+        if not orig_pte & _PAGE_SWP_UFFD_WP and is_writable_device_exclusive_entry(pte_to_swp_entry(orig_pte)):
+            pte = pte_mkdirty(pte)
+            if vma.vm_flags & VM_WRITE:  # maybe_mkwrite()
+                pte = pte_mkwrite(pte)
+        # folio_add_anon_rmap_pte(RMAP_NONE): the mapping comes back; the reference stayed
+        folio_add_file_rmap_ptes(mem, page)
+    set_pte_at(mm, tbl, idx, pte)
+
+
+def remove_device_exclusive_entry(vmf: VmFault) -> int:
+    """``remove_device_exclusive_entry()``: a CPU fault on a device-exclusive entry takes a
+    reference and the folio lock, invalidates secondary MMUs over the page
+    (MMU_NOTIFY_EXCLUSIVE in 6.12, MMU_NOTIFY_CLEAR in 7.3, owner NULL: every device's
+    mirror lets go) and restores the pte if it has not changed. Returns 0 (the access is
+    retried)."""
+    from .pagemap import folio_lock, folio_unlock
+    vma = vmf.vma
+    mm = vma.vm_mm
+    sys = mm.sys
+    mem = sys.mem
+    page = vmf.page
+    head = mem.compound_head(page)
+    if mem.refcount[head] <= 0:  # folio_try_get(): the entry is already gone
+        return 0
+    mem.refcount[head] += 1
+    sys.extra_refs[head] = sys.extra_refs.get(head, 0) + 1
+    folio_lock(sys, head)
+    event = (MmuNotifierEvent.MMU_NOTIFY_CLEAR if sys.profile.device_exclusive_mapped
+             else MmuNotifierEvent.MMU_NOTIFY_EXCLUSIVE)
+    start = vmf.address & ~(PAGE_SIZE - 1)
+    with notify_range(event, mm, start, start + PAGE_SIZE):
+        assert vmf.pmd is not None
+        got = mm.pte_offset_map_lock(vmf.pmd)
+        if got is not None:
+            tbl, tid = got
+            if int(tbl[vmf.pte_idx]) == vmf.orig_pte:
+                restore_exclusive_pte(vma, page, vmf.address, tbl, vmf.pte_idx, vmf.orig_pte)
+                sys.stats.add("fault.remove_device_exclusive_entry")
+            mm.pte_unmap_unlock(tid)
+        folio_unlock(sys, head)
+        k = sys.extra_refs[head] - 1
+        if k:
+            sys.extra_refs[head] = k
+        else:
+            del sys.extra_refs[head]
+        folio_put(sys, head)
+    return 0
 
 
 def do_swap_in(vmf: VmFault, entry: int) -> int:

@@ -56,6 +56,8 @@ class _Tally:
     def __init__(self, n: int) -> None:
         self.pte_maps = np.zeros(n, np.int64)
         self.entire_maps = np.zeros(n, np.int64)
+        #: references held by entries that are not mappings (6.12's device-exclusive)
+        self.ref_only = np.zeros(n, np.int64)
         self.tables: set[int] = set()
 
 
@@ -87,10 +89,15 @@ def _leaf_entries(tally: _Tally, mm: "MM", base: int, entries: npt.NDArray[np.ui
     if sw.any():
         t = (e[sw] >> _U(59)).astype(np.int64)
         spf = pfn[sw]
-        dev = (t == SWP_DEVICE_WRITE) | (t == SWP_DEVICE_READ) | (t == SWP_DEVICE_EXCLUSIVE_WRITE) | (t == SWP_DEVICE_EXCLUSIVE_READ)
+        excl = (t == SWP_DEVICE_EXCLUSIVE_WRITE) | (t == SWP_DEVICE_EXCLUSIVE_READ)
+        dev = (t == SWP_DEVICE_WRITE) | (t == SWP_DEVICE_READ) | excl
         if dev.any():
-            np.add.at(tally.pte_maps, spf[dev], 1)
             rss[1] += int(dev.sum())
+            if not mm.sys.profile.device_exclusive_mapped and excl.any():
+                # 6.12: a device-exclusive entry holds its page's reference, not a mapping
+                np.add.at(tally.ref_only, mem.heads(spf[excl]), 1)
+                dev &= ~excl
+            np.add.at(tally.pte_maps, spf[dev], 1)
         mig = (t >= SWP_MIGRATION_READ) & (t <= SWP_MIGRATION_WRITE)
         if mig.any():
             for p in spf[mig].tolist():
@@ -218,6 +225,7 @@ def check_invariants(sys: "System", full: bool = True) -> None:
         raise InvariantError(f"pfn {p:#x}: entire_mapcount {int(mem.entire_mapcount[p])} but "
                              f"{int(tally.entire_maps[p])} huge entries map it")
     _check_refcounts(sys, tally)
+    _check_pins(sys)
     _check_frames(sys)
     _check_device_pages(sys)
     leaked = set(sys.pt.allocated_ids().tolist()) - tally.tables
@@ -236,6 +244,7 @@ def _expected_refs(sys: "System", tally: _Tally) -> npt.NDArray[np.int64]:
     if len(used):
         np.add.at(exp, mem.heads(used), maps[used])
     exp += tally.entire_maps
+    exp += tally.ref_only
     for mm_obj in sys.iter_address_spaces():
         for pfn in mm_obj.pages.values():
             exp[pfn] += 1
@@ -266,6 +275,17 @@ def _check_refcounts(sys: "System", tally: _Tally) -> None:
         p = int(bad[0])
         raise InvariantError(f"pfn {p:#x}: refcount {int(rc[p])} but {int(exp[p])} references are known "
                              f"(flags {int(mem.flags[p]):#x})")
+
+
+def _check_pins(sys: "System") -> None:
+    """GUP pins: ``_pincount`` only on large folios, each pin also a reference held by a
+    GUP caller (``extra_refs``)."""
+    mem = sys.mem
+    for h, k in sys.folio_pincount.items():
+        if not mem.order[h] or mem.head_off[h]:
+            raise InvariantError(f"pfn {h:#x}: pincount {k} on a page that is not a large folio's head")
+        if not 0 < k <= sys.extra_refs.get(h, 0):
+            raise InvariantError(f"pfn {h:#x}: pincount {k} but {sys.extra_refs.get(h, 0)} GUP references")
 
 
 def _check_device_pages(sys: "System") -> None:

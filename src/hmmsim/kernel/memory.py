@@ -90,12 +90,14 @@ from .vma import (
     VM_PFNMAP,
     VM_SHARED,
     VM_UFFD_WP,
+    VM_WRITE,
     Vma,
     is_cow_mapping,
 )
 
 if TYPE_CHECKING:
     from .fs import AddressSpace
+    from .system import System
 
 __all__ = (
     "copy_page_range", "free_pgtables",
@@ -118,7 +120,9 @@ def _zap_nonpresent(vma: Vma, pte: int, rss: list[int], puts: list[int]) -> None
         pfn = swp_offset_pfn(entry)
         head = mem.compound_head(pfn)
         rss[MM_ANONPAGES if mem.flags[head] & PG_anon else MM_FILEPAGES] -= 1
-        mem.mapcount[pfn] -= 1
+        # 6.12's device-exclusive entry holds a reference but no mapping
+        if is_device_private_entry(entry) or sys.profile.device_exclusive_mapped:
+            mem.mapcount[pfn] -= 1
         puts.append(head)
     elif not non_swap_entry(entry):
         rss[MM_SWAPENTS] -= 1
@@ -368,8 +372,7 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
             set_pte_at(src_vma.vm_mm, stbl, i, pte)
         return pte
     if is_device_exclusive_entry(entry):
-        # the kernel restores the parent's entry first (restore_exclusive_pte) and retries
-        raise NotSupportedError("fork of a device-exclusive entry: not modelled yet")
+        raise AssertionError("device-exclusive entries are restored before the copy")
     if is_pte_marker_entry(entry):
         if pte_marker_get(entry) & PTE_MARKER_UFFD_WP and dst_vma.vm_flags & VM_UFFD_WP:
             return pte
@@ -378,15 +381,45 @@ def _copy_nonpresent(dst_vma: Vma, src_vma: Vma, stbl: npt.NDArray[np.uint64], i
 
 
 
+def _restore_exclusive_ptes(src_vma: Vma, stbl: npt.NDArray[np.uint64], i0: int, seg: npt.NDArray[np.uint64],
+                            addr0: int) -> None:
+    """``copy_nonpresent_pte()`` of a device-exclusive entry (``try_restore_exclusive_pte``):
+    the parent's entry becomes a present pte again (folio lock taken without sleeping),
+    then it is copied like any present pte. The device loses its exclusive access."""
+    from .fault import restore_exclusive_pte
+    from .pagemap import folio_trylock, folio_unlock
+    odd = (seg != 0) & ((seg & _PRESENT_ANY) == 0)
+    if not odd.any():
+        return
+    sys = src_vma.vm_mm.sys
+    for k in np.flatnonzero(odd).tolist():
+        pte = int(seg[k])
+        entry = pte_to_swp_entry(pte)
+        if not is_device_exclusive_entry(entry):
+            continue
+        page = swp_offset_pfn(entry)
+        if not folio_trylock(sys, page):
+            # the kernel drops the locks, waits for the folio and copies the range again
+            raise NotSupportedError("fork of a device-exclusive entry whose folio is locked")
+        restore_exclusive_pte(src_vma, page, addr0 + (k << PAGE_SHIFT), stbl, i0 + k, pte)
+        folio_unlock(sys, page)
+        sys.stats.add("fork.restore_exclusive_pte")
+
+
 def _copy_pte_table(dst_vma: Vma, src_vma: Vma, dtbl: npt.NDArray[np.uint64], stbl: npt.NDArray[np.uint64],
                     i0: int, i1: int, addr0: int, rss: list[int]) -> None:
     """``copy_pte_range()`` for entries ``[i0, i1)`` (both tables locked)."""
     mem = src_vma.vm_mm.sys.mem
     seg = stbl[i0:i1]
+    _restore_exclusive_ptes(src_vma, stbl, i0, seg, addr0)
     out = seg.copy()
     present = (seg & _PRESENT_ANY) != 0
     normal = present & ((seg & _U(_PAGE_SPECIAL)) == 0)
     cow = is_cow_mapping(src_vma.vm_flags)
+    sys = src_vma.vm_mm.sys
+    pinned = _pinned_anon_exclusive(sys, seg, normal) if sys.extra_refs and normal.any() else None
+    if pinned is not None:
+        normal &= ~pinned
     if normal.any():
         e = seg[normal]
         pfns = ((e & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
@@ -405,6 +438,8 @@ def _copy_pte_table(dst_vma: Vma, src_vma: Vma, dtbl: npt.NDArray[np.uint64], st
             rss[MM_FILEPAGES] += int((~shm).sum())
     if cow:
         wr = present & ((seg & _U(_PAGE_RW)) != 0)
+        if pinned is not None:
+            wr &= ~pinned
         seg[wr] &= ~_U(_PAGE_RW)
         out[wr] &= ~_U(_PAGE_RW)
     if src_vma.vm_flags & VM_SHARED:
@@ -415,7 +450,46 @@ def _copy_pte_table(dst_vma: Vma, src_vma: Vma, dtbl: npt.NDArray[np.uint64], st
     odd = (seg != 0) & ~present
     for k in np.flatnonzero(odd).tolist():
         out[k] = _copy_nonpresent(dst_vma, src_vma, stbl, i0 + k, int(seg[k]), rss)
+    if pinned is not None:
+        for k in np.flatnonzero(pinned).tolist():
+            out[k] = _copy_present_page(dst_vma, addr0 + (k << PAGE_SHIFT), int(seg[k]), rss)
     set_ptes(dst_vma.vm_mm, dtbl, i0, out, i1 - i0)
+
+
+def _pinned_anon_exclusive(sys: "System", seg: npt.NDArray[np.uint64], normal: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The entries of *seg* whose page is an exclusive anon page that may be DMA-pinned:
+    ``folio_try_dup_anon_rmap_ptes()`` refuses to share those at fork."""
+    from .gup import folio_maybe_dma_pinned
+    mem = sys.mem
+    out = np.zeros(len(seg), bool)
+    idx = np.flatnonzero(normal)
+    pfns = ((seg[idx] & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
+    heads = mem.heads(pfns)
+    cand = ((mem.flags[heads] & PG_anon) != 0) & ((mem.flags[pfns] & PG_anon_exclusive) != 0)
+    cand &= (mem.refcount[heads] > 1) | (mem.order[heads] > 0)
+    for j in np.flatnonzero(cand).tolist():
+        if folio_maybe_dma_pinned(sys, int(pfns[j])):
+            out[idx[j]] = True
+    return out
+
+
+def _copy_present_page(dst_vma: Vma, addr: int, pte: int, rss: list[int]) -> int:
+    """``copy_present_page()``: the child gets its own copy of a pinned exclusive anon
+    page (writable, dirty, exclusive); the parent's pte stays as it was."""
+    from .rmap import folio_add_new_anon_rmap
+    sys = dst_vma.vm_mm.sys
+    mem = sys.mem
+    new = mem.alloc_page()
+    if new < 0:
+        raise NotSupportedError("fork: no memory for the copy of a pinned page (-ENOMEM)")
+    mem.copy_pages(new, (pte & PTE_PFN_MASK) >> PAGE_SHIFT)
+    folio_add_new_anon_rmap(mem, new, dst_vma, addr)
+    rss[MM_ANONPAGES] += 1
+    out = pfn_pte(new, dst_vma.vm_page_prot) | _PAGE_DIRTY
+    if dst_vma.vm_flags & VM_WRITE:
+        out |= _PAGE_RW
+    sys.stats.add("fork.copy_present_page")
+    return out
 
 
 def copy_page_range(dst_vma: Vma, src_vma: Vma) -> int:

@@ -31,7 +31,14 @@ import numpy.typing as npt
 from .folio import folio_put
 from .mm import MM, MM_ANONPAGES, PtRef, ptlock_ptr, set_ptes, spin_lock, spin_unlock
 from .mmu_notifier import MmuNotifierEvent, notify_range
-from .page_types import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PMD_MASK, pte_index
+from .page_types import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_MASK,
+    pte_index,
+)
 from .pagemap import folio_test_locked, folio_trylock, folio_unlock, folio_wait_locked
 from .pgtable import (
     _PAGE_ACCESSED,
@@ -53,11 +60,12 @@ from .pgtable import (
     SWP_MIGRATION_READ,
     SWP_MIGRATION_READ_EXCLUSIVE,
     SWP_MIGRATION_WRITE,
+    is_device_exclusive_entry,
     is_device_private_entry,
     is_migration_entry,
-    is_writable_device_private_entry,
     is_readable_exclusive_migration_entry,
     is_swap_pmd,
+    is_writable_device_private_entry,
     is_writable_migration_entry,
     make_readable_device_private_entry,
     make_readable_exclusive_migration_entry,
@@ -201,17 +209,21 @@ def _mapped_pte(vma: "Vma", addr: int) -> tuple[PtRef, int] | None:
 
 
 def _migrate_device_private_pte(vma: "Vma", ref: PtRef, addr: int, e: int, p: int) -> None:
-    """The device-private branch of ``try_to_migrate_one()``: a device-private entry of
-    page *p* becomes a migration entry (writable if the entry was; else readable-exclusive
+    """The non-present branch of ``try_to_migrate_one()``: a device-private entry (or, in
+    7.3, a device-exclusive one) of page *p* becomes a migration entry (writable if the entry was; else readable-exclusive
     for an exclusive anon page), keeping soft-dirty and uffd-wp."""
     ent = pte_to_swp_entry(e)
-    if not is_device_private_entry(ent) or swp_offset_pfn(ent) != p:
-        return
     mm = vma.vm_mm
+    # 7.3's device-exclusive entries map their page too (never writable here: the
+    # write bit is read as a device-private one); 6.12's are not mappings
+    if not (is_device_private_entry(ent) or (is_device_exclusive_entry(ent)
+                                             and mm.sys.profile.device_exclusive_mapped)) \
+            or swp_offset_pfn(ent) != p:
+        return
     mem = mm.sys.mem
     with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, addr, addr + PAGE_SIZE):
         excl = bool(mem.flags[p] & PG_anon_exclusive)
-        if is_writable_device_private_entry(ent):
+        if is_device_private_entry(ent) and is_writable_device_private_entry(ent):
             mig = make_writable_migration_entry(p)
         elif excl:
             mig = make_readable_exclusive_migration_entry(p)

@@ -122,7 +122,8 @@ def _change_nonpresent(vma: Vma, pte: int) -> int:
         return swp_entry_to_pte(e) | (pte & _PAGE_SWP_SOFT_DIRTY)
     if is_writable_device_private_entry(entry):
         return swp_entry_to_pte(make_readable_device_private_entry(swp_offset(entry))) | (pte & _PAGE_SWP_UFFD_WP)
-    if is_device_exclusive_entry(entry) and is_writable_device_exclusive_entry(entry):
+    if (is_device_exclusive_entry(entry) and is_writable_device_exclusive_entry(entry)
+            and not vma.vm_mm.sys.profile.device_exclusive_mapped):  # 7.3: one entry type
         return swp_entry_to_pte(make_readable_device_exclusive_entry(swp_offset(entry))) | (pte & (_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP))
     return pte
 

@@ -40,6 +40,8 @@ from .vma import (
     VM_LOCKED,
     VM_MAYSHARE,
     VM_PFNMAP,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
     Vma,
 )
 
@@ -252,7 +254,7 @@ def _remap_move(mm: MM, addr: int, length: int, new_addr: int, flags: int) -> in
     if addr + length > new_addr and new_addr + length > addr:
         return -EINVAL
     end = addr + length
-    pieces: list[tuple[int, int]] = []
+    pieces: list[tuple[int, int, bool, int]] = []
     cur = addr
     while cur < end:
         vma = mm.find_vma(cur)
@@ -261,14 +263,18 @@ def _remap_move(mm: MM, addr: int, length: int, new_addr: int, flags: int) -> in
         if not pieces and vma.vm_start > addr:
             return -EFAULT
         lo = max(vma.vm_start, addr)
-        pieces.append((lo, min(end, vma.vm_end) - lo))
+        pieces.append((lo, min(end, vma.vm_end) - lo, _vma_multi_allowed(vma), vma.vm_end))
         cur = vma.vm_end
     if not pieces:
         return -EFAULT
     res = -EFAULT
     target = new_addr
     last_end = pieces[0][0]
-    for k, (lo, n) in enumerate(pieces):
+    for k, (lo, n, allowed, vm_end) in enumerate(pieces):
+        # a VMA that cannot be part of a multi-VMA move: after others moved, or first of
+        # several, the call fails
+        if not allowed and (k > 0 or vm_end < end):
+            return -EFAULT
         target += lo - last_end
         last_end = lo + n
         got = _mremap_to(mm, lo, n, target, n, flags)
@@ -278,6 +284,13 @@ def _remap_move(mm: MM, addr: int, length: int, new_addr: int, flags: int) -> in
             res = got
         target = got + n
     return res
+
+
+def _vma_multi_allowed(vma: Vma) -> bool:
+    """``vma_multi_allowed()`` (7.3): not userfaultfd-armed (its notification needs
+    mmap_lock dropped) and no file ``get_unmapped_area`` that could ignore MREMAP_FIXED
+    (the model's files, tmpfs and device files, have none)."""
+    return not vma.vm_flags & (VM_UFFD_MISSING | VM_UFFD_WP)
 
 
 def _vma_to_resize(mm: MM, addr: int, old_len: int, new_len: int, flags: int) -> Vma | int:

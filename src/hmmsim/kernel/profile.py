@@ -91,6 +91,13 @@ class Profile:
     #: ``make_device_exclusive()`` one page at a time (7.3); 6.12 has
     #: ``make_device_exclusive_range()``, which fails with -EBUSY on a THP tail
     per_page_device_exclusive: bool
+    #: a device-exclusive entry still counts as a mapping of its page (rmap and mapcount
+    #: kept), has one type (no read/write variants, so mprotect leaves it alone), and the
+    #: CPU fault restoring it makes the pte writable where ``can_change_pte_writable()``
+    #: allows, under an MMU_NOTIFY_CLEAR invalidation (7.3, the device-exclusive rework of
+    #: 6.15); 6.12 removes the page's rmap when it makes the entry, keeps the reference,
+    #: and restores under MMU_NOTIFY_EXCLUSIVE, writable only from a writable entry
+    device_exclusive_mapped: bool
     #: RAM pages the reference VM's kernel keeps out of ``totalram_pages()`` besides its
     #: struct page array (1/64 of RAM): image, early allocations. Measured with
     #: ``kernel-run`` (the largest private anonymous mmap the overcommit heuristic accepts);
@@ -128,6 +135,7 @@ KERNELS: dict[str, Profile] = {
         device_private_thp=False,
         dmirror_hole_migrates_writable=True,
         per_page_device_exclusive=False,
+        device_exclusive_mapped=False,
         boot_reserved_pages=3254,
     ),
     "7.3": Profile(
@@ -151,6 +159,7 @@ KERNELS: dict[str, Profile] = {
         device_private_thp=True,
         dmirror_hole_migrates_writable=False,
         per_page_device_exclusive=True,
+        device_exclusive_mapped=True,
         boot_reserved_pages=2680,
     ),
 }

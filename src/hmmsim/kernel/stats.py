@@ -71,6 +71,7 @@ declare("proc.clear_refs", "writes to /proc/PID/clear_refs")
 declare("zap.unmap_single_vma", "unmap_single_vma() calls")
 declare("zap.pte_table_reclaimed", "empty pte tables freed while zapping (reclaim_pt_is_enabled)")
 declare("fork.copy_page_range", "copy_page_range() calls")
+declare("fork.copy_present_page", "pinned exclusive anon pages copied for the child at fork (copy_present_page)")
 _declare_all("task lifetime (fork, exit)", "task.fork", "task.exit")
 declare("page.free", "pages returned to the allocator")
 declare("shmem.alloc", "shmem folios allocated")
@@ -84,6 +85,15 @@ _declare_all("swap (pages written out by reclaim, pages read back in by do_swap_
 _declare_all("migration (migration entry waits, try_to_migrate, remove_migration_ptes, "
              "migrate_pages)", "migrate.entry_wait", "migrate.try_to_migrate",
              "migrate.remove_migration_ptes", "migrate.pages")
+_declare_all("mm/gup.c (follow_page_mask and faultin_page calls, pages taken by gup_fast, "
+             "FOLL_LONGTERM rounds that migrated pages first)",
+             "gup.follow_page_mask", "gup.faultin_page", "gup.fast", "gup.longterm_migrated")
+_declare_all("device-exclusive access (make_device_exclusive_range / make_device_exclusive "
+             "calls, entries restored by a CPU fault and by fork)",
+             "rmap.make_device_exclusive_range", "rmap.make_device_exclusive",
+             "fault.remove_device_exclusive_entry", "fork.restore_exclusive_pte")
+declare("migrate_device.coherent_folio", "migrate_device_coherent_folio() calls")
+declare("gup_test.warn", "gup_test WARNs: a pinned page that is not dma-pinned or not long-term pinnable")
 _declare_all("ZONE_DEVICE (pages of memremap_pages() ranges, free_zone_device_folio() calls, "
              "pages of memunmap_pages() ranges)", "memremap.pages", "memremap.page_free",
              "memremap.unmap_pages")

@@ -123,6 +123,8 @@ class System:
         self.mms: list[MM] = []
         #: references held by in-flight kernel operations (pfn -> count), for the checker
         self.extra_refs: dict[int, int] = {}
+        #: ``folio->_pincount`` of large folios pinned by FOLL_PIN (head pfn -> pins)
+        self.folio_pincount: dict[int, int] = {}
         #: live inodes (tmpfs, hugetlbfs), whose page caches hold page references
         self.inodes: list[Any] = []
         self.pt = PageTableStore()

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - a platform without the isal wheel
 from ..drivers.dmirror import dmirror_open
 from ..drivers.test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
+    HMM_DMIRROR_EXCLUSIVE,
     HMM_DMIRROR_FLAGS,
     HMM_DMIRROR_MIGRATE_TO_DEV,
     HMM_DMIRROR_MIGRATE_TO_SYS,
@@ -74,9 +75,7 @@ _PROTS = {"none": 0, "r": PROT_READ, "rw": PROT_READ | PROT_WRITE}
 _ADVICE = {"hugepage": MADV_HUGEPAGE, "nohugepage": MADV_NOHUGEPAGE, "dontneed": MADV_DONTNEED,
            "free": MADV_FREE}
 #: commands whose kernel side is not modelled yet, and what they need
-_UNSUPPORTED = {
-    "dexclusive": "device-exclusive access",
-}
+_UNSUPPORTED: dict[str, str] = {}
 #: pages handled per step by CPU commands and buffer copies (bounds memory for huge ranges)
 _CHUNK = 4096
 _WORDS = PAGE_SIZE // 4
@@ -594,6 +593,13 @@ class _Runner:
             self.out(ctx, cmd, "dmigrate_sys", ret=ret)
         else:
             self.out(ctx, cmd, "dmigrate_sys", ret=0, cpages=dcmd.cpages)
+
+    def op_dexclusive(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
+        ret, dcmd, crc = self._ioctl_crc(ctx, handle, HMM_DMIRROR_EXCLUSIVE, name, off, npages)
+        if ret:
+            self.out(ctx, cmd, "dexclusive", ret=ret)
+        else:
+            self.out(ctx, cmd, "dexclusive", ret=0, cpages=dcmd.cpages, crc=crc)
 
     def op_dcheck_exclusive(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
         ret = self._ioctl_no_buffer(ctx, handle, HMM_DMIRROR_CHECK_EXCLUSIVE, self.region(ctx, name, off), npages)

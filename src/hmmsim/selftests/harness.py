@@ -124,12 +124,10 @@ NEEDS_MIGRATION = "needs device memory migration: not modelled yet"
 #: why a listed test is not run: everything in :data:`HMM_TESTS_C` without a ported body
 NOT_MODELLED: dict[str, str] = {
     **{n: NEEDS_MIGRATION for n in (
-        "hmm_gup_test", "migrate_anon_huge_empty", "migrate_anon_huge_zero",
+        "migrate_anon_huge_empty", "migrate_anon_huge_zero",
         "migrate_anon_huge_free", "migrate_anon_huge_fault", "migrate_partial_unmap_fault",
         "migrate_remap_fault", "migrate_anon_huge_err", "migrate_anon_huge_zero_err",
         "benchmark_thp_migration")},
-    **{n: "needs device-exclusive access (HMM_DMIRROR_EXCLUSIVE): not modelled yet"
-       for n in ("exclusive", "exclusive_mprotect", "exclusive_cow")},
 }
 
 
@@ -316,7 +314,7 @@ def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
     order), filtered by test names (``anon_read`` or ``hmm.hmm_device_private.anon_read``)
     and variant names. A test without a ported body gets a
     function that SKIPs with its :data:`NOT_MODELLED` reason."""
-    from . import hmm_device_tests, hmm_migrate_tests, hmm_tests, hmm_uffd_tests  # noqa: F401  (registers the TEST_Fs)
+    from . import hmm_device_tests, hmm_exclusive_tests, hmm_migrate_tests, hmm_tests, hmm_uffd_tests  # noqa: F401  (registers the TEST_Fs)
     names = set(names)
     variants = set(variants)
     ported = {(f, n): fn for f, n, fn, rel in TESTS if kernel in rel}
