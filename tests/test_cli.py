@@ -30,12 +30,15 @@ def test_exit_status_values_are_distinct() -> None:
 @pytest.mark.parametrize("body, outcome, record", [
     ("mmap a 1 rw private,anon\nbogus 3\n", "parse", {"error": "parse", "line": 3, "message": "unknown op 'bogus'"}),
     ("mmap a 1 rw private,anon\nfill b 0 1 1\n", "unknown-name", {"error": "unknown-name", "line": 3, "op": "fill"}),
-    ("open d 0\ndrelease d\n", "unsupported", None),
+    # 6.12 (see recorded/todo): evicting a coherent page a device-exclusive entry references
+    ("open c 2\nopen d 0\nmmap a 1 rw private,anon\nfill a 0 1 4\ndmigrate c a 0 1\n"
+     "dexclusive d a 0 1\ndmigrate_sys c a 0 1\nclose c\n", "unsupported", None),
     ("mmap a 1 rw private,anon\nmunmap a 0 1\nfill a 0 1 1\n", "ok", {"line": 4, "op": "fill", "page": 0, "ret": "segv"}),
 ])
 def test_run_exit_status_per_outcome(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str,
                                      outcome: str, record: dict | None) -> None:
-    assert main(["run", _file(tmp_path, "x.hmm", body)]) == EXIT_STATUS[outcome]
+    kernel = ["--kernel", "6.12"] if outcome == "unsupported" else []
+    assert main(["run", *kernel, _file(tmp_path, "x.hmm", body)]) == EXIT_STATUS[outcome]
     last = _lines(capsys)[-1]
     if record is not None:
         assert last == record
