@@ -227,3 +227,48 @@ def test_migration_with_an_armed_thread_does_the_same(make_system) -> None:
                      proc.read(a, n * P) == np.arange(n * P // 8, dtype=np.uint64).tobytes()))
         d.close()
     assert outs[0] == outs[1] and outs[0][0] == outs[0][1] == 600 and outs[0][4]
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2, 3, 4])
+def test_migration_races_cpu_access_under_the_scheduler(seed: int | None) -> None:
+    """A thread migrates a region to the device and back while another reads and writes
+    it (faults wait on migration entries, device pages fault back): whatever the
+    interleaving, the data is what the writer left and the machine is consistent."""
+    from hmmsim import System
+    from hmmsim.kernel.sched import Scheduler
+
+    system = System(kernel="7.3", ram=256 << 20, hugetlb_pages=0)
+    p = system.spawn("app")
+    n = 1100
+    a = p.mmap(n * P)
+    p.write(a, b"m" * (n * P))
+    d = p.open_device(0)
+    buf = p.mmap(n * P)
+    rets: list[int] = []
+
+    def migrator() -> None:
+        from hmmsim.drivers.test_hmm_uapi import (
+            HMM_DMIRROR_MIGRATE_TO_DEV,
+            HMM_DMIRROR_MIGRATE_TO_SYS,
+            HmmDmirrorCmd,
+        )
+        # the read-back after the migration finds -ENOENT if the CPU faulted a page back
+        rets.append(p.task.ioctl(d.fd, HMM_DMIRROR_MIGRATE_TO_DEV, HmmDmirrorCmd(addr=a, npages=n, ptr=buf)))
+        rets.append(p.task.ioctl(d.fd, HMM_DMIRROR_MIGRATE_TO_SYS, HmmDmirrorCmd(addr=a, npages=n)))
+
+    def cpu() -> None:
+        for i in (0, 600, 1099):
+            assert p.read(a + i * P, 2) == b"mm"
+            p.write(a + i * P, b"W")
+
+    with Scheduler(system, seed=seed) as s:
+        s.spawn(migrator, name="migrator", task=p.task)
+        s.spawn(cpu, name="cpu", task=p.task)
+        s.run()
+    assert rets[0] in (0, -2) and rets[1] == 0
+    for i in range(n):
+        want = b"Wm" if i in (0, 600, 1099) else b"mm"
+        assert p.read(a + i * P, 2) == want, i
+    d.close()
+    system.ls.assert_no_locks()
+    system.check_invariants()

@@ -136,3 +136,35 @@ def test_folios_lock_is_one_scheduling_point(system: System) -> None:
     folios_unlock(system, pfns)
     system.ls.assert_no_locks()
     system.mem.free_pages(pfns)
+
+
+def test_a_batch_blocks_under_the_scheduler_until_the_held_folio_is_unlocked() -> None:
+    """Under the scheduler a blocking batch whose folio another thread holds sleeps (the
+    thread blocks on that folio lock) and takes the whole batch once it is released."""
+    from hmmsim.kernel.sched import Scheduler
+
+    sys = System(kernel="7.3")
+    pfns = sys.mem.alloc_pages_bulk(8)
+    order: list[str] = []
+
+    def holder() -> None:
+        folio_lock(sys, int(pfns[3]))
+        order.append("holder locked")
+        sys.ls.wait_event(lambda: len(order) >= 2, "the other thread to try")
+        order.append("holder unlocks")
+        folio_unlock(sys, int(pfns[3]))
+
+    def batcher() -> None:
+        order.append("batch tries")
+        folios_lock(sys, pfns)
+        order.append("batch locked")
+        folios_unlock(sys, pfns)
+
+    with Scheduler(sys) as s:
+        s.spawn(holder, name="holder")
+        s.spawn(batcher, name="batcher")
+        s.run()
+    assert order == ["holder locked", "batch tries", "holder unlocks", "batch locked"]
+    assert ("batcher", "block", "folio_lock") in [(n, ev, w) for _s, n, ev, w in s.trace]
+    sys.ls.assert_no_locks()
+    sys.mem.free_pages(pfns)

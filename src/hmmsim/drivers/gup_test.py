@@ -36,9 +36,9 @@ from ..kernel.gup import (
     put_page,
     unpin_user_pages,
 )
+from ..kernel.ioctl import _IO, _IOW, _IOWR
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.page_types import PAGE_SIZE, ULONG_MAX
-from .test_hmm_uapi import _IOWR
 
 if TYPE_CHECKING:
     from ..kernel.system import System
@@ -51,15 +51,6 @@ __all__ = (
     "PIN_LONGTERM_TEST_READ", "PIN_LONGTERM_TEST_START", "PIN_LONGTERM_TEST_STOP", "PinLongtermTest",
     "gup_test_fops", "gup_test_ioctl", "gup_test_open",
 )
-
-
-def _IOW(type_: str, nr: int, size: int) -> int:
-    """``_IOW()``: direction write (1) << 30 | size << 16 | type << 8 | nr."""
-    return (1 << 30) | (size << 16) | (ord(type_) << 8) | nr
-
-
-def _IO(type_: str, nr: int) -> int:
-    return (ord(type_) << 8) | nr
 
 
 GUP_TEST_MAX_PAGES_TO_DUMP = 8

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from ..kernel.ioctl import _IOWR
+
 __all__ = (
     "HMM_DMIRROR_CHECK_EXCLUSIVE", "HMM_DMIRROR_EXCLUSIVE", "HMM_DMIRROR_FLAGS",
     "HMM_DMIRROR_FLAG_FAIL_ALLOC",
@@ -14,11 +16,6 @@ __all__ = (
     "HMM_DMIRROR_READ_UNLOCKED", "HMM_DMIRROR_RELEASE",
     "HMM_DMIRROR_SNAPSHOT", "HMM_DMIRROR_WRITE", "HmmDmirrorCmd", "IOCTL_NAMES",
 )
-
-
-def _IOWR(type_: str, nr: int, size: int) -> int:
-    """``_IOWR()``: direction read|write (3) << 30 | size << 16 | type << 8 | nr."""
-    return (3 << 30) | (size << 16) | (ord(type_) << 8) | nr
 
 
 _CMD_SIZE = 40  # sizeof(struct hmm_dmirror_cmd)

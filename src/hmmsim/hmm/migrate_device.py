@@ -15,8 +15,20 @@ Selected: ``MIGRATE_VMA_SELECT_SYSTEM`` (system pages, holes and the zero page, 
 zero pages in anonymous VMAs only), ``..._DEVICE_PRIVATE`` and ``..._DEVICE_COHERENT`` (device
 pages whose pagemap owner is ``pgmap_owner``). THP: a PMD-mapped THP is split when collected,
 as 6.12 does (7.3's whole-THP migration to device-private PMDs is not modelled yet).
-The range is at most one page table (drivers step 512 pages at a time); the per-page work
-is done entry by entry within that table.
+
+Performance: every step works on arrays. The collection classifies a whole pte table at
+once (``decode_pte_table``: holes, the zero page, system pages, device-private entries,
+coherent pages) and trylocks and unmaps the selected pages of the table together
+(:func:`~hmmsim.kernel.pagemap.folios_trylock`, :func:`~hmmsim.kernel.migrate.make_migration_ptes`);
+``migrate_device_unmap`` only checks references of pages the collection unmapped; the
+struct-page moves, ``remove_migration_ptes`` (:func:`~hmmsim.kernel.migrate.remove_migration_ptes_folios`),
+the unlocks and the reference drops (:func:`~hmmsim.kernel.folio.folios_put_in_order`) of
+``migrate_vma_pages``/``migrate_vma_finalize`` are done for all entries at once. Rare
+entries (special mappings, pages still mapped elsewhere such as a fork's, large folios,
+file pages) take the per-entry paths. The counters, the locks (one acquisition per
+folio), the notifier events and the order in which freed pages go back to their
+allocator or driver are those of the kernel's per-entry loops; a blocking batch is one
+scheduling point.
 """
 
 from __future__ import annotations
@@ -231,29 +243,25 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
     return 0
 
 
-def _selectable_pgmaps_kinds(sys: "System") -> tuple[None, npt.NDArray[np.int8]]:
+def _pgmap_kinds(sys: "System") -> npt.NDArray[np.int8]:
     """Per pgmap id (0: none) its kind: 1 private, 2 coherent, 3 other."""
     kind = np.zeros(len(sys.pgmaps) + 1, np.int8)
     for k, pg in enumerate(sys.pgmaps):
         if pg is not None:
             kind[k + 1] = 1 if pg.is_private else 2 if pg.is_coherent else 3
-    return None, kind
+    return kind
 
 
 def _selectable_pgmaps(m: MigrateVma, sys: "System") -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int8]]:
     """Per pgmap id (0: none): whether its pages are selected (device-private pages of
     the owner with SELECT_DEVICE_PRIVATE, coherent pages of the owner with
     SELECT_DEVICE_COHERENT), and its kind (1 private, 2 coherent, 3 other)."""
-    nr = len(sys.pgmaps) + 1
-    ok = np.zeros(nr, np.bool_)
-    kind = np.zeros(nr, np.int8)
+    kind = _pgmap_kinds(sys)
+    want = {1: MIGRATE_VMA_SELECT_DEVICE_PRIVATE, 2: MIGRATE_VMA_SELECT_DEVICE_COHERENT}
+    ok = np.zeros(len(kind), np.bool_)
     for k, pg in enumerate(sys.pgmaps):
-        if pg is None:
-            continue
-        kind[k + 1] = 1 if pg.is_private else 2 if pg.is_coherent else 3
-        if pg.owner is m.pgmap_owner:
-            ok[k + 1] = bool(m.flags & (MIGRATE_VMA_SELECT_DEVICE_PRIVATE if pg.is_private
-                                        else MIGRATE_VMA_SELECT_DEVICE_COHERENT if pg.is_coherent else 0))
+        if pg is not None and pg.owner is m.pgmap_owner:
+            ok[k + 1] = bool(m.flags & want.get(int(kind[k + 1]), 0))
     return ok, kind
 
 
@@ -558,7 +566,7 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
     if len(move):
         pages = (s_[move] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
         new = (d_[move] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
-        _, kind_tab = _selectable_pgmaps_kinds(sys)
+        kind_tab = _pgmap_kinds(sys)
         nkind = kind_tab[mem.pgmap[new]]
         anon = (mem.flags[mem.heads(pages)] & np.uint32(PG_anon)) != 0
         bad = np.zeros(len(move), np.bool_)

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from . import huge_memory as hm
 from .folio import folio_put
+from .huge_memory_device import do_huge_pmd_device_private
 from .hugetlb import hugetlb_fault
 from .migrate import (
     is_pmd_migration_entry,
@@ -65,6 +66,7 @@ from .pgtable import (
     is_writable_device_exclusive_entry,
     is_hwpoison_entry,
     is_migration_entry,
+    is_pmd_device_private_entry,
     is_pte_marker_entry,
     non_swap_entry,
     pfn_pte,
@@ -200,6 +202,8 @@ def __handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
     elif e:
         vmf.orig_pmd = e
         if not pte_present(e):
+            if is_pmd_device_private_entry(e):  # only 7.3 (device_private_thp) makes them
+                return do_huge_pmd_device_private(vmf)
             if is_pmd_migration_entry(e):
                 pmd_migration_entry_wait(mm, pmd)
             return 0

@@ -6,8 +6,11 @@ Models the parts of ``mm/huge_memory.c`` HMM meets: ``thp_vma_allowable_order``,
 6.12 and gets a new THP in 7.3, ``do_huge_zero_wp_pmd``), ``__split_huge_pmd`` (under an
 ``MMU_NOTIFY_CLEAR`` of the 2 MiB range), ``zap_huge_pmd``, ``copy_huge_pmd`` (fork),
 ``change_huge_pmd`` (mprotect), ``move_huge_pmd`` (mremap), and the PUD-level entry
-points used by device-dax style mappings. Only the PMD order (512 pages) exists; there
-are no mTHP sizes and khugepaged never collapses anything.
+points used by device-dax style mappings, and the folio split (``split_folio``,
+7.3's ``folio_split_unmapped``; device-private folios tell their driver through the
+pagemap's ``folio_split``). Each PMD path also takes 7.3's device-private PMDs: their
+branches live in :mod:`.huge_memory_device`. Only the PMD order (512 pages) exists;
+there are no mTHP sizes and khugepaged never collapses anything.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errno import EBUSY
+from .errno import EAGAIN, EBUSY, EINVAL
+from .folio import folio_put, free_folio
+from .huge_memory_device import (
+    change_huge_pmd_device_private,
+    copy_huge_pmd_device_private,
+    split_huge_pmd_device_private,
+    zap_huge_pmd_device_private,
+)
+from .memremap import zone_device_private_split_cb
 from .migrate import (
     change_pmd_migration_entry,
     copy_pmd_migration_entry,
@@ -46,7 +57,15 @@ from .pgtable import (
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
+    _PAGE_SWP_SOFT_DIRTY,
+    _PAGE_SWP_UFFD_WP,
     _PAGE_UFFD_WP,
+    _SWP_MIG_DIRTY,
+    _SWP_MIG_YOUNG,
+    SWP_MIGRATION_READ,
+    SWP_MIGRATION_READ_EXCLUSIVE,
+    SWP_MIGRATION_WRITE,
+    is_pmd_device_private_entry,
     mk_table_entry,
     pfn_pte,
     pmd_leaf,
@@ -77,6 +96,7 @@ from .rmap import (
     anon_vma_prepare,
     folio_add_new_anon_rmap_pmd,
     folio_try_dup_anon_rmap_pmd,
+    page_vma_mapped_pmd,
     rmap_walk,
 )
 from .vma import (
@@ -97,7 +117,7 @@ if TYPE_CHECKING:
 __all__ = (
     "change_huge_pmd", "copy_huge_pmd", "create_huge_pmd", "create_huge_pud",
     "do_huge_pmd_anonymous_page", "do_huge_pmd_numa_page", "do_huge_pmd_wp_page",
-    "do_huge_zero_wp_pmd",
+    "do_huge_zero_wp_pmd", "folio_split_unmapped",
     "huge_pmd_set_accessed", "huge_pmd_set_accessed_batch", "huge_pud_fault",
     "is_huge_zero_pmd", "madvise_free_huge_pmd", "map_anon_folio_pmd_pf", "move_huge_pmd",
     "split_folio",
@@ -348,9 +368,12 @@ def do_huge_pmd_numa_page(vmf: "VmFault") -> int:
 
 
 # -- splitting -----------------------------------------------------------------------------------
-def __split_huge_pmd_locked(vma: Vma, haddr: int, pmd: PtRef) -> None:
+def __split_huge_pmd_locked(vma: Vma, haddr: int, pmd: PtRef, freeze: bool = False) -> None:
     """``__split_huge_pmd_locked()``: replace a huge pmd by a pte table mapping the same
-    pages with the same permissions (a huge zero pmd becomes 512 zero-page ptes)."""
+    pages with the same permissions (a huge zero pmd becomes 512 zero-page ptes, a PMD
+    migration entry 512 migration entries, a device-private PMD 512 device-private
+    entries). With *freeze* (splitting for migration, ``split_huge_pmd_address(...,
+    true)``) the pages get migration entries and the PMD's folio reference is dropped."""
     mm = vma.vm_mm
     sys = mm.sys
     mem = sys.mem
@@ -366,12 +389,21 @@ def __split_huge_pmd_locked(vma: Vma, haddr: int, pmd: PtRef) -> None:
         set_ptes(vma.vm_mm, tbl, 0, _U(entry), len(tbl))
         pmd.set(mk_table_entry(tid))
         return
+    if is_pmd_device_private_entry(old):
+        split_huge_pmd_device_private(vma, haddr, pmd, tbl, tid, freeze)
+        return
     if not pte_present(old):
+        head = mem.compound_head(pfn)
         split_huge_pmd_migration_entry(vma, haddr, pmd, tbl, tid)
+        if freeze:
+            folio_put(sys, head)
         return
     head = mem.compound_head(pfn)
     if pte_dirty(old):
         mem.flags[head] |= PG_dirty
+    if freeze and mem.flags[head] & PG_anon:
+        _split_huge_pmd_freeze(vma, pmd, old, head, tbl, tid)
+        return
     bits = old & (_PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_UFFD_WP)
     prot = vma.vm_page_prot & ~(_PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY)
     pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.uint64)
@@ -383,7 +415,28 @@ def __split_huge_pmd_locked(vma: Vma, haddr: int, pmd: PtRef) -> None:
     pmd.set(mk_table_entry(tid))
 
 
-def __split_huge_pmd(vma: Vma, pmd: PtRef, address: int) -> None:
+def _split_huge_pmd_freeze(vma: Vma, pmd: PtRef, old: int, head: int, tbl: "np.ndarray", tid: int) -> None:
+    """The *freeze* branch of ``__split_huge_pmd_locked()`` for a present anon THP: the
+    folio is shared (``folio_try_share_anon_rmap_pmd``; nothing pins it here) and each
+    page gets a migration entry (writable / readable-exclusive / readable, young and
+    dirty kept); the entire mapping and the PMD's reference go."""
+    mm = vma.vm_mm
+    mem = mm.sys.mem
+    nr = HPAGE_PMD_NR
+    excl = bool(mem.flags[head] & PG_anon_exclusive)
+    if excl:
+        mem.flags[head:head + nr] &= ~np.uint32(PG_anon_exclusive)
+    t = SWP_MIGRATION_WRITE if old & _PAGE_RW else SWP_MIGRATION_READ_EXCLUSIVE if excl else SWP_MIGRATION_READ
+    bits = (((_SWP_MIG_YOUNG if old & _PAGE_ACCESSED else 0) | (_SWP_MIG_DIRTY if old & _PAGE_DIRTY else 0)) << 12)
+    bits |= (_PAGE_SWP_SOFT_DIRTY if old & _PAGE_SOFT_DIRTY else 0) | (_PAGE_SWP_UFFD_WP if old & _PAGE_UFFD_WP else 0)
+    pfns = np.arange(head, head + nr, dtype=np.uint64)
+    set_ptes(mm, tbl, 0, (_U(t) << _U(59)) | (pfns << _U(PAGE_SHIFT)) | _U(bits), nr)
+    mem.entire_mapcount[head] -= 1
+    pmd.set(mk_table_entry(tid))
+    folio_put(mm.sys, head)
+
+
+def __split_huge_pmd(vma: Vma, pmd: PtRef, address: int, freeze: bool = False) -> None:
     """``__split_huge_pmd()``: split under an ``MMU_NOTIFY_CLEAR`` of the 2 MiB range."""
     mm = vma.vm_mm
     haddr = address & PMD_MASK
@@ -391,7 +444,7 @@ def __split_huge_pmd(vma: Vma, pmd: PtRef, address: int) -> None:
         ptl = mm.pmd_lock(pmd)
         e = pmd.get()
         if e and (not pmd_present(e) or pmd_leaf(e)):
-            __split_huge_pmd_locked(vma, haddr, pmd)
+            __split_huge_pmd_locked(vma, haddr, pmd, freeze)
         mm.spin_unlock(ptl)
 
 
@@ -402,11 +455,14 @@ def split_huge_pmd(vma: Vma, pmd: PtRef, address: int) -> None:
         __split_huge_pmd(vma, pmd, address)
 
 
-def split_huge_pmd_address(vma: Vma, address: int) -> None:
-    """``split_huge_pmd_address()``: split the huge pmd covering *address*, if any."""
+def split_huge_pmd_address(vma: Vma, address: int, freeze: bool = False) -> None:
+    """``split_huge_pmd_address()``: split the huge pmd covering *address*, if any
+    (*freeze*: into migration entries, see :func:`__split_huge_pmd_locked`)."""
     pmd = vma.vm_mm.pmd_ref(address)
     if pmd is not None:
-        split_huge_pmd(vma, pmd, address)
+        e = pmd.get()
+        if e and (not pmd_present(e) or pmd_leaf(e)):
+            __split_huge_pmd(vma, pmd, address, freeze)
 
 
 def split_huge_pud(vma: Vma, pud: PtRef, address: int) -> None:
@@ -442,6 +498,8 @@ def zap_huge_pmd(vma: Vma, pmd: PtRef, addr: int) -> list[int]:
     e = pmd.get()
     pmd.set(0)
     mm.spin_unlock(ptl)
+    if is_pmd_device_private_entry(e):
+        return zap_huge_pmd_device_private(vma, e)
     if not pte_present(e):
         return zap_pmd_migration_entry(vma, e)
     pfn = pte_pfn(e)
@@ -465,6 +523,8 @@ def copy_huge_pmd(dst_vma: Vma, src_vma: Vma, dst_pmd: PtRef, src_pmd: PtRef, ad
     if not vma_is_anonymous(dst_vma):
         return 0
     e = src_pmd.get()
+    if is_pmd_device_private_entry(e):
+        return copy_huge_pmd_device_private(dst_vma, src_vma, dst_pmd, src_pmd, e)
     if not pte_present(e):
         return copy_pmd_migration_entry(dst_vma, src_vma, dst_pmd, src_pmd, e)
     pfn = pte_pfn(e)
@@ -487,6 +547,8 @@ def change_huge_pmd(vma: Vma, pmd: PtRef, addr: int, newprot: int, try_writable:
     ptl = mm.pmd_lock(pmd)
     try:
         e = pmd.get()
+        if is_pmd_device_private_entry(e):
+            return change_huge_pmd_device_private(vma, pmd, e)
         if not pte_present(e):
             return change_pmd_migration_entry(vma, pmd, e)
         if prot_numa and (is_huge_zero_pmd(mm, e) or pte_protnone(e)):
@@ -520,10 +582,14 @@ def move_huge_pmd(vma: Vma, old_pmd: PtRef, new_pmd: PtRef) -> bool:
 
 def split_folio(sys: "System", head: int) -> int:
     """``split_huge_page()``/``split_folio()`` of an anonymous THP: every PMD mapping is
-    split first; then the folio is unmapped (one ``MMU_NOTIFY_CLEAR`` per VMA over the
-    folio's extent), split into order-0 folios that keep their data, flags and pte
-    mappings, and remapped. Returns 0, or ``-EBUSY`` for a folio that cannot be split
-    (not anonymous, or hugetlb)."""
+    split first (a present THP PMD or, in 7.3, a device-private PMD); then the folio is
+    unmapped (one ``MMU_NOTIFY_CLEAR`` per VMA over the folio's extent), split into
+    order-0 folios that keep their data, flags and pte mappings, and remapped; new folios
+    nothing maps any more are freed. Returns 0, or ``-EBUSY`` for a folio that cannot be
+    split (not anonymous, or hugetlb).
+
+    Models ``mm/huge_memory.c:__folio_split()`` to order 0 (the unmap/remap through
+    migration entries happens in place here)."""
     mem = sys.mem
     head = mem.compound_head(head)
     order = int(mem.order[head])
@@ -535,28 +601,75 @@ def split_folio(sys: "System", head: int) -> int:
     seen: list[tuple[Vma, int]] = []
     for vma, addr in list(rmap_walk(mem, head)):
         pmd = vma.vm_mm.pmd_ref(addr)
-        if pmd is not None:
-            e = pmd.get()
-            if pmd_leaf(e) and pte_pfn(e) == head:
-                __split_huge_pmd(vma, pmd, addr)
+        if pmd is not None and page_vma_mapped_pmd(pmd.get(), head, migration=False):
+            __split_huge_pmd(vma, pmd, addr)
         if all(v is not vma for v, _ in seen):
             seen.append((vma, addr))
     for vma, addr in seen:
         end = min(addr + (nr << PAGE_SHIFT), vma.vm_end)
         with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, vma.vm_mm, max(addr, vma.vm_start), end):
             pass
+    _split_folio_to_order0(sys, head, nr)
+    return 0
+
+
+def folio_split_unmapped(sys: "System", head: int, new_order: int = 0) -> int:
+    """``folio_split_unmapped()`` (7.3): split a locked large anon folio that no page
+    table maps (its mappings are migration entries, or it is a fresh device folio) into
+    order-0 folios; a device-private folio's driver hears of each one through
+    ``folio_split``. Returns 0, ``-EINVAL`` for an order other than 0 or a folio that is
+    not large, or ``-EAGAIN`` if the folio is mapped or has references beyond the
+    caller's."""
+    mem = sys.mem
+    head = mem.compound_head(head)
+    order = int(mem.order[head])
+    if new_order != 0 or order == 0:
+        return -EINVAL
+    nr = 1 << order
+    if mem.folio_mapcount(head) or int(mem.refcount[head]) != 1:
+        return -EAGAIN
+    _split_folio_to_order0(sys, head, nr, unmapped=True)
+    return 0
+
+
+def _split_folio_to_order0(sys: "System", head: int, nr: int, unmapped: bool = False) -> None:
+    """``__folio_freeze_and_split_unmapped()`` + the remap and release of
+    ``__folio_split()``: the folio at *head* becomes *nr* order-0 folios; each page keeps
+    a reference per mapping, the head also the references that were not mappings (the
+    caller's); a device-private folio's pagemap is told (``zone_device_private_split_cb``)
+    and counts the new folios; new folios with no reference are freed. *unmapped*
+    (``folio_split_unmapped``): every new folio keeps the caller's one reference."""
+    mem = sys.mem
     pte_maps = mem.mapcount[head:head + nr].copy()
     extra = int(mem.refcount[head]) - int(pte_maps.sum()) - int(mem.entire_mapcount[head])
     keep = mem.flags[head] & np.uint32(PG_anon | PG_dirty | PG_swapbacked | PG_uptodate)
     mem.refcount[head:head + nr] = pte_maps
+    if unmapped:
+        mem.refcount[head + 1:head + nr] += extra
     mem.refcount[head] += extra
     mem.order[head] = 0
     mem.head_off[head:head + nr] = 0
     mem.flags[head] &= ~np.uint32(PG_head)
     mem.flags[head + 1:head + nr] |= keep
     mem.mapping[head + 1:head + nr] = mem.mapping[head]
+    pgmap = sys.pgmap_of(head)
+    if pgmap is not None:
+        # every new folio is unfrozen with a reference of the split, then released
+        pgmap.nr_used += nr - 1
+        if pgmap.is_private:
+            for p in range(head + 1, head + nr):
+                zone_device_private_split_cb(sys, head, p)
+            zone_device_private_split_cb(sys, head, None)
+        elif pgmap.is_coherent:
+            pgmap.coherent_split_heads.append(head)
     sys.stats.add("thp.split_page")
-    return 0
+    dead = np.flatnonzero(mem.refcount[head:head + nr] == 0) + head
+    if pgmap is not None:
+        for p in dead.tolist():
+            free_folio(sys, p)
+    elif len(dead):
+        sys.stats.add("page.free", len(dead))
+        mem.free_pages(dead)
 
 
 def madvise_free_huge_pmd(vma: Vma, pmd: PtRef) -> None:

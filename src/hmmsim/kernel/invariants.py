@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from .page_types import HPAGE_PMD_NR, PAGE_SHIFT
+from .page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT
 from .pgtable import (
     _PAGE_PRESENT,
     _PAGE_PROTNONE,
@@ -30,6 +30,7 @@ from .pgtable import (
     SWP_DEVICE_WRITE,
     SWP_MIGRATION_READ,
     SWP_MIGRATION_WRITE,
+    is_pmd_device_private_entry,
     pmd_leaf,
     pmd_present,
     table_id,
@@ -40,6 +41,7 @@ from .vma import VM_HUGETLB
 if TYPE_CHECKING:
     from .mm import MM
     from .system import System
+    from .vma import Vma
 
 __all__ = ("InvariantError", "check_invariants")
 
@@ -90,7 +92,10 @@ def _leaf_entries(tally: _Tally, mm: "MM", base: int, entries: npt.NDArray[np.ui
         t = (e[sw] >> _U(59)).astype(np.int64)
         spf = pfn[sw]
         excl = (t == SWP_DEVICE_EXCLUSIVE_WRITE) | (t == SWP_DEVICE_EXCLUSIVE_READ)
-        dev = (t == SWP_DEVICE_WRITE) | (t == SWP_DEVICE_READ) | excl
+        priv = (t == SWP_DEVICE_WRITE) | (t == SWP_DEVICE_READ)
+        if priv.any():
+            _check_device_private_pfns(mm, base, nz[sw][priv], spf[priv])
+        dev = priv | excl
         if dev.any():
             rss[1] += int(dev.sum())
             if not mm.sys.profile.device_exclusive_mapped and excl.any():
@@ -138,6 +143,34 @@ def _check_anon_index(mm: "MM", base: int, idx: npt.NDArray[np.int64], pfns: npt
             raise InvariantError(f"pfn {p:#x} mapped at {a:#x} is not reachable by rmap from {v}")
 
 
+def _check_device_private_pfns(mm: "MM", base: int, idx: npt.NDArray[np.int64], pfns: npt.NDArray[np.int64]) -> None:
+    """Device-private entries (ptes at indices *idx* of the table at *base*, or one PMD)
+    point at pages of a live device-private pagemap."""
+    sys = mm.sys
+    private = np.zeros(len(sys.pgmaps) + 1, np.bool_)
+    for i, pg in enumerate(sys.pgmaps, 1):
+        private[i] = pg is not None and pg.is_private
+    bad = np.flatnonzero(~private[sys.mem.pgmap[pfns].astype(np.int64)])
+    if len(bad):
+        k = int(bad[0])
+        raise InvariantError(f"{mm.name}: device-private entry at {base + (int(idx[k]) << PAGE_SHIFT):#x} "
+                             f"points at pfn {int(pfns[k]):#x}, not a device-private page")
+
+
+def _huge_anon_rmap(mm: "MM", v: "Vma", addr: int, head: int) -> None:
+    """An anonymous folio mapped by a PMD at *addr* of *v* has ``index ==
+    linear_page_index(v, addr)`` and *v* is on its anon_vma (rmap can find the PMD)."""
+    mem = mm.sys.mem
+    if not mem.flags[head] & PG_anon:
+        return
+    if int(mem.index[head]) != v.linear_page_index(addr):
+        raise InvariantError(f"folio {head:#x} mapped by the PMD at {addr:#x}: index {int(mem.index[head]):#x} "
+                             f"but the VMA says {v.linear_page_index(addr):#x}")
+    av = mem.folio_mapping(head)
+    if av is None or v not in av.vmas:
+        raise InvariantError(f"folio {head:#x} mapped by the PMD at {addr:#x} is not reachable by rmap from {v}")
+
+
 def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
     """Tally every entry of *mm*; returns the recomputed rss."""
     sys = mm.sys
@@ -171,6 +204,17 @@ def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
                         hugetlb += HPAGE_PMD_NR
                         if pmd_present(me):
                             tally.entire_maps[pfn] += 1
+                        continue
+                    if is_pmd_device_private_entry(me):
+                        # 7.3 device-private THP: one entire mapping and reference, like a
+                        # present THP PMD, of an order-9 device-private folio
+                        _check_device_private_pfns(mm, mbase, np.zeros(1, np.int64), np.asarray([pfn], np.int64))
+                        if mem.head_off[pfn] or int(mem.order[pfn]) != HPAGE_PMD_ORDER:
+                            raise InvariantError(f"{mm.name}: device-private PMD at {mbase:#x} maps pfn {pfn:#x}, "
+                                                 f"not the head of an order-{HPAGE_PMD_ORDER} folio")
+                        tally.entire_maps[pfn] += 1
+                        rss[1 if mem.flags[pfn] & PG_anon else (3 if mem.flags[pfn] & PG_swapbacked else 0)] += HPAGE_PMD_NR
+                        _huge_anon_rmap(mm, v, mbase, pfn)
                         continue
                     if not pmd_present(me):  # PMD migration entry
                         if mem.flags[pfn] & PG_anon:
@@ -300,8 +344,8 @@ def _check_device_pages(sys: "System") -> None:
         lo, hi = pg.start_pfn, pg.start_pfn + pg.nr_pages
         rc = mem.refcount[lo:hi]
         if int((rc > 0).sum()) != pg.nr_used:
-            raise InvariantError(f"{pg}: {int((rc > 0).sum())} pages referenced but nr_used {pg.nr_used}")
-        idle = rc == 0
+            raise InvariantError(f"{pg}: {int((rc > 0).sum())} folios referenced but nr_used {pg.nr_used}")
+        idle = ~_device_pages_in_use(sys, lo, hi)
         dirty = idle & ((mem.mapcount[lo:hi] != 0) | (mem.mapping[lo:hi] != 0) | (mem.zone_device_data[lo:hi] != 0))
         if dirty.any():
             raise InvariantError(f"idle device page {lo + int(np.flatnonzero(dirty)[0]):#x} is still "
@@ -314,10 +358,22 @@ def _check_device_pages(sys: "System") -> None:
             raise InvariantError(f"{dev}: a page is on the free list twice")
         if len(free) and (mem.refcount[free] != 0).any():
             raise InvariantError(f"{dev}: a page on the free list is in use")
-        idle = sum(int((mem.refcount[c.pagemap.start_pfn:c.pagemap.start_pfn + c.pagemap.nr_pages] == 0).sum())
+        idle = sum(int((~_device_pages_in_use(sys, c.pagemap.start_pfn,
+                                              c.pagemap.start_pfn + c.pagemap.nr_pages)).sum())
                    for c in dev.chunks if not c.remove)
         if idle != len(free):
             raise InvariantError(f"{dev}: {idle} idle device pages but {len(free)} on the free list")
+
+
+def _device_pages_in_use(sys: "System", lo: int, hi: int) -> npt.NDArray[np.bool_]:
+    """Which device pages of ``[lo, hi)`` belong to a live folio: a referenced head, or a
+    tail of a referenced large folio (7.3 device THPs; a tail keeps its ``head_off`` after
+    the folio is freed, so the head must still be large enough to cover it)."""
+    mem = sys.mem
+    ho = mem.head_off[lo:hi].astype(np.int64)
+    heads = np.arange(lo, hi, dtype=np.int64) - ho
+    covers = ho < (np.int64(1) << mem.order[heads].astype(np.int64))
+    return (mem.refcount[heads] > 0) & covers
 
 
 def _check_frames(sys: "System") -> None:

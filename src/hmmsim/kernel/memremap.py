@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     from .system import System
 
 __all__ = (
-    "DevPagemap", "DevPagemapOps", "MemoryType",
+    "DevPagemap", "DevPagemapOps", "MemoryType", "check_coherent_split_hang",
     "is_device_coherent_page", "is_device_private_page", "is_zone_device_page",
-    "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_folio_init", "zone_device_page_init",
-    "zone_device_pages_init",
+    "memremap_pages", "memunmap_pages", "page_pgmap", "pagemap_range", "zone_device_folio_init",
+    "zone_device_page_init", "zone_device_pages_init", "zone_device_private_split_cb",
 )
 
 
@@ -46,26 +46,31 @@ class MemoryType(enum.IntEnum):
 
 
 class DevPagemapOps:
-    """``struct dev_pagemap_ops``: ``page_free(pfn)`` and ``migrate_to_ram(vmf) -> vm_fault_t``.
+    """``struct dev_pagemap_ops``: ``page_free(pfn)``, ``migrate_to_ram(vmf) -> vm_fault_t``
+    and (7.3, device-private only) ``folio_split(head, tail)``, called for each new folio
+    when a large device-private folio is split and once more with ``tail=None`` at the end
+    (see :func:`zone_device_private_split_cb`).
 
     ``pages_free(pfns)`` is the model's batch of ``page_free`` calls (a driver may give
     one to have the pages of a bulk free handed back in one call, in order); without it
     ``page_free`` is called for each page."""
 
-    __slots__ = ("page_free", "migrate_to_ram", "pages_free")
+    __slots__ = ("page_free", "migrate_to_ram", "folio_split", "pages_free")
 
     def __init__(self, page_free: Callable[[int], None] | None = None,
                  migrate_to_ram: Callable[["VmFault"], int] | None = None,
+                 folio_split: Callable[[int, int | None], None] | None = None,
                  pages_free: Callable[[npt.NDArray[np.int64]], None] | None = None) -> None:
         self.page_free = page_free
         self.migrate_to_ram = migrate_to_ram
+        self.folio_split = folio_split
         self.pages_free = pages_free
 
 
 class DevPagemap:
     """``struct dev_pagemap``: one range of device pfns with a type, ops and an owner."""
 
-    __slots__ = ("type", "start_pfn", "nr_pages", "ops", "owner", "id", "nr_used")
+    __slots__ = ("type", "start_pfn", "nr_pages", "ops", "owner", "id", "nr_used", "coherent_split_heads")
 
     def __init__(self, type_: MemoryType, start_pfn: int, nr_pages: int, ops: DevPagemapOps, owner: Any) -> None:
         self.type = type_
@@ -74,8 +79,13 @@ class DevPagemap:
         self.ops = ops
         self.owner = owner
         self.id = 0
-        #: pages with a reference (the pgmap's percpu ref count)
+        #: folios with a reference (the pgmap's percpu ref count, by folio here)
         self.nr_used = 0
+        #: heads of large device-coherent folios split so far (7.3): nothing tells the
+        #: driver (``zone_device_private_split_cb`` is for device-private folios only), so
+        #: test_hmm's per-page data of the new folios is stale and its next RELEASE hangs
+        #: (conventions item 28); see :func:`check_coherent_split_hang`
+        self.coherent_split_heads: list[int] = []
 
     @property
     def is_private(self) -> bool:
@@ -94,9 +104,11 @@ class DevPagemap:
         """``free_zone_device_folio()``: the last reference is gone; clear the anon state
         and hand the page back to its driver through ``page_free``."""
         mem = sys.mem
+        nr = 1 << int(mem.order[pfn]) if mem.flags[pfn] & PG_head else 1
         mem.mapping[pfn] = 0
-        mem.index[pfn] = 0
-        mem.flags[pfn] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
+        mem.index[pfn:pfn + nr] = 0
+        # every page of a large folio loses AnonExclusive (7.3 frees device THPs whole)
+        mem.flags[pfn:pfn + nr] &= ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
         mem.refcount[pfn] = 0
         self.nr_used -= 1
         sys.stats.add("memremap.page_free")
@@ -260,3 +272,31 @@ def zone_device_folio_init(sys: "System", head: int, order: int) -> None:
     zone_device_page_init(sys, head, order)
     if order:
         sys.mem.prep_compound(head, order)
+
+
+def zone_device_private_split_cb(sys: "System", head: int, new: int | None) -> None:
+    """``zone_device_private_split_cb()`` (7.3): while a device-private folio at *head*
+    is split, tell the driver about each new folio *new* (then once with ``None``). With
+    no ``folio_split`` op the new folio just takes the original's pgmap and mapping (the
+    pgmap is per pfn here, so only the mapping is copied)."""
+    pg = page_pgmap(sys, head)
+    if pg is None or not pg.is_private:
+        return
+    if pg.ops.folio_split is None:
+        if new is not None:
+            sys.mem.mapping[new] = sys.mem.mapping[head]
+        return
+    pg.ops.folio_split(head, new)
+
+
+def check_coherent_split_hang(pgmap: DevPagemap, path: str) -> None:
+    """Raise :class:`~hmmsim.kernel.locking.DeadlockError` (a ``kernel-hang`` record in a
+    scenario) naming *path* (the driver path that walks the device's pages, e.g.
+    ``"HMM_DMIRROR_RELEASE"``) if a large device-coherent folio of *pgmap* was split: the
+    real 7.3 kernel never returns there (conventions item 28)."""
+    if pgmap.coherent_split_heads:
+        raise DeadlockError(f"{path} after __folio_split() of the device-coherent THP at pfn "
+                            f"{pgmap.coherent_split_heads[0]:#x}: the split does not tell the driver "
+                            "(zone_device_private_split_cb only handles device-private folios), so "
+                            "test_hmm's per-page data of the new folios is stale and the real 7.3 "
+                            "kernel never returns (conventions item 28)")

@@ -80,24 +80,26 @@ from .pgtable import (
     pte_pfn,
     pte_present,
     pte_to_swp_entry,
+    swp_entry_to_pmd,
     swp_entry_to_pte,
     swp_offset,
     swp_offset_pfn,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_dirty, PG_swapbacked, PG_uptodate
-from .rmap import AnonVma, rmap_walk
+from .rmap import AnonVma, page_vma_mapped_pmd, rmap_walk
 from .vma import is_cow_mapping
 
 if TYPE_CHECKING:
+    from .physmem import PhysMem
     from .system import System
     from .vma import Vma
 
 __all__ = (
     "change_pmd_migration_entry", "copy_pmd_migration_entry", "is_pmd_migration_entry",
     "make_migration_pte", "make_migration_ptes", "migrate_folio_move", "migrate_folio_unmap",
-    "migration_entry_wait", "pmd_migration_entry_wait", "remove_migration_ptes",
-    "remove_migration_ptes_folios", "restore_migration_ptes", "split_huge_pmd_migration_entry",
-    "try_to_migrate", "zap_pmd_migration_entry",
+    "migration_entry_wait", "pmd_migration_entry_wait", "remove_migration_pmd", "remove_migration_ptes",
+    "remove_migration_ptes_folios", "restore_migration_ptes", "set_pmd_migration_entry",
+    "split_huge_pmd_migration_entry", "try_to_migrate", "zap_pmd_migration_entry",
 )
 
 _U = np.uint64
@@ -241,29 +243,33 @@ def try_to_migrate(sys: "System", pfn: int) -> bool:
     head = mem.compound_head(pfn)
     assert folio_test_locked(sys, head), "try_to_migrate() needs the folio locked"
     nr = 1 << int(mem.order[head])
-    for p in range(head, head + nr):
+    # pte mappings (present, device-private) count in mapcount: a large folio with none
+    # is mapped by PMDs only, which the head's rmap walk finds
+    pages = range(head, head + nr) if nr == 1 or mem.mapcount[head:head + nr].any() else range(head, head + 1)
+    for p in pages:
         for vma, addr in list(rmap_walk(mem, p)):
             found = _mapped_pte(vma, addr)
             if found is None:
                 continue
             ref, level = found
             e = ref.get()
+            if level == 2:
+                if page_vma_mapped_pmd(e, head):
+                    mm = vma.vm_mm
+                    haddr = addr & PMD_MASK
+                    with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, haddr, haddr + HPAGE_PMD_SIZE):
+                        ptl = mm.pmd_lock(ref)
+                        try:
+                            set_pmd_migration_entry(vma, ref, haddr, head)
+                        finally:
+                            mm.spin_unlock(ptl)
+                continue
             if level == 1 and e and not pte_present(e):
                 _migrate_device_private_pte(vma, ref, addr, e, p)
                 continue
-            if not pte_present(e) or pte_pfn(e) != (head if level == 2 else p):
+            if not pte_present(e) or pte_pfn(e) != p:
                 continue
             mm = vma.vm_mm
-            if level == 2:
-                haddr = addr & PMD_MASK
-                with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, haddr, haddr + HPAGE_PMD_SIZE):
-                    excl = bool(mem.flags[head] & PG_anon_exclusive)
-                    if e & _PAGE_DIRTY:
-                        mem.flags[head] |= PG_dirty
-                    ref.set(make_migration_pte(e, head, excl) | _PAGE_PSE)
-                    mem.entire_mapcount[head] -= 1
-                    mem.refcount[head] -= 1
-                continue
             with notify_range(MmuNotifierEvent.MMU_NOTIFY_CLEAR, mm, addr, addr + PAGE_SIZE):
                 ptl = ptlock_ptr(ref.tid)
                 spin_lock(mm, ptl)
@@ -310,6 +316,22 @@ def _restored_pte(vma: "Vma", mig: int, dst: int) -> int:
     return pte
 
 
+def _only_pmd_vmas(mem: "PhysMem", head: int, nr: int, pmd_vmas: set["Vma"]) -> bool:
+    """Whether every VMA that may map a page of the anonymous folio *head* maps it with
+    the PMD at the head's address (*pmd_vmas*): then no page needs its own rmap walk."""
+    obj = mem.mapping_obj(int(mem.mapping[head]))
+    if not isinstance(obj, AnonVma):
+        return False
+    first = int(mem.index[head])
+    for vma in obj.vmas:
+        if vma in pmd_vmas:
+            continue
+        lo = vma.address_of_index(first)
+        if lo + (nr << 12) > vma.vm_start and lo < vma.vm_end:
+            return False
+    return True
+
+
 def remove_migration_ptes(sys: "System", src: int, dst: int) -> int:
     """``remove_migration_ptes()``: every migration entry of folio *src* becomes a mapping
     of folio *dst* (the same folio when a migration is abandoned). Returns the number of
@@ -319,26 +341,34 @@ def remove_migration_ptes(sys: "System", src: int, dst: int) -> int:
     dst = mem.compound_head(dst)
     nr = 1 << int(mem.order[src])
     done = 0
+    pmd_vmas: set["Vma"] = set()  # VMAs where a PMD covers the whole (large) folio
     for i in range(nr):
+        if i == 1 and _only_pmd_vmas(mem, src, nr, pmd_vmas):
+            break
         for vma, addr in list(rmap_walk(mem, src + i)):
+            if vma in pmd_vmas:
+                continue
             found = _mapped_pte(vma, addr)
             if found is None:
                 continue
             ref, level = found
             e = ref.get()
+            if level == 2:
+                if i == 0:
+                    pmd_vmas.add(vma)
+                if page_vma_mapped_pmd(e, src, migration=True):
+                    remove_migration_pmd(vma, ref, addr & PMD_MASK, dst)
+                    done += 1
+                continue
             if pte_present(e) or e == 0:
                 continue
             ent = pte_to_swp_entry(e)
-            if not is_migration_entry(ent) or swp_offset_pfn(ent) != src + (0 if level == 2 else i):
+            if not is_migration_entry(ent) or swp_offset_pfn(ent) != src + i:
                 continue
-            new = dst + (0 if level == 2 else i)
+            new = dst + i
             excl = is_writable_migration_entry(ent) or is_readable_exclusive_migration_entry(ent)
-            if level == 2:
-                ref.set(_restored_pte(vma, e, new) | _PAGE_PSE)
-                mem.entire_mapcount[dst] += 1
-            else:
-                ref.set(_restored_pte(vma, e, new))
-                mem.mapcount[new] += 1
+            ref.set(_restored_pte(vma, e, new))
+            mem.mapcount[new] += 1
             mem.refcount[dst] += 1
             if mem.flags[dst] & PG_anon:
                 if excl:
@@ -514,6 +544,94 @@ def migrate_folio_move(sys: "System", t: MigrationTicket, abandon: bool = False)
     folio_put(sys, src)
     sys.stats.add("migrate.pages")
     return dst
+
+
+# -- PMD migration entries: installing and removing them ------------------------------------
+def set_pmd_migration_entry(vma: "Vma", pmd: PtRef, haddr: int, head: int) -> int:
+    """Replace the PMD mapping folio *head* (a present THP PMD, or in 7.3 a
+    device-private PMD) by a PMD migration entry: writable if the mapping was, else
+    readable-exclusive for an AnonExclusive page, else readable; young/dirty from a
+    present PMD (a dirty one dirties the folio); soft-dirty and uffd-wp kept. The entire
+    mapping and the mapping's folio reference go; the folio is shared first
+    (``folio_try_share_anon_rmap_pmd``: it cannot fail here, nothing pins). Returns 0.
+    The caller holds the folio lock and has started an ``MMU_NOTIFY_CLEAR`` of the PMD.
+
+    Models ``mm/huge_memory.c:set_pmd_migration_entry()``."""
+    mm = vma.vm_mm
+    mem = mm.sys.mem
+    old = pmd.get()
+    pmd.set(0)  # pmdp_invalidate() / pmdp_huge_get_and_clear()
+    present = pte_present(old)
+    if present:
+        writable = bool(old & _PAGE_RW)
+        soft = _PAGE_SWP_SOFT_DIRTY if old & _PAGE_SOFT_DIRTY else 0
+        uffd = _PAGE_SWP_UFFD_WP if old & _PAGE_UFFD_WP else 0
+    else:
+        writable = is_writable_device_private_entry(pmd_to_swp_entry(old))
+        soft = old & _PAGE_SWP_SOFT_DIRTY
+        uffd = old & _PAGE_SWP_UFFD_WP
+    nr = 1 << int(mem.order[head])
+    anon_exclusive = bool(mem.flags[head] & PG_anon) and bool(mem.flags[head] & PG_anon_exclusive)
+    if anon_exclusive:
+        mem.flags[head:head + nr] &= ~np.uint32(PG_anon_exclusive)
+    if writable:
+        ent = make_writable_migration_entry(head)
+    elif anon_exclusive:
+        ent = make_readable_exclusive_migration_entry(head)
+    else:
+        ent = make_readable_migration_entry(head)
+    if present and old & _PAGE_ACCESSED:
+        ent |= _SWP_MIG_YOUNG
+    if present and old & _PAGE_DIRTY:
+        mem.flags[head] |= PG_dirty
+        ent |= _SWP_MIG_DIRTY
+    pmd.set(swp_entry_to_pmd(ent) | soft | uffd)
+    mem.entire_mapcount[head] -= 1  # folio_remove_rmap_pmd
+    mem.refcount[head] -= 1  # folio_put (the caller's references keep it)
+    mm.sys.stats.add("migrate.set_pmd_migration_entry")
+    return 0
+
+
+def remove_migration_pmd(vma: "Vma", pmd: PtRef, haddr: int, folio: int) -> None:
+    """Turn the PMD migration entry at *pmd* into a mapping of *folio* (the destination,
+    or the source when the migration is abandoned): a present huge PMD with the VMA's
+    protection, writable if the entry was, old unless the entry was young, dirty if the
+    entry and the folio are; for a device-private *folio* (7.3) a device-private PMD
+    (writable if the entry was; soft-dirty and uffd-wp kept). The folio gains a reference
+    and an entire mapping (every page AnonExclusive unless the entry was plain readable).
+    No notifier fires (non-present to present).
+
+    Models ``mm/huge_memory.c:remove_migration_pmd()``."""
+    sys = vma.vm_mm.sys
+    mem = sys.mem
+    e = pmd.get()
+    ent = pte_to_swp_entry(e)
+    off = swp_offset(ent)
+    write = is_writable_migration_entry(ent)
+    mem.refcount[folio] += 1  # folio_get
+    pgmap = sys.pgmap_of(folio)
+    if pgmap is not None and pgmap.is_private:
+        dev = make_writable_device_private_entry(folio) if write else make_readable_device_private_entry(folio)
+        pmde = swp_entry_to_pmd(dev) | (e & (_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP))
+    else:
+        pmde = pfn_pte(folio, vma.vm_page_prot) | _PAGE_PSE
+        if e & _PAGE_SWP_SOFT_DIRTY:
+            pmde |= _PAGE_SOFT_DIRTY
+        pmde = pmde | _PAGE_RW if write else pmde & ~_PAGE_RW
+        if e & _PAGE_SWP_UFFD_WP:
+            pmde |= _PAGE_UFFD_WP
+        pmde = pmde | _PAGE_ACCESSED if off & _SWP_MIG_YOUNG else pmde & ~_PAGE_ACCESSED
+        if mem.flags[folio] & PG_dirty and off & _SWP_MIG_DIRTY:
+            pmde |= _PAGE_DIRTY
+    nr = 1 << int(mem.order[folio])
+    if mem.flags[folio] & PG_anon:
+        if write or is_readable_exclusive_migration_entry(ent):
+            mem.flags[folio:folio + nr] |= PG_anon_exclusive
+        else:
+            mem.flags[folio:folio + nr] &= ~np.uint32(PG_anon_exclusive)
+    mem.entire_mapcount[folio] += 1  # folio_add_anon_rmap_pmd / folio_add_file_rmap_pmd
+    pmd.set(pmde)
+    sys.stats.add("migrate.remove_migration_pmd")
 
 
 # -- PMD migration entries in the generic paths --------------------------------------------------

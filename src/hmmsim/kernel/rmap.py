@@ -18,7 +18,18 @@ import numpy as np
 import numpy.typing as npt
 
 from .page_types import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pte_index
-from .pgtable import _PAGE_PRESENT, PTE_PFN_MASK, pmd_leaf, pte_pfn, pte_present
+from .pgtable import (
+    _PAGE_PRESENT,
+    PTE_PFN_MASK,
+    is_device_private_entry,
+    is_migration_entry,
+    is_swap_pmd,
+    pmd_leaf,
+    pmd_to_swp_entry,
+    pte_pfn,
+    pte_present,
+    swp_offset_pfn,
+)
 from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked, PhysMem
 
 if TYPE_CHECKING:
@@ -35,7 +46,7 @@ __all__ = (
     "folio_remove_rmap_pmd", "folio_remove_rmap_ptes",
     "folio_try_dup_anon_rmap_pmd", "folio_try_dup_anon_rmap_ptes", "make_device_exclusive",
     "make_device_exclusive_range", "page_has_device_exclusive_entry", "page_make_device_exclusive_one",
-    "rmap_walk",
+    "page_vma_mapped_pmd", "rmap_walk",
     "unlink_anon_vmas",
 )
 
@@ -205,6 +216,24 @@ def folio_maybe_mapped_shared(mm: "MM", head: int) -> bool:
                         return True
             addr = nxt
     return False
+
+
+def page_vma_mapped_pmd(pmd: int, head: int, migration: bool = False) -> bool:
+    """The PMD step of ``page_vma_mapped_walk()``: whether the PMD value *pmd* maps the
+    folio at *head* as a whole. Without ``PVMW_MIGRATION`` (*migration* False): a present
+    huge PMD or (7.3) a device-private PMD of the folio; with it: a PMD migration entry
+    of the folio. A table pointer, a none entry or another folio's entry do not match
+    (the walk then goes on at pte level or to the next PMD).
+
+    Models the huge-PMD branch of ``mm/page_vma_mapped.c:page_vma_mapped_walk()``."""
+    if is_swap_pmd(pmd):
+        ent = pmd_to_swp_entry(pmd)
+        if is_migration_entry(ent):
+            return migration and swp_offset_pfn(ent) == head
+        if is_device_private_entry(ent):
+            return not migration and swp_offset_pfn(ent) == head
+        return False
+    return not migration and pmd_leaf(pmd) and pte_pfn(pmd) == head
 
 
 def rmap_walk(mem: PhysMem, pfn: int) -> Iterator[tuple["Vma", int]]:

@@ -58,6 +58,8 @@ declare("fault.user_error", "user accesses that ended in SIGSEGV/SIGBUS (the CPU
 _declare_all("THP events named like their /proc/vmstat items (thp_fault_alloc, thp_split_pmd, ...)",
              "thp.fault_alloc", "thp.fault_fallback", "thp.zero_page_alloc", "thp.wp_reuse",
              "thp.split_pmd", "thp.split_page")
+declare("thp.fault_device_private_pmd", "CPU faults on 7.3 device-private PMDs that reached the "
+        "pagemap's migrate_to_ram (do_huge_pmd_device_private)")
 _declare_all("hugetlb folio events (alloc_hugetlb_folio, free_huge_folio, hugetlb_wp copies)",
              "hugetlb.alloc", "hugetlb.free", "hugetlb.cow")
 _declare_all("mm syscalls and teardown (do_mmap, do_munmap, mprotect, mremap, madvise, exit_mmap)",
@@ -85,6 +87,8 @@ _declare_all("swap (pages written out by reclaim, pages read back in by do_swap_
 _declare_all("migration (migration entry waits, try_to_migrate, remove_migration_ptes, "
              "migrate_pages)", "migrate.entry_wait", "migrate.try_to_migrate",
              "migrate.remove_migration_ptes", "migrate.pages")
+_declare_all("PMD migration entries installed (set_pmd_migration_entry) and removed "
+             "(remove_migration_pmd)", "migrate.set_pmd_migration_entry", "migrate.remove_migration_pmd")
 _declare_all("mm/gup.c (follow_page_mask and faultin_page calls, pages taken by gup_fast, "
              "FOLL_LONGTERM rounds that migrated pages first)",
              "gup.follow_page_mask", "gup.faultin_page", "gup.fast", "gup.longterm_migrated")

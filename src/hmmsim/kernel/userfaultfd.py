@@ -39,6 +39,7 @@ import numpy as np
 from .cpu import copy_from_user
 from .errno import EAGAIN, EBUSY, EEXIST, EFAULT, EINVAL, ENOENT, ENOMEM, EPERM, ESRCH
 from .fs import FMODE_READ, File, FileOperations
+from .ioctl import _IOR, _IOWR
 from .mm import (
     MM_ANONPAGES,
     MM_SHMEMPAGES,
@@ -112,17 +113,12 @@ _UFFDIO_REGISTER, _UFFDIO_UNREGISTER, _UFFDIO_WAKE, _UFFDIO_COPY, _UFFDIO_ZEROPA
 _UFFDIO_API = 0x3F
 
 
-def _ioc(direction: int, nr: int, size: int) -> int:
-    """``_IOC()``: direction << 30 | size << 16 | type << 8 | nr."""
-    return (direction << 30) | (size << 16) | (UFFDIO << 8) | nr
-
-
-UFFDIO_API = _ioc(3, _UFFDIO_API, 24)
-UFFDIO_REGISTER = _ioc(3, _UFFDIO_REGISTER, 32)
-UFFDIO_UNREGISTER = _ioc(2, _UFFDIO_UNREGISTER, 16)
-UFFDIO_WAKE = _ioc(2, _UFFDIO_WAKE, 16)
-UFFDIO_COPY = _ioc(3, _UFFDIO_COPY, 40)
-UFFDIO_ZEROPAGE = _ioc(3, _UFFDIO_ZEROPAGE, 32)
+UFFDIO_API = _IOWR(UFFDIO, _UFFDIO_API, 24)
+UFFDIO_REGISTER = _IOWR(UFFDIO, _UFFDIO_REGISTER, 32)
+UFFDIO_UNREGISTER = _IOR(UFFDIO, _UFFDIO_UNREGISTER, 16)
+UFFDIO_WAKE = _IOR(UFFDIO, _UFFDIO_WAKE, 16)
+UFFDIO_COPY = _IOWR(UFFDIO, _UFFDIO_COPY, 40)
+UFFDIO_ZEROPAGE = _IOWR(UFFDIO, _UFFDIO_ZEROPAGE, 32)
 #: the ioctls a registered range supports (``UFFD_API_RANGE_IOCTLS`` without WP/CONTINUE/POISON/MOVE)
 UFFD_API_RANGE_IOCTLS = (1 << _UFFDIO_WAKE) | (1 << _UFFDIO_COPY) | (1 << _UFFDIO_ZEROPAGE)
 UFFD_API_IOCTLS = (1 << _UFFDIO_REGISTER) | (1 << _UFFDIO_UNREGISTER) | (1 << _UFFDIO_API)
