@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import deque
 from itertools import repeat
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -442,11 +441,11 @@ def _migrate_alloc_and_copy_bulk(args: MigrateVma, dmirror: "Dmirror") -> None:
     rdata = mem.zone_device_data[dpages]
     rpages = np.where(rdata != 0, rdata, dpages)
     dmirror.mdevice.backing_owner.update(dict.fromkeys(rpages.tolist(), dmirror))
-    args.dst[idx] = ((dpages.astype(np.uint64) << np.uint64(MIGRATE_PFN_SHIFT)) | np.uint64(MIGRATE_PFN_VALID)
-                     | (s_[idx] & np.uint64(MIGRATE_PFN_WRITE))
-                     | np.where(spage[idx] < 0, np.uint64(hole_write), np.uint64(0)))
     sp = spage[idx]
     has = sp >= 0
+    args.dst[idx] = ((dpages.astype(np.uint64) << np.uint64(MIGRATE_PFN_SHIFT)) | np.uint64(MIGRATE_PFN_VALID)
+                     | (s_[idx] & np.uint64(MIGRATE_PFN_WRITE))
+                     | np.where(has, np.uint64(0), np.uint64(hole_write)))
     if has.any():
         mem.copy_pages(rpages[has], sp[has])
     if not has.all():
@@ -705,49 +704,57 @@ def _device_pages_in_use(mdevice: DmirrorDevice) -> bool:
 
 def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
     """``dmirror_device_evict_chunk()``: migrate every page of the chunk that is in use
-    back to system memory (``migrate_device_range`` / ``_pages`` / ``_finalize``), a window
-    of pages at a time; a device THP (7.3, a compound entry) gets a system THP. A chunk
-    with no page in use needs nothing."""
+    back to system memory: ``migrate_device_range`` over the chunk's pages in use (one
+    call, as the kernel does), then a system page for every selected order-0 entry
+    (allocated, locked and copied from the backing page in bulk) and, 7.3, a system THP for
+    every device THP (a compound entry); ``migrate_device_pages`` and
+    ``migrate_device_finalize``. A chunk with no page in use needs nothing. The kernel
+    allocates with ``__GFP_NOFAIL``: running out of RAM here is a kernel oops."""
     sys = chunk.mdevice.sys
     mem = sys.mem
     pg = chunk.pagemap
     used = np.flatnonzero(mem.refcount[pg.start_pfn:pg.start_pfn + pg.nr_pages] > 0)
     if not len(used):
         return
-    # windows of 512 pfns aligned like the device THPs, so none straddles two windows
-    # (the kernel evicts the whole chunk with one migrate_device_range)
-    lo = max(pg.start_pfn, (pg.start_pfn + int(used[0])) & ~(HPAGE_PMD_NR - 1))
+    lo = pg.start_pfn + int(used[0])
     hi = pg.start_pfn + int(used[-1]) + 1
     hi += (1 << int(mem.order[hi - 1])) - 1  # the last one may be a device THP's head
-    for start in range(lo, hi, HPAGE_PMD_NR):
-        n = min(HPAGE_PMD_NR, hi - start)
-        src = np.zeros(n, np.uint64)
-        dst = np.zeros(n, np.uint64)
-        migrate_device_range(sys, src, start, n)
-        for i in range(n):
-            s_ = int(src[i])
-            spage = migrate_pfn_to_page(s_)
-            if spage < 0 or not s_ & MIGRATE_PFN_MIGRATE:
-                continue
-            if s_ & MIGRATE_PFN_COMPOUND:
-                order = int(mem.order[spage])
-                dpage = mem.alloc_folio(order, zero=False)
-                if dpage < 0:
-                    raise KernelOops("dmirror_device_evict_chunk: folio_alloc() of a THP failed "
-                                     "(NULL dereference; the kernel has no fallback here)")
-            else:
-                order = 0
-                dpage = mem.alloc_page()
-                if dpage < 0:
-                    raise KernelOops("dmirror_device_evict_chunk: __GFP_NOFAIL allocation failed")
-            folio_lock(sys, dpage)
-            nr = 1 << order
-            mem.copy_pages(np.arange(dpage, dpage + nr, dtype=np.int64),
-                           np.arange(_backing_page(sys, spage), _backing_page(sys, spage) + nr, dtype=np.int64))
-            dst[i] = np.uint64(migrate_pfn(dpage) | (s_ & MIGRATE_PFN_WRITE)
-                               | (MIGRATE_PFN_COMPOUND if order else 0))
-        migrate_device_pages(sys, src, dst, n)
-        migrate_device_finalize(sys, src, dst, n)
+    n = hi - lo
+    src = np.zeros(n, np.uint64)
+    dst = np.zeros(n, np.uint64)
+    migrate_device_range(sys, src, lo, n)
+    _U = np.uint64
+    sel = ((src & _U(MIGRATE_PFN_VALID)) != 0) & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0)
+    compound = sel & ((src & _U(MIGRATE_PFN_COMPOUND)) != 0)
+    for i in np.flatnonzero(compound).tolist():
+        s_ = int(src[i])
+        spage = migrate_pfn_to_page(s_)
+        order = int(mem.order[spage])
+        dpage = mem.alloc_folio(order, zero=False)
+        if dpage < 0:
+            raise KernelOops("dmirror_device_evict_chunk: folio_alloc() of a THP failed "
+                             "(NULL dereference; the kernel has no fallback here)")
+        folio_lock(sys, dpage)
+        nr = 1 << order
+        back = _backing_page(sys, spage)
+        mem.copy_pages(np.arange(dpage, dpage + nr, dtype=np.int64), np.arange(back, back + nr, dtype=np.int64))
+        dst[i] = np.uint64(migrate_pfn(dpage) | (s_ & MIGRATE_PFN_WRITE) | MIGRATE_PFN_COMPOUND)
+    sel = np.flatnonzero(sel & ~compound)
+    if len(sel):
+        spages = (src[sel] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+        dpages = mem.alloc_pages_bulk(len(sel), zero=False)
+        if len(dpages) < len(sel):
+            if len(dpages):
+                folios_put(sys, dpages)
+            raise KernelOops("dmirror_device_evict_chunk: alloc_page(__GFP_NOFAIL) cannot get "
+                             f"{len(sel)} pages (out of memory)")
+        folios_lock(sys, dpages)
+        rdata = mem.zone_device_data[spages].astype(np.int64)
+        mem.copy_pages(dpages, np.where(rdata != 0, rdata, spages))
+        dst[sel] = ((dpages.astype(np.uint64) << _U(MIGRATE_PFN_SHIFT)) | _U(MIGRATE_PFN_VALID)
+                    | (src[sel] & _U(MIGRATE_PFN_WRITE)))
+    migrate_device_pages(sys, src, dst, n)
+    migrate_device_finalize(sys, src, dst, n)
 
 
 def dmirror_remove_free_pages(chunk: DmirrorChunk) -> None:

@@ -75,8 +75,7 @@ _PROTS = {"none": 0, "r": PROT_READ, "rw": PROT_READ | PROT_WRITE}
 _ADVICE = {"hugepage": MADV_HUGEPAGE, "nohugepage": MADV_NOHUGEPAGE, "dontneed": MADV_DONTNEED,
            "free": MADV_FREE}
 #: commands whose kernel side is not modelled yet, and what they need
-_UNSUPPORTED = {
-}
+_UNSUPPORTED: dict[str, str] = {}
 #: pages handled per step by CPU commands and buffer copies (bounds memory for huge ranges)
 _CHUNK = 4096
 _WORDS = PAGE_SIZE // 4

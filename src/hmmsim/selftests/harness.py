@@ -326,7 +326,14 @@ def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
     order), filtered by test names (``anon_read`` or ``hmm.hmm_device_private.anon_read``)
     and variant names. A test without a ported body gets a
     function that SKIPs with its :data:`NOT_MODELLED` reason."""
-    from . import hmm_device_tests, hmm_exclusive_tests, hmm_migrate_tests, hmm_tests, hmm_thp_tests, hmm_uffd_tests  # noqa: F401
+    from . import (  # noqa: F401
+        hmm_device_tests,
+        hmm_exclusive_tests,
+        hmm_migrate_tests,
+        hmm_tests,
+        hmm_thp_tests,
+        hmm_uffd_tests,
+    )
     names = set(names)
     variants = set(variants)
     ported = {(f, n): fn for f, n, fn, rel in TESTS if kernel in rel}
