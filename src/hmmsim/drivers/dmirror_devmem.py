@@ -659,8 +659,9 @@ def _migrate_windows(dmirror: "Dmirror", cmd: HmmDmirrorCmd, to_dev: bool) -> in
                     migrate_vma_finalize(args)
                     return -ENOMEM
                 migrate_vma_pages(args)
-                cmd.cpages += sum(1 for v in args.src[:args.npages].tolist()
-                                  if v & MIGRATE_PFN_VALID and v & MIGRATE_PFN_MIGRATE)
+                # dmirror_successful_migrated_pages(): entries both VALID and MIGRATE
+                both = np.uint64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+                cmd.cpages += int(np.count_nonzero((args.src[:args.npages] & both) == both))
                 migrate_vma_finalize(args)
             addr = nxt
     finally:
