@@ -59,8 +59,8 @@ from .pgtable import (
     pte_mkspecial,
     pte_mkwrite,
 )
-from .physmem import PG_swapbacked, PG_uptodate
 from .rmap import anon_vma_prepare, folio_add_file_rmap_ptes, folio_add_new_anon_rmap
+from .shmem import shmem_get_folio
 from .userfaultfd_k import (
     UFFD_EVENT_PAGEFAULT,
     UFFD_PAGEFAULT_FLAG_WRITE,
@@ -400,15 +400,11 @@ def _mfill_page(ctx: UserfaultfdCtx, vma: Vma, addr: int, data: np.ndarray | Non
     mapping = inode.i_mapping
     if index in mapping.pages:
         return -EEXIST
-    pfn = mem.alloc_page()
+    pfn = shmem_get_folio(inode, index)  # a zeroed page, added to the page cache
     if pfn < 0:
-        return -ENOMEM
+        return pfn
     if data is not None:
         mem.write_pages(np.array([pfn], np.int64), data.reshape(1, PAGE_SIZE))
-    mem.mapping[pfn] = mapping.mapping_id
-    mem.index[pfn] = index
-    mem.flags[pfn] |= PG_swapbacked | PG_uptodate
-    mapping.pages[index] = pfn
     mem.refcount[pfn] += 1  # the mapping's reference
     ret = _mfill_install(vma, addr, pfn, True, False)
     if ret:
