@@ -12,7 +12,7 @@
     reason) on every fixture variant with kselftest output (``--json`` for a JSON array
     on stdout and nothing else; ``-r NAME`` (``anon_read`` or the full name ``-l``
     prints, ``hmm.hmm_device_private.anon_read``) and ``--variant VARIANT`` select).
-``hmmsim compare``, ``hmmsim fuzz``, ``hmmsim minimize``
+``hmmsim compare``, ``hmmsim fuzz``, ``hmmsim minimize``, ``hmmsim oracle build``
     Differential testing against real kernels (:mod:`hmmsim.oracle.cli`).
 ``hmmsim --version``
     The package version and the kernel releases modelled.
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_run(args, ap)
     if args.cmd == "selftest":
         return _cmd_selftest(args)
-    if args.cmd in ("compare", "fuzz", "minimize"):
+    if args.cmd in ("compare", "fuzz", "minimize", "oracle"):
         from .oracle.cli import run_command
         ret = run_command(args)
         assert ret is not None

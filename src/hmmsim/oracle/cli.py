@@ -11,6 +11,9 @@
     model-differs, kernel-warns, kernel-crashes, kernel-hangs and known-kernel-bug (the model
     reports the kernel's crash/hang where the kernel has it). ``--out DIR`` keeps the
     scenarios of every finding.
+``hmmsim oracle build --kernel 6.12|7.3|PATH``
+    Build a small bootable kernel with test_hmm and its hmm-tests into the image cache
+    (:mod:`hmmsim.oracle.build`).
 ``hmmsim minimize FILE --kernel K``
     Delta debugging over the file's lines down to a minimal scenario that still shows the
     same failure (same kind at the same command: a model/kernel difference, a kernel crash
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from ..kernel.profile import DEFAULT_KERNEL, KERNELS
 from .backend import KernelRunner, find_runner, run_model
+from .build import add_build_parser, cmd_build
 from .compare import compare_results, format_report
 from .fuzz import fuzz
 from .minimize import minimize_lines, scenario_text
@@ -54,6 +58,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argp
     m.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL)
     m.add_argument("--runner", default=None)
     m.add_argument("--model-only", action="store_true", help="minimise what the model alone reports")
+    o = sub.add_parser("oracle", help="real kernels: build a kernel image with test_hmm")
+    osub = o.add_subparsers(dest="oracle_cmd", required=True, metavar="{build}")
+    add_build_parser(osub)
 
 
 def _kernel_side(args: argparse.Namespace) -> Callable[[dict[str, str]], dict[str, RunResult]] | None:
@@ -143,4 +150,6 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int | None:
     """Run an oracle subcommand (None if *args* is not one)."""
+    if args.cmd == "oracle" and args.oracle_cmd == "build":
+        return cmd_build(args)
     return {"compare": _cmd_compare, "fuzz": _cmd_fuzz, "minimize": _cmd_minimize}.get(args.cmd, lambda a: None)(args)
