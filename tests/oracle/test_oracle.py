@@ -92,7 +92,7 @@ def test_fuzz_groups_findings() -> None:
         res[names[1]].outcome = "crash"
         res[names[2]].records = [dict(r, ret=-99) if i == 1 else r for i, r in enumerate(res[names[2]].records)]
         return res
-    rep, texts = fuzz(7, 4, lambda t: run_model(t, "7.3"), kernel, length=6)
+    rep, texts = fuzz(7, 4, lambda t: run_model(t, "7.3"), kernel, length=6, fresh_boot=None)
     assert len(texts) == 4 and rep.agree == 2
     assert {g: len(v) for g, v in rep.groups.items()} == {"kernel-crashes": 1, "model-differs": 1}
 
