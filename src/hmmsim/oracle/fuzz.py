@@ -210,6 +210,7 @@ def uses_device_memory(lines: list[str], coherent_only: bool = True) -> bool:
     return False
 
 
+_KERNEL_ERRORS = ("kernel-oops", "kernel-hang")
 #: the groups of a fuzz report, in the order they are printed
 GROUPS = ("model-differs", "kernel-crashes", "kernel-hangs", "kernel-warns")
 
@@ -303,8 +304,12 @@ def fuzz(seed: int, count: int, run_model: Callable[[dict[str, str]], dict[str, 
         k = kern.get(name)
         d = bad.get(name)
         if d is not None:
-            if d.kind == "known-kernel-bug":
-                rep.add("kernel-crashes" if d.outcome_b == "crash" else "kernel-hangs", name, d, known=True)
+            if d.kind == "known-kernel-bug" or (k is not None and k.outcome in ("crash", "hang")
+                                                and d.a is not None and d.a.get("error") in _KERNEL_ERRORS):
+                # the model reports the crash/hang; the kernel may run a few more commands on
+                # corrupted state before it oopses (conventions item 27)
+                rep.add("kernel-crashes" if k is not None and k.outcome == "crash" else "kernel-hangs", name, d,
+                        known=True)
             else:
                 rep.add({"kernel-crash": "kernel-crashes", "kernel-hang": "kernel-hangs"}.get(d.kind, "model-differs"),
                         name, d)

@@ -11,8 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..scenario.parse import Command, Fork, ScenarioParseError, parse_scenario
+from .compare import compare_results
+from .results import RunResult
 
-__all__ = ("HEADER", "ddmin", "is_valid", "minimize_lines", "scenario_text")
+__all__ = ("HEADER", "ddmin", "failure_signature", "is_valid", "minimize_lines", "model_claim", "scenario_text")
+
+_KERNEL_ERRORS = ("kernel-oops", "kernel-hang")
 
 HEADER = "hmmsim-scenario 1"
 
@@ -20,6 +24,39 @@ HEADER = "hmmsim-scenario 1"
 def scenario_text(lines: list[str]) -> str:
     """A scenario file from its body lines."""
     return "\n".join([HEADER, *lines]) + "\n"
+
+
+def model_claim(model: RunResult) -> tuple[str, str] | None:
+    """The model's own report of a kernel failure: ``(error, op)`` of its first
+    ``kernel-oops``/``kernel-hang``/``internal`` record, or None."""
+    for rec in model.records:
+        if rec.get("error") in (*_KERNEL_ERRORS, "internal"):
+            return str(rec["error"]), str(rec.get("op", ""))
+    return None
+
+
+def failure_signature(model: RunResult, kern: RunResult | None) -> tuple[str, ...] | None:
+    """What failure a scenario shows (None if nothing); minimisation keeps it equal.
+
+    Without a kernel run: the model's own claim, ``("model", error, op)``. With one: a
+    *known kernel bug* ``("known-kernel-bug", crash|hang, op)`` when the model reports
+    ``kernel-oops``/``kernel-hang`` at *op* and the kernel crashed or hung in that scenario,
+    at that command or later (a corruption such as conventions item 27 oopses a few
+    commands after the one that caused it); else the first difference ``(kind, op)``; else
+    ``("kernel-warns", first WARN)`` when the outputs agree but the kernel WARNed.
+    """
+    claim = model_claim(model)
+    if kern is None:
+        return ("model", *claim) if claim else None
+    _same, diffs = compare_results({"x": model}, {"x": kern})
+    if (diffs and kern.outcome in ("crash", "hang") and diffs[0].a is not None
+            and diffs[0].a.get("error") in _KERNEL_ERRORS):
+        return ("known-kernel-bug", kern.outcome, str(diffs[0].a.get("op", "")))
+    if diffs:
+        return (diffs[0].kind, diffs[0].op)
+    if kern.outcome == "warn":
+        return ("kernel-warns", kern.events[0].message.split(" at ")[0] if kern.events else "")
+    return None
 
 
 def _names_ok(body: tuple) -> bool:
