@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from .compare import Difference, compare_results
 from .results import RunResult
 
-__all__ = ("GROUPS", "THEMES", "Finding", "FuzzReport", "fuzz", "generate", "uses_device_memory")
+__all__ = ("GROUPS", "THEMES", "Finding", "FuzzReport", "fuzz", "generate", "group_results", "uses_device_memory")
 
 _SIZES = (1, 2, 3, 4, 8, 16, 33, 64)
 _DEV_CMDS = ("dread", "dwrite", "dmigrate", "dmigrate_sys", "dsnapshot", "dexclusive",
@@ -297,10 +297,15 @@ def fuzz(seed: int, count: int, run_model: Callable[[dict[str, str]], dict[str, 
     kern: dict[str, RunResult] = run_kernel(shared) if shared else {}
     for n in alone:
         kern.update(run_kernel({n: texts[n]}))
+    return group_results(list(texts), model, kern), texts
+
+
+def group_results(names: list[str], model: dict[str, RunResult], kern: dict[str, RunResult]) -> FuzzReport:
+    """Sort the scenarios *names* into a :class:`FuzzReport` from both sides' results."""
     rep = FuzzReport()
-    _same, diffs = compare_results(model, kern)
+    _same, diffs = compare_results({n: model[n] for n in names}, kern)
     bad = {d.name: d for d in diffs}
-    for name in texts:
+    for name in names:
         k = kern.get(name)
         d = bad.get(name)
         if d is not None:
@@ -315,10 +320,10 @@ def fuzz(seed: int, count: int, run_model: Callable[[dict[str, str]], dict[str, 
                         name, d)
         elif k is not None and k.outcome in ("crash", "hang"):
             # the model printed the same lines and reports the same crash/hang
-            known = any(r.get("error") in ("kernel-oops", "kernel-hang") for r in model[name].records)
+            known = any(r.get("error") in _KERNEL_ERRORS for r in model[name].records)
             rep.add("kernel-crashes" if k.outcome == "crash" else "kernel-hangs", name, k, known=known)
         else:
             rep.agree += 1
         if k is not None and k.outcome == "warn":
             rep.add("kernel-warns", name, k)
-    return rep, texts
+    return rep
