@@ -402,9 +402,18 @@ def _show_progress(step: str, stream: Iterable[str], fh, expected: int | None) -
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     n = 0
+    if not sys.stderr.isatty():  # a log, not a terminal: a line now and then
+        for line in stream:
+            fh.write(line)
+            if parse_make_line(line) is not None:
+                n += 1
+                if n % 250 == 0:
+                    frac = progress_fraction(n, expected)
+                    pct = f" ({frac:.0%})" if frac is not None else ""
+                    print(f"  {step}: {n} steps{pct}", file=sys.stderr, flush=True)
+        return n
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[what]}"),
-                  TimeElapsedColumn(), transient=not sys.stderr.isatty(),
-                  disable=not sys.stderr.isatty()) as bar:
+                  TimeElapsedColumn(), transient=True) as bar:
         task = bar.add_task(step, total=expected, what="")
         for line in stream:
             fh.write(line)
