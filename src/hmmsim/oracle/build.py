@@ -399,6 +399,7 @@ class _Build:
 
 def _show_progress(step: str, stream: Iterable[str], fh, expected: int | None) -> int:  # noqa: ANN001
     """Copy *stream* to *fh* while a rich progress bar counts kbuild's lines."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     n = 0
@@ -413,7 +414,8 @@ def _show_progress(step: str, stream: Iterable[str], fh, expected: int | None) -
                     print(f"  {step}: {n} steps{pct}", file=sys.stderr, flush=True)
         return n
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[what]}"),
-                  TimeElapsedColumn(), transient=True) as bar:
+                  TimeElapsedColumn(), transient=True,
+                  console=Console(stderr=True)) as bar:
         task = bar.add_task(step, total=expected, what="")
         for line in stream:
             fh.write(line)
