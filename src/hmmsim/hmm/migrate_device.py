@@ -94,6 +94,7 @@ __all__ = (
     "MIGRATE_PFN_SHIFT",
     "MIGRATE_PFN_VALID",
     "MIGRATE_PFN_WRITE",
+    "MIGRATE_VMA_FAULT",
     "MIGRATE_VMA_SELECT_COMPOUND",
     "MIGRATE_VMA_SELECT_DEVICE_COHERENT",
     "MIGRATE_VMA_SELECT_DEVICE_PRIVATE",
@@ -127,6 +128,9 @@ MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1 << 1
 MIGRATE_VMA_SELECT_DEVICE_COHERENT = 1 << 2
 #: collect PMD-sized folios and holes as one compound entry (7.3)
 MIGRATE_VMA_SELECT_COMPOUND = 1 << 3
+#: ``enum migrate_vma_info`` of the unified fault+migrate walk (profile
+#: ``hmm_migrate_on_fault``): ``migrate_vma_setup()`` faults the range in as it collects
+MIGRATE_VMA_FAULT = 1 << 4
 
 _U = np.uint64
 #: the page flags ``folio_migrate_flags()`` carries over (as :func:`folio_migrate_mapping`)
