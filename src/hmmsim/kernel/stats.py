@@ -140,7 +140,8 @@ declare("hmm.warn_fault_errno", "hmm_do_fault(): WARN_ON, a failed fault with no
 # -- lib/test_hmm.c -------------------------------------------------------------------------------
 #: the HMM_DMIRROR_* ioctls without their prefix, lower case (``unknown``: any other number)
 DMIRROR_IOCTLS = ("read", "write", "migrate_to_dev", "migrate_to_sys", "snapshot", "exclusive",
-                  "check_exclusive", "release", "flags", "read_unlocked", "unknown")
+                  "check_exclusive", "release", "flags", "read_unlocked", "migrate_on_fault_to_dev",
+                  "unknown")
 _declare_all("dmirror_fops_unlocked_ioctl() calls by command (after argument checks)",
              *(f"dmirror.ioctl.{c}" for c in DMIRROR_IOCTLS))
 declare("dmirror.chunks", "device memory chunks allocated (dmirror_allocate_chunk)")
