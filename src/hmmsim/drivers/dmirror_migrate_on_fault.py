@@ -33,7 +33,6 @@ from ..kernel.errno import EBUSY, EINVAL
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
 from ..kernel.page_types import PAGE_SHIFT
-from ..kernel.stats import declare
 from ..kernel.task import mmget_not_zero, mmput
 from .dmirror_core import DMIRROR_RANGE_FAULT_RETRIES, DPT_XA_TAG_WRITE, Dmirror, _bounce_fini, _bounce_init
 from .dmirror_devmem import dmirror_migrate_alloc_and_copy, dmirror_migrate_finalize_and_map
@@ -49,10 +48,6 @@ __all__ = ("PFNS_ARRAY_SIZE", "dmirror_migrate_on_fault_to_device", "dmirror_ran
 PFNS_ARRAY_SIZE = 64
 
 _ULONG = 0xFFFF_FFFF_FFFF_FFFF
-
-declare("dmirror.migrate_on_fault.chunk", "64-page chunks MIGRATE_ON_FAULT_TO_DEV faulted and migrated")
-declare("dmirror.migrate_on_fault.stale", "MIGRATE_ON_FAULT_TO_DEV results dropped (and their migration "
-        "undone) because the interval sequence moved before the mirror update")
 
 
 def _dmirror_do_fault_migrate(dmirror: Dmirror, r: HmmRange) -> None:

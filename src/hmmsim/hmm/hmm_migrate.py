@@ -64,7 +64,6 @@ from ..kernel.mmu_notifier import (
 )
 from ..kernel.page_types import PAGE_SHIFT, PMD_SIZE
 from ..kernel.pagewalk import ACTION_AGAIN, MmWalk, MmWalkOps, walk_page_range
-from ..kernel.stats import declare
 from ..kernel.pgtable import _PAGE_PRESENT, _PAGE_PSE, pmd_none, pmd_present
 from .hmm import (
     HMM_FAULT_PENDING,
@@ -113,13 +112,6 @@ __all__ = (
     "migrate_vma_setup_hmm",
 )
 
-declare("hmm.migrate.range_fault", "hmm_range_fault() calls of the unified fault+migrate walk")
-declare("hmm.migrate.notifier_bracket", "MMU_NOTIFY_MIGRATE invalidations of the unified walk (one per "
-        "call that captured a VMA, ended on every exit)")
-declare("hmm.migrate.erange", "unified walks that met a second VMA (-ERANGE)")
-declare("hmm.migrate.split_retry", "THPs the unified walk split, restarting the walk at the PMD")
-declare("hmm.migrate.abort", "unified walks whose prepared migration entries were removed again "
-        "(a failed call, or a result the driver dropped)")
 
 _U = np.uint64
 _MIG_BITS = _U(HMM_PFN_MIGRATE | HMM_PFN_COMPOUND)
