@@ -13,12 +13,12 @@ import pytest
 
 import hmmsim.oracle.build as build
 from hmmsim.cli import main
+from hmmsim.oracle.cache import cache_root
 from hmmsim.oracle.build import (
     HMM_OPTIONS,
     RELEASES,
     BuildError,
     build_kernel,
-    cache_root,
     classify_source,
     config_fragment,
     image_is_complete,

@@ -37,21 +37,21 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cache import cache_root
+
 __all__ = (
     "APT_BUILD_DEPS",
+    "BUILT_FILES",
     "BuildError",
     "HMM_OPTIONS",
-    "IMAGE_FILES",
     "RELEASES",
     "Release",
     "Source",
     "add_build_parser",
     "build_kernel",
-    "cache_root",
     "classify_source",
     "cmd_build",
     "config_fragment",
-    "image_dir",
     "image_is_complete",
     "missing_build_deps",
     "options_not_stuck",
@@ -265,35 +265,20 @@ def tree_version(makefile_text: str) -> str:
 # Cache
 
 
-def cache_root(env: dict[str, str] | None = None) -> Path:
-    """``$HMMSIM_CACHE``, else ``$XDG_CACHE_HOME/hmmsim``, else ``~/.cache/hmmsim`` (the
-    runner's :mod:`hmmsim.oracle.cache` when present: one definition of the layout)."""
-    try:
-        from .cache import cache_root as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return Path(shared(env))
-    e = os.environ if env is None else env
-    if e.get("HMMSIM_CACHE"):
-        return Path(e["HMMSIM_CACHE"])
-    if e.get("XDG_CACHE_HOME"):
-        return Path(e["XDG_CACHE_HOME"]) / "hmmsim"
-    return Path(e.get("HOME") or str(Path.home())) / ".cache" / "hmmsim"
+def _image_dir(name: str, root: Path) -> Path:
+    """The image directory of kernel *name* under cache root *root* (``kernels/<name>/``,
+    :mod:`hmmsim.oracle.cache`'s layout)."""
+    return root / "kernels" / name
 
 
-def image_dir(name: str, root: Path | None = None) -> Path:
-    """The image directory of kernel *name*: ``<cache>/kernels/<name>/``."""
-    return (root or cache_root()) / "kernels" / name
-
-
-IMAGE_FILES = ("bzImage", "hmm-tests", "config", "build.json")
+#: what a finished build leaves in its image directory (besides test_hmm.ko when it is a module)
+BUILT_FILES = ("bzImage", "hmm-tests", "config", "build.json")
 
 
 def image_is_complete(d: Path) -> bool:
-    """Whether *d* holds a finished build: every file of :data:`IMAGE_FILES`, the module when
+    """Whether *d* holds a finished build: every file of :data:`BUILT_FILES`, the module when
     build.json says test_hmm is one, and a build.json that parses with a version."""
-    if not all((d / f).is_file() for f in IMAGE_FILES):
+    if not all((d / f).is_file() for f in BUILT_FILES):
         return False
     try:
         meta = json.loads((d / "build.json").read_text())
@@ -363,7 +348,7 @@ class _Build:
 
     @property
     def image(self) -> Path:
-        return image_dir(self.name, self.root)
+        return _image_dir(self.name, self.root)
 
     def run(self, step: str, argv: Sequence[str], cwd: Path, *, progress: bool = False,
             env: dict[str, str] | None = None) -> None:
