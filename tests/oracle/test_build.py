@@ -13,7 +13,6 @@ import pytest
 
 import hmmsim.oracle.build as build
 from hmmsim.cli import main
-from hmmsim.oracle.cache import cache_root
 from hmmsim.oracle.build import (
     HMM_OPTIONS,
     RELEASES,
@@ -30,6 +29,7 @@ from hmmsim.oracle.build import (
     release_of_package,
     tree_version,
 )
+from hmmsim.oracle.cache import cache_root
 
 DATA = Path(__file__).parent / "data" / "build"
 
