@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import hmmsim.oracle.build as build
 from hmmsim.cli import main
+from hmmsim.oracle import build
 from hmmsim.oracle.build import (
     HMM_OPTIONS,
     RELEASES,

@@ -12,7 +12,12 @@ import pytest
 
 from hmmsim.oracle.backend import run_model
 from hmmsim.oracle.fuzz import THEMES, generate, group_results, uses_device_memory
-from hmmsim.oracle.minimize import failure_signature, is_valid, model_claim, scenario_text
+from hmmsim.oracle.minimize import (
+    failure_signature,
+    is_valid,
+    model_claim,
+    scenario_text,
+)
 from hmmsim.oracle.results import RunResult, parse_kernel_run
 
 DATA = Path(__file__).parent / "data"

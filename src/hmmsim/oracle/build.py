@@ -42,9 +42,9 @@ from .cache import cache_root
 __all__ = (
     "APT_BUILD_DEPS",
     "BUILT_FILES",
-    "BuildError",
     "HMM_OPTIONS",
     "RELEASES",
+    "BuildError",
     "Release",
     "Source",
     "add_build_parser",
@@ -249,7 +249,7 @@ def release_of_package(filename: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).replace("%3a", ":")) if m else None
 
 
-_VERSION_RE = re.compile(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)\s*=\s*(\S*)\s*$", re.M)
+_VERSION_RE = re.compile(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)\s*=\s*(\S*)\s*$", re.MULTILINE)
 
 
 def tree_version(makefile_text: str) -> str:
@@ -382,7 +382,7 @@ class _Build:
             count_file.write_text(str(n))
 
 
-def _show_progress(step: str, stream: Iterable[str], fh, expected: int | None) -> int:  # noqa: ANN001
+def _show_progress(step: str, stream: Iterable[str], fh, expected: int | None) -> int:
     """Copy *stream* to *fh* while a rich progress bar counts kbuild's lines."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -600,7 +600,7 @@ def build_kernel(kernel: str, *, name: str | None = None, force: bool = False, j
     return img
 
 
-def add_build_parser(osub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse's type
+def add_build_parser(osub: argparse._SubParsersAction) -> None:
     """``hmmsim oracle build``'s arguments (added to the ``oracle`` subcommands)."""
     p = osub.add_parser("build", help="build a small bootable kernel with test_hmm (cached per version)")
     p.add_argument("--kernel", required=True, metavar="6.12|7.3|PATH",
