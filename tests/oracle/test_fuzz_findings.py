@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hmmsim.cli import main
 from hmmsim.oracle.backend import run_model
 from hmmsim.oracle.fuzz import THEMES, generate, group_results, uses_device_memory
 from hmmsim.oracle.minimize import (
@@ -92,3 +93,11 @@ def test_thp_device_theme_draws_the_item_27_and_28_ingredients(theme: str) -> No
         seen |= {ln.split()[0] for ln in lines}
         seen |= {"whole-thp" for ln in lines if ln.startswith("dmigrate ") and ln.endswith(" 0 512")}
     assert {"fork", "endfork", "drelease", "dflags", "dmigrate", "dmigrate_sys", "whole-thp"} <= seen
+
+
+def test_minimize_the_item_27_finding_model_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """Minimising what the model claims alone gives the file the real kernel run gave."""
+    assert main(["minimize", str(DATA / "thp_fork_order0.hmm"), "--kernel", "7.3", "--model-only"]) == 0
+    out = capsys.readouterr()
+    assert out.out == (DATA / "thp_fork_order0_min.hmm").read_text()
+    assert "31 -> 7 lines" in out.err
