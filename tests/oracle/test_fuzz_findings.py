@@ -2,7 +2,7 @@
 transcripts in ``data/``): ``hmmsim fuzz --seed 2 --count 12 --theme thp-device --kernel
 7.3`` re-found conventions item 27 (fuzz-2-10: a THP shared with a fork child migrating to an
 order-0 destination) and item 28 (fuzz-2-9: RELEASE after splitting a device-coherent THP
-hangs); ``hmmsim minimize`` cut them to 7 and N lines. No kernel is booted here."""
+hangs); ``hmmsim minimize`` cut them to 7 and 8 lines. No kernel is booted here."""
 
 from __future__ import annotations
 
@@ -101,3 +101,24 @@ def test_minimize_the_item_27_finding_model_only(capsys: pytest.CaptureFixture[s
     out = capsys.readouterr()
     assert out.out == (DATA / "thp_fork_order0_min.hmm").read_text()
     assert "31 -> 7 lines" in out.err
+
+
+@pytest.mark.parametrize("name", ["coherent_thp_split_release", "coherent_thp_split_release_min"])
+def test_item_28_is_a_known_kernel_hang(name: str) -> None:
+    """fuzz-2-9: a coherent device takes the whole THP after a RELEASE, a partial
+    MIGRATE_TO_DEV splits it, and the next RELEASE never returns on 7.3 (the runner's
+    timeout, status 124); the model reports kernel-hang at that drelease."""
+    if name.endswith("_min"):
+        body = (DATA / f"{name}.hmm").read_text().splitlines()[1:]
+        assert len(body) <= 8 and is_valid(body)
+    else:
+        assert scenario_text(generate(2 * 100_003 + 9, None, "thp-device")) == (DATA / f"{name}.hmm").read_text()
+    f = f"{name}.hmm"
+    model = run_model({f: (DATA / f).read_text()}, "7.3")
+    kern = {f: _kernel(name)}
+    assert kern[f].outcome == "hang"
+    rep = group_results([f], model, kern)
+    assert set(rep.groups) == {"kernel-hangs"} and rep.unexplained == 0
+    finding = rep.groups["kernel-hangs"][0]
+    assert finding.known and finding.where.startswith("drelease line") and "conventions item 28" in finding.detail
+    assert failure_signature(model[f], kern[f]) == ("known-kernel-bug", "hang", "drelease")
