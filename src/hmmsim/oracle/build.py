@@ -477,11 +477,15 @@ def _unpack(b: _Build, archive: Path, is_deb: bool) -> Path:
 def _configure(b: _Build, tree: Path, obj: list[str], objdir: Path) -> tuple[str, list[tuple[str, str, str]]]:
     """tinyconfig + :data:`HMM_OPTIONS` + olddefconfig; the final config and what did not stick."""
     b.say("configuring: tinyconfig + the HMM options")
-    b.run("tinyconfig", ["make", *obj, "tinyconfig"], tree)
     cfg = objdir / ".config"
+    before = (cfg.read_text(), cfg.stat()) if cfg.is_file() else None
+    b.run("tinyconfig", ["make", *obj, "tinyconfig"], tree)
     cfg.write_text(cfg.read_text() + config_fragment())
     b.run("olddefconfig", ["make", *obj, "olddefconfig"], tree)
     text = cfg.read_text()
+    if before is not None and before[0] == text:
+        # the same config as the last build: keep its time so make does not resync it
+        os.utime(cfg, ns=(before[1].st_atime_ns, before[1].st_mtime_ns))
     return text, options_not_stuck(text)
 
 
@@ -520,7 +524,7 @@ def _name_for(src: Source) -> str:
 
 
 def build_kernel(kernel: str, *, name: str | None = None, force: bool = False, jobs: int = 2,
-                 root: Path | None = None, say: Callable[[str], None] = print) -> Path:
+                 root: Path | None = None, say: Callable[[str], None] = print, nice: int = 10) -> Path:
     """Build (or find in the cache) the image for ``--kernel`` *kernel*; returns its directory.
 
     A release or tarball whose image is complete in the cache is returned as it is unless
@@ -559,14 +563,14 @@ def build_kernel(kernel: str, *, name: str | None = None, force: bool = False, j
         say(f"  CONFIG_{opt}: wanted {want}, got {got}")
     if any(o in ("ZONE_DEVICE", "DEVICE_PRIVATE", "TEST_HMM", "HMM_MIRROR") for o, _w, _g in not_stuck):
         raise BuildError("the kernel cannot run test_hmm without the options above")
-    nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+    nice_cmd = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
     module = parse_config(config).get("TEST_HMM") == "m"
-    b.run("kernel", [*nice, "make", *obj, f"-j{jobs}", "bzImage", *(["modules"] if module else [])],
+    b.run("kernel", [*nice_cmd, "make", *obj, f"-j{jobs}", "bzImage", *(["modules"] if module else [])],
           tree, progress=True)
-    b.run("headers", [*nice, "make", *obj, "headers"], tree, progress=True)
+    b.run("headers", [*nice_cmd, "make", *obj, "headers"], tree, progress=True)
     out = b.work / "selftests"
     out.mkdir(parents=True, exist_ok=True)
-    b.run("hmm-tests", [*nice, "make", "-C", "tools/testing/selftests/mm", f"OUTPUT={out}",
+    b.run("hmm-tests", [*nice_cmd, "make", "-C", "tools/testing/selftests/mm", f"OUTPUT={out}",
                         f"KHDR_INCLUDES=-isystem {objdir / 'usr' / 'include'}", "LDFLAGS=-static",
                         f"{out}/hmm-tests"], tree)
     version = subprocess.run(["make", "-s", *obj, "kernelrelease"], cwd=tree, capture_output=True,
@@ -609,6 +613,7 @@ def add_build_parser(osub: argparse._SubParsersAction) -> None:
                    help="the image's name in the cache (default: the release, or the tree's version)")
     p.add_argument("--force", action="store_true", help="rebuild even if the image is cached")
     p.add_argument("-j", "--jobs", type=int, default=min(os.cpu_count() or 2, 8))
+    p.add_argument("--nice", type=int, default=10, help="niceness of the compile steps (default 10; 0: none)")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -617,7 +622,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        img = build_kernel(args.kernel, name=args.name, force=args.force, jobs=args.jobs, say=say)
+        img = build_kernel(args.kernel, name=args.name, force=args.force, jobs=args.jobs, say=say, nice=args.nice)
     except BuildError as e:
         print(f"hmmsim oracle build: {e}", file=sys.stderr)
         return 1
