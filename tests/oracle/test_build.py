@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -224,3 +225,26 @@ def test_missing_build_deps() -> None:
     miss = missing_build_deps(lambda p: None if p in ("flex", "bison") else "/usr/bin/" + p,
                               lambda p: not p.endswith("gelf.h"))
     assert miss == ["flex", "bison", "libelf-dev"]
+
+
+def test_configure_keeps_an_unchanged_config_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-running tinyconfig + olddefconfig on a built tree gives the same .config: its time
+    is kept, so the incremental make does not resync the configuration."""
+    final = (DATA / "config-7.3").read_text()
+    cfg = tmp_path / ".config"
+    cfg.write_text(final)
+    os.utime(cfg, (1_000_000, 1_000_000))
+    calls = []
+
+    def fake_run(self: object, step: str, argv: list[str], cwd: Path, **kw: object) -> None:  # make's stand-in
+        calls.append(step)
+        cfg.write_text("CONFIG_64BIT=y\n" if step == "tinyconfig" else final)
+
+    b = build._Build(classify_source("7.3"), "7.3", tmp_path, 2, lambda m: None, tmp_path / "logs")
+    monkeypatch.setattr(build._Build, "run", fake_run)
+    text, bad = build._configure(b, tmp_path, [], tmp_path)
+    assert calls == ["tinyconfig", "olddefconfig"] and text == final
+    assert bad == [("PROC_SYSCTL", "y", "absent")] and cfg.stat().st_mtime == 1_000_000
+    cfg.write_text(final.replace("CONFIG_TEST_HMM=m", "CONFIG_TEST_HMM=y"))  # a changed config: new time
+    build._configure(b, tmp_path, [], tmp_path)
+    assert cfg.stat().st_mtime > 1_000_000
