@@ -122,6 +122,7 @@ HMM_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("MULTIUSER", "y", "uids (busybox)"),
     ("FUTEX", "y", "pthreads"),
     ("EPOLL", "y", "busybox"),
+    ("EVENTFD", "y", "7.3's hmm-tests userfaultfd_read stops its handler thread with an eventfd"),
     ("POSIX_TIMERS", "y", "timeouts"),
     ("ADVISE_SYSCALLS", "y", "madvise(MADV_HUGEPAGE), the default THP mode is madvise"),
     ("MODULES", "y", "test_hmm as a module"),
