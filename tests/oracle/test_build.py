@@ -32,7 +32,7 @@ from hmmsim.oracle.build import (
 )
 from hmmsim.oracle.cache import cache_root
 
-DATA = Path(__file__).parent / "data" / "build"
+DATA = Path(__file__).parent / "data" / "kbuild"
 
 
 def test_config_fragment_asks_for_every_hmm_option() -> None:
