@@ -18,6 +18,10 @@ from .initramfs import FAIL_MARK, FILE_MARK, KMSG_END, KMSG_FILE, RC_MARK
 __all__ = ("BootReport", "ConsoleEvent", "FileOutput", "parse_console", "parse_program")
 
 _TIME = re.compile(r"^\[\s*(?P<time>[0-9]+\.[0-9]+)\]\s?(?P<msg>.*)$")
+#: the init script's kernel-log markers, found anywhere in a line (a console line can
+#: start with the tail of another writer's output)
+_FILE_MARKER = re.compile(re.escape(KMSG_FILE) + r" (?P<n>[0-9]+)")
+_END_MARKER = re.compile(re.escape(KMSG_END) + r"(?P<rc>-?[0-9]+)")
 #: console lines reported on stderr (as kernel-run does)
 _REPORT = re.compile(r"WARNING:|BUG:|Oops|Kernel panic|general protection|INFO: task .* blocked|"
                      r"kernel BUG at")
@@ -48,7 +52,7 @@ def parse_console(text: str) -> BootReport:
     """Read a console log (``\\r`` already removed or not).
 
     >>> r = parse_console("[ 1.0] hmmsim-oracle: file 2\\n[ 1.5] WARNING: CPU: 0 at mm/x.c:1\\n"
-    ...                   "[ 2.0] hmmsim-oracle: end rc=0\\n")
+    ...                   "sh: e[ 2.0] hmmsim-oracle: end rc=0\\n")
     >>> r.ended, r.rc, r.events[0].file, r.events[0].message
     (True, 0, 2, 'WARNING: CPU: 0 at mm/x.c:1')
     """
@@ -56,18 +60,14 @@ def parse_console(text: str) -> BootReport:
     for raw in text.replace("\r", "").splitlines():
         m = _TIME.match(raw.strip())
         time, msg = (m.group("time"), m.group("msg")) if m else ("", raw.strip())
-        if msg.startswith(KMSG_FILE):
-            try:
-                rep.last_file = int(msg[len(KMSG_FILE):].split()[0])
-            except (ValueError, IndexError):
-                pass
+        mark = _FILE_MARKER.search(msg)
+        if mark:
+            rep.last_file = int(mark.group("n"))
             continue
-        if msg.startswith(KMSG_END):
+        mark = _END_MARKER.search(msg)
+        if mark:
             rep.ended = True
-            try:
-                rep.rc = int(msg[len(KMSG_END):].split()[0])
-            except (ValueError, IndexError):
-                rep.rc = None
+            rep.rc = int(mark.group("rc"))
             continue
         if _REPORT.search(msg):
             rep.events.append(ConsoleEvent(rep.last_file, time, msg))

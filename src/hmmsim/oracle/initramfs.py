@@ -130,7 +130,7 @@ def payload_script(nfiles: int, module: bool, file_timeout: int,
     test_hmm unloaded. A runner timeout (status 7: the kernel hangs) stops the payload
     after asking the kernel for its blocked tasks (sysrq ``w``).
 
-    >>> print(payload_script(1, False, 120).splitlines()[-4])
+    >>> print(payload_script(1, False, 120).splitlines()[4])
     /oracle/hmmsim-runner -t 120 /scen/1.hmm; rc=$?
     """
     lines = ["#!/bin/sh", "cd /tmp"]
@@ -157,7 +157,7 @@ def init_script(module: bool) -> str:
     """``/init``: mounts, the machine settings of the spec's environment (huge zero page
     on, khugepaged asleep with a sentinel mm, proactive compaction off, panic on oops),
     test_hmm's device nodes (built-in test_hmm), then the payload with its output on
-    ``/dev/ttyS1``, the end marker, and power off."""
+    ``/dev/ttyS1``, the end marker, and a reboot (qemu runs with ``-no-reboot``: it exits)."""
     return "\n".join([
         "#!/bin/sh",
         "export PATH=/oracle:/bin:/sbin HOME=/root",
@@ -176,7 +176,7 @@ def init_script(module: bool) -> str:
         "" if module else _MKNODS.rstrip("\n"),
         "stty -F /dev/ttyS1 raw -echo -onlcr 2>/dev/null",
         "sh /oracle/payload.sh > /dev/ttyS1 2>&1; rc=$?",
-        f"echo \"{KMSG_END}$rc\" > /dev/kmsg; echo \"{KMSG_END}$rc\"",
+        f"echo \"{KMSG_END}$rc\" > /dev/kmsg",
         "sync; reboot -f",
         "",
     ])

@@ -282,10 +282,11 @@ def _end_status(boot: _Boot, running: str | None, timeout: int, err: TextIO) -> 
 
 
 def run_files(image: KernelImage, files: Sequence[Path], opts: RunOptions, runner: Path | None = None,
-              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+              out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Boot *image* once and run the scenario *files* in order; print their lines on
-    *out*, kernel events and what went wrong on *err*; return the exit status (module
-    docstring)."""
+    *out* (stdout), kernel events and what went wrong on *err* (stderr); return the exit
+    status (module docstring)."""
+    out, err = out or sys.stdout, err or sys.stderr
     runner = runner or image.runner or cached_runner()
     spec = InitramfsSpec(runner=runner, files=list(files), test_hmm_ko=image.test_hmm_ko,
                          file_timeout=min(opts.file_timeout, opts.timeout))
@@ -322,8 +323,9 @@ def run_files(image: KernelImage, files: Sequence[Path], opts: RunOptions, runne
 
 
 def run_selftest(image: KernelImage, args: Sequence[str], opts: RunOptions, runner: Path | None = None,
-                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+                 out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Boot *image* and run its hmm-tests with *args*; print the TAP output."""
+    out, err = out or sys.stdout, err or sys.stderr
     if image.hmm_tests is None:
         err.write(f"{PREFIX}: {image.path} has no hmm-tests\n")
         return EXIT_USAGE
@@ -386,10 +388,11 @@ def _image_of(args: argparse.Namespace, err: TextIO) -> KernelImage | None:
     return img
 
 
-def oracle_command(args: argparse.Namespace, extra: Sequence[str] = (), out: TextIO = sys.stdout,
-                   err: TextIO = sys.stderr) -> int | None:
+def oracle_command(args: argparse.Namespace, extra: Sequence[str] = (), out: TextIO | None = None,
+                   err: TextIO | None = None) -> int | None:
     """Run ``hmmsim oracle run``/``runner`` (None if *args* is another oracle command).
     *extra* are the arguments after ``--`` (hmm-tests' with ``--selftest``)."""
+    out, err = out or sys.stdout, err or sys.stderr
     if args.oracle_cmd == "runner":
         dest = Path(args.out or "hmmsim-runner")
         try:
