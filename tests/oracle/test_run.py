@@ -171,11 +171,12 @@ def _boot_dir(name: str) -> Path:
 def _replay(d: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, timed_out: bool = False) -> tuple[int, str, str]:
     """Run ``run_files`` with qemu replaced by the recorded boot in *d*."""
 
-    def fake_qemu(argv: list[str], console: Path, timeout: float, probe: bool) -> tuple[int, bytes, bool]:
+    def fake_qemu(argv: list[str], console: Path, timeout: float, probe: bool,
+                  stall: float | None = None) -> oracle_run.QemuEnd:
         work = console.parent
         (work / "console.raw").write_bytes((d / "console.log").read_bytes())
         (work / "program.raw").write_bytes((d / "program.log").read_bytes())
-        return 0, b"", timed_out
+        return oracle_run.QemuEnd(0, timed_out=timed_out)
 
     monkeypatch.setattr(oracle_run, "_qemu", fake_qemu)
     (tmp_path / "bzImage").write_bytes(b"k")
@@ -253,6 +254,30 @@ def test_console_and_program_parsing_details() -> None:
     assert outs[0].timed_out and outs[0].lines == ['{"line":2}'] and outs[1].started and outs[1].rc is None
     assert other == ["noise"] and fail is None
     assert parse_program("@@hmmsim-fail insmod 1\n", 1)[2] == "insmod 1"
+
+
+def _fake_qemu(tmp_path: Path, lines: list[str], then_sleep: float) -> list[str]:
+    """A stand-in for qemu: writes *lines* to the console file qemu_argv names, then sleeps."""
+    script = ("import sys, time\nf = open(sys.argv[1], 'w')\n"
+              f"for line in {lines!r}:\n    f.write(line + '\\n'); f.flush()\n"
+              f"time.sleep({then_sleep})\n")
+    return [os.sys.executable, "-c", script, str(tmp_path / "console.raw")]
+
+
+@pytest.mark.parametrize("lines, sleep, probe, stall, want", [
+    (["[0.0] Linux version 7.3", "[1.0] hmmsim-oracle: end rc=0"], 60, False, None, (0, False, False)),  # reboot hangs
+    (["[0.0] Linux version 7.3"], 0, False, None, (0, False, False)),  # qemu exits by itself
+    (["[0.0] Linux version 7.3"], 60, False, None, (-9, True, False)),  # the whole-boot timeout
+    (["[0.0] Linux version 7.3"], 60, False, 1.0, (-9, False, True)),  # no payload output: stalled
+    (["SeaBIOS", "Booting from ROM..."], 60, True, None, (None, False, False)),  # KVM never starts the kernel
+])
+def test_qemu_is_stopped_after_the_end_the_timeout_a_stall_or_a_failed_kvm_start(
+        lines: list[str], sleep: float, probe: bool, stall: float | None, want: tuple, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oracle_run, "END_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(oracle_run, "KVM_PROBE_SECONDS", 1.5)
+    end = oracle_run._qemu(_fake_qemu(tmp_path, lines, sleep), tmp_path / "console.raw", 3, probe, stall)
+    assert (end.rc, end.timed_out, end.stalled) == want
 
 
 # -- the C runner -----------------------------------------------------------------------------------

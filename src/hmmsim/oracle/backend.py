@@ -22,7 +22,7 @@ from ..scenario.run import reference_config, run_scenario_text
 from .cache import find_image
 from .results import RunResult, parse_kernel_run, parse_outputs
 
-__all__ = ("ORACLE_RUN", "KernelRunner", "find_runner", "run_model")
+__all__ = ("KernelRunner", "ORACLE_RUN", "find_runner", "run_model")
 
 
 def run_model(texts: dict[str, str], kernel: str) -> dict[str, RunResult]:

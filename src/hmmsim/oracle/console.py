@@ -24,7 +24,7 @@ _FILE_MARKER = re.compile(re.escape(KMSG_FILE) + r" (?P<n>[0-9]+)")
 _END_MARKER = re.compile(re.escape(KMSG_END) + r"(?P<rc>-?[0-9]+)")
 #: console lines reported on stderr (as kernel-run does)
 _REPORT = re.compile(r"WARNING:|BUG:|Oops|Kernel panic|general protection|INFO: task .* blocked|"
-                     r"kernel BUG at")
+                     r"kernel BUG at|detected stalls on CPUs")
 
 
 @dataclass

@@ -147,7 +147,8 @@ def payload_script(nfiles: int, module: bool, file_timeout: int,
             lines.append(_MKNODS.rstrip("\n"))
         lines.append(f"/oracle/hmmsim-runner -t {file_timeout} /scen/{i}.hmm; rc=$?")
         lines.append(f"echo '{RC_MARK} {i}' $rc")
-        lines.append("if [ $rc = 7 ]; then echo w > /proc/sysrq-trigger 2>/dev/null; sleep 1; exit 7; fi")
+        lines.append("if [ $rc = 7 ]; then [ -w /proc/sysrq-trigger ] && echo w > /proc/sysrq-trigger; "
+                     "sleep 1; exit 7; fi")
         if module:
             lines.append(f"rmmod test_hmm || {{ echo '{FAIL_MARK} rmmod {i}'; exit 4; }}")
     return "\n".join(lines) + "\n"
@@ -177,7 +178,7 @@ def init_script(module: bool) -> str:
         "stty -F /dev/ttyS1 raw -echo -onlcr 2>/dev/null",
         "sh /oracle/payload.sh > /dev/ttyS1 2>&1; rc=$?",
         f"echo \"{KMSG_END}$rc\" > /dev/kmsg",
-        "sync; reboot -f",
+        "reboot -f -n",
         "",
     ])
 

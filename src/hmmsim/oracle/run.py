@@ -43,11 +43,12 @@ from typing import TextIO
 
 from .cache import KernelImage, cache_root, find_image, image_dir
 from .console import BootReport, parse_console, parse_program
-from .initramfs import SPM_ADDR, InitramfsSpec, make_initramfs
+from .initramfs import KMSG_END, SPM_ADDR, InitramfsSpec, make_initramfs
 
 __all__ = (
     "EXIT_CRASH",
     "EXIT_TIMEOUT",
+    "QemuEnd",
     "RUNNER_SOURCES",
     "RunOptions",
     "RunnerBuildError",
@@ -61,6 +62,7 @@ __all__ = (
     "qemu_argv",
     "run_files",
     "run_selftest",
+    "runner_for",
 )
 
 EXIT_TIMEOUT = 124
@@ -68,8 +70,14 @@ EXIT_CRASH = 125
 EXIT_USAGE = 2
 #: a KVM boot that has not printed the kernel's banner after this long is retried with TCG
 KVM_PROBE_SECONDS = 20
+#: after the payload's end marker, qemu gets this long to reboot (exit) before it is killed:
+#: a hung kernel may never get through the reboot
+END_GRACE_SECONDS = 10
+#: the host's own hang watchdog: no payload output for the file timeout plus this long
+#: (the guest runner's timeout did not fire either: the guest is wedged) stops the boot
+STALL_MARGIN_SECONDS = 30
 #: the C runner's files, in ``runner/`` beside this module
-RUNNER_SOURCES = ("hmmsim-runner.c", "parse.c", "exec.c", "out.c", "runner.h")
+RUNNER_SOURCES = ("hmmsim-runner.c", "parse.c", "exec.c", "device.c", "out.c", "runner.h")
 PREFIX = "hmmsim-oracle"
 
 
@@ -114,6 +122,18 @@ def cached_runner(env: dict[str, str] | None = None) -> Path:
     if not out.is_file():
         build_runner(out, static=True)
     return out
+
+
+def runner_for(image: KernelImage) -> Path:
+    """The runner to put into *image*'s boots: one built from this package's sources
+    (:func:`cached_runner`), or the image's own ``hmmsim-runner`` when there is no
+    compiler here."""
+    try:
+        return cached_runner()
+    except RunnerBuildError:
+        if image.runner is not None:
+            return image.runner
+        raise
 
 
 def is_static_elf(path: Path) -> bool:
@@ -191,41 +211,99 @@ class _Boot:
     console: str
     program: str
     timed_out: bool
+    stalled: bool
     report: BootReport
     seconds: float
 
 
-def _kernel_started(console: Path) -> bool:
+class _ConsoleWatch:
+    """Follows the console file while qemu runs: has the kernel started, has the payload
+    ended (its marker in the kernel log)?"""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pos = 0
+        self.tail = b""
+        self.started = False
+        self.ended = False
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                new = f.read()
+        except OSError:
+            return
+        self.pos += len(new)
+        text = self.tail + new
+        self.started = self.started or b"Linux version" in text
+        self.ended = self.ended or KMSG_END.encode() in text
+        self.tail = text[-256:]
+
+
+@dataclass
+class QemuEnd:
+    """How a qemu run ended: its exit status (None: killed by the KVM probe), its stderr,
+    whether the whole-boot timeout or the stall watchdog stopped it."""
+
+    rc: int | None
+    stderr: bytes = b""
+    timed_out: bool = False
+    stalled: bool = False
+
+
+def _qemu(argv: list[str], console: Path, timeout: float, probe: bool, stall: float | None = None) -> QemuEnd:
+    """Run qemu (console in *console*, payload output in ``program.raw`` beside it). With
+    *probe*, kill it if the kernel has printed nothing after KVM_PROBE_SECONDS. Once the
+    payload has ended, qemu gets END_GRACE_SECONDS to exit, then it is killed. With
+    *stall*, kill it when the payload has printed nothing for that long."""
+    with open(console.parent / "qemu.err", "wb") as qerr:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=qerr, start_new_session=True)
+    end = _wait_qemu(proc, _ConsoleWatch(console), console.parent / "program.raw", timeout, probe, stall)
+    end.stderr = (console.parent / "qemu.err").read_bytes()
+    return end
+
+
+def _size(path: Path) -> int:
     try:
-        with open(console, "rb") as f:
-            return b"Linux version" in f.read()
+        return path.stat().st_size
     except OSError:
-        return False
+        return 0
 
 
-def _qemu(argv: list[str], console: Path, timeout: float, probe: bool) -> tuple[int | None, bytes, bool]:
-    """Run qemu: (exit status (None: killed by the probe), its stderr, timed out). With
-    *probe*, kill it if the kernel has printed nothing after KVM_PROBE_SECONDS."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+def _wait_qemu(proc: subprocess.Popen, watch: _ConsoleWatch, program: Path, timeout: float, probe: bool,
+               stall: float | None) -> QemuEnd:
     t0 = time.monotonic()
+    ended_at: float | None = None
+    seen, seen_at = -1, t0
     try:
-        if probe:
-            while proc.poll() is None and not _kernel_started(console):
-                if time.monotonic() - t0 > KVM_PROBE_SECONDS:
-                    proc.kill()
-                    proc.communicate()
-                    return None, b"", False
-                time.sleep(0.2)
-        _, qerr = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-        return proc.returncode, qerr, False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, qerr = proc.communicate()
-        return proc.returncode, qerr, True
+        while proc.poll() is None:
+            now = time.monotonic()
+            watch.poll()
+            end = None
+            size = _size(program)
+            if size != seen:
+                seen, seen_at = size, now
+            if probe and not watch.started and now - t0 > KVM_PROBE_SECONDS:
+                end = QemuEnd(None)
+            elif watch.ended and ended_at is None:
+                ended_at = now
+            elif ended_at is not None and now - ended_at > END_GRACE_SECONDS:
+                end = QemuEnd(0)
+            elif now - t0 > timeout:
+                end = QemuEnd(-9, timed_out=True)
+            elif stall is not None and watch.started and not watch.ended and now - seen_at > stall:
+                end = QemuEnd(-9, stalled=True)
+            if end is not None:
+                proc.kill()
+                proc.wait()
+                return end
+            time.sleep(0.25)
+        return QemuEnd(proc.returncode)
     except BaseException:
         proc.kill()
-        proc.communicate()
+        proc.wait()
         raise
 
 
@@ -238,17 +316,18 @@ def _boot(image: KernelImage, spec: InitramfsSpec, opts: RunOptions, err: TextIO
         initrd = work / "initramfs.gz"
         initrd.write_bytes(make_initramfs(spec))
         t0 = time.monotonic()
-        rc, qerr, timed_out = _qemu(qemu_argv(image, initrd, work, opts.thp, kvm), work / "console.raw",
-                                    opts.timeout, probe=kvm and opts.accel == "auto")
-        if rc is None:  # KVM did not start the kernel: TCG
+        stall = spec.file_timeout + STALL_MARGIN_SECONDS if spec.selftest is None else None
+        end = _qemu(qemu_argv(image, initrd, work, opts.thp, kvm), work / "console.raw", opts.timeout,
+                    kvm and opts.accel == "auto", stall)
+        if end.rc is None:  # KVM did not start the kernel: TCG
             err.write(f"{PREFIX}: KVM did not boot the kernel within {KVM_PROBE_SECONDS} s: using TCG\n")
             for f in ("console.raw", "program.raw"):
                 (work / f).unlink(missing_ok=True)
-            rc, qerr, timed_out = _qemu(qemu_argv(image, initrd, work, opts.thp, False), work / "console.raw",
-                                        opts.timeout - (time.monotonic() - t0), probe=False)
+            end = _qemu(qemu_argv(image, initrd, work, opts.thp, False), work / "console.raw",
+                        opts.timeout - (time.monotonic() - t0), False, stall)
         seconds = time.monotonic() - t0
-        if qerr and rc not in (0, None) and not timed_out:
-            err.write(f"{PREFIX}: qemu: {qerr.decode(errors='replace').strip()}\n")
+        if end.stderr.strip() and end.rc not in (0, None) and not (end.timed_out or end.stalled):
+            err.write(f"{PREFIX}: qemu: {end.stderr.decode(errors='replace').strip()}\n")
         console = (work / "console.raw").read_bytes().decode(errors="replace").replace("\r", "") \
             if (work / "console.raw").exists() else ""
         program = (work / "program.raw").read_bytes().decode(errors="replace").replace("\r", "") \
@@ -259,7 +338,7 @@ def _boot(image: KernelImage, spec: InitramfsSpec, opts: RunOptions, err: TextIO
             (opts.keep / "program.log").write_text(program)
     if opts.console:
         err.write(console)
-    return _Boot(console, program, timed_out, parse_console(console), seconds)
+    return _Boot(console, program, end.timed_out, end.stalled, parse_console(console), seconds)
 
 
 def _report_events(boot: _Boot, names: Sequence[str], err: TextIO) -> None:
@@ -287,7 +366,7 @@ def run_files(image: KernelImage, files: Sequence[Path], opts: RunOptions, runne
     *out* (stdout), kernel events and what went wrong on *err* (stderr); return the exit
     status (module docstring)."""
     out, err = out or sys.stdout, err or sys.stderr
-    runner = runner or image.runner or cached_runner()
+    runner = runner or runner_for(image)
     spec = InitramfsSpec(runner=runner, files=list(files), test_hmm_ko=image.test_hmm_ko,
                          file_timeout=min(opts.file_timeout, opts.timeout))
     boot = _boot(image, spec, opts, err)
@@ -316,6 +395,11 @@ def run_files(image: KernelImage, files: Sequence[Path], opts: RunOptions, runne
         err.write(f"{PREFIX}: {hang} made no progress for {spec.file_timeout} s: the kernel hangs "
                   "(--console shows the blocked tasks)\n")
         return EXIT_CRASH
+    if boot.stalled and not boot.report.ended:
+        err.write(f"{PREFIX}: {running or 'the boot'} made no progress for "
+                  f"{spec.file_timeout + STALL_MARGIN_SECONDS} s and the guest did not stop it: "
+                  "the kernel hangs (--console shows why)\n")
+        return EXIT_CRASH
     status = _end_status(boot, running, opts.timeout, err)
     if status == 0 and fail is not None:
         return 1
@@ -329,7 +413,7 @@ def run_selftest(image: KernelImage, args: Sequence[str], opts: RunOptions, runn
     if image.hmm_tests is None:
         err.write(f"{PREFIX}: {image.path} has no hmm-tests\n")
         return EXIT_USAGE
-    runner = runner or image.runner or cached_runner()
+    runner = runner or runner_for(image)
     spec = InitramfsSpec(runner=runner, test_hmm_ko=image.test_hmm_ko, hmm_tests=image.hmm_tests,
                          selftest=list(args))
     boot = _boot(image, spec, opts, err)
@@ -424,10 +508,8 @@ def oracle_command(args: argparse.Namespace, extra: Sequence[str] = (), out: Tex
                       console=args.console, keep=Path(args.keep) if args.keep else None)
     runner = Path(args.runner) if args.runner else None
     try:
-        if runner is None and image.runner is None:
-            runner = cached_runner()
-        for exe in (runner or image.runner, Path("/bin/busybox")):
-            assert exe is not None
+        runner = runner or runner_for(image)
+        for exe in (runner, Path("/bin/busybox")):
             if not exe.is_file() or not is_static_elf(exe):
                 err.write(f"hmmsim oracle run: {exe} is missing or not a static executable"
                           f"{' (apt-get install busybox-static)' if exe.name == 'busybox' else ''}\n")

@@ -5,7 +5,8 @@
  * /dev/hmm_dmirror* devices, printing the JSON lines `hmmsim run` prints.
  *
  * Files: hmmsim-runner.c (command line, one supervised process per scenario file),
- * parse.c (the language), exec.c (the commands), out.c (JSON lines, CRC-32).
+ * parse.c (the language), exec.c (the scenario: regions, CPU, files, fork), device.c
+ * (test_hmm's device commands, uffd), out.c (JSON lines, CRC-32).
  */
 #ifndef HMMSIM_RUNNER_H
 #define HMMSIM_RUNNER_H
@@ -63,9 +64,47 @@ extern const char *const op_names[OP_COUNT];
 int parse_scenario(const unsigned char *data, size_t len, struct scenario *sc, int *err_line);
 void free_scenario(struct scenario *sc);
 
+#define PAGE_SIZE 4096ULL
+#define PAGE_SHIFT 12
+#define WORDS (PAGE_SIZE / 4)
+
+struct region {
+	uint64_t start;
+	uint64_t npages;
+};
+
+/* What one process of the scenario knows (a fork child has a copy): values by symbol id */
+struct proc_state {
+	const struct scenario *sc;
+	struct region *regions;
+	int *files;		/* fd, -1 if failed or closed */
+	int *handles;		/* fd, -1 if failed or closed */
+	uint64_t next_slot;
+	int depth;		/* fork depth ("proc") */
+};
+
+extern struct proc_state st;
+
 /* exec.c: run a parsed scenario in the calling process; returns its exit status. */
 int run_scenario(const struct scenario *sc);
 int khugepaged_sentinel(void);
+void *xcalloc(size_t n, size_t size);
+struct rec *out(const struct cmd *c);	/* a record with line, op (and proc) */
+void out_ret(const struct cmd *c, int64_t ret);
+void fill_pattern(void *buf, uint64_t npages, int64_t seed, uint64_t first_word);
+uint64_t region_addr(int64_t name, int64_t off);
+int64_t sys_ret(long r);
+
+static inline uint32_t pattern_word(int64_t seed, uint64_t word)
+{
+	return (uint32_t)(uint64_t)seed + (uint32_t)word;
+}
+
+/* device.c */
+void op_open(const struct cmd *c);
+void op_close(const struct cmd *c);
+void op_device(const struct cmd *c);
+void op_uffd(const struct cmd *c);
 
 /* out.c */
 struct rec;
