@@ -360,7 +360,8 @@ _TOKENS = [b"fork", b"endfork", b"mmap", b"a", b"b", b"-1", b"0", b"4194304", b"
            b"private,anon", b"shared,file=f", b"private,dev=d,hugetlb", b"align=512", b"align=3", b"#", b"\r",
            b"\t", b"\x00", b"\xff", b"\xc3\xa9", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"open", b"d", b"close",
            b"dflags", b"1099511627776", b"1099511627777", b"-9223372036854775808", b"-9223372036854775809",
-           b"file", b"f", b"mremap", b"dontunmap", b"hmmsim-scenario", b"1", b"uffd", b"dread", b"free", b"9x"]
+           b"file", b"f", b"mremap", b"dontunmap", b"hmmsim-scenario", b"1", b"uffd", b"dread", b"free", b"9x",
+           b"dmigrate_on_fault", b"dread_unlocked"]
 
 
 def test_runner_parser_agrees_with_hmmsims(runner: Path, tmp_path: Path) -> None:
@@ -433,6 +434,7 @@ endfork
 check b 0 4 1
 open d 7
 dread d a 0 1
+dmigrate_on_fault d b 0 1
 close d
 close d
 fork

@@ -6,7 +6,8 @@
  *   (one if NPAGES is 0), unmapped afterwards (conventions item 19); ioctls are retried on
  *   EINTR. The ioctl numbers and struct are test_hmm's (lib/test_hmm_uapi.h, the same in
  *   6.12 and 7.3): a kernel that does not know a request answers as its driver does
- *   (-EINVAL for FLAGS and READ_UNLOCKED on 6.12). CHECK_EXCLUSIVE, RELEASE (addr 0,
+ *   (-EINVAL for FLAGS and READ_UNLOCKED on 6.12, for dmigrate_on_fault's
+ *   MIGRATE_ON_FAULT_TO_DEV, 0x0A, on both). CHECK_EXCLUSIVE, RELEASE (addr 0,
  *   npages 1) and FLAGS (addr 0, npages VALUE) pass no buffer.
  * - open reports a missing device (ENOENT, ENXIO, ENODEV) as -ENODEV; a closed or failed
  *   handle is -EBADF for every later command.
@@ -44,6 +45,7 @@ enum {
 	DMIRROR_READ = 0, DMIRROR_WRITE = 1, DMIRROR_MIGRATE_TO_DEV = 2, DMIRROR_MIGRATE_TO_SYS = 3,
 	DMIRROR_SNAPSHOT = 4, DMIRROR_EXCLUSIVE = 5, DMIRROR_CHECK_EXCLUSIVE = 6,
 	DMIRROR_RELEASE = 7, DMIRROR_FLAGS = 8, DMIRROR_READ_UNLOCKED = 9,
+	DMIRROR_MIGRATE_ON_FAULT_TO_DEV = 10,	/* the unified fault+migrate walk series (not upstream) */
 };
 
 /* -- userfaultfd ---------------------------------------------------------------------- */
@@ -232,9 +234,11 @@ void op_device(const struct cmd *c)
 		}
 		break;
 	case OP_DMIGRATE:
+	case OP_DMIGRATE_ON_FAULT:
 	case OP_DEXCLUSIVE:
-		ret = buffer_ioctl(c, c->op == OP_DMIGRATE ? DMIRROR_MIGRATE_TO_DEV : DMIRROR_EXCLUSIVE, 0,
-				   USE_CRC, &cmd, &crc, NULL);
+		ret = buffer_ioctl(c, c->op == OP_DMIGRATE ? DMIRROR_MIGRATE_TO_DEV :
+				   c->op == OP_DMIGRATE_ON_FAULT ? DMIRROR_MIGRATE_ON_FAULT_TO_DEV : DMIRROR_EXCLUSIVE,
+				   0, USE_CRC, &cmd, &crc, NULL);
 		r = out(c);
 		rec_int(r, "ret", ret);
 		if (!ret) {

@@ -27,7 +27,8 @@ const char *const op_names[OP_COUNT] = {
 	[OP_TOUCH] = "touch", [OP_READ] = "read", [OP_CHECK] = "check", [OP_FILE] = "file",
 	[OP_PWRITE] = "pwrite", [OP_PREAD] = "pread", [OP_OPEN] = "open", [OP_CLOSE] = "close",
 	[OP_DREAD] = "dread", [OP_DREAD_UNLOCKED] = "dread_unlocked", [OP_DWRITE] = "dwrite",
-	[OP_DMIGRATE] = "dmigrate", [OP_DMIGRATE_SYS] = "dmigrate_sys",
+	[OP_DMIGRATE] = "dmigrate", [OP_DMIGRATE_ON_FAULT] = "dmigrate_on_fault",
+	[OP_DMIGRATE_SYS] = "dmigrate_sys",
 	[OP_DSNAPSHOT] = "dsnapshot", [OP_DEXCLUSIVE] = "dexclusive",
 	[OP_DCHECK_EXCLUSIVE] = "dcheck_exclusive", [OP_DRELEASE] = "drelease",
 	[OP_DFLAGS] = "dflags", [OP_UFFD] = "uffd", [OP_FORK] = "fork", [OP_ENDFORK] = "endfork",
@@ -43,7 +44,7 @@ static const char *const signatures[OP_COUNT] = {
 	[OP_TOUCH] = "RCC", [OP_READ] = "RCC", [OP_CHECK] = "RCCS", [OP_FILE] = "fC",
 	[OP_PWRITE] = "FCCS", [OP_PREAD] = "FCC", [OP_OPEN] = "hD", [OP_CLOSE] = "H",
 	[OP_DRELEASE] = "H", [OP_DFLAGS] = "HV", [OP_DREAD] = "HRCC", [OP_DREAD_UNLOCKED] = "HRCC",
-	[OP_UFFD] = "RCCS", [OP_DWRITE] = "HRCCS", [OP_DMIGRATE] = "HRCC",
+	[OP_UFFD] = "RCCS", [OP_DWRITE] = "HRCCS", [OP_DMIGRATE] = "HRCC", [OP_DMIGRATE_ON_FAULT] = "HRCC",
 	[OP_DMIGRATE_SYS] = "HRCC", [OP_DSNAPSHOT] = "HRCC", [OP_DEXCLUSIVE] = "HRCC",
 	[OP_DCHECK_EXCLUSIVE] = "HRCC",
 };
