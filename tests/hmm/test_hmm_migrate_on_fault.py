@@ -20,7 +20,11 @@ from hmmsim.drivers.test_hmm_uapi import (
     HmmDmirrorCmd,
 )
 from hmmsim.hmm.hmm import HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, hmm_range_fault
-from hmmsim.hmm.hmm_migrate import hmm_migrate_abort, hmm_select_migrate, migrate_hmm_range_setup
+from hmmsim.hmm.hmm_migrate import (
+    hmm_migrate_abort,
+    hmm_select_migrate,
+    migrate_hmm_range_setup,
+)
 from hmmsim.hmm.migrate_device import (
     MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
@@ -55,13 +59,17 @@ from hmmsim.kernel.mmu_notifier import (
     MmuNotifierRange,
     mmu_interval_read_begin,
     mmu_interval_read_retry,
-    mmu_interval_set_seq,
     notify_range,
 )
 from hmmsim.kernel.page_types import PAGE_SIZE as P
 from hmmsim.kernel.page_types import PMD_SIZE
 from hmmsim.kernel.pagemap import folio_test_locked
-from hmmsim.kernel.pgtable import is_migration_entry, pmd_trans_huge, pte_present, pte_to_swp_entry
+from hmmsim.kernel.pgtable import (
+    is_migration_entry,
+    pmd_trans_huge,
+    pte_present,
+    pte_to_swp_entry,
+)
 from hmmsim.kernel.profile import KERNELS, get_profile, with_migrate_on_fault
 from hmmsim.scenario.run import reference_config, run_scenario_text
 from hmmsim.selftests.harness import run_test, select_tests
@@ -307,7 +315,7 @@ def test_own_migrate_events_are_filtered_others_bump_the_sequence(msys: System, 
     bad = OwnerMirror(mproc.mm, filtering=False)
     ret, r2 = fault_migrate(bad, a, 4, retries=5)
     assert ret == -EBUSY and bad.retries == 5 and msys.stats["hmm.migrate.abort"] >= 6
-    assert all(not folio_test_locked(msys, p) for p in (hmm_pfn_to_pfn(int(v), r.layout) for v in r.hmm_pfns))
+    assert all(not folio_test_locked(msys, p) for p in (hmm_pfn_to_pfn(int(v), r2.layout) for v in r2.hmm_pfns))
     seq = mmu_interval_read_begin(good.notifier)
     with notify_range(MmuNotifierEvent.MMU_NOTIFY_MIGRATE, mproc.mm, a, a + P, owner=object()):
         pass
@@ -583,3 +591,37 @@ def test_protnone_pte_is_not_migrated_by_the_walk(make_system) -> None:
             mmap_read_unlock(proc.mm)
         assert proc.read(a, 2 * P) == b"n" * (2 * P)
     assert got == [(0, 2, [True, True]), (0, 1, [False, True])]
+
+
+@pytest.mark.parametrize("at, aborts, ebusy", [
+    (0, 0, 1),  # before the first walk: -EBUSY, nothing captured, no bracket
+    (1, 1, 1),  # mid-walk (the re-read of the pte table): -EBUSY, captures undone
+    (2, 1, 0),  # after the walk: the driver's sequence check drops the result
+    (3, 1, 0),
+])
+def test_concurrent_zap_during_the_walk_keeps_the_bracket_balanced(msys: System, mproc: Process, at: int,
+                                                                   aborts: int, ebusy: int) -> None:
+    """A second thread zaps the last page of the range (MADV_DONTNEED: MMU_NOTIFY_CLEAR)
+    at a scheduling point of the walk. Whether it lands before the walk, in the middle or
+    before the driver's sequence check, the result is retried or correct: every call ends
+    its MIGRATE bracket, a stale result's captures are undone, and the pages end up
+    migrated with their data (the zapped page reads as zeroes)."""
+    from hmmsim.kernel.sched import Interleave
+    mirror = OwnerMirror(mproc.mm)
+    a = mproc.mmap(8 * P)
+    mproc.write(a, b"r" * (8 * P))
+    race = Interleave(msys, lambda: mproc.madvise(a + 7 * P, P, "dontneed"), at=at, name="zapper")
+    with race:
+        ret, r = fault_migrate(mirror, a, 8)
+    assert race.done and ret == 0
+    assert no_notifier_open(msys)
+    own = [x for x in mirror.invalidations if x[0] == "own MMU_NOTIFY_MIGRATE"]
+    assert len(own) == msys.stats["hmm.migrate.notifier_bracket"] >= 1
+    # every try but the last was dropped (-EBUSY or stale) and undone
+    assert msys.stats["hmm.migrate.range_fault"] - 1 == mirror.retries
+    assert (msys.stats["hmm.migrate.abort"], msys.stats["hmm.range_fault.ebusy"]) == (aborts, ebusy)
+    assert all(int(v) & _BOTH == _BOTH or int(v) & (HMM_PFN_VALID | HMM_PFN_MIGRATE) == HMM_PFN_MIGRATE
+               for v in r.hmm_pfns)
+    finish_to_system(msys, r)
+    assert mproc.read(a, 7 * P) == b"r" * (7 * P) and mproc.read(a + 7 * P, P) == bytes(P)
+    mirror.remove()

@@ -133,9 +133,9 @@ class HmmMigrateWalk(HmmVmaWalk):
     its span, the ``MMU_NOTIFY_MIGRATE`` range once started, and the collector (a scratch
     ``struct migrate_vma`` the prepare step fills, one entry per page of the range)."""
 
-    __slots__ = ("minfo", "vma", "mig_start", "mig_end", "mmu_range", "collector", "captured")
+    __slots__ = ("captured", "collector", "mig_end", "mig_start", "minfo", "mmu_range", "vma")
 
-    def __init__(self, r: HmmRange, profile: "Profile", minfo: int) -> None:
+    def __init__(self, r: HmmRange, profile: Profile, minfo: int) -> None:
         super().__init__(r, profile)
         m = r.migrate
         self.minfo = minfo
@@ -324,7 +324,7 @@ hmm_migrate_walk_ops = MmWalkOps(
 
 
 # -- the call -------------------------------------------------------------------------------------
-def hmm_migrate_abort(sys: "System", r: HmmRange, captured: npt.NDArray[np.bool_] | None = None,
+def hmm_migrate_abort(sys: System, r: HmmRange, captured: npt.NDArray[np.bool_] | None = None,
                       fault_folio: int = -1) -> None:
     """Undo what a walk prepared: the migration entries of the *captured* entries (by
     default every output with VALID and MIGRATE: after a successful call, for a driver
