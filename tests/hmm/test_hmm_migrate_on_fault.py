@@ -538,12 +538,17 @@ def test_dmirror_migrate_on_fault_to_dev_preserves_data(msys: System, mproc: Pro
     assert mproc.read(a, 40 * P) == data.tobytes()  # the CPU faults them back
 
 
+def _check(sys: System, cmd: Any) -> None:
+    sys.check_invariants(full=True)
+    sys.ls.assert_no_locks()
+
+
 def test_dmigrate_on_fault_scenario_and_unknown_command_without_the_option() -> None:
     text = (b"hmmsim-scenario 1\nopen d 0\nmmap a 8 rw private,anon\nfill a 0 4 9\n"
             b"dmigrate_on_fault d a 0 8\ncheck a 0 4 9\n")
     off = run_scenario_text(text, reference_config("7.3"))
     assert off[3] == '{"line":5,"op":"dmigrate_on_fault","ret":-22}'
-    on = run_scenario_text(text, reference_config("7.3", migrate_on_fault=True))
+    on = run_scenario_text(text, reference_config("7.3", migrate_on_fault=True), after=_check)
     ref = run_scenario_text(text.replace(b"dmigrate_on_fault", b"dmigrate"), reference_config("7.3"))
     assert on[3] == ref[3].replace('"dmigrate"', '"dmigrate_on_fault"').replace('"cpages":4', '"cpages":8')
     assert '"cpages":8' in on[3] and on[4] == '{"line":6,"mismatch":0,"op":"check","ret":0}'
@@ -556,7 +561,8 @@ def test_golden_scenarios_print_the_same_with_the_option(name: str) -> None:
     7.3 scenarios): the real 7.3 kernel's lines, with migrate_vma_setup() on the walk."""
     from pathlib import Path
     g = Path(__file__).parents[1] / "scenario" / "golden"
-    got = run_scenario_text((g / f"{name}.hmm").read_bytes(), reference_config("7.3", migrate_on_fault=True))
+    got = run_scenario_text((g / f"{name}.hmm").read_bytes(), reference_config("7.3", migrate_on_fault=True),
+                            after=_check)
     assert got == (g / "7.3" / f"{name}.jsonl").read_text().splitlines()
 
 
