@@ -644,3 +644,19 @@ def test_selftests_give_the_same_results_with_and_without_the_option(name: str) 
         res.append([(f"{f}.{v.name}.{n}", run_test(f, n, fn, v, reference_config("7.3", migrate_on_fault=on)).status)
                     for f, n, fn, v in sel])
     assert res[0] == res[1] and {s for _n, s in res[0]} == {"pass"}
+
+
+def test_cli_migrate_on_fault(tmp_path, capsys) -> None:
+    """``--migrate-on-fault`` for ``run`` and ``selftest``; refused (usage) for 6.12."""
+    from hmmsim.cli import main
+    f = tmp_path / "m.hmm"
+    f.write_text("hmmsim-scenario 1\nopen d 0\nmmap a 2 rw private,anon\nfill a 0 2 5\n"
+                 "dmigrate_on_fault d a 0 2\n")
+    assert main(["run", "--kernel", "7.3", "--migrate-on-fault", str(f)]) == 0
+    assert '"op":"dmigrate_on_fault","ret":0' in capsys.readouterr().out
+    assert main(["selftest", "--kernel", "6.12", "--migrate-on-fault", "-l"]) == 2
+    assert main(["selftest", "--kernel", "7.3", "--migrate-on-fault", "-l"]) == 0
+    assert "hmm.hmm_device_private.migrate_on_fault" in capsys.readouterr().out.split()
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--kernel", "6.12", "--migrate-on-fault", str(f)])
+    assert e.value.code == 2
