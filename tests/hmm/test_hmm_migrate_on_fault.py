@@ -660,3 +660,20 @@ def test_cli_migrate_on_fault(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["run", "--kernel", "6.12", "--migrate-on-fault", str(f)])
     assert e.value.code == 2
+
+
+def test_nothing_selected_is_a_plain_walk(msys: System, mproc: Process) -> None:
+    """``hmm_select_migrate() == 0`` (migrate set, no SELECT_*, no REQ_MIGRATE): no
+    capture, no bracket, no -ERANGE; the outputs are 7.3's."""
+    mirror = OwnerMirror(mproc.mm)
+    a = mproc.mmap(4 * P)
+    mproc.mprotect(a + 2 * P, 2 * P, "r")
+    mproc.write(a, b"p")
+    ret, r = fault_migrate(mirror, a, 4, default_flags=0)
+    assert ret == 0 and msys.stats["hmm.migrate.notifier_bracket"] == 0
+    out = [int(v) for v in r.hmm_pfns]
+    assert out[0] & (HMM_PFN_VALID | HMM_PFN_WRITE | HMM_PFN_MIGRATE) == HMM_PFN_VALID | HMM_PFN_WRITE
+    assert out[1:] == [0, 0, 0]
+    migrate_hmm_range_setup(r)
+    assert r.migrate.cpages == 0 and pte_present(ptes(mproc, a, 1)[0])
+    mirror.remove()
