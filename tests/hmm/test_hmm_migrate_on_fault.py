@@ -32,6 +32,7 @@ from hmmsim.hmm.migrate_device import (
     MIGRATE_PFN_WRITE,
     MIGRATE_VMA_FAULT,
     MIGRATE_VMA_SELECT_COMPOUND,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM,
     MigrateVma,
     migrate_pfn,
@@ -677,3 +678,53 @@ def test_nothing_selected_is_a_plain_walk(msys: System, mproc: Process) -> None:
     migrate_hmm_range_setup(r)
     assert r.migrate.cpages == 0 and pte_present(ptes(mproc, a, 1)[0])
     mirror.remove()
+
+
+def _random_machine(make_system, on: bool, seed: int) -> tuple[System, Process, int, tuple[Any, Any]]:
+    """A machine in a random but seed-determined state: 24 pages of written, zero-page,
+    untouched, read-only, device-private (device 0) and forked-shared pages."""
+    rng = np.random.default_rng(seed)
+    sys = make_system(kernel="7.3", migrate_on_fault=on)
+    proc = sys.spawn("t")
+    a = proc.mmap(24 * P)
+    dev = proc.open_device(0)
+    for k in range(24):
+        kind = int(rng.integers(0, 5))
+        if kind == 1:
+            proc.write(a + k * P, bytes([k + 1]) * 8)
+        elif kind == 2:
+            proc.read(a + k * P, 1)
+        elif kind == 3:
+            proc.write(a + k * P, bytes([k + 1]))
+            proc.mprotect(a + k * P, P, "r")
+    first = int(rng.integers(0, 20))
+    proc.mprotect(a, 24 * P, "rw")
+    dev.migrate(a + first * P, 4)
+    child = proc.fork() if rng.integers(0, 2) else None
+    owner = proc.task.fget(dev.fd).private_data.mdevice
+    return sys, proc, a, (child, owner)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_migrate_vma_setup_same_result_on_random_states(make_system, seed: int) -> None:
+    """migrate_vma_setup() through the unified walk and through 7.3's collection, on two
+    machines driven identically: the same return, cpages, src entries (pfns included),
+    page tables after setup, and the same data after the migration back."""
+    flags = [MIGRATE_VMA_SELECT_SYSTEM, MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND,
+             MIGRATE_VMA_SELECT_DEVICE_PRIVATE][seed % 3]
+    seen = []
+    for on in (False, True):
+        sys, proc, a, (child, owner) = _random_machine(make_system, on, seed)
+        m = MigrateVma(proc.mm.vma_lookup(a), a, a + 24 * P, owner, flags)
+        mmap_read_lock(proc.mm)
+        try:
+            ret = migrate_vma_setup(m)
+            after = ptes(proc, a, 24)
+            migrate_vma_pages(m)
+            migrate_vma_finalize(m)
+        finally:
+            mmap_read_unlock(proc.mm)
+        seen.append((ret, m.cpages, [int(x) for x in m.src], after, proc.read(a, 24 * P)))
+        if child is not None:
+            child.exit()
+    assert seen[0] == seen[1]
