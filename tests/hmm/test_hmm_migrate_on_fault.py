@@ -714,7 +714,7 @@ def test_migrate_vma_setup_same_result_on_random_states(make_system, seed: int) 
              MIGRATE_VMA_SELECT_DEVICE_PRIVATE][seed % 3]
     seen = []
     for on in (False, True):
-        sys, proc, a, (child, owner) = _random_machine(make_system, on, seed)
+        _sys, proc, a, (child, owner) = _random_machine(make_system, on, seed)
         m = MigrateVma(proc.mm.vma_lookup(a), a, a + 24 * P, owner, flags)
         mmap_read_lock(proc.mm)
         try:
