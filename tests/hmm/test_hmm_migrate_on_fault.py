@@ -728,3 +728,25 @@ def test_migrate_vma_setup_same_result_on_random_states(make_system, seed: int) 
         if child is not None:
             child.exit()
     assert seen[0] == seen[1]
+
+
+def test_abort_restores_a_compound_capture(make_system) -> None:
+    """A THP captured whole (PMD migration entry) and then dropped by the driver
+    (``hmm_migrate_abort``): the PMD maps the THP again, unlocked, data intact."""
+    sys = make_system(kernel="7.3", migrate_on_fault=True, thp="always")
+    proc = sys.spawn("t")
+    a = proc.mmap(2 * PMD_SIZE)
+    a = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    proc.write(a, b"k" * (2 * P))
+    before = proc.mm.pmd_ref(a).get()
+    assert pmd_trans_huge(before)
+    mirror = OwnerMirror(proc.mm)
+    ret, r = fault_migrate(mirror, a, 512, mflags=MIGRATE_VMA_SELECT_COMPOUND)
+    assert ret == 0 and int(r.hmm_pfns[0]) & HMM_PFN_COMPOUND
+    assert not pmd_trans_huge(proc.mm.pmd_ref(a).get())  # a PMD migration entry now
+    hmm_migrate_abort(sys, r)
+    assert proc.mm.pmd_ref(a).get() == before
+    assert not folio_test_locked(sys, hmm_pfn_to_pfn(int(r.hmm_pfns[0]), r.layout))
+    assert not (r.hmm_pfns & np.uint64(HMM_PFN_MIGRATE | HMM_PFN_COMPOUND)).any()
+    assert proc.read(a, 2 * P) == b"k" * (2 * P)
+    mirror.remove()
