@@ -750,3 +750,17 @@ def test_abort_restores_a_compound_capture(make_system) -> None:
     assert not (r.hmm_pfns & np.uint64(HMM_PFN_MIGRATE | HMM_PFN_COMPOUND)).any()
     assert proc.read(a, 2 * P) == b"k" * (2 * P)
     mirror.remove()
+
+
+def test_unlocked_range_fault_refuses_range_migrate(msys: System, mproc: Process) -> None:
+    """7.3's ``hmm_range_fault_unlocked_timeout()`` came after the series: combining it
+    with ``range.migrate`` is refused, not guessed."""
+    from hmmsim.hmm.hmm import hmm_range_fault_unlocked_timeout
+    mirror = OwnerMirror(mproc.mm)
+    a = mproc.mmap(P)
+    r = HmmRange(notifier=mirror.notifier, start=a, end=a + P, hmm_pfns=np.zeros(1, np.uint64),
+                 default_flags=HMM_PFN_REQ_FAULT | HMM_PFN_REQ_MIGRATE,
+                 migrate=MigrateVma(None, a, a + P, OWNER, 0))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not modelled"):
+        hmm_range_fault_unlocked_timeout(r, 0)
+    mirror.remove()

@@ -795,6 +795,8 @@ def hmm_range_fault_unlocked_timeout(r: HmmRange, timeout: int) -> int:
     fresh ``notifier_seq``, after every -EBUSY. *timeout* (jiffies, 0 = for ever) bounds
     the retries without progress: the deadline restarts whenever a fault dropped the lock;
     when it passes, -EBUSY. The model's clock moves one jiffy per attempt."""
+    if r.migrate is not None:  # the unified walk series predates the unlocked variant
+        raise TypeError("hmm_range_fault_unlocked_timeout: range.migrate (the unified walk) is not modelled here")
     mm = r.notifier.mm
     assert mm is not None, "hmm_range_fault: the notifier is not inserted"
     sys = mm.sys
