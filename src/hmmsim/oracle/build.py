@@ -379,8 +379,8 @@ class _Build:
         if rc != 0:
             tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
             raise BuildError(f"{step} failed (exit {rc}); log {log}:\n{tail}")
-        if progress and n:
-            count_file.write_text(str(n))
+        if progress and n:  # the largest count seen: a full build, not the last incremental one
+            count_file.write_text(str(max(n, expected or 0)))
 
 
 def _show_progress(step: str, stream: Iterable[str], fh, expected: int | None) -> int:
