@@ -421,9 +421,11 @@ def _apt_private(root: Path, rel: Release) -> list[str]:
     (d / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (d / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     (d / "sources.list").write_text(rel.sources_line + "\n")
-    return ["-o", f"Dir::Etc::SourceList={d / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
-            "-o", f"Dir::State::Lists={d / 'lists'}", "-o", f"Dir::Cache={d}",
-            "-o", "APT::Sandbox::User=root" if os.geteuid() == 0 else "-q"]
+    opts = ["-o", f"Dir::Etc::SourceList={d / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
+            "-o", f"Dir::State::Lists={d / 'lists'}", "-o", f"Dir::Cache={d}"]
+    if os.geteuid() == 0:  # root's apt would drop to _apt, which cannot write into a user's cache
+        opts += ["-o", "APT::Sandbox::User=root"]
+    return opts
 
 
 def _fetch_release(b: _Build, rel: Release) -> Path:
