@@ -372,11 +372,10 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
             dst[i] = np.uint64(int(dst[i]) | MIGRATE_PFN_COMPOUND)
             if mem.order[dpage]:
                 nr = mem.folio_nr_pages(dpage)
-                rp = np.arange(rpage, rpage + nr, dtype=np.int64)
                 if spage >= 0:
-                    mem.copy_pages(rp, np.arange(spage, spage + nr, dtype=np.int64))
+                    mem.copy_folio(rpage, spage, nr)
                 else:
-                    mem.clear_pages(rp)
+                    mem.clear_pages(np.arange(rpage, rpage + nr, dtype=np.int64))
                 i += nr
                 continue
         if spage >= 0:
@@ -396,13 +395,12 @@ def dmirror_migrate_finalize_and_map(args: MigrateVma, dmirror: "Dmirror") -> in
         return _migrate_finalize_and_map_bulk(args, dmirror)  # order-0 destinations only
     with dmirror.mutex.held():
         vpn0 = args.start >> PAGE_SHIFT
-        for i in range(args.npages):
-            if not int(args.src[i]) & MIGRATE_PFN_MIGRATE:
-                continue
-            d = int(args.dst[i])
+        s_ = args.src[:args.npages]
+        d_ = args.dst[:args.npages]
+        for i in np.flatnonzero(((s_ & np.uint64(MIGRATE_PFN_MIGRATE)) != 0)
+                                & ((d_ & np.uint64(MIGRATE_PFN_VALID)) != 0)).tolist():
+            d = int(d_[i])
             dpage = migrate_pfn_to_page(d)
-            if dpage < 0:
-                continue
             nr = mem.folio_nr_pages(mem.compound_head(dpage)) if d & MIGRATE_PFN_COMPOUND else 1
             tag = DPT_XA_TAG_WRITE if d & MIGRATE_PFN_WRITE else 0
             rpage = _backing_page(sys, dpage)
@@ -529,7 +527,7 @@ def dmirror_devmem_fault_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") ->
             folio_lock(sys, dpage)
             dst[i] = np.uint64(d | migrate_pfn(dpage))
             dmirror.pt.erase_range(vpn, vpn + nr - 1)
-            mem.copy_pages(np.arange(dpage, dpage + nr, dtype=np.int64), np.arange(rpage, rpage + nr, dtype=np.int64))
+            mem.copy_folio(dpage, rpage, nr)
         else:
             dst[i] = np.uint64(d)
             for k in range(nr):  # try with smaller pages
@@ -738,7 +736,7 @@ def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
         folio_lock(sys, dpage)
         nr = 1 << order
         back = _backing_page(sys, spage)
-        mem.copy_pages(np.arange(dpage, dpage + nr, dtype=np.int64), np.arange(back, back + nr, dtype=np.int64))
+        mem.copy_folio(dpage, back, nr)
         dst[i] = np.uint64(migrate_pfn(dpage) | (s_ & MIGRATE_PFN_WRITE) | MIGRATE_PFN_COMPOUND)
     sel = np.flatnonzero(sel & ~compound)
     if len(sel):

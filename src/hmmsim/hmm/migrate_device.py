@@ -501,6 +501,9 @@ def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int
     fork, mapped twice) and large folios go through ``try_to_migrate`` one by one."""
     mem = sys.mem
     s_ = src[:npages]
+    nz = s_.nonzero()[0]
+    if len(nz) == 1:  # one entry (a THP window, a single page's fault): the kernel's loop
+        return _migrate_device_unmap_one(sys, s_, int(nz[0]), fault_page)
     valid = (s_ & _U(MIGRATE_PFN_VALID)) != 0
     unmapped = int((~valid & ((s_ & _U(MIGRATE_PFN_MIGRATE)) != 0)).sum())
     idx = np.flatnonzero(valid)
@@ -539,6 +542,28 @@ def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int
         folio_unlock(sys, page)
         folio_put(sys, page)
     return unmapped
+
+
+def _migrate_device_unmap_one(sys: "System", s_: npt.NDArray[np.uint64], i: int, fault_page: int) -> int:
+    """:func:`migrate_device_unmap` of a range whose only non-zero entry is *i*, as the
+    kernel's loop does it (the same checks and counts as the bulk path)."""
+    mem = sys.mem
+    s = int(s_[i])
+    if not s & MIGRATE_PFN_VALID:
+        return 1 if s & MIGRATE_PFN_MIGRATE else 0
+    page = s >> MIGRATE_PFN_SHIFT
+    if int(mem.head_off[page]) == 0 and mem.order[page]:  # 7.3: a whole large folio
+        s_[i] = _U(s | MIGRATE_PFN_COMPOUND)
+    if mem.folio_mapcount(page) > 0:
+        try_to_migrate(sys, page)
+    if mem.folio_mapcount(page) == 0 and migrate_vma_check_page(sys, page, fault_page):
+        return 1
+    s_[i] = _U(0)
+    one = np.array([page], np.int64)
+    remove_migration_ptes_folios(sys, one, one)
+    folio_unlock(sys, page)
+    folio_put(sys, page)
+    return 0
 
 
 def migrate_vma_setup(m: MigrateVma) -> int:
@@ -629,6 +654,14 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
     mem = sys.mem
     s_ = src[:npages]
     d_ = dst[:npages]
+    nz = s_.nonzero()[0]
+    if len(nz) == 1:
+        i = int(nz[0])
+        dn = d_.nonzero()[0]
+        if len(dn) == 0 or (len(dn) == 1 and int(dn[0]) == i):
+            # one entry (a THP window, a single page's fault): the kernel's loop body
+            _migrate_device_pages_one(sys, src, dst, i, m)
+            return
     has_new = (d_ & _U(MIGRATE_PFN_VALID)) != 0
     s_[~has_new] &= ~_U(MIGRATE_PFN_MIGRATE)
     # 7.3 THP checks of mapped compound entries (split, or deselect), entry by entry
@@ -672,6 +705,45 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
                 migrate_vma_insert_page(m, m.start + (i << PAGE_SHIFT), migrate_pfn_to_page(int(dst[i])), i)
 
 
+def _migrate_device_pages_one(sys: "System", src: npt.NDArray[np.uint64], dst: npt.NDArray[np.uint64],
+                              i: int, m: MigrateVma | None) -> None:
+    """:func:`_migrate_device_pages` of the one entry *i* of a range with no other entry
+    (no destination elsewhere either), entry by entry as the kernel's loop goes: the same
+    checks and state moves as the bulk path."""
+    mem = sys.mem
+    s = int(src[i])
+    d = int(dst[i])
+    if not d & MIGRATE_PFN_VALID:
+        src[i] = _U(s & ~MIGRATE_PFN_MIGRATE)
+        return
+    if s & MIGRATE_PFN_VALID and s & MIGRATE_PFN_MIGRATE and (s | d) & MIGRATE_PFN_COMPOUND:
+        _huge.migrate_device_pages_compound(sys, src, dst, i, m)
+        s = int(src[i])
+    if not s & MIGRATE_PFN_MIGRATE:
+        return
+    if not s & MIGRATE_PFN_VALID:  # a hole: insert the new page
+        assert m is not None, "a hole outside migrate_vma"
+        first = m.start + (i << PAGE_SHIFT)
+        with notify_range(MmuNotifierEvent.MMU_NOTIFY_MIGRATE, m.vma.vm_mm, first, m.end, owner=m.pgmap_owner):
+            if s & MIGRATE_PFN_COMPOUND:  # 7.3: a compound hole
+                _huge.migrate_vma_insert_compound_hole(m, i)
+            else:
+                migrate_vma_insert_page(m, first, d >> MIGRATE_PFN_SHIFT, i)
+        return
+    page = s >> MIGRATE_PFN_SHIFT
+    new = d >> MIGRATE_PFN_SHIFT
+    pid = int(mem.pgmap[new])
+    pg = sys.pgmaps[pid - 1] if pid else None
+    if pg is not None:  # to device memory: a device page of another kind, or a file page, cannot go
+        bad = not (pg.is_private or pg.is_coherent)
+        if not bad and not mem.flags[mem.compound_head(page)] & PG_anon:
+            bad = sys.mapping_cache_of(page) is not None
+        if bad:
+            src[i] = _U(s & ~MIGRATE_PFN_MIGRATE)
+            return
+    folio_migrate_mapping(sys, new, page)
+
+
 def migrate_vma_pages(m: MigrateVma) -> None:
     """Models ``mm/migrate_device.c:migrate_vma_pages()``."""
     _migrate_device_pages(m.vma.vm_mm.sys, m.src, m.dst, m.npages, m)
@@ -697,6 +769,17 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     mem = sys.mem
     s_ = src[:npages]
     d_ = dst[:npages]
+    nz = s_.nonzero()[0]
+    if len(nz) == 1:  # one entry: a THP window's compound entry goes the per-folio way
+        i = int(nz[0])
+        s, d = int(s_[i]), int(d_[i])
+        dn = d_.nonzero()[0]
+        if s & MIGRATE_PFN_VALID and (len(dn) == 0 or (len(dn) == 1 and int(dn[0]) == i)):
+            p, n = s >> MIGRATE_PFN_SHIFT, (d >> MIGRATE_PFN_SHIFT if d & MIGRATE_PFN_VALID else -1)
+            if mem.order[p] or (n >= 0 and mem.order[n]):
+                _huge.migrate_device_finalize_compound(sys, p, n, bool(s & MIGRATE_PFN_MIGRATE), fault_folio)
+                sys.stats.add("migrate_vma.finalize")
+                return
     sv = (s_ & _U(MIGRATE_PFN_VALID)) != 0
     dv = (d_ & _U(MIGRATE_PFN_VALID)) != 0
     page = np.where(sv, (s_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64), -1)
@@ -708,6 +791,9 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     if big.any():
         sv &= ~big
         dv &= ~big
+        if not (sv | dv).any():  # only compound entries (a THP window)
+            sys.stats.add("migrate_vma.finalize")
+            return
         page[big] = -1
         new[big] = -1
     migrated = sv & dv & ((s_ & _U(MIGRATE_PFN_MIGRATE)) != 0)
