@@ -4,8 +4,6 @@ HMM_DMIRROR_RELEASE, which also unmaps every chunk: ``dmirror_device_remove_chun
 
 from __future__ import annotations
 
-from collections import deque
-from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -154,7 +152,7 @@ def dmirror_devmem_free(mdevice: DmirrorDevice, pfn: int) -> None:
     mem = sys.mem
     order = int(mem.order[pfn])
     backing = int(mem.zone_device_data[pfn])
-    mdevice.backing_owner.pop(backing or pfn, None)
+    mdevice.backing_owner[backing or pfn] = 0
     if mdevice.is_private and backing:
         mem.zone_device_data[pfn] = 0
         folio_put(sys, backing)
@@ -189,8 +187,8 @@ def dmirror_devmem_folio_split(mdevice: DmirrorDevice, head: int, tail: int | No
         return
     rtail = rpage + (tail - head)
     mem.zone_device_data[tail] = rtail
-    owner = mdevice.backing_owner.get(rpage)
-    if owner is not None:
+    owner = mdevice.backing_owner[rpage]
+    if owner:
         mdevice.backing_owner[rtail] = owner
     mem.head_off[rtail] = 0  # clear_compound_head()
     mem.mapping[rtail] = 0
@@ -211,8 +209,7 @@ def dmirror_devmem_free_pages(mdevice: DmirrorDevice, pfns: npt.NDArray[np.int64
             dmirror_devmem_free(mdevice, p)
         return
     backing = mem.zone_device_data[pfns]
-    owner = mdevice.backing_owner
-    deque(map(owner.pop, np.where(backing != 0, backing, pfns).tolist(), repeat(None)), maxlen=0)
+    mdevice.backing_owner[np.where(backing != 0, backing, pfns)] = 0
     if mdevice.is_private:
         has = backing != 0
         if has.any():
@@ -299,6 +296,17 @@ def dmirror_devmem_alloc_page(dmirror: "Dmirror", is_large: bool = False) -> int
     return dpage
 
 
+def _owner_id(dmirror: "Dmirror") -> int:
+    """The index of *dmirror* in its device's ``owners`` (registered on first use): what
+    :attr:`~.dmirror_core.DmirrorDevice.backing_owner` stores for its pages."""
+    oid = dmirror.owner_id
+    if not oid:
+        owners = dmirror.mdevice.owners
+        oid = dmirror.owner_id = len(owners)
+        owners.append(dmirror)
+    return oid
+
+
 def _backing_page(sys: "System", dpage: int) -> int:
     """``BACKING_PAGE()``: a private page's data page; a coherent page holds its data."""
     rpage = int(sys.mem.zone_device_data[dpage])
@@ -357,7 +365,7 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
                     raise KernelOops("dmirror_migrate_alloc_and_copy: an order-0 device page of the "
                                      "THP fallback could not be allocated (NULL dereference)")
                 rpage = _backing_page(sys, dpage)
-                dmirror.mdevice.backing_owner[rpage] = dmirror
+                dmirror.mdevice.backing_owner[rpage] = _owner_id(dmirror)
                 dst[i] = np.uint64(migrate_pfn(dpage) | write)
                 if spage >= 0:
                     mem.copy_pages(rpage, spage + k)
@@ -366,7 +374,7 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
                 i += 1
             continue
         rpage = _backing_page(sys, dpage)
-        dmirror.mdevice.backing_owner[rpage] = dmirror
+        dmirror.mdevice.backing_owner[rpage] = _owner_id(dmirror)
         dst[i] = np.uint64(migrate_pfn(dpage) | write | (hole_write if spage < 0 else 0))
         if is_large:
             dst[i] = np.uint64(int(dst[i]) | MIGRATE_PFN_COMPOUND)
@@ -438,7 +446,7 @@ def _migrate_alloc_and_copy_bulk(args: MigrateVma, dmirror: "Dmirror") -> None:
         return
     rdata = mem.zone_device_data[dpages]
     rpages = np.where(rdata != 0, rdata, dpages)
-    dmirror.mdevice.backing_owner.update(dict.fromkeys(rpages.tolist(), dmirror))
+    dmirror.mdevice.backing_owner[rpages] = _owner_id(dmirror)
     sp = spage[idx]
     has = sp >= 0
     args.dst[idx] = ((dpages.astype(np.uint64) << np.uint64(MIGRATE_PFN_SHIFT)) | np.uint64(MIGRATE_PFN_VALID)
@@ -597,7 +605,8 @@ def dmirror_devmem_fault(vmf: "VmFault") -> int:
     rpage = _backing_page(sys, mem.compound_head(vmf.page))
     pg = sys.pgmap_of(vmf.page)
     assert pg is not None
-    dmirror = pg.owner.backing_owner[rpage]
+    dmirror = pg.owner.owners[int(pg.owner.backing_owner[rpage])]
+    assert dmirror is not None
     order = int(mem.order[mem.compound_head(vmf.page)])
     if vmf.orig_pte:  # a pte fault: the folio may be partially mapped
         order = 0
