@@ -154,19 +154,26 @@ def restore_migration_ptes(vma: "Vma", migs: npt.NDArray[np.uint64], dsts: npt.N
     writable as the migration entry recorded, soft-dirty and uffd-wp kept."""
     migs = np.asarray(migs, np.uint64)
     d = np.asarray(dsts, np.int64).astype(np.uint64)
-    typ = migs >> _U(_SWP_TYPE_SHIFT)
-    writable = typ == _U(SWP_MIGRATION_WRITE)
-    off = (migs >> _U(12)) & _U((1 << 42) - 1)
-    keep_sd = (migs & _U(_PAGE_SWP_SOFT_DIRTY)) != 0
-    keep_wp = (migs & _U(_PAGE_SWP_UFFD_WP)) != 0
-    dev = (np.where(writable, _U(SWP_DEVICE_WRITE), _U(SWP_DEVICE_READ)) << _U(_SWP_TYPE_SHIFT)) | (d << _U(12))
-    dev |= np.where(keep_sd, _U(_PAGE_SWP_SOFT_DIRTY), _U(0)) | np.where(keep_wp, _U(_PAGE_SWP_UFFD_WP), _U(0))
-    pte = ((d << _U(12)) & _U(PTE_PFN_MASK)) | _U(vma.vm_page_prot)
+    writable = (migs >> _U(_SWP_TYPE_SHIFT)) == _U(SWP_MIGRATION_WRITE)
+    any_dev = bool(device_private.any())
+    all_dev = any_dev and bool(device_private.all())
+    # the soft-dirty and uffd-wp bits of the entry, as both forms carry them
+    swp_bits = migs & _U(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP)
+    dev = pte = None
+    if any_dev:
+        dev = (np.where(writable, _U(SWP_DEVICE_WRITE), _U(SWP_DEVICE_READ)) << _U(_SWP_TYPE_SHIFT)) | (d << _U(12))
+        dev |= swp_bits
+        if all_dev:
+            return dev
+    off = migs >> _U(12)
+    pte = ((d << _U(12)) & _U(PTE_PFN_MASK)) | _U(vma.vm_page_prot & ~_PAGE_RW)
     pte |= np.where((off & _U(_SWP_MIG_YOUNG)) != 0, _U(_PAGE_ACCESSED), _U(0))
     pte |= np.where((off & _U(_SWP_MIG_DIRTY)) != 0, _U(_PAGE_DIRTY), _U(0))
-    pte = np.where(writable, pte | _U(_PAGE_RW), pte & ~_U(_PAGE_RW))
-    pte |= np.where(keep_sd, _U(_PAGE_SOFT_DIRTY), _U(0)) | np.where(keep_wp, _U(_PAGE_UFFD_WP), _U(0))
-    return np.where(device_private, dev, pte)
+    pte |= np.where(writable, _U(_PAGE_RW), _U(0))
+    if swp_bits.any():
+        pte |= np.where((migs & _U(_PAGE_SWP_SOFT_DIRTY)) != 0, _U(_PAGE_SOFT_DIRTY), _U(0))
+        pte |= np.where((migs & _U(_PAGE_SWP_UFFD_WP)) != 0, _U(_PAGE_UFFD_WP), _U(0))
+    return pte if dev is None else np.where(device_private, dev, pte)
 
 
 def migration_entry_wait(mm: MM, pmd: PtRef, addr: int) -> None:
