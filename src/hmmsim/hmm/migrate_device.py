@@ -780,6 +780,9 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
                 _huge.migrate_device_finalize_compound(sys, p, n, bool(s & MIGRATE_PFN_MIGRATE), fault_folio)
                 sys.stats.add("migrate_vma.finalize")
                 return
+    if npages and _finalize_all_migrated(sys, s_, d_, fault_folio):
+        sys.stats.add("migrate_vma.finalize")
+        return
     sv = (s_ & _U(MIGRATE_PFN_VALID)) != 0
     dv = (d_ & _U(MIGRATE_PFN_VALID)) != 0
     page = np.where(sv, (s_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64), -1)
@@ -817,6 +820,36 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     seq = np.stack([np.where(unused, new, -1), page, np.where(migrated, new, -1)], axis=1).reshape(-1)
     folios_put_in_order(sys, seq[seq >= 0])
     sys.stats.add("migrate_vma.finalize")
+
+
+_VM = _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+
+
+def _finalize_all_migrated(sys: "System", s_: npt.NDArray[np.uint64], d_: npt.NDArray[np.uint64],
+                           fault_folio: int) -> bool:
+    """:func:`migrate_device_finalize` when every entry migrated to a destination and
+    all are small folios (a whole window moved): the same steps as the general path
+    with fewer array passes. The destinations keep a reference (their mapping), so the
+    only pages freed are sources, in entry order; returns False (nothing done) for any
+    other range."""
+    mem = sys.mem
+    if not bool(((s_ & _VM) == _VM).all()) or not bool((d_ & _U(MIGRATE_PFN_VALID)).all()):
+        return False
+    page = (s_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+    new = (d_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+    if mem.order[page].any() or mem.order[new].any():
+        return False
+    remove_migration_ptes_folios(sys, page, new)
+    folios_unlock(sys, page[page != fault_folio] if fault_folio >= 0 else page)
+    mem.flags[page] &= ~np.uint32(PG_anon | PG_anon_exclusive)
+    mem.mapping[page] = 0
+    folios_unlock(sys, new)
+    if bool((mem.refcount[new] > 1).all()):  # no destination is freed: sources in order
+        folios_put_in_order(sys, page)
+        mem.refcount[new] -= 1
+    else:  # per entry the source, then the destination
+        folios_put_in_order(sys, np.stack([page, new], axis=1).reshape(-1))
+    return True
 
 
 def migrate_vma_finalize(m: MigrateVma) -> None:

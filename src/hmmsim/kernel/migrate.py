@@ -400,8 +400,8 @@ def remove_migration_ptes_folios(sys: "System", srcs: npt.NDArray[np.int64],
     dsts = np.asarray(dsts, np.int64)
     if len(srcs) == 0:
         return
-    simple = ((mem.head_off[srcs] == 0) & (mem.order[srcs] == 0) & (mem.head_off[dsts] == 0)
-              & (mem.order[dsts] == 0) & ((mem.flags[srcs] & PG_anon) != 0))
+    simple = (((mem.head_off[srcs] | mem.head_off[dsts]) == 0) & ((mem.order[srcs] | mem.order[dsts]) == 0)
+              & ((mem.flags[srcs] & PG_anon) != 0))
     mids = mem.mapping[srcs]
     for i in np.flatnonzero(~simple).tolist():
         remove_migration_ptes(sys, int(srcs[i]), int(dsts[i]))
@@ -470,7 +470,7 @@ def _remove_migration_ptes_vma(sys: "System", vma: "Vma", sel: npt.NDArray[np.in
         ptes = tbl[idx]
         s_ = srcs[sel[grp]]
         typ = ptes >> _U(_SWP_TYPE_SHIFT)
-        hit = (((ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) == 0) & (ptes != 0)
+        hit = (((ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) == 0)  # (a migration type is never 0)
                & (typ >= _U(SWP_MIGRATION_READ)) & (typ <= _U(SWP_MIGRATION_WRITE))
                & (((ptes >> _U(12)) & _U((1 << 40) - 1)) == s_.astype(np.uint64)))
         if not hit.any():
