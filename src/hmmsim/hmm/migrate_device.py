@@ -131,6 +131,8 @@ MIGRATE_VMA_SELECT_COMPOUND = 1 << 3
 _U = np.uint64
 #: the page flags ``folio_migrate_flags()`` carries over (as :func:`folio_migrate_mapping`)
 _MIGRATE_KEEP_FLAGS = PG_anon | PG_anon_exclusive | PG_dirty | PG_swapbacked | PG_uptodate
+#: an entry selected and collected: VALID | MIGRATE
+_VM = _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
 
 
 def migrate_pfn(pfn: int) -> int:
@@ -268,9 +270,9 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
         n = (end - start) >> PAGE_SHIFT
         mpfn, pages, rare = _migrate_vma_classify_ptes(m, vma, tbl[i0:i0 + n], keep_large=thp)
         large = -1
-        if thp:  # 7.3: the first selected page of a large folio is split, then looked at again
-            v = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
-            big = v[mem.order[mem.heads(pages[v])] != 0] if len(v) else v
+        sel = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
+        if thp and len(sel):  # 7.3: the first selected page of a large folio is split, then looked at again
+            big = sel[mem.order[mem.heads(pages[sel])] != 0]
             if len(big):
                 large = int(big[0])
                 later = mpfn[large:]  # holes/zero pages after it are counted again then
@@ -278,9 +280,10 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
                 mpfn[large:] = 0
                 rare[large:] = False
                 n = large
-        for j in np.flatnonzero(rare).tolist():
-            mpfn[j], pages[j] = _collect_pte_one(m, vma, tbl, i0 + j, start + (j << PAGE_SHIFT))
-        sel = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
+                sel = sel[sel < large]
+        if rare.any():
+            for j in np.flatnonzero(rare).tolist():
+                mpfn[j], pages[j] = _collect_pte_one(m, vma, tbl, i0 + j, start + (j << PAGE_SHIFT))
         if len(sel):
             _collect_ptes(m, vma, tbl, i0, sel, pages[sel], mpfn)
         m.dst[m.npages:m.npages + n] = 0
@@ -344,24 +347,32 @@ def _migrate_vma_classify_ptes(m: MigrateVma, vma: "Vma", ptes: npt.NDArray[np.u
     pfn = d.pfn.astype(np.int64)
     present = d.present
     zero = present & (pfn == mem.zero_pfn)
-    if zero.any() and system and anon:
-        mpfn[zero] = MIGRATE_PFN_MIGRATE
-        m.cpages += int(zero.sum())
-    normal = present & ~zero & ~d.special & (pfn < mem.max_pfn)
-    rare = present & ~zero & ~normal
-    sel_tab, kind_tab = _selectable_pgmaps(m, sys)
+    if zero.any():
+        if system and anon:
+            mpfn[zero] = MIGRATE_PFN_MIGRATE
+            m.cpages += int(zero.sum())
+        present = present & ~zero
+    normal = present & ~d.special & (pfn < mem.max_pfn)
+    rare = present & ~normal
+    sel_tab = kind_tab = None
     if normal.any():
         p = np.where(normal, pfn, 0)
         pid = np.where(normal, mem.pgmap[p], 0)
-        kind = kind_tab[pid]
-        rare |= normal & (kind != 0) & (kind != 2)  # a present pte of a non-coherent device page
-        take = normal & (((kind == 0) & system) | ((kind == 2) & sel_tab[pid]))
-        take &= ~rare
+        if pid.any():
+            sel_tab, kind_tab = _selectable_pgmaps(m, sys)
+            kind = kind_tab[pid]
+            rare |= normal & (kind != 0) & (kind != 2)  # a present pte of a non-coherent device page
+            take = normal & (((kind == 0) & system) | ((kind == 2) & sel_tab[pid]))
+            take &= ~rare
+        else:  # system pages only
+            take = normal if system else np.zeros(n, np.bool_)
         pages[take] = pfn[take]
         mpfn[take] = ((pfn[take].astype(np.uint64) << _U(MIGRATE_PFN_SHIFT))
                       | _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
                       | np.where(d.write[take], _U(MIGRATE_PFN_WRITE), _U(0)))
     if d.has_swap and d.device_private.any():
+        if sel_tab is None:
+            sel_tab, kind_tab = _selectable_pgmaps(m, sys)
         dp = d.device_private
         p = np.where(dp, pfn, 0)
         pid = np.where(dp, mem.pgmap[p], 0)
@@ -371,13 +382,16 @@ def _migrate_vma_classify_ptes(m: MigrateVma, vma: "Vma", ptes: npt.NDArray[np.u
                       | _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
                       | np.where(d.device_private_write[take], _U(MIGRATE_PFN_WRITE), _U(0)))
     # a selected page is collected only if it is a small folio with a mapping
-    v = np.flatnonzero((mpfn & _U(MIGRATE_PFN_VALID)) != 0)
+    v = np.flatnonzero(mpfn & _U(MIGRATE_PFN_VALID))
     if len(v):
         heads = mem.heads(pages[v])
-        bad = (mem.mapping[heads] == 0) | ((mem.order[heads] != 0) & (not keep_large))
+        large = mem.order[heads] != 0
         if keep_large:  # 7.3 splits a large folio before it looks at its mapping
-            bad &= mem.order[heads] == 0
-        mpfn[v[bad]] = 0
+            bad = (mem.mapping[heads] == 0) & ~large
+        else:
+            bad = (mem.mapping[heads] == 0) | large
+        if bad.any():
+            mpfn[v[bad]] = 0
     return mpfn, pages, rare
 
 
@@ -663,34 +677,47 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
             _migrate_device_pages_one(sys, src, dst, i, m)
             return
     has_new = (d_ & _U(MIGRATE_PFN_VALID)) != 0
-    s_[~has_new] &= ~_U(MIGRATE_PFN_MIGRATE)
-    # 7.3 THP checks of mapped compound entries (split, or deselect), entry by entry
-    comp = np.flatnonzero(has_new & ((s_ & _U(MIGRATE_PFN_VALID)) != 0) & ((s_ & _U(MIGRATE_PFN_MIGRATE)) != 0)
-                          & (((s_ | d_) & _U(MIGRATE_PFN_COMPOUND)) != 0))
-    for i in comp.tolist():
-        _huge.migrate_device_pages_compound(sys, src, dst, i, m)
+    all_new = bool(has_new.all())
+    if not all_new:
+        s_[~has_new] &= ~_U(MIGRATE_PFN_MIGRATE)
+    if bool(((s_ | d_) & _U(MIGRATE_PFN_COMPOUND)).any()):
+        # 7.3 THP checks of mapped compound entries (split, or deselect), entry by entry
+        comp = np.flatnonzero(has_new & ((s_ & _VM) == _VM) & (((s_ | d_) & _U(MIGRATE_PFN_COMPOUND)) != 0))
+        for i in comp.tolist():
+            _huge.migrate_device_pages_compound(sys, src, dst, i, m)
     svalid = (s_ & _U(MIGRATE_PFN_VALID)) != 0
-    mig = (s_ & _U(MIGRATE_PFN_MIGRATE)) != 0
-    holes = np.flatnonzero(has_new & ~svalid & mig)
-    move = np.flatnonzero(has_new & svalid & mig)
+    hm = (s_ & _U(MIGRATE_PFN_MIGRATE)) != 0
+    if not all_new:
+        hm &= has_new
+    holes = np.flatnonzero(hm & ~svalid)
+    move = np.flatnonzero(hm & svalid)
     if len(move):
         pages = (s_[move] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
         new = (d_[move] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
-        kind_tab = _pgmap_kinds(sys)
-        nkind = kind_tab[mem.pgmap[new]]
-        anon = (mem.flags[mem.heads(pages)] & np.uint32(PG_anon)) != 0
-        bad = np.zeros(len(move), np.bool_)
-        todev = nkind != 0
-        bad[todev & (nkind == 3)] = True
-        for j in np.flatnonzero(todev & ~anon & ~bad).tolist():
-            bad[j] = sys.mapping_cache_of(int(pages[j])) is not None
-        s_[move[bad]] &= ~_U(MIGRATE_PFN_MIGRATE)
-        ok = ~bad
-        fast = ok & anon & (mem.order[pages] == 0) & (mem.head_off[pages] == 0)
-        for j in np.flatnonzero(ok & ~fast).tolist():
+        heads = mem.heads(pages)
+        anon = (mem.flags[heads] & np.uint32(PG_anon)) != 0
+        pid = mem.pgmap[new]
+        ok = None  # None: every entry may move
+        if pid.any():  # to device memory: not to a pagemap of another kind, nor a file page
+            nkind = _pgmap_kinds(sys)[pid]
+            todev = nkind != 0
+            bad = todev & (nkind == 3)
+            for j in np.flatnonzero(todev & ~anon & ~bad).tolist():
+                bad[j] = sys.mapping_cache_of(int(pages[j])) is not None
+            if bad.any():
+                s_[move[bad]] &= ~_U(MIGRATE_PFN_MIGRATE)
+                ok = ~bad
+        fast = anon & (heads == pages) & (mem.order[pages] == 0)
+        slow = ~fast if ok is None else ok & ~fast
+        for j in np.flatnonzero(slow).tolist():
             folio_migrate_mapping(sys, int(new[j]), int(pages[j]))
-        if fast.any():
+        if ok is not None:
+            fast &= ok
+        if bool(fast.all()):
+            fp, fn = pages, new
+        else:
             fp, fn = pages[fast], new[fast]
+        if len(fp):
             mem.mapping[fn] = mem.mapping[fp]
             mem.index[fn] = mem.index[fp]
             mem.flags[fn] |= mem.flags[fp] & np.uint32(_MIGRATE_KEEP_FLAGS)
@@ -820,9 +847,6 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     seq = np.stack([np.where(unused, new, -1), page, np.where(migrated, new, -1)], axis=1).reshape(-1)
     folios_put_in_order(sys, seq[seq >= 0])
     sys.stats.add("migrate_vma.finalize")
-
-
-_VM = _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
 
 
 def _finalize_all_migrated(sys: "System", s_: npt.NDArray[np.uint64], d_: npt.NDArray[np.uint64],
