@@ -216,11 +216,10 @@ def dmirror_devmem_free_pages(mdevice: DmirrorDevice, pfns: npt.NDArray[np.int64
             mem.zone_device_data[pfns[has]] = 0
             folios_put(sys, np.sort(backing[has]))
     with mdevice.lock.held():
-        keep = np.ones(len(pfns), np.bool_)
+        kept = pfns
         for c in mdevice.chunks:
-            if c.remove:
-                keep &= ~((pfns >= c.pagemap.start_pfn) & (pfns < c.pagemap.start_pfn + c.pagemap.nr_pages))
-        kept = pfns[keep]
+            if c.remove:  # a chunk being removed takes its pages off the free list
+                kept = kept[(kept < c.pagemap.start_pfn) | (kept >= c.pagemap.start_pfn + c.pagemap.nr_pages)]
         mdevice.cfree += len(kept)
         mdevice.free_pages.extend(kept.tolist())
     sys.ls.count_acquisitions(mdevice.lock.klass, len(pfns) - 1)

@@ -192,9 +192,11 @@ class PhysMem:
             assert not isinstance(pfns, slice)
             self._block_free += sign * np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
 
-    def _take(self, pfns: npt.NDArray[np.int64], zero: bool = True) -> None:
+    def _take(self, pfns: npt.NDArray[np.int64], zero: bool = True,
+              at: npt.NDArray[np.int64] | slice | None = None) -> None:
         n = len(pfns)
-        at = _as_slice(pfns)
+        if at is None:
+            at = _as_slice(pfns)
         self._free[at] = False
         self._count_blocks(at, n, -1)
         self.nr_free -= n
@@ -267,7 +269,7 @@ class PhysMem:
             return -1
         head = int(cand[0]) * _BLOCK
         pfns = np.arange(head, head + _BLOCK, dtype=np.int64)
-        self._take(pfns, zero)
+        self._take(pfns, zero, slice(head, head + _BLOCK))
         self.prep_compound(head, order)
         return head
 
@@ -284,13 +286,21 @@ class PhysMem:
         pfns = np.asarray(pfns, dtype=np.int64)
         if len(pfns) == 0:
             return
+        if len(pfns) == 1 and self.order[pfns[0]]:  # one large folio: its pages as a slice
+            head = int(pfns[0])
+            pfns = np.arange(head, head + (1 << int(self.order[head])), dtype=np.int64)
+            self._free_run(pfns, slice(head, head + len(pfns)))
+            return
         orders = self.order[pfns]
         if orders.any():
             parts = [pfns[orders == 0]]
             for h in pfns[orders != 0]:
                 parts.append(np.arange(h, h + (1 << int(self.order[h])), dtype=np.int64))
             pfns = np.concatenate(parts)
-        at = _as_slice(pfns)
+        self._free_run(pfns, _as_slice(pfns))
+
+    def _free_run(self, pfns: npt.NDArray[np.int64], at: npt.NDArray[np.int64] | slice) -> None:
+        """Free *pfns* (indexed by *at*: the same pages, as a slice where they are one run)."""
         if (self._free[at]).any() or int(pfns.max()) >= self.ram_pages:
             bad = pfns[self._free[pfns] | (pfns >= self.ram_pages)][0]
             raise AssertionError(f"freeing pfn {bad:#x} that is free or not RAM")
