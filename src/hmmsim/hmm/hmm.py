@@ -779,6 +779,9 @@ def hmm_range_fault(r: HmmRange) -> int:
     :return: 0, ``-EBUSY``, ``-EFAULT``, ``-ENOMEM``, ``-EPERM`` or ``-EINVAL`` (module
         docstring)
     """
+    if r.migrate is not None:  # the unified fault+migrate walk (profile hmm_migrate_on_fault)
+        from .hmm_migrate import hmm_range_fault_migrate
+        return hmm_range_fault_migrate(r)
     return hmm_range_fault_locked(r, None)
 
 
