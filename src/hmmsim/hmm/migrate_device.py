@@ -422,33 +422,37 @@ def _collect_ptes(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i0: in
     to the folio, AnonExclusive carried by the entry), its mapping dropped."""
     sys = vma.vm_mm.sys
     mem = sys.mem
-    mem.refcount[pages] += 1  # folio_get
+    # folio_get() of each, then (locked ones) the mapping's reference dropped: the
+    # collection's reference takes the mapping's place, so refcounts do not change (a
+    # page that cannot be locked gets its reference back at once: folio_put(), which
+    # cannot free a page still mapped)
     ok = folios_trylock(sys, pages)
     if not ok.all():
-        failed = pages[~ok]
         mpfn[sel[~ok]] = 0
-        for p in failed.tolist():
-            folio_put(sys, p)
         sel, pages = sel[ok], pages[ok]
         if len(sel) == 0:
             return
     m.cpages += len(sel)
     idx = i0 + sel
     ptes = tbl[idx]
-    fl = mem.flags[pages]
-    anon_excl = ((fl & np.uint32(PG_anon)) != 0) & ((fl & np.uint32(PG_anon_exclusive)) != 0)
-    present = (ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+    _AE = np.uint32(PG_anon | PG_anon_exclusive)
+    anon_excl = (mem.flags[pages] & _AE) == _AE
     writable = (mpfn[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-    dirty = present & ((ptes & _U(_PAGE_DIRTY)) != 0)
+    present = (ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+    all_present = bool(present.all())
+    dirty = (ptes & _U(_PAGE_DIRTY)) != 0
+    if not all_present:
+        dirty &= present
     mem.flags[pages[dirty]] |= np.uint32(PG_dirty)
-    src_pte = np.where(present, np.where(writable, ptes, ptes & ~_U(_PAGE_RW)),
-                       np.where(writable, _U(_PAGE_RW), _U(0)))
+    src_pte = np.where(writable, ptes, ptes & ~_U(_PAGE_RW))
+    if not all_present:
+        src_pte = np.where(present, src_pte, np.where(writable, _U(_PAGE_RW), _U(0)))
     mig = make_migration_ptes(src_pte, pages, anon_excl)
-    mig |= np.where(present, _U(0), ptes & _U(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP))
+    if not all_present:
+        mig |= np.where(present, _U(0), ptes & _U(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP))
     mem.flags[pages[anon_excl]] &= ~np.uint32(PG_anon_exclusive)
     tbl[idx] = mig
     mem.mapcount[pages] -= 1  # folio_remove_rmap_pte
-    mem.refcount[pages] -= 1  # the mapping's reference (the collection's is still held)
 
 
 def _collect_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i: int, pte: int,

@@ -473,16 +473,18 @@ def _remove_migration_ptes_vma(sys: "System", vma: "Vma", sel: npt.NDArray[np.in
         hit = (((ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) == 0)  # (a migration type is never 0)
                & (typ >= _U(SWP_MIGRATION_READ)) & (typ <= _U(SWP_MIGRATION_WRITE))
                & (((ptes >> _U(12)) & _U((1 << 40) - 1)) == s_.astype(np.uint64)))
-        if not hit.any():
+        if bool(hit.all()):  # every folio mapped here (a migration window)
+            j, migs, at = sel[grp], ptes, idx
+        elif not hit.any():
             continue
-        j = sel[grp][hit]
-        migs = ptes[hit]
+        else:
+            j, migs, at = sel[grp][hit], ptes[hit], idx[hit]
         new = dsts[j]
         vals = restore_migration_ptes(vma, migs, new, dev_private[j])
         sys.stats.add("pgtable.set_pte", len(j))
         if sys.ls.has_hooks:
             sys.ls.schedule_point("set_ptes")
-        tbl[idx[hit]] = vals
+        tbl[at] = vals
         mem.mapcount[new] += 1
         mem.refcount[new] += 1
         t = migs >> _U(_SWP_TYPE_SHIFT)
