@@ -11,7 +11,8 @@ CLI entry point), each next to a numpy copy of the same bytes measured in the sa
 * Facade: ``Device.migrate`` (which also hands the read-back bytes to Python) and
   ``Device.migrate_to_sys``.
 * ``hmmsim run``: ``fill``, twice ``dmigrate`` and ``dmigrate_sys``, ``check`` of the
-  region (``dmigrate`` includes the runner's buffer: populated, read back and crc'd); a
+  region (``dmigrate`` includes the runner's buffer: populated, read back and crc'd; the
+  THP region is mapped with ``align=512`` so that its THPs move whole); a
   command's time is taken between its output line and the previous one, the better of
   its two runs counts (as the API's better round trip of two: the first one also
   commits host memory for frames never touched before; the numpy copy is a best of 3). The reference

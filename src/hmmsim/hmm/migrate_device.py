@@ -28,7 +28,9 @@ struct-page moves, ``remove_migration_ptes`` (:func:`~hmmsim.kernel.migrate.remo
 the unlocks and the reference drops (:func:`~hmmsim.kernel.folio.folios_put_in_order`) of
 ``migrate_vma_pages``/``migrate_vma_finalize`` are done for all entries at once. Rare
 entries (special mappings, pages still mapped elsewhere such as a fork's, large folios,
-file pages) take the per-entry paths. The counters, the locks (one acquisition per
+file pages) take the per-entry paths, and so does a range with a single entry (a THP
+window's compound entry, a one-page fault): there the kernel's loop body costs less than
+the array passes. The counters, the locks (one acquisition per
 folio), the notifier events and the order in which freed pages go back to their
 allocator or driver are those of the kernel's per-entry loops; a blocking batch is one
 scheduling point.
