@@ -398,15 +398,17 @@ def dmirror_migrate_finalize_and_map(args: MigrateVma, dmirror: "Dmirror") -> in
     destination maps all its pages."""
     sys = dmirror.sys
     mem = sys.mem
-    if not (args.dst[:args.npages] & np.uint64(MIGRATE_PFN_COMPOUND)).any():
+    d_ = args.dst[:args.npages]
+    dn = d_.nonzero()[0]
+    if len(dn) > 1 and not (d_ & np.uint64(MIGRATE_PFN_COMPOUND)).any():
         return _migrate_finalize_and_map_bulk(args, dmirror)  # order-0 destinations only
     with dmirror.mutex.held():
         vpn0 = args.start >> PAGE_SHIFT
         s_ = args.src[:args.npages]
-        d_ = args.dst[:args.npages]
-        for i in np.flatnonzero(((s_ & np.uint64(MIGRATE_PFN_MIGRATE)) != 0)
-                                & ((d_ & np.uint64(MIGRATE_PFN_VALID)) != 0)).tolist():
+        for i in dn.tolist():  # (few entries here: one per THP)
             d = int(d_[i])
+            if not d & MIGRATE_PFN_VALID or not int(s_[i]) & MIGRATE_PFN_MIGRATE:
+                continue
             dpage = migrate_pfn_to_page(d)
             nr = mem.folio_nr_pages(mem.compound_head(dpage)) if d & MIGRATE_PFN_COMPOUND else 1
             tag = DPT_XA_TAG_WRITE if d & MIGRATE_PFN_WRITE else 0
@@ -495,9 +497,16 @@ def dmirror_devmem_fault_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") ->
     src, dst = args.src, args.dst
     npages = args.npages
     s_ = src[:npages]
-    sel = ((s_ & np.uint64(MIGRATE_PFN_VALID)) != 0) & ((s_ & np.uint64(MIGRATE_PFN_MIGRATE)) != 0)
-    sp = np.where(sel, (s_ >> np.uint64(MIGRATE_PFN_SHIFT)).astype(np.int64), 0)
-    if not (sel & (mem.order[sp] != 0)).any():
+    vm = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+    nz = s_.nonzero()[0]
+    if len(nz) == 1:  # one entry (a device THP's, or one page)
+        s0 = int(s_[nz[0]])
+        has_thp = s0 & vm == vm and bool(mem.order[s0 >> MIGRATE_PFN_SHIFT])
+    else:
+        sel = (s_ & np.uint64(vm)) == np.uint64(vm)
+        sp = np.where(sel, (s_ >> np.uint64(MIGRATE_PFN_SHIFT)).astype(np.int64), 0)
+        has_thp = bool((sel & (mem.order[sp] != 0)).any())
+    if not has_thp:
         return _fault_alloc_and_copy_bulk(args, dmirror)  # no device THP
     vpn = args.start >> PAGE_SHIFT
     end_vpn = vpn + npages
