@@ -164,6 +164,8 @@ def init_script(module: bool) -> str:
         "export PATH=/oracle:/bin:/sbin HOME=/root",
         "mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev 2>/dev/null",
         "mount -t tmpfs tmpfs /tmp",
+        # hmm-tests' hmm_gup_test opens /sys/kernel/debug/gup_test (SKIPs without debugfs)
+        "mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null",
         "mkdir -p /dev/hugepages /dev/shm",
         "mount -t hugetlbfs hugetlbfs /dev/hugepages 2>/dev/null; mount -t tmpfs tmpfs /dev/shm",
         "T=/sys/kernel/mm/transparent_hugepage",
