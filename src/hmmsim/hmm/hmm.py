@@ -315,7 +315,7 @@ def hmm_vma_fault(addr: int, end: int, required_fault: int, walk: MmWalk) -> int
     vma = walk.vma
     assert vma is not None and required_fault
     mm = walk.mm
-    mm.sys.ls.assert_none_held("ptl")
+    mm.sys.ls.assert_no_pt_locks("hmm_vma_fault")
     hvw.last = addr
     flags = FAULT_FLAG_REMOTE
     if required_fault & HMM_NEED_WRITE_FAULT:
@@ -359,7 +359,7 @@ def hmm_do_fault(mm: "MM", hvw: HmmVmaWalk) -> int:
     ``locked`` (the unlocked variant); for hmm_range_fault() it is a WARN."""
     addr, end, required_fault = hvw.last, hvw.end, hvw.required_fault
     ls = mm.sys.ls
-    ls.assert_none_held("ptl")
+    ls.assert_no_pt_locks("hmm_do_fault")
     ls.assert_none_held("hugetlb_vma_lock")
     flags = FAULT_FLAG_REMOTE
     if hvw.locked is not None:
@@ -778,8 +778,14 @@ def hmm_range_fault(r: HmmRange) -> int:
     :param r: ``struct hmm_range *``
     :return: 0, ``-EBUSY``, ``-EFAULT``, ``-ENOMEM``, ``-EPERM`` or ``-EINVAL`` (module
         docstring)
+
+    Returns with the locks and notifier brackets it found (``walk_scope``).
     """
-    return hmm_range_fault_locked(r, None)
+    mm = r.notifier.mm
+    if mm is None:
+        return hmm_range_fault_locked(r, None)
+    with mm.sys.ls.walk_scope("hmm_range_fault", (), (mm.sys.notifier_active, id(mm))):
+        return hmm_range_fault_locked(r, None)
 
 
 def hmm_range_fault_unlocked_timeout(r: HmmRange, timeout: int) -> int:
@@ -792,6 +798,11 @@ def hmm_range_fault_unlocked_timeout(r: HmmRange, timeout: int) -> int:
     when it passes, -EBUSY. The model's clock moves one jiffy per attempt."""
     mm = r.notifier.mm
     assert mm is not None, "hmm_range_fault: the notifier is not inserted"
+    with mm.sys.ls.walk_scope("hmm_range_fault_unlocked_timeout", (), (mm.sys.notifier_active, id(mm))):
+        return _hmm_range_fault_unlocked_timeout(mm, r, timeout)
+
+
+def _hmm_range_fault_unlocked_timeout(mm: "MM", r: HmmRange, timeout: int) -> int:
     sys = mm.sys
     locked = [False]
     deadline = 0

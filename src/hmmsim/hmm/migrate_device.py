@@ -51,6 +51,7 @@ from ..kernel.migrate import (
     remove_migration_ptes_folios,
     try_to_migrate,
 )
+from ..kernel.locking import KEYED_LOCK_CLASSES
 from ..kernel.mm import MM_ANONPAGES, PtRef
 from ..kernel.mmu_notifier import MmuNotifierEvent, notify_range
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE, pte_index
@@ -568,9 +569,11 @@ def migrate_vma_setup(m: MigrateVma) -> int:
     m.npages = 0
     if m.fault_page >= 0 and folio_test_locked(sys, m.fault_page):
         m.fault_folio = sys.mem.compound_head(m.fault_page)
-    migrate_vma_collect(m)
-    if m.cpages:
-        m.cpages = migrate_device_unmap(sys, m.src, m.npages, m.fault_page)
+    # the collected folios stay locked for the caller; nothing else may stay held
+    with sys.ls.walk_scope("migrate_vma_setup", KEYED_LOCK_CLASSES, (sys.notifier_active, id(vma.vm_mm))):
+        migrate_vma_collect(m)
+        if m.cpages:
+            m.cpages = migrate_device_unmap(sys, m.src, m.npages, m.fault_page)
     sys.stats.add("migrate_vma.setup")
     return 0
 
