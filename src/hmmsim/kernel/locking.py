@@ -56,7 +56,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -564,7 +565,7 @@ class WalkScope:
     """What :meth:`LockState.walk_scope` returns (a class, not a generator: it wraps
     every walk)."""
 
-    __slots__ = ("ls", "where", "keep", "brackets", "thread", "classes", "last", "open")
+    __slots__ = ("brackets", "classes", "keep", "last", "ls", "open", "thread", "where")
 
     def __init__(self, ls: LockState, where: str, keep: frozenset[str] | tuple[str, ...],
                  brackets: tuple[dict[Any, int], Any] | None) -> None:
@@ -574,7 +575,7 @@ class WalkScope:
         self.brackets = brackets
         self.thread: Thread | None = None
 
-    def __enter__(self) -> "WalkScope":
+    def __enter__(self) -> Self:
         ls = self.ls
         if not ls.walk_checks:
             return self
@@ -586,7 +587,8 @@ class WalkScope:
         self.open = b[0].get(b[1], 0) if b is not None else 0
         return self
 
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         t = self.thread
         if t is None:
             return

@@ -30,7 +30,16 @@ import numpy.typing as npt
 
 from .bug import KernelOops
 from .folio import folio_put
-from .mm import MM, MM_ANONPAGES, PtRef, pmd_assert_locked, ptlock_ptr, set_ptes, spin_lock, spin_unlock
+from .mm import (
+    MM,
+    MM_ANONPAGES,
+    PtRef,
+    pmd_assert_locked,
+    ptlock_ptr,
+    set_ptes,
+    spin_lock,
+    spin_unlock,
+)
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import (
     HPAGE_PMD_NR,
