@@ -267,6 +267,7 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
     try:
         i0 = pte_index(start)
         n = (end - start) >> PAGE_SHIFT
+        sys.stats.add("walk.pte_entries", n)
         mpfn, pages, rare = _migrate_vma_classify_ptes(m, vma, tbl[i0:i0 + n], keep_large=thp)
         large = -1
         if thp:  # 7.3: the first selected page of a large folio is split, then looked at again
