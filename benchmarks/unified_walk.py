@@ -7,10 +7,14 @@ driver can fault a range in and migrate it to device memory, on the same ranges.
   for the pages it left (per-page requests through ``pfn_flags_mask``, the device's own
   pages reported, not faulted), then ``migrate_vma_*`` again: one walk when everything
   was collectable, three otherwise.
-* **C** the unified walk: ``migrate_vma_setup()`` with ``MIGRATE_VMA_FAULT`` on a
-  ``System(kernel="7.3", migrate_on_fault=True)`` (one walk that faults and installs
-  migration entries). Until that option exists in :mod:`hmmsim` the table says C is
-  unavailable.
+* **C** the unified walk on a ``System(kernel="7.3", migrate_on_fault=True)``, fault
+  path: ``hmm_range_fault()`` with ``HMM_PFN_REQ_MIGRATE`` and ``range.migrate`` (one
+  walk that faults and installs migration entries), ``migrate_hmm_range_setup()``, then
+  the same allocate/copy/pages/finalize as A and B (``docs/unified-walk.md``);
+* **Cm** the same walk through its migrate path: ``migrate_vma_setup()`` with
+  ``MIGRATE_VMA_FAULT`` (read faults only: the walk asks ``HMM_PFN_REQ_FAULT``).
+
+  Until that option exists in :mod:`hmmsim` the table says C is unavailable.
 
 Each runs through the dmirror driver's own helpers (the device's page allocation and
 copy, ``dmirror_migrate_alloc_and_copy``/``dmirror_migrate_finalize_and_map``), one
@@ -38,7 +42,7 @@ Reported per method, from :class:`~hmmsim.kernel.stats.StatsDelta`:
   beside it the time of one numpy pass over as many entries (``numpy_entry_rate``,
   measured in the same run): ``xnp`` = method time / numpy pass.
 
-Then the time ratios C/A and C/B per case, and a PNG (``--png PATH``, default
+Then the time ratios C/A, C/B (and Cm/A, Cm/B) per case, and a PNG (``--png PATH``, default
 ``unified_walk.png`` here) of time and walks per case. The plot needs matplotlib, an
 optional extra: ``pip install -e '.[bench]'`` (or ``pip install matplotlib``); without it
 only the table is printed.
@@ -92,9 +96,10 @@ from hmmsim.kernel.system import DEVMEM_CHUNK_PAGES
 __all__ = ("CASES", "METHODS", "Case", "Result", "main", "measure", "unified_available")
 
 WINDOW = 512
-METHODS = ("A", "B", "C")
+METHODS = ("A", "B", "C", "Cm")
 METHOD_NAMES = {"A": "hmm_range_fault + migrate_vma", "B": "migrate_vma, fault the rest, migrate_vma",
-                "C": "unified walk (MIGRATE_VMA_FAULT)"}
+                "C": "unified walk, fault path (HMM_PFN_REQ_MIGRATE)",
+                "Cm": "unified walk, migrate path (MIGRATE_VMA_FAULT)"}
 
 
 @dataclass(frozen=True)
@@ -267,10 +272,50 @@ def method_b(s: Setup, start: int, end: int) -> int:
 
 
 def method_c(s: Setup, start: int, end: int) -> int:
+    """The series' fault path (``docs/unified-walk.md``): ``hmm_range_fault()`` with
+    ``HMM_PFN_REQ_MIGRATE`` and ``range.migrate``, the driver's -EBUSY loop and
+    ``mmu_interval_read_retry`` check (a stale result is undone with
+    ``hmm_migrate_abort``), then ``migrate_hmm_range_setup`` and the usual
+    allocate/copy, ``migrate_vma_pages``, map, ``migrate_vma_finalize``."""
+    from hmmsim.hmm.hmm_migrate import hmm_migrate_abort, migrate_hmm_range_setup
+    from hmmsim.hmm.pfn import HMM_PFN_REQ_MIGRATE
+    from hmmsim.kernel.mmu_notifier import mmu_interval_read_retry
+    n = (end - start) >> PAGE_SHIFT
+    dm = s.dmirror
+    notifier = dm.notifier
+    for _ in range(100):
+        m = MigrateVma(None, start, end, dm.mdevice, s.flags)
+        r = HmmRange(notifier=notifier, start=start, end=end, hmm_pfns=np.zeros(n, np.uint64),
+                     default_flags=HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE | HMM_PFN_REQ_MIGRATE,
+                     dev_private_owner=dm.mdevice, migrate=m)
+        r.notifier_seq = mmu_interval_read_begin(notifier)
+        ret = hmm_range_fault(r)
+        if ret == -EBUSY:
+            continue
+        assert ret == 0, ret
+        with dm.mutex.held():
+            stale = mmu_interval_read_retry(notifier, r.notifier_seq)
+        if stale:
+            hmm_migrate_abort(s.sys, r)
+            continue
+        migrate_hmm_range_setup(r)
+        dmirror_migrate_alloc_and_copy(m, dm)
+        migrate_vma_pages(m)
+        dmirror_migrate_finalize_and_map(m, dm)
+        moved = int(np.count_nonzero(m.src[:m.npages] & np.uint64(MIGRATE_PFN_MIGRATE)))
+        migrate_vma_finalize(m)
+        return moved
+    raise AssertionError("the unified walk kept returning -EBUSY")
+
+
+def method_cm(s: Setup, start: int, end: int) -> int:
+    """The series' migrate path: ``migrate_vma_setup()`` with ``MIGRATE_VMA_FAULT`` (read
+    faults: the walk asks ``HMM_PFN_REQ_FAULT`` only)."""
     return _migrate(s, start, end, s.flags | md.MIGRATE_VMA_FAULT)
 
 
-_RUN: dict[str, Callable[[Setup, int, int], int]] = {"A": method_a, "B": method_b, "C": method_c}
+_RUN: dict[str, Callable[[Setup, int, int], int]] = {"A": method_a, "B": method_b, "C": method_c,
+                                                     "Cm": method_cm}
 _LOCK_PREFIX = "lock."
 
 
@@ -279,7 +324,7 @@ def measure(case: Case, method: str, kernel: str = "7.3", check: bool = True, re
     machine: the best time counts; by default 5 up to 512 pages, else 1); the counts,
     the time and the pages moved."""
     res = Result(case, method)
-    if method == "C":
+    if method.startswith("C"):
         why = unified_available()
         if why:
             res.available, res.why = False, why
@@ -294,7 +339,7 @@ def measure(case: Case, method: str, kernel: str = "7.3", check: bool = True, re
 
 def _measure_once(case: Case, method: str, kernel: str, check: bool) -> Result:
     res = Result(case, method)
-    s = Setup(case, kernel, unified=method == "C")
+    s = Setup(case, kernel, unified=method.startswith("C"))
     wins = s.windows()
     res.windows = len(wins)
     st = s.sys.stats
@@ -358,9 +403,10 @@ def report(results: list[Result], np_rate: float) -> list[str]:
         out.append(f"{name} ({case.npages:,} pages, {wins} window{'s' if wins > 1 else ''}), "
                    f"numpy pass {np_pass * 1e6:,.1f} us")
         out.extend(_row(r, np_pass) for r in rs.values())
-        c = rs.get("C")
-        if c is not None and c.available:
-            out.append(f"  C/A {c.seconds / rs['A'].seconds:.2f}  C/B {c.seconds / rs['B'].seconds:.2f}")
+        for name_c in ("C", "Cm"):
+            c = rs.get(name_c)
+            if c is not None and c.available:
+                out.append(f"  {name_c}/A {c.seconds / rs['A'].seconds:.2f}  {name_c}/B {c.seconds / rs['B'].seconds:.2f}")
     return out
 
 
@@ -376,8 +422,8 @@ def plot(results: list[Result], path: str) -> str:
     cases = list(dict.fromkeys(r.case.name for r in results))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7.5), sharex=True)
     x = np.arange(len(cases))
-    width = 0.27
-    colors = {"A": "#c0504d", "B": "#4f81bd", "C": "#9bbb59"}
+    width = 0.2
+    colors = {"A": "#c0504d", "B": "#4f81bd", "C": "#9bbb59", "Cm": "#8064a2"}
     for k, meth in enumerate(METHODS):
         rs = {r.case.name: r for r in results if r.method == meth and r.available}
         if not rs:
@@ -385,8 +431,8 @@ def plot(results: list[Result], path: str) -> str:
         t = [rs[c].seconds * 1e3 if c in rs else np.nan for c in cases]
         w = [rs[c].walks_per_window if c in rs else np.nan for c in cases]
         label = f"{meth}: {METHOD_NAMES[meth]}"
-        ax1.bar(x + (k - 1) * width, t, width, label=label, color=colors[meth])
-        ax2.bar(x + (k - 1) * width, w, width, label=label, color=colors[meth])
+        ax1.bar(x + (k - 1.5) * width, t, width, label=label, color=colors[meth])
+        ax2.bar(x + (k - 1.5) * width, w, width, label=label, color=colors[meth])
     ax1.set_yscale("log")
     clock = "CPU time" if _common.clock is not _common.time.perf_counter else "wall time"
     ax1.set_ylabel(f"{clock} (ms, log scale)")

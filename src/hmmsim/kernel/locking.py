@@ -580,7 +580,7 @@ class WalkScope:
         if not ls.walk_checks:
             return self
         t = self.thread = ls.current
-        self.classes = dict(t.nr_class)
+        self.classes = t.nr_class.copy()
         held = t.held
         self.last = next(reversed(held)) if held else None
         b = self.brackets
@@ -592,7 +592,14 @@ class WalkScope:
         t = self.thread
         if t is None:
             return
-        if typ is not None and (issubclass(typ, LockdepError) or not issubclass(typ, Exception)):
+        if typ is None:
+            # the common case, in a few comparisons
+            held = t.held
+            b = self.brackets
+            if (t.nr_class == self.classes and (next(reversed(held)) if held else None) is self.last
+                    and (b is None or b[0].get(b[1], 0) == self.open)):
+                return
+        elif issubclass(typ, LockdepError) or not issubclass(typ, Exception):
             return  # report the first broken rule; a killed thread unwinds as it can
         problem = self.check(t)
         if problem:
