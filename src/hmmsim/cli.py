@@ -102,7 +102,8 @@ def _cmd_run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     from .scenario.run import dumps, reference_config, run_scenario
 
     try:
-        config = reference_config(args.kernel, ram=args.ram, thp=args.thp, hugetlb_pages=args.hugetlb_pages)
+        config = reference_config(args.kernel, ram=args.ram, thp=args.thp, hugetlb_pages=args.hugetlb_pages,
+                                  migrate_on_fault=args.migrate_on_fault)
     except ValueError as e:
         ap.error(str(e))
     status = 0
@@ -164,8 +165,15 @@ def _on_alarm(signum: int, frame: Any) -> None:
 def _cmd_selftest(args: argparse.Namespace) -> int:
     from .selftests.harness import UnknownSelection, run_tests, select_tests
 
+    from .scenario.run import reference_config
     try:
-        selected = select_tests(args.test or (), args.variant or (), args.kernel)
+        config = reference_config(args.kernel, migrate_on_fault=args.migrate_on_fault)
+    except ValueError as e:
+        print(f"hmmsim selftest: {e}", file=sys.stderr)
+        return EXIT_STATUS["usage"]
+    try:
+        selected = select_tests(args.test or (), args.variant or (), args.kernel,
+                                migrate_on_fault=args.migrate_on_fault)
     except UnknownSelection as e:
         print(f"hmmsim selftest: {e}", file=sys.stderr)
         return EXIT_STATUS["usage"]
@@ -173,8 +181,6 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         for fixture, name, _fn, v in selected:
             print(f"{fixture}.{v.name}.{name}")
         return 0
-    from .scenario.run import reference_config
-    config = reference_config(args.kernel)
     if args.json:
         # stdout carries the JSON array and nothing else: diagnostics go to stderr
         with contextlib.redirect_stdout(sys.stderr):
@@ -221,6 +227,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="transparent_hugepage mode (default madvise)")
     r.add_argument("--hugetlb-pages", type=_non_negative, default=32, metavar="N",
                    help="2 MiB pages in the hugetlb pool (default 32; at most half of RAM)")
+    r.add_argument("--migrate-on-fault", action="store_true",
+                   help="switch on the unified fault+migrate walk (the unmerged 'Migrate on fault for "
+                   "device pages' series) on top of --kernel 7.3")
     r.add_argument("-s", dest="separators", action="store_true", help='always print {"file":NAME} lines')
     r.add_argument("-t", dest="timeout", type=_positive, default=None, metavar="SEC",
                    help="stop a file after SEC seconds (a whole number >= 1; default: no limit)")
@@ -229,6 +238,9 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("selftest", help="run the ported hmm-tests.c (kselftest output)")
     st.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL,
                     help=f"kernel release to model (default {DEFAULT_KERNEL})")
+    st.add_argument("--migrate-on-fault", action="store_true",
+                    help="switch on the unified fault+migrate walk on top of --kernel 7.3 (adds the "
+                    "series' migrate_on_fault test)")
     st.add_argument("--json", action="store_true",
                     help="print only a JSON array of results on stdout (diagnostics on stderr)")
     st.add_argument("-r", dest="test", action="append", metavar="NAME",

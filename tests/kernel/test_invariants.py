@@ -73,3 +73,60 @@ def test_check_invariants_finds_an_unbalanced_notifier(proc: Process) -> None:
     with pytest.raises(InvariantError, match="never ended"):
         proc.system.check_invariants(full=False)
     mmu_notifier_invalidate_range_end(r)
+
+
+# -- the sparse checks see both directions: counts on pfns nothing maps or references too --
+
+def test_check_invariants_finds_a_mapcount_on_a_page_nothing_maps(proc: Process) -> None:
+    mem = proc.system.mem
+    pfn = mem.alloc_page()  # referenced (refcount 1) but mapped by no entry
+    proc.system.extra_refs[pfn] = 1
+    proc.system.check_invariants()
+    mem.mapcount[pfn] = 1
+    with pytest.raises(InvariantError, match=f"pfn {pfn:#x}: mapcount 1 but 0 ptes map it"):
+        proc.system.check_invariants()
+    mem.mapcount[pfn] = 0
+    mem.entire_mapcount[pfn] = 1
+    with pytest.raises(InvariantError, match=f"pfn {pfn:#x}: entire_mapcount 1 but 0 huge entries"):
+        proc.system.check_invariants()
+    mem.entire_mapcount[pfn] = 0
+    del proc.system.extra_refs[pfn]
+    mem.refcount[pfn] = 0
+    mem.free_pages([pfn])
+
+
+def test_check_invariants_finds_an_unexpected_reference_and_a_missing_one(proc: Process) -> None:
+    mem = proc.system.mem
+    pfn = mem.alloc_page()
+    with pytest.raises(InvariantError, match=f"pfn {pfn:#x}: refcount 1 but 0 references are known"):
+        proc.system.check_invariants()
+    proc.system.extra_refs[pfn] = 2  # a reference the page does not hold
+    with pytest.raises(InvariantError, match=f"pfn {pfn:#x}: refcount 1 but 2 references are known"):
+        proc.system.check_invariants()
+    del proc.system.extra_refs[pfn]
+    mem.refcount[pfn] = 0
+    mem.free_pages([pfn])
+
+
+def test_check_invariants_finds_a_referenced_tail_and_a_dirty_free_page(proc: Process) -> None:
+    mem = proc.system.mem
+    a = proc.mmap(4 << 20)
+    a = (a + (2 << 20) - 1) & ~((2 << 20) - 1)
+    proc.madvise(a, 2 << 20, "hugepage")
+    proc.write(a, b"t" * P)
+    head = pte_pfn(proc.mm.lookup_pte(a))  # the PMD's entry: a THP
+    assert mem.order[head] == 9
+    tail = head + 1
+    assert mem.head_off[tail] == 1
+    mem.refcount[tail] = 1
+    with pytest.raises(InvariantError, match=f"tail page {tail:#x} has refcount 1"):
+        proc.system.check_invariants()
+    mem.refcount[tail] = 0
+    free = int(mem.alloc_page())
+    mem.refcount[free] = 0
+    mem.free_pages([free])
+    mem.mapping[free] = 1
+    with pytest.raises(InvariantError, match=f"free pfn {free:#x} still has refcount/mapcount/mapping"):
+        proc.system.check_invariants()
+    mem.mapping[free] = 0
+    proc.system.check_invariants()

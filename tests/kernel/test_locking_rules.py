@@ -398,3 +398,58 @@ def test_rules_are_quiet_on_fault_then_migrate(make_system, kernel: str) -> None
         m.remove()
         assert p.read(a, 1) == b"x" and p.read(a + 63 * P, 1) == b"\0"
     assert results[0] == results[1] and results[0][0] == 64
+
+
+# -- the unified walk (--migrate-on-fault) -------------------------------------------------------
+def _unified_range(sys: System, p, a: int, n: int):  # noqa: ANN001, ANN202
+    """An hmm_range for the unified walk's fault path over dmirror's notifier (which
+    ignores the device's own MMU_NOTIFY_MIGRATE events, as the series requires)."""
+    from hmmsim.hmm.hmm import HmmRange
+    from hmmsim.hmm.pfn import HMM_PFN_REQ_MIGRATE
+    dev = p.open_device(0)
+    dm = p.task.fget(dev.fd).private_data
+    m = MigrateVma(None, a, a + n * P, dm.mdevice, MIGRATE_VMA_SELECT_SYSTEM)
+    r = HmmRange(notifier=dm.notifier, start=a, end=a + n * P, hmm_pfns=np.zeros(n, np.uint64),
+                 default_flags=HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE | HMM_PFN_REQ_MIGRATE,
+                 dev_private_owner=dm.mdevice, migrate=m)
+    return dev, r
+
+
+def test_unified_walk_bracket_left_open_fires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RFC's hang in the unified walk itself: its MMU_NOTIFY_MIGRATE bracket, opened
+    at the first capture, never ended (``mmu_notifier_invalidate_range_end`` skipped)."""
+    from hmmsim.hmm import hmm_migrate
+    from hmmsim.kernel.mmu_notifier import mmu_interval_read_begin
+    sys = _bare("7.3", migrate_on_fault=True)
+    p, a = _region(sys, 16, touch=8)
+    _dev, r = _unified_range(sys, p, a, 16)
+    monkeypatch.setattr(hmm_migrate, "mmu_notifier_invalidate_range_end", lambda rng: None)
+    r.notifier_seq = mmu_interval_read_begin(r.notifier)
+    mmap_read_lock(p.mm)
+    with pytest.raises(LockdepError, match=r"notifier-unbalanced: \+1 .* in hmm_range_fault"):
+        hmm_mod.hmm_range_fault(r)
+
+
+def test_unified_walk_is_quiet_and_keeps_its_folio_locks(make_system) -> None:
+    """The real unified walk: faults the 8 missing pages and prepares all 16 in one
+    ``hmm_range_fault`` (its bracket closed, 16 folio locks handed over), then
+    ``migrate_hmm_range_setup`` and ``migrate_vma_finalize`` with no destination put
+    everything back."""
+    from hmmsim.hmm.hmm_migrate import migrate_hmm_range_setup
+    from hmmsim.kernel.mmu_notifier import mmu_interval_read_begin
+    sys = make_system(kernel="7.3", migrate_on_fault=True)
+    p, a = _region(sys, 16, touch=8)
+    dev, r = _unified_range(sys, p, a, 16)
+    r.notifier_seq = mmu_interval_read_begin(r.notifier)
+    mmap_read_lock(p.mm)
+    with sys.stats.measure() as d:
+        assert hmm_mod.hmm_range_fault(r) == 0
+    assert d["hmm.range_fault"] == 1 and d["walk_page_range"] - (d["hmm.walk"] - d["hmm.range_fault"]) == 1
+    assert sys.ls.current.nr_class == {"mmap_lock": 1, "folio_lock": 16}
+    assert sys.notifier_active[id(p.mm)] == 0
+    migrate_hmm_range_setup(r)
+    assert r.migrate.cpages == 16
+    migrate_vma_finalize(r.migrate)
+    mmap_read_unlock(p.mm)
+    dev.close()
+    assert p.read(a, 1) == b"x" and p.read(a + 15 * P, 1) == b"\0"

@@ -14,8 +14,9 @@ Commands implemented here: ``HMM_DMIRROR_READ``, ``HMM_DMIRROR_WRITE``,
 ``HMM_DMIRROR_MIGRATE_TO_DEV`` / ``HMM_DMIRROR_MIGRATE_TO_SYS`` (order-0 device pages from
 free lists, a private page's data in a backing system page, 7.3's FAIL_ALLOC), the
 pagemap's ``migrate_to_ram``, eviction on close and ``HMM_DMIRROR_RELEASE`` (every chunk
-evicted and unmapped; the next allocation maps a new one), device THP folios (7.3) and
-exclusive access.
+evicted and unmapped; the next allocation maps a new one), device THP folios (7.3),
+exclusive access and, with the unified fault+migrate walk (``hmm_migrate_on_fault``),
+``HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV`` (``dmirror_migrate_on_fault``).
 
 The driver is split like this: ``dmirror_core`` (the structures and the bounce buffer),
 ``dmirror_mirror`` (notifier, range fault, READ/WRITE/SNAPSHOT/CHECK_EXCLUSIVE),
@@ -82,6 +83,7 @@ from .test_hmm_uapi import (
     HMM_DMIRROR_FLAGS,
     HMM_DMIRROR_MEMORY_DEVICE_COHERENT,
     HMM_DMIRROR_MEMORY_DEVICE_PRIVATE,
+    HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV,
     HMM_DMIRROR_MIGRATE_TO_DEV,
     HMM_DMIRROR_MIGRATE_TO_SYS,
     HMM_DMIRROR_READ,
@@ -145,6 +147,9 @@ def dmirror_fops_unlocked_ioctl(file: File, command: int, cmd: HmmDmirrorCmd, ca
         ret = 0
     elif command == HMM_DMIRROR_READ_UNLOCKED and dmirror.sys.profile.dmirror_read_unlocked_cmd:
         ret = dmirror_read_unlocked(dmirror, k, caller, 0)
+    elif command == HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV and dmirror.sys.profile.hmm_migrate_on_fault:
+        from .dmirror_migrate_on_fault import dmirror_migrate_on_fault_to_device
+        ret = dmirror_migrate_on_fault_to_device(dmirror, k, caller)
     else:
         # the ioctl switch's default: an unknown command, or one this release lacks
         return -EINVAL

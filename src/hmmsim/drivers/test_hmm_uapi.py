@@ -8,7 +8,7 @@ __all__ = (
     "HMM_DMIRROR_CHECK_EXCLUSIVE", "HMM_DMIRROR_EXCLUSIVE", "HMM_DMIRROR_FLAGS",
     "HMM_DMIRROR_FLAG_FAIL_ALLOC",
     "HMM_DMIRROR_MEMORY_DEVICE_COHERENT", "HMM_DMIRROR_MEMORY_DEVICE_PRIVATE",
-    "HMM_DMIRROR_MIGRATE_TO_DEV", "HMM_DMIRROR_MIGRATE_TO_SYS", "HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL",
+    "HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV", "HMM_DMIRROR_MIGRATE_TO_DEV", "HMM_DMIRROR_MIGRATE_TO_SYS", "HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL",
     "HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE", "HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL",
     "HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE", "HMM_DMIRROR_PROT_ERROR", "HMM_DMIRROR_PROT_NONE",
     "HMM_DMIRROR_PROT_PMD", "HMM_DMIRROR_PROT_PUD", "HMM_DMIRROR_PROT_READ",
@@ -31,6 +31,12 @@ HMM_DMIRROR_RELEASE = _IOWR("H", 0x07, _CMD_SIZE)
 HMM_DMIRROR_FLAGS = _IOWR("H", 0x08, _CMD_SIZE)
 #: READ through ``hmm_range_fault_unlocked_timeout()`` (7.3; -EINVAL in 6.12)
 HMM_DMIRROR_READ_UNLOCKED = _IOWR("H", 0x09, _CMD_SIZE)
+#: the unified fault+migrate walk series' command (profile ``hmm_migrate_on_fault``; -EINVAL
+#: without it): fault and migrate to device memory in one walk per 64 pages, then read back.
+#: The series inserts it at 0x03 and renumbers MIGRATE_TO_SYS..RELEASE (an ABI break its
+#: v11 review flagged); the model keeps 7.3's numbers so 7.3's binaries (the selftests, the
+#: scenarios) run unchanged, and gives it the first free number
+HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV = _IOWR("H", 0x0A, _CMD_SIZE)
 #: ``HMM_DMIRROR_FLAGS`` bit: the next device page allocation fails (7.3)
 HMM_DMIRROR_FLAG_FAIL_ALLOC = 1 << 0
 
@@ -42,6 +48,7 @@ IOCTL_NAMES = {
     HMM_DMIRROR_CHECK_EXCLUSIVE: "HMM_DMIRROR_CHECK_EXCLUSIVE",
     HMM_DMIRROR_RELEASE: "HMM_DMIRROR_RELEASE", HMM_DMIRROR_FLAGS: "HMM_DMIRROR_FLAGS",
     HMM_DMIRROR_READ_UNLOCKED: "HMM_DMIRROR_READ_UNLOCKED",
+    HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV: "HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV",
 }
 
 # enum hmm_dmirror_prot: the bytes HMM_DMIRROR_SNAPSHOT writes, one per page

@@ -56,6 +56,7 @@ import numpy.typing as npt
 from ..kernel.errno import EAGAIN, EBUSY, EFAULT, EINTR, EINVAL, ENOLCK, EPERM
 from ..kernel.fault_range import handle_mm_fault_range
 from ..kernel.hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
+from ..kernel.locking import KEYED_LOCK_CLASSES
 from ..kernel.migrate import (
     is_pmd_migration_entry,
     migration_entry_wait,
@@ -781,6 +782,15 @@ def hmm_range_fault(r: HmmRange) -> int:
 
     Returns with the locks and notifier brackets it found (``walk_scope``).
     """
+    if r.migrate is not None:  # the unified fault+migrate walk (profile hmm_migrate_on_fault)
+        from .hmm_migrate import hmm_range_fault_migrate
+        m = r.migrate
+        mm = r.notifier.mm if r.notifier is not None else (m.vma.vm_mm if m.vma is not None else None)
+        if mm is None:
+            return hmm_range_fault_migrate(r)
+        # the folios it prepared stay locked for migrate_hmm_range_setup()'s caller
+        with mm.sys.ls.walk_scope("hmm_range_fault", KEYED_LOCK_CLASSES, (mm.sys.notifier_active, id(mm))):
+            return hmm_range_fault_migrate(r)
     mm = r.notifier.mm
     if mm is None:
         return hmm_range_fault_locked(r, None)

@@ -95,6 +95,7 @@ __all__ = (
     "MIGRATE_PFN_SHIFT",
     "MIGRATE_PFN_VALID",
     "MIGRATE_PFN_WRITE",
+    "MIGRATE_VMA_FAULT",
     "MIGRATE_VMA_SELECT_COMPOUND",
     "MIGRATE_VMA_SELECT_DEVICE_COHERENT",
     "MIGRATE_VMA_SELECT_DEVICE_PRIVATE",
@@ -128,6 +129,9 @@ MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1 << 1
 MIGRATE_VMA_SELECT_DEVICE_COHERENT = 1 << 2
 #: collect PMD-sized folios and holes as one compound entry (7.3)
 MIGRATE_VMA_SELECT_COMPOUND = 1 << 3
+#: ``enum migrate_vma_info`` of the unified fault+migrate walk (profile
+#: ``hmm_migrate_on_fault``): ``migrate_vma_setup()`` faults the range in as it collects
+MIGRATE_VMA_FAULT = 1 << 4
 
 _U = np.uint64
 #: the page flags ``folio_migrate_flags()`` carries over (as :func:`folio_migrate_mapping`)
@@ -546,7 +550,8 @@ def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int
 def migrate_vma_setup(m: MigrateVma) -> int:
     """Models ``mm/migrate_device.c:migrate_vma_setup()``: validate the range (within one
     VMA, not hugetlb/special/DAX, a device-private fault page), collect and unmap.
-    Returns 0 or ``-EINVAL``."""
+    Returns 0 or ``-EINVAL``; with the unified walk (``hmm_migrate_on_fault``) also the
+    walk's error (:func:`~hmmsim.hmm.hmm_migrate.migrate_vma_setup_hmm`)."""
     from ..kernel.vma import VM_HUGETLB, VM_SPECIAL
     nr = (m.end - m.start) >> PAGE_SHIFT
     m.start &= ~(PAGE_SIZE - 1)
@@ -572,6 +577,9 @@ def migrate_vma_setup(m: MigrateVma) -> int:
         m.fault_folio = sys.mem.compound_head(m.fault_page)
     # the collected folios stay locked for the caller; nothing else may stay held
     with sys.ls.walk_scope("migrate_vma_setup", KEYED_LOCK_CLASSES, (sys.notifier_active, id(vma.vm_mm))):
+        if sys.profile.hmm_migrate_on_fault:  # the unified walk: collection through hmm_range_fault()
+            from .hmm_migrate import migrate_vma_setup_hmm
+            return migrate_vma_setup_hmm(m, nr)
         migrate_vma_collect(m)
         if m.cpages:
             m.cpages = migrate_device_unmap(sys, m.src, m.npages, m.fault_page)

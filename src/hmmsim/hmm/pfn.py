@@ -28,10 +28,11 @@ if TYPE_CHECKING:
     from ..kernel.profile import Profile
 
 __all__ = (
-    "HMM_PFN_DMA_MAPPED", "HMM_PFN_ERROR", "HMM_PFN_FLAGS", "HMM_PFN_FLAG_NAMES",
-    "HMM_PFN_INOUT_FLAGS", "HMM_PFN_LAYOUT", "HMM_PFN_ORDER_MASK", "HMM_PFN_ORDER_SHIFT",
-    "HMM_PFN_P2PDMA", "HMM_PFN_P2PDMA_BUS", "HMM_PFN_REQ_FAULT", "HMM_PFN_REQ_WRITE",
-    "HMM_PFN_VALID", "HMM_PFN_WRITE", "HMM_RANGE_DEFAULT_TIMEOUT", "HmmPfnLayout", "HmmRange",
+    "HMM_PFN_COMPOUND", "HMM_PFN_DMA_MAPPED", "HMM_PFN_ERROR", "HMM_PFN_FLAGS",
+    "HMM_PFN_FLAG_NAMES", "HMM_PFN_INOUT_FLAGS", "HMM_PFN_LAYOUT", "HMM_PFN_MIGRATE",
+    "HMM_PFN_MIGRATE_FLAG_NAMES", "HMM_PFN_ORDER_MASK", "HMM_PFN_ORDER_SHIFT",
+    "HMM_PFN_P2PDMA", "HMM_PFN_P2PDMA_BUS", "HMM_PFN_REQ_FAULT", "HMM_PFN_REQ_MIGRATE",
+    "HMM_PFN_REQ_WRITE", "HMM_PFN_VALID", "HMM_PFN_WRITE", "HMM_RANGE_DEFAULT_TIMEOUT", "HmmPfnLayout", "HmmRange",
     "decode_hmm_pfn", "hmm_pfn_layout", "hmm_pfn_to_map_order", "hmm_pfn_to_pfn",
 )
 
@@ -49,6 +50,14 @@ HMM_PFN_FLAGS = ~((1 << HMM_PFN_ORDER_SHIFT) - 1) & _ULONG
 HMM_PFN_INOUT_FLAGS = HMM_PFN_DMA_MAPPED | HMM_PFN_P2PDMA | HMM_PFN_P2PDMA_BUS
 HMM_PFN_REQ_FAULT = HMM_PFN_VALID
 HMM_PFN_REQ_WRITE = HMM_PFN_WRITE
+#: the unified fault+migrate walk (profile ``hmm_migrate_on_fault``, not in any release):
+#: output "a migration entry was installed" (or, without VALID, "an empty page to fill")
+HMM_PFN_MIGRATE = 1 << 57
+#: output: the entry stands for a whole PMD-sized folio (or hole), the next 511 are 0
+HMM_PFN_COMPOUND = 1 << 56
+#: input (``default_flags``): migrate what the walk finds, selected by
+#: ``hmm_range.migrate.flags`` | MIGRATE_VMA_SELECT_SYSTEM
+HMM_PFN_REQ_MIGRATE = HMM_PFN_MIGRATE
 #: milliseconds a driver should keep retrying (``HMM_RANGE_DEFAULT_TIMEOUT``)
 HMM_RANGE_DEFAULT_TIMEOUT = 1000
 
@@ -56,6 +65,8 @@ HMM_PFN_FLAG_NAMES: tuple[tuple[str, int], ...] = (
     ("VALID", 63), ("WRITE", 62), ("ERROR", 61), ("DMA_MAPPED", 60), ("P2PDMA", 59),
     ("P2PDMA_BUS", 58),
 )
+#: the flag names of the series' layout (MIGRATE 57, COMPOUND 56, order from bit 51)
+HMM_PFN_MIGRATE_FLAG_NAMES: tuple[tuple[str, int], ...] = HMM_PFN_FLAG_NAMES + (("MIGRATE", 57), ("COMPOUND", 56))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +98,9 @@ HMM_PFN_LAYOUT = HmmPfnLayout(HMM_PFN_ORDER_SHIFT, HMM_PFN_INOUT_FLAGS, HMM_PFN_
 
 
 @lru_cache(maxsize=None)
-def _layout(order_shift: int, sticky: bool) -> HmmPfnLayout:
+def _layout(order_shift: int, sticky: bool, migrate: bool = False) -> HmmPfnLayout:
+    if migrate:
+        return HmmPfnLayout(order_shift, HMM_PFN_INOUT_FLAGS, HMM_PFN_MIGRATE_FLAG_NAMES)
     if sticky and order_shift == HMM_PFN_ORDER_SHIFT:
         return HMM_PFN_LAYOUT
     if sticky:
@@ -97,8 +110,8 @@ def _layout(order_shift: int, sticky: bool) -> HmmPfnLayout:
 
 def hmm_pfn_layout(profile: "Profile") -> HmmPfnLayout:
     """The pfn layout of the release *profile* models (``hmm_pfn_order_shift``,
-    ``hmm_pfn_sticky_flags``)."""
-    return _layout(profile.hmm_pfn_order_shift, profile.hmm_pfn_sticky_flags)
+    ``hmm_pfn_sticky_flags``, ``hmm_migrate_on_fault``: the series' MIGRATE/COMPOUND bits)."""
+    return _layout(profile.hmm_pfn_order_shift, profile.hmm_pfn_sticky_flags, profile.hmm_migrate_on_fault)
 
 
 def hmm_pfn_to_pfn(hmm_pfn: int, layout: HmmPfnLayout = HMM_PFN_LAYOUT) -> int:
@@ -133,9 +146,13 @@ class HmmRange:
     :ivar default_flags: request bits applied to every page
     :ivar pfn_flags_mask: which bits of each ``hmm_pfns[i]`` are honoured as requests
     :ivar dev_private_owner: compared with ``page_pgmap(page)->owner``
+    :ivar migrate: ``struct migrate_vma *`` (the unified fault+migrate walk, profile
+        ``hmm_migrate_on_fault``): with ``HMM_PFN_REQ_MIGRATE`` in ``default_flags`` the
+        walk also installs migration entries; ``notifier`` may then be None (the
+        "migrate path" of ``migrate_vma_setup()``, the mm is ``migrate.vma.vm_mm``)
     """
 
-    notifier: MmuIntervalNotifier
+    notifier: MmuIntervalNotifier | None
     start: int
     end: int
     hmm_pfns: npt.NDArray[np.uint64]
@@ -143,10 +160,11 @@ class HmmRange:
     default_flags: int = 0
     pfn_flags_mask: int = 0
     dev_private_owner: Any = None
+    migrate: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layout(self) -> HmmPfnLayout:
-        """The pfn layout of the kernel the notifier's mm runs on."""
-        mm = self.notifier.mm
+        """The pfn layout of the kernel the notifier's (or migrate VMA's) mm runs on."""
+        mm = self.notifier.mm if self.notifier is not None else self.migrate.vma.vm_mm
         return HMM_PFN_LAYOUT if mm is None else hmm_pfn_layout(mm.sys.profile)

@@ -7,7 +7,7 @@ values on every host.
 __all__ = (
     "EACCES", "EAGAIN", "EBADF", "EBUSY", "EEXIST", "EFAULT", "EHWPOISON", "EINTR", "EINVAL",
     "EIO", "ENODEV", "ENOENT", "ENOLCK", "ENOMEM", "ENOSPC", "ENOTTY", "ENXIO", "EOPNOTSUPP",
-    "EOVERFLOW", "EPERM", "ESRCH", "errno_name",
+    "EOVERFLOW", "EPERM", "ERANGE", "ESRCH", "errno_name",
 )
 
 EPERM = 1
@@ -27,6 +27,7 @@ ENODEV = 19
 EINVAL = 22
 ENOTTY = 25
 ENOSPC = 28
+ERANGE = 34
 ENOLCK = 37
 EOVERFLOW = 75
 EOPNOTSUPP = 95

@@ -53,14 +53,48 @@ class InvariantError(AssertionError):
 
 
 class _Tally:
-    """What the page tables say: mappings per pfn, rss per mm, tables reached."""
+    """What the page tables say: the pfns each entry maps (collected as index arrays, one
+    per table, and counted once at the end), rss per mm, tables reached."""
 
     def __init__(self, n: int) -> None:
-        self.pte_maps = np.zeros(n, np.int64)
-        self.entire_maps = np.zeros(n, np.int64)
+        self.n = n
+        self._pte: list[npt.NDArray[np.int64]] = []
+        self._entire: list[int] = []
         #: references held by entries that are not mappings (6.12's device-exclusive)
-        self.ref_only = np.zeros(n, np.int64)
+        self._ref_only: list[npt.NDArray[np.int64]] = []
         self.tables: set[int] = set()
+
+    def add_pte_maps(self, pfns: npt.NDArray[np.int64]) -> None:
+        self._pte.append(pfns)
+
+    def add_entire_map(self, pfn: int) -> None:
+        self._entire.append(int(pfn))
+
+    def add_ref_only(self, heads: npt.NDArray[np.int64]) -> None:
+        self._ref_only.append(heads)
+
+    @staticmethod
+    def _counts(parts: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.unique(np.concatenate(parts), return_counts=True)
+
+    def pte_counts(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(pfns, how many pte-level entries map each), pfns ascending."""
+        return self._counts(self._pte)
+
+    def entire_counts(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(heads, how many huge entries map each)."""
+        return self._counts([np.asarray(self._entire, np.int64)])
+
+    def ref_only_counts(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        return self._counts(self._ref_only)
+
+    def dense(self, pairs: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
+        """A sparse count as a per-pfn array (for reports only: O(n))."""
+        out = np.zeros(self.n, np.int64)
+        out[pairs[0]] = pairs[1]
+        return out
 
 
 def _leaf_entries(tally: _Tally, mm: "MM", base: int, entries: npt.NDArray[np.uint64], rss: list[int]) -> None:
@@ -78,7 +112,7 @@ def _leaf_entries(tally: _Tally, mm: "MM", base: int, entries: npt.NDArray[np.ui
     normal &= pfn < mem.max_pfn
     if normal.any():
         pf = pfn[normal]
-        np.add.at(tally.pte_maps, pf, 1)
+        tally.add_pte_maps(pf)
         heads = mem.heads(pf)
         fl = mem.flags[heads]
         anon = (fl & PG_anon) != 0
@@ -100,9 +134,9 @@ def _leaf_entries(tally: _Tally, mm: "MM", base: int, entries: npt.NDArray[np.ui
             rss[1] += int(dev.sum())
             if not mm.sys.profile.device_exclusive_mapped and excl.any():
                 # 6.12: a device-exclusive entry holds its page's reference, not a mapping
-                np.add.at(tally.ref_only, mem.heads(spf[excl]), 1)
+                tally.add_ref_only(mem.heads(spf[excl]))
                 dev &= ~excl
-            np.add.at(tally.pte_maps, spf[dev], 1)
+            tally.add_pte_maps(spf[dev])
         mig = (t >= SWP_MIGRATION_READ) & (t <= SWP_MIGRATION_WRITE)
         if mig.any():
             for p in spf[mig].tolist():
@@ -203,7 +237,7 @@ def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
                     if v.vm_flags & VM_HUGETLB:
                         hugetlb += HPAGE_PMD_NR
                         if pmd_present(me):
-                            tally.entire_maps[pfn] += 1
+                            tally.add_entire_map(pfn)
                         continue
                     if is_pmd_device_private_entry(me):
                         # 7.3 device-private THP: one entire mapping and reference, like a
@@ -212,7 +246,7 @@ def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
                         if mem.head_off[pfn] or int(mem.order[pfn]) != HPAGE_PMD_ORDER:
                             raise InvariantError(f"{mm.name}: device-private PMD at {mbase:#x} maps pfn {pfn:#x}, "
                                                  f"not the head of an order-{HPAGE_PMD_ORDER} folio")
-                        tally.entire_maps[pfn] += 1
+                        tally.add_entire_map(pfn)
                         rss[1 if mem.flags[pfn] & PG_anon else (3 if mem.flags[pfn] & PG_swapbacked else 0)] += HPAGE_PMD_NR
                         _huge_anon_rmap(mm, v, mbase, pfn)
                         continue
@@ -222,7 +256,7 @@ def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
                         continue
                     if mem.is_huge_zero_pfn(pfn):
                         continue
-                    tally.entire_maps[pfn] += 1
+                    tally.add_entire_map(pfn)
                     if mem.flags[pfn] & PG_anon:
                         rss[1] += HPAGE_PMD_NR
                     continue
@@ -235,39 +269,44 @@ def _walk_mm(tally: _Tally, mm: "MM") -> list[int]:
 
 
 def check_invariants(sys: "System", full: bool = True) -> None:
-    """Raise :class:`InvariantError` if the machine's state is inconsistent."""
+    """Raise :class:`InvariantError` if the machine's state is inconsistent.
+
+    Work is proportional to what is mapped plus a few passes over the pfns in use
+    (``pfn_limit``), never over the whole (mostly untouched) pfn space."""
     mem = sys.mem
     for k, v in sys.notifier_active.items():
         if v:
             raise InvariantError(f"an mmu notifier invalidation of mm {k:#x} never ended")
-    nfree = int(mem._free.sum())
+    nfree = int(np.count_nonzero(mem._free))
     if nfree != mem.nr_free:
         raise InvariantError(f"allocator: nr_free {mem.nr_free} but {nfree} pages are free")
-    if (mem.refcount < 0).any():
-        p = int(np.flatnonzero(mem.refcount < 0)[0])
+    n = sys.pfn_limit()  # no pfn at or above it was ever handed out
+    rc = mem.refcount[:n]
+    if len(rc) and rc.min() < 0:
+        p = int(np.flatnonzero(rc < 0)[0])
         raise InvariantError(f"pfn {p:#x}: negative refcount {int(mem.refcount[p])}")
-    if (mem.mapcount < 0).any() or (mem.entire_mapcount < 0).any():
-        p = int(np.flatnonzero((mem.mapcount < 0) | (mem.entire_mapcount < 0))[0])
+    if len(rc) and min(mem.mapcount[:n].min(), mem.entire_mapcount[:n].min()) < 0:
+        p = int(np.flatnonzero((mem.mapcount[:n] < 0) | (mem.entire_mapcount[:n] < 0))[0])
         raise InvariantError(f"pfn {p:#x}: negative mapcount")
     if not full:
         return
-    n = sys.pfn_limit()
     tally = _Tally(n)
     for mm in sys.mms:
         rss = _walk_mm(tally, mm)
         if rss != mm.rss:
             raise InvariantError(f"{mm.name}: rss {mm.rss} but page tables say {rss} "
                                  "(file, anon, swap, shmem)")
-    # mapcounts
-    bad = np.flatnonzero(tally.pte_maps != mem.mapcount[:n])
-    if len(bad):
-        p = int(bad[0])
-        raise InvariantError(f"pfn {p:#x}: mapcount {int(mem.mapcount[p])} but {int(tally.pte_maps[p])} ptes map it")
-    bad = np.flatnonzero(tally.entire_maps != mem.entire_mapcount[:n])
-    if len(bad):
-        p = int(bad[0])
-        raise InvariantError(f"pfn {p:#x}: entire_mapcount {int(mem.entire_mapcount[p])} but "
-                             f"{int(tally.entire_maps[p])} huge entries map it")
+    # mapcounts: the pfns with a nonzero count are exactly those the tables map, and
+    # the counts agree
+    for what, counts, arr, unit in (("mapcount", tally.pte_counts(), mem.mapcount, "ptes"),
+                                    ("entire_mapcount", tally.entire_counts(), mem.entire_mapcount,
+                                     "huge entries")):
+        u, c = counts
+        nz = np.flatnonzero(arr[:n])
+        if not (np.array_equal(nz, u) and np.array_equal(arr[u], c)):
+            want = tally.dense(counts)
+            p = int(np.flatnonzero(want != arr[:n])[0])
+            raise InvariantError(f"pfn {p:#x}: {what} {int(arr[p])} but {int(want[p])} {unit} map it")
     _check_refcounts(sys, tally)
     _check_pins(sys)
     _check_frames(sys)
@@ -277,47 +316,75 @@ def check_invariants(sys: "System", full: bool = True) -> None:
         raise InvariantError(f"page tables {sorted(leaked)[:5]} are allocated but unreachable")
 
 
-def _expected_refs(sys: "System", tally: _Tally) -> npt.NDArray[np.int64]:
+def _private_pgmap_ids(sys: "System") -> npt.NDArray[np.bool_]:
+    """Indexed by ``mem.pgmap`` value: is that pagemap device-private?"""
+    private = np.zeros(len(sys.pgmaps) + 1, np.bool_)
+    for i, pg in enumerate(sys.pgmaps, 1):
+        private[i] = pg is not None and pg.is_private
+    return private
+
+
+def _expected_refs(sys: "System", tally: _Tally) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The references each folio head must have: its mappings, its page-cache slot,
-    the device page that a backing page belongs to, and in-flight operations."""
+    the device page that a backing page belongs to, and in-flight operations; as
+    (pfns ascending, references), every other pfn expecting none."""
     mem = sys.mem
-    n = len(tally.pte_maps)
-    exp = np.zeros(n, np.int64)
-    maps = tally.pte_maps
-    used = np.flatnonzero(maps)
-    if len(used):
-        np.add.at(exp, mem.heads(used), maps[used])
-    exp += tally.entire_maps
-    exp += tally.ref_only
-    for mm_obj in sys.iter_address_spaces():
-        for pfn in mm_obj.pages.values():
-            exp[pfn] += 1
+    n = tally.n
+    idx: list[npt.NDArray[np.int64]] = []
+    cnt: list[npt.NDArray[np.int64]] = []
+    u, c = tally.pte_counts()
+    if len(u):
+        idx.append(mem.heads(u).astype(np.int64))
+        cnt.append(c)
+    for u, c in (tally.entire_counts(), tally.ref_only_counts()):
+        idx.append(u)
+        cnt.append(c)
+    cache = [np.fromiter(m.pages.values(), np.int64, len(m.pages)) for m in sys.iter_address_spaces()]
+    if cache:
+        cp = np.concatenate(cache)
+        idx.append(cp)
+        cnt.append(np.ones(len(cp), np.int64))
+    # a device-private page holding a backing page (zone_device_data) references it
     zdd = np.flatnonzero(mem.zone_device_data[:n])
-    for p in zdd.tolist():
-        pg = sys.pgmap_of(p)
-        if pg is not None and pg.is_private:
-            exp[int(mem.zone_device_data[p])] += 1
-    for p, k in sys.extra_refs.items():
-        exp[mem.compound_head(p)] += k
-    return exp
+    if len(zdd):
+        zdd = zdd[_private_pgmap_ids(sys)[mem.pgmap[zdd].astype(np.int64)]]
+        idx.append(mem.zone_device_data[zdd].astype(np.int64))
+        cnt.append(np.ones(len(zdd), np.int64))
+    if sys.extra_refs:
+        ps = np.fromiter(sys.extra_refs.keys(), np.int64, len(sys.extra_refs))
+        idx.append(mem.heads(ps).astype(np.int64))
+        cnt.append(np.fromiter(sys.extra_refs.values(), np.int64, len(sys.extra_refs)))
+    allidx = np.concatenate(idx)
+    keys, inv = np.unique(allidx, return_inverse=True)
+    sums = np.bincount(inv, weights=np.concatenate(cnt), minlength=len(keys)).astype(np.int64)
+    keep = sums != 0
+    return keys[keep], sums[keep]
 
 
 def _check_refcounts(sys: "System", tally: _Tally) -> None:
+    """Tail pages hold no references; every other page (the reserved ones aside) has
+    exactly the references :func:`_expected_refs` finds."""
     mem = sys.mem
-    exp = _expected_refs(sys, tally)
-    n = len(exp)
-    rc = mem.refcount[:n].astype(np.int64)
-    head_off = mem.head_off[:n]
-    # tail pages carry no references of their own
-    tails = np.flatnonzero(head_off)
-    if len(tails) and rc[tails].any():
-        p = int(tails[np.flatnonzero(rc[tails])[0]])
+    n = tally.n
+    keys, refs = _expected_refs(sys, tally)
+    rc = mem.refcount[:n]
+    held = np.flatnonzero(rc)
+    tails = held[mem.head_off[held] != 0]
+    if len(tails):
+        p = int(tails[0])
         raise InvariantError(f"tail page {p:#x} has refcount {int(rc[p])}")
-    zero_pages = mem.flags[:n] & PG_reserved
-    bad = np.flatnonzero((rc != exp) & (zero_pages == 0) & (head_off == 0))
+    cand = np.union1d(held, keys)
+    cand = cand[(mem.head_off[cand] == 0) & ((mem.flags[cand] & PG_reserved) == 0)]
+    pos = np.searchsorted(keys, cand)
+    pos_ok = pos < len(keys)
+    exp = np.zeros(len(cand), np.int64)
+    hit = pos_ok.copy()
+    hit[pos_ok] = keys[pos[pos_ok]] == cand[pos_ok]
+    exp[hit] = refs[pos[hit]]
+    bad = np.flatnonzero(rc[cand] != exp)
     if len(bad):
-        p = int(bad[0])
-        raise InvariantError(f"pfn {p:#x}: refcount {int(rc[p])} but {int(exp[p])} references are known "
+        p = int(cand[bad[0]])
+        raise InvariantError(f"pfn {p:#x}: refcount {int(rc[p])} but {int(exp[bad[0]])} references are known "
                              f"(flags {int(mem.flags[p]):#x})")
 
 
@@ -338,30 +405,37 @@ def _check_device_pages(sys: "System") -> None:
     no backing page; a dmirror device's free list holds each idle page of its chunks
     exactly once and nothing in use (no device frame lost or double-owned)."""
     mem = sys.mem
+    in_use: dict[tuple[int, int], npt.NDArray[np.bool_]] = {}
+
+    def used(lo: int, hi: int) -> npt.NDArray[np.bool_]:
+        if (lo, hi) not in in_use:
+            in_use[lo, hi] = _device_pages_in_use(sys, lo, hi)
+        return in_use[lo, hi]
+
     for pg in sys.pgmaps:
         if pg is None:
             continue
         lo, hi = pg.start_pfn, pg.start_pfn + pg.nr_pages
-        rc = mem.refcount[lo:hi]
-        if int((rc > 0).sum()) != pg.nr_used:
-            raise InvariantError(f"{pg}: {int((rc > 0).sum())} folios referenced but nr_used {pg.nr_used}")
-        idle = ~_device_pages_in_use(sys, lo, hi)
-        dirty = idle & ((mem.mapcount[lo:hi] != 0) | (mem.mapping[lo:hi] != 0) | (mem.zone_device_data[lo:hi] != 0))
-        if dirty.any():
-            raise InvariantError(f"idle device page {lo + int(np.flatnonzero(dirty)[0]):#x} is still "
-                                 "mapped, owned or backed")
+        nref = int(np.count_nonzero(mem.refcount[lo:hi]))  # none is negative (checked above)
+        if nref != pg.nr_used:
+            raise InvariantError(f"{pg}: {nref} folios referenced but nr_used {pg.nr_used}")
+        # pages with a mapcount, a mapping or a backing page must be in use
+        busy = np.union1d(np.union1d(np.flatnonzero(mem.mapcount[lo:hi]), np.flatnonzero(mem.mapping[lo:hi])),
+                          np.flatnonzero(mem.zone_device_data[lo:hi]))
+        dirty = busy[~used(lo, hi)[busy]]
+        if len(dirty):
+            raise InvariantError(f"idle device page {lo + int(dirty[0]):#x} is still mapped, owned or backed")
     for dev in getattr(sys, "dmirror_devices", []):
         if dev is None or not dev.calloc:
             continue  # no page ever left the free list built with the chunks: skip the O(N) part
         folios = np.asarray(getattr(dev, "free_folios", []), np.int64)
         free = np.concatenate([np.asarray(dev.free_pages, np.int64),
                                (folios[:, None] + np.arange(HPAGE_PMD_NR)).ravel()])
-        if len(free) > 1 and not np.diff(np.sort(free)).all():
+        if len(free) > 1 and (np.bincount(free - free.min()) > 1).any():
             raise InvariantError(f"{dev}: a page is on the free list twice")
         if len(free) and (mem.refcount[free] != 0).any():
             raise InvariantError(f"{dev}: a page on the free list is in use")
-        idle = sum(int((~_device_pages_in_use(sys, c.pagemap.start_pfn,
-                                              c.pagemap.start_pfn + c.pagemap.nr_pages)).sum())
+        idle = sum(int((~used(c.pagemap.start_pfn, c.pagemap.start_pfn + c.pagemap.nr_pages)).sum())
                    for c in dev.chunks if not c.remove)
         if idle != len(free):
             raise InvariantError(f"{dev}: {idle} idle device pages but {len(free)} on the free list")
@@ -372,10 +446,14 @@ def _device_pages_in_use(sys: "System", lo: int, hi: int) -> npt.NDArray[np.bool
     tail of a referenced large folio (7.3 device THPs; a tail keeps its ``head_off`` after
     the folio is freed, so the head must still be large enough to cover it)."""
     mem = sys.mem
-    ho = mem.head_off[lo:hi].astype(np.int64)
-    heads = np.arange(lo, hi, dtype=np.int64) - ho
-    covers = ho < (np.int64(1) << mem.order[heads].astype(np.int64))
-    return (mem.refcount[heads] > 0) & covers
+    out = mem.refcount[lo:hi] > 0  # a head (head_off 0) is covered by its own folio
+    tails = np.flatnonzero(mem.head_off[lo:hi])
+    if len(tails):
+        ho = mem.head_off[lo + tails].astype(np.int64)
+        heads = lo + tails - ho
+        covers = ho < (np.int64(1) << mem.order[heads].astype(np.int64))
+        out[tails] = (mem.refcount[heads] > 0) & covers
+    return out
 
 
 def _check_frames(sys: "System") -> None:
@@ -384,24 +462,25 @@ def _check_frames(sys: "System") -> None:
     ram = mem.ram_pages
     fl = mem.flags[:ram]
     free = mem._free[:ram]
-    if not np.array_equal((fl & PG_buddy) != 0, free):
+    if not np.array_equal((fl & PG_buddy).astype(np.bool_), free):
         p = int(np.flatnonzero(((fl & PG_buddy) != 0) != free)[0])
         raise InvariantError(f"pfn {p:#x}: buddy flag and free bitmap disagree")
-    heads = mem.head_off[:ram] == 0
-    used = ~free & heads & ((fl & (PG_reserved | PG_hugetlb)) == 0)
-    lost = used & (mem.refcount[:ram] == 0)
-    if lost.any():
-        p = int(np.flatnonzero(lost)[0])
-        raise InvariantError(f"pfn {p:#x} is neither free nor referenced: a lost frame")
-    dirty_free = free & ((mem.refcount[:ram] != 0) | (mem.mapcount[:ram] != 0) | (mem.mapping[:ram] != 0))
-    if dirty_free.any():
-        p = int(np.flatnonzero(dirty_free)[0])
+    taken = np.flatnonzero(~free)
+    used = taken[(mem.head_off[taken] == 0) & ((fl[taken] & (PG_reserved | PG_hugetlb)) == 0)]
+    lost = used[mem.refcount[used] == 0]
+    if len(lost):
+        raise InvariantError(f"pfn {int(lost[0]):#x} is neither free nor referenced: a lost frame")
+    dirty = [nz[free[nz]] for nz in (np.flatnonzero(mem.refcount[:ram]), np.flatnonzero(mem.mapcount[:ram]),
+                                     np.flatnonzero(mem.mapping[:ram]))]
+    if any(len(d) for d in dirty):
+        p = min(int(d[0]) for d in dirty if len(d))
         raise InvariantError(f"free pfn {p:#x} still has refcount/mapcount/mapping")
     pool = sys.hugetlb
     for h in pool.free:
         if mem.refcount[h] != 0 or mem.entire_mapcount[h] != 0:
             raise InvariantError(f"free hugetlb page {h:#x} is referenced")
-    hugetlb_heads = np.flatnonzero(((fl & PG_hugetlb) != 0) & (mem.head_off[:ram] == 0))
+    hugetlb_heads = np.flatnonzero(fl & PG_hugetlb)
+    hugetlb_heads = hugetlb_heads[mem.head_off[hugetlb_heads] == 0]
     if len(hugetlb_heads) != pool.nr_huge_pages:
         raise InvariantError(f"{len(hugetlb_heads)} hugetlb folios but the pool has {pool.nr_huge_pages}")
     idle = [int(h) for h in hugetlb_heads if mem.refcount[h] == 0]

@@ -43,7 +43,9 @@ each a :class:`LockdepError` naming the rule and the place, each O(1) per call):
 * ``walk-leaked-lock``: a walk (``walk_page_range()``, ``hmm_range_fault()``,
   ``migrate_vma_setup()``) leaves the held locks as it found them, on every return and
   every exception (:meth:`LockState.walk_scope`);
-* ``notifier-unbalanced``: the same scope finds as many open
+* ``notifier-unbalanced``: the scope of an hmm/migrate call (``hmm_range_fault()``,
+  ``migrate_vma_setup()``; not of a single ``walk_page_range()``, since the unified walk's
+  bracket spans its retries) finds as many open
   ``mmu_notifier_invalidate_range_start()`` brackets of the mm on exit as on entry (an
   ``end`` without a ``start`` fails at once in :mod:`hmmsim.kernel.mmu_notifier`, and
   ``check_invariants`` finds a bracket never closed).

@@ -335,14 +335,16 @@ def walk_page_range(mm: MM, start: int, end: int, ops: MmWalkOps, private: Any) 
     :return: 0, ``-EINVAL`` if ``start >= end``, or the first non-zero (negative, or a
         callback's positive) return of a callback.
 
-    The walk leaves the locks and notifier brackets as it found them (rules
-    ``walk-leaked-lock``/``notifier-unbalanced`` of :mod:`hmmsim.kernel.locking`), except
-    folio locks, which a callback may hand to the caller (``migrate_vma_collect_pmd``).
+    The walk leaves the locks as it found them (rule ``walk-leaked-lock`` of
+    :mod:`hmmsim.kernel.locking`), except folio locks, which a callback may hand to the
+    caller (``migrate_vma_collect_pmd``). Notifier brackets may span walks (the unified
+    walk opens one at its first capture and closes it after its retry loop): their
+    balance is checked by the callers' scopes (``hmm_range_fault``, ``migrate_vma_setup``).
     """
     if start >= end:
         return -EINVAL
     _assert_walk_lock(mm, ops.walk_lock)
-    with mm.sys.ls.walk_scope("walk_page_range", KEYED_LOCK_CLASSES, (mm.sys.notifier_active, id(mm))):
+    with mm.sys.ls.walk_scope("walk_page_range", KEYED_LOCK_CLASSES):
         return _walk_page_range(mm, start, end, ops, private)
 
 
@@ -391,7 +393,7 @@ def walk_page_vma(vma: Vma, ops: MmWalkOps, private: Any) -> int:
     """``walk_page_vma()``: walk all of one VMA."""
     mm = vma.vm_mm
     _assert_walk_lock(mm, ops.walk_lock)
-    with mm.sys.ls.walk_scope("walk_page_vma", KEYED_LOCK_CLASSES, (mm.sys.notifier_active, id(mm))):
+    with mm.sys.ls.walk_scope("walk_page_vma", KEYED_LOCK_CLASSES):
         return _walk_page_vma(vma, ops, private)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-__all__ = ("DEFAULT_KERNEL", "KERNELS", "Profile", "get_profile")
+__all__ = ("DEFAULT_KERNEL", "KERNELS", "MIGRATE_ON_FAULT_PFN_ORDER_SHIFT", "Profile", "get_profile",
+           "with_migrate_on_fault")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,13 @@ class Profile:
     #: ``kernel-run`` (the largest private anonymous mmap the overcommit heuristic accepts);
     #: a property of that build (6.12: 3254, 7.3: 2680), used by ``reference_config()``
     boot_reserved_pages: int
+    #: the unified fault+migrate walk of the "Migrate on fault for device pages" series
+    #: (seed 003, v2; never merged): ``HMM_PFN_REQ_MIGRATE``/``HMM_PFN_MIGRATE``/
+    #: ``HMM_PFN_COMPOUND`` (the order field moves down to bit 51), ``hmm_range.migrate``,
+    #: ``MIGRATE_VMA_FAULT``, ``migrate_vma_setup()`` rebuilt on ``hmm_range_fault()``
+    #: and test_hmm's MIGRATE_ON_FAULT_TO_DEV. In no release: an option on top of 7.3
+    #: (``System(kernel="7.3", migrate_on_fault=True)``, :func:`with_migrate_on_fault`)
+    hmm_migrate_on_fault: bool = False
 
     def with_(self, **changes: object) -> "Profile":
         """A copy with some features changed (for tests that isolate one feature)."""
@@ -137,6 +145,7 @@ KERNELS: dict[str, Profile] = {
         per_page_device_exclusive=False,
         device_exclusive_mapped=False,
         boot_reserved_pages=3254,
+        hmm_migrate_on_fault=False,
     ),
     "7.3": Profile(
         name="7.3",
@@ -161,6 +170,7 @@ KERNELS: dict[str, Profile] = {
         per_page_device_exclusive=True,
         device_exclusive_mapped=True,
         boot_reserved_pages=2680,
+        hmm_migrate_on_fault=False,
     ),
 }
 
@@ -175,3 +185,19 @@ def get_profile(kernel: str) -> Profile:
     except KeyError:
         raise ValueError(f"kernel {kernel!r} is not modelled; supported: "
                          f"{', '.join(KERNELS)}") from None
+
+
+#: ``HMM_PFN_ORDER_SHIFT`` of the series' layout (``BITS_PER_LONG - 13``): MIGRATE took bit 57
+#: and COMPOUND bit 56, below 7.3's P2PDMA_BUS (58)
+MIGRATE_ON_FAULT_PFN_ORDER_SHIFT = 51
+
+
+def with_migrate_on_fault(profile: Profile) -> Profile:
+    """*profile* with the unified fault+migrate walk switched on (``hmm_migrate_on_fault``
+    and the series' pfn layout). The series was written against the HMM of 2026 (the
+    7.3 code base: sticky inout flags, faults outside the walk, device-private THP); it is
+    refused for any release without those (6.12): ValueError."""
+    if not (profile.hmm_pfn_sticky_flags and profile.hmm_fault_outside_walk and profile.device_private_thp):
+        raise ValueError(f"migrate_on_fault: the unified fault+migrate walk is modelled on top of 7.3 "
+                         f"only, not on kernel {profile.name!r}")
+    return replace(profile, hmm_migrate_on_fault=True, hmm_pfn_order_shift=MIGRATE_ON_FAULT_PFN_ORDER_SHIFT)

@@ -141,7 +141,8 @@ declare("hmm.warn_fault_errno", "hmm_do_fault(): WARN_ON, a failed fault with no
 # -- lib/test_hmm.c -------------------------------------------------------------------------------
 #: the HMM_DMIRROR_* ioctls without their prefix, lower case (``unknown``: any other number)
 DMIRROR_IOCTLS = ("read", "write", "migrate_to_dev", "migrate_to_sys", "snapshot", "exclusive",
-                  "check_exclusive", "release", "flags", "read_unlocked", "unknown")
+                  "check_exclusive", "release", "flags", "read_unlocked", "migrate_on_fault_to_dev",
+                  "unknown")
 _declare_all("dmirror_fops_unlocked_ioctl() calls by command (after argument checks)",
              *(f"dmirror.ioctl.{c}" for c in DMIRROR_IOCTLS))
 declare("dmirror.chunks", "device memory chunks allocated (dmirror_allocate_chunk)")
@@ -157,6 +158,16 @@ declare("dmirror.warn_thp_fallback_alloc", "order-0 device pages that failed in 
         "fallback of dmirror_migrate_alloc_and_copy (the kernel dereferences NULL there)")
 declare("memremap.warn_conflicting_mapping", "WARNs \"Conflicting mapping in same section\" "
         "(memremap_pages() of a range whose first or last pfn has a pagemap: -ENOMEM)")
+declare("hmm.migrate.range_fault", "hmm_range_fault() calls of the unified fault+migrate walk")
+declare("hmm.migrate.notifier_bracket", "MMU_NOTIFY_MIGRATE invalidations of the unified walk (one per "
+        "call that captured a VMA, ended on every exit)")
+declare("hmm.migrate.erange", "unified walks that met a second VMA (-ERANGE)")
+declare("hmm.migrate.split_retry", "THPs the unified walk split, restarting the walk at the PMD")
+declare("hmm.migrate.abort", "unified walks whose prepared migration entries were removed again "
+        "(a failed call, or a result the driver dropped)")
+declare("dmirror.migrate_on_fault.chunk", "64-page chunks MIGRATE_ON_FAULT_TO_DEV faulted and migrated")
+declare("dmirror.migrate_on_fault.stale", "MIGRATE_ON_FAULT_TO_DEV results dropped (and their migration "
+        "undone) because the interval sequence moved before the mirror update")
 declare("migrate_vma.collect_huge_pmd", "THPs / device-private PMDs collected whole as one "
         "compound entry (7.3, migrate_vma_collect_huge_pmd)")
 declare("migrate_vma.split_unmapped_folio", "compound entries split after unmapping because "

@@ -32,7 +32,7 @@ from .module import load_module
 from .page_types import PAGE_SHIFT
 from .pgtable import PageTableStore
 from .physmem import PG_anon, PhysMem
-from .profile import DEFAULT_KERNEL, Profile, get_profile
+from .profile import DEFAULT_KERNEL, Profile, get_profile, with_migrate_on_fault
 from .stats import Stats
 from .trace import Trace
 from .swap import SwapInfo
@@ -77,6 +77,9 @@ class SystemConfig:
     #: kernel release whose behaviour is modelled where releases differ ("6.12" or "7.3";
     #: see :mod:`hmmsim.kernel.profile`)
     kernel: str = DEFAULT_KERNEL
+    #: switch on the unified fault+migrate walk (the "Migrate on fault for device pages"
+    #: series) on top of *kernel* (7.3 only; :func:`~hmmsim.kernel.profile.with_migrate_on_fault`)
+    migrate_on_fault: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,7 +93,9 @@ class SystemConfig:
             raise ValueError("reserved_pages must be >= 0 and less than half of RAM")
         if self.swap_pages < 0:
             raise ValueError("swap_pages must be >= 0")
-        get_profile(self.kernel)  # ValueError naming the supported releases
+        profile = get_profile(self.kernel)  # ValueError naming the supported releases
+        if self.migrate_on_fault:
+            with_migrate_on_fault(profile)  # ValueError for a release without it
 
 
 class System:
@@ -105,6 +110,8 @@ class System:
         self.config = config
         #: the release's named behaviours (:class:`~hmmsim.kernel.profile.Profile`)
         self.profile: Profile = get_profile(config.kernel)
+        if config.migrate_on_fault:
+            self.profile = with_migrate_on_fault(self.profile)
         self.stats = Stats()
         #: tracepoints: attach probes or ``record()`` events (:mod:`hmmsim.kernel.trace`)
         self.trace = Trace()

@@ -503,7 +503,8 @@ def tracepoint_hmm_range_fault(fn: _F) -> _F:
     """Trace ``hmm_range_fault(range)`` as ``hmm_range_fault_start``/``_end``."""
     @functools.wraps(fn)
     def hmm_range_fault(r: Any, *args: Any, **kw: Any) -> int:
-        mm = r.notifier.mm
+        # (no notifier: the unified walk's migrate path, whose mm is migrate.vma's)
+        mm = r.notifier.mm if r.notifier is not None else r.migrate.vma.vm_mm
         tp = mm.sys.trace if mm is not None else None
         if not (tp and (tp.hmm_range_fault_start or tp.hmm_range_fault_end)):
             return fn(r, *args, **kw)

@@ -83,6 +83,7 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "dwrite": ("handle", "region", "count", "count", "seed"),
     "dmigrate": ("handle", "region", "count", "count"),
     "dmigrate_sys": ("handle", "region", "count", "count"),
+    "dmigrate_on_fault": ("handle", "region", "count", "count"),
     "dsnapshot": ("handle", "region", "count", "count"),
     "dexclusive": ("handle", "region", "count", "count"),
     "dcheck_exclusive": ("handle", "region", "count", "count"),

@@ -34,6 +34,7 @@ from ..drivers.test_hmm_uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
     HMM_DMIRROR_EXCLUSIVE,
     HMM_DMIRROR_FLAGS,
+    HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV,
     HMM_DMIRROR_MIGRATE_TO_DEV,
     HMM_DMIRROR_MIGRATE_TO_SYS,
     HMM_DMIRROR_READ,
@@ -88,11 +89,12 @@ REFERENCE_MEMORY_IN_USE = 96 * MiB
 
 
 def reference_config(kernel: str = DEFAULT_KERNEL, *, ram: int = 1536 * MiB, thp: str = "madvise",
-                     hugetlb_pages: int = 32) -> SystemConfig:
+                     hugetlb_pages: int = 32, migrate_on_fault: bool = False) -> SystemConfig:
     """The machine the reference outputs come from (conventions item 24): a 2 GiB VM of
     which 512 MiB are the coherent devices' memory (*ram* is the rest), THP *thp*, huge
     zero page on, *hugetlb_pages* hugetlb pages, no swap, test_hmm loaded with coherent
-    devices, running *kernel*. ``totalram_pages()`` leaves out what that kernel keeps for
+    devices, running *kernel* (with *migrate_on_fault*: the unified fault+migrate walk on
+    top of it, 7.3 only). ``totalram_pages()`` leaves out what that kernel keeps for
     itself (its struct page array, 1/64 of RAM, and the release's measured
     ``boot_reserved_pages``), so the overcommit heuristic refuses exactly the mmap sizes
     the real VM refuses: at the defaults, a private writable mapping of more than 383880
@@ -110,7 +112,7 @@ def reference_config(kernel: str = DEFAULT_KERNEL, *, ram: int = 1536 * MiB, thp
     reserved = (ram >> PAGE_SHIFT) // 64 + get_profile(kernel).boot_reserved_pages
     return SystemConfig(ram=ram, thp=thp, huge_zero_page=True, hugetlb_pages=hugetlb_pages,
                         swap_pages=0, test_hmm=True, coherent=True, device_private_space=8 * GiB,
-                        kernel=kernel, reserved_pages=reserved,
+                        kernel=kernel, reserved_pages=reserved, migrate_on_fault=migrate_on_fault,
                         extra={"memory_in_use": REFERENCE_MEMORY_IN_USE})
 
 
@@ -586,6 +588,14 @@ class _Runner:
             self.out(ctx, cmd, "dmigrate", ret=ret)
         else:
             self.out(ctx, cmd, "dmigrate", ret=0, cpages=dcmd.cpages, crc=crc)
+
+    def op_dmigrate_on_fault(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
+        """HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV (the unified walk; -EINVAL without it)."""
+        ret, dcmd, crc = self._ioctl_crc(ctx, handle, HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV, name, off, npages)
+        if ret:
+            self.out(ctx, cmd, "dmigrate_on_fault", ret=ret)
+        else:
+            self.out(ctx, cmd, "dmigrate_on_fault", ret=0, cpages=dcmd.cpages, crc=crc)
 
     def op_dmigrate_sys(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int) -> None:
         ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_MIGRATE_TO_SYS, self.region(ctx, name, off), npages, 0)

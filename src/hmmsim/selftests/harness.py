@@ -49,7 +49,8 @@ from ..system import System
 
 __all__ = (
     "ASSERT_EQ", "ASSERT_FALSE", "ASSERT_GE", "ASSERT_GT", "ASSERT_LE", "ASSERT_LT", "ASSERT_NE",
-    "ASSERT_TRUE", "EXPECT_EQ", "EXPECT_NE", "HMM_TESTS_C", "HUGETLB_SETUP_DEFAULT_PAGES", "NEEDS_MIGRATION", "NOT_MODELLED",
+    "ASSERT_TRUE", "EXPECT_EQ", "EXPECT_NE", "HMM_TESTS_C", "HUGETLB_SETUP_DEFAULT_PAGES", "MIGRATE_ON_FAULT",
+    "MIGRATE_ON_FAULT_TESTS", "NEEDS_MIGRATION", "NOT_MODELLED", "hmm_tests_c",
     "REAL_KERNEL_FAILS", "SKIP",
     "TESTS", "TEST_F", "TestFailure", "TestResult", "TestSkipped", "UnknownSelection", "VARIANTS",
     "Variant", "run_test",
@@ -112,6 +113,23 @@ HMM_TESTS_C: dict[str, tuple[tuple[str, str], ...]] = {
         ("hmm", "benchmark_thp_migration"), ("hmm", "userfaultfd_read"),
     ),
 }
+
+#: the release tag of tests that exist only with the unified fault+migrate walk (the
+#: "Migrate on fault for device pages" series' hmm-tests.c, on top of 7.3)
+MIGRATE_ON_FAULT = "7.3+migrate_on_fault"
+
+#: the series' additions to hmm-tests.c, placed after ``migrate`` as its test patch does
+MIGRATE_ON_FAULT_TESTS: tuple[tuple[str, str], ...] = (("hmm", "migrate_on_fault"),)
+
+
+def hmm_tests_c(kernel: str, migrate_on_fault: bool = False) -> tuple[tuple[str, str], ...]:
+    """:data:`HMM_TESTS_C` of *kernel*, with the series' tests when *migrate_on_fault*."""
+    tests = HMM_TESTS_C[kernel]
+    if not migrate_on_fault:
+        return tests
+    k = tests.index(("hmm", "migrate")) + 1
+    return tests[:k] + MIGRATE_ON_FAULT_TESTS + tests[k:]
+
 
 #: ``HUGETLB_SETUP_DEFAULT_PAGES(n)`` of each release's hmm-tests.c (7.3: 1): before the
 #: tests the harness makes sure the default hstate has at least *n* free huge pages,
@@ -320,15 +338,17 @@ class UnknownSelection(ValueError):
 
 
 def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
-                 kernel: str = DEFAULT_KERNEL) -> list[tuple[str, str, TestFn, Variant]]:
+                 kernel: str = DEFAULT_KERNEL, migrate_on_fault: bool = False) -> list[tuple[str, str, TestFn, Variant]]:
     """Every (fixture, test, function, variant) of release *kernel*'s hmm-tests.c in the
     order its harness runs them (fixture by fixture, variant by variant, tests in file
     order), filtered by test names (``anon_read`` or ``hmm.hmm_device_private.anon_read``)
     and variant names. A test without a ported body gets a
-    function that SKIPs with its :data:`NOT_MODELLED` reason."""
+    function that SKIPs with its :data:`NOT_MODELLED` reason. *migrate_on_fault* adds the
+    unified walk series' tests (:func:`hmm_tests_c`)."""
     from . import (  # noqa: F401
         hmm_device_tests,
         hmm_exclusive_tests,
+        hmm_migrate_on_fault_tests,
         hmm_migrate_tests,
         hmm_tests,
         hmm_thp_tests,
@@ -336,8 +356,9 @@ def select_tests(names: Iterable[str] = (), variants: Iterable[str] = (),
     )
     names = set(names)
     variants = set(variants)
-    ported = {(f, n): fn for f, n, fn, rel in TESTS if kernel in rel}
-    tests = HMM_TESTS_C[kernel]
+    ported = {(f, n): fn for f, n, fn, rel in TESTS
+              if kernel in rel or (migrate_on_fault and MIGRATE_ON_FAULT in rel)}
+    tests = hmm_tests_c(kernel, migrate_on_fault)
     all_variants = [v.name for f in dict.fromkeys(f for f, _n in tests) for v in VARIANTS[f]]
     for want in sorted(variants):
         if want not in all_variants:
