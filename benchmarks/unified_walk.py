@@ -48,12 +48,18 @@ optional extra: ``pip install -e '.[bench]'`` (or ``pip install matplotlib``); w
 only the table is printed.
 
 Run: ``python benchmarks/unified_walk.py [--quick] [--kernel 7.3|6.12] [--png PATH]
-[--no-png] [--cpu]`` (``--quick``: 64 pages and 2 MiB only, no 1 GiB).
+[--no-png] [--cpu] [--cases "2M 0%,1G THP"] [--methods A,B,C] [--json FILE]``
+(``--quick``: 64 pages and 2 MiB only, no 1 GiB; ``--json``: append each result to FILE);
+``python benchmarks/unified_walk.py --merge FILE... [--png PATH]`` reports the results of
+several runs (e.g. run in parallel) as one table and plot. The whole set takes long on a
+busy 2-core machine (the 1 GiB swapped-out cases page out and fault back 262,144 pages
+one by one).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -449,26 +455,74 @@ def plot(results: list[Result], path: str) -> str:
     return ""
 
 
-def main(quick: bool = False, kernel: str = "7.3", png: str | None = "unified_walk.png") -> list[Result]:
-    cases = [c for c in CASES if not (quick and c.npages > WINDOW)]
+def main(quick: bool = False, kernel: str = "7.3", png: str | None = "unified_walk.png",
+         only: list[str] | None = None, methods: tuple[str, ...] = METHODS,
+         json_out: str | None = None) -> list[Result]:
+    """Measure every case (*quick*: up to 512 pages; *only*: the cases of those names)
+    with *methods*; print the table, the ratios and (with *png*) the plot; with
+    *json_out* also write the results as JSON lines (``--merge`` reports several such
+    files as one table)."""
+    cases = [c for c in CASES if not (quick and c.npages > WINDOW) and (not only or c.name in only)]
     np_rate = numpy_entry_rate(GiB >> PAGE_SHIFT)
     results = []
     for case in cases:
-        for meth in METHODS:
+        for meth in methods:
             results.append(measure(case, meth, kernel))
             print(_row(results[-1], case.npages / np_rate).replace("  ", f"{case.name:>8} ", 1), flush=True)
+            if json_out:
+                with open(json_out, "a") as f:
+                    f.write(json.dumps(_to_json(results[-1], np_rate)) + "\n")
+    _finish(results, np_rate, png)
+    return results
+
+
+def _finish(results: list[Result], np_rate: float, png: str | None) -> None:
     print()
     for line in report(results, np_rate):
         print(line)
     if png:
         why = plot(results, png)
         print(why or f"plot: {os.path.abspath(png)}")
+
+
+def _to_json(r: Result, np_rate: float) -> dict[str, Any]:
+    d = {k: getattr(r, k) for k in ("method", "available", "why", "windows", "walks", "wpr", "entries", "faults",
+                                     "locks", "inval", "seconds", "migrated")}
+    d["case"] = [r.case.name, r.case.npages, r.case.present, r.case.thp]
+    d["np_rate"] = np_rate
+    return d
+
+
+def merge(paths: list[str], png: str | None) -> list[Result]:
+    """Report the JSON lines of several runs (``--json``) as one table and plot, cases
+    in the order of :data:`CASES`."""
+    results: list[Result] = []
+    rate = 0.0
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                d = json.loads(line)
+                name, n, present, thp = d.pop("case")
+                rate = d.pop("np_rate")
+                results.append(Result(Case(name, n, present, thp), **d))
+    order = {c.name: i for i, c in enumerate(CASES)}
+    results.sort(key=lambda r: (order.get(r.case.name, 99), METHODS.index(r.method)))
+    _finish(results, rate, png)
     return results
+
+
+def _arg(name: str, default: str | None = None) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
 
 if __name__ == "__main__":
     if "--cpu" in sys.argv:
         _common.use_cpu_clock()
-    kern = sys.argv[sys.argv.index("--kernel") + 1] if "--kernel" in sys.argv else "7.3"
-    out = sys.argv[sys.argv.index("--png") + 1] if "--png" in sys.argv else "unified_walk.png"
-    main("--quick" in sys.argv, kern, None if "--no-png" in sys.argv else out)
+    out = None if "--no-png" in sys.argv else _arg("--png", "unified_walk.png")
+    if "--merge" in sys.argv:
+        merge(sys.argv[sys.argv.index("--merge") + 1:], out)
+        sys.exit(0)
+    only = _arg("--cases")
+    meths = _arg("--methods")
+    main("--quick" in sys.argv, _arg("--kernel", "7.3") or "7.3", out, only.split(",") if only else None,
+         tuple(meths.split(",")) if meths else METHODS, _arg("--json"))

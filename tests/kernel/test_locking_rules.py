@@ -401,7 +401,7 @@ def test_rules_are_quiet_on_fault_then_migrate(make_system, kernel: str) -> None
 
 
 # -- the unified walk (--migrate-on-fault) -------------------------------------------------------
-def _unified_range(sys: System, p, a: int, n: int):  # noqa: ANN001, ANN202
+def _unified_range(sys: System, p, a: int, n: int):
     """An hmm_range for the unified walk's fault path over dmirror's notifier (which
     ignores the device's own MMU_NOTIFY_MIGRATE events, as the series requires)."""
     from hmmsim.hmm.hmm import HmmRange
