@@ -28,14 +28,30 @@ import numpy as np
 from ..hmm.hmm import hmm_range_fault
 from ..hmm.hmm_migrate import hmm_migrate_abort, migrate_hmm_range_setup
 from ..hmm.migrate_device import MigrateVma, migrate_vma_finalize, migrate_vma_pages
-from ..hmm.pfn import HMM_PFN_REQ_FAULT, HMM_PFN_REQ_MIGRATE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange, hmm_pfn_layout
+from ..hmm.pfn import (
+    HMM_PFN_REQ_FAULT,
+    HMM_PFN_REQ_MIGRATE,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    HmmRange,
+    hmm_pfn_layout,
+)
 from ..kernel.errno import EBUSY, EINVAL
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
 from ..kernel.page_types import PAGE_SHIFT
 from ..kernel.task import mmget_not_zero, mmput
-from .dmirror_core import DMIRROR_RANGE_FAULT_RETRIES, DPT_XA_TAG_WRITE, Dmirror, _bounce_fini, _bounce_init
-from .dmirror_devmem import dmirror_migrate_alloc_and_copy, dmirror_migrate_finalize_and_map
+from .dmirror_core import (
+    DMIRROR_RANGE_FAULT_RETRIES,
+    DPT_XA_TAG_WRITE,
+    Dmirror,
+    _bounce_fini,
+    _bounce_init,
+)
+from .dmirror_devmem import (
+    dmirror_migrate_alloc_and_copy,
+    dmirror_migrate_finalize_and_map,
+)
 from .dmirror_mirror import _bounce_to_user, dmirror_do_read
 from .test_hmm_uapi import HmmDmirrorCmd
 
@@ -91,7 +107,7 @@ def dmirror_range_fault_migrate(dmirror: Dmirror, r: HmmRange) -> int:
     return -EBUSY
 
 
-def dmirror_migrate_on_fault_to_device(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: "Task") -> int:
+def dmirror_migrate_on_fault_to_device(dmirror: Dmirror, cmd: HmmDmirrorCmd, caller: Task) -> int:
     """``dmirror_migrate_on_fault_to_device()``: 64 pages at a time, fault and migrate in
     one walk, then read the range back through the device into the user's buffer
     (``-ENOENT`` if a page of it is not mirrored). ``cmd.cpages``: pages migrated."""

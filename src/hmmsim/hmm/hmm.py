@@ -28,8 +28,10 @@ one :class:`HmmPteAction` per entry), *encode* (:func:`pte_to_hmm_pfn_flags`, th
 value) and *act* (store the outputs before the first entry whose action is not OUTPUT,
 then fault, wait or fail there). :func:`hmm_vma_handle_pte` is the one-entry decision
 (the rules as the kernel states them); :func:`hmm_vma_handle_pte_table` applies them to
-a whole table with numpy masks and stops where the kernel's per-pte loop would. A new
-per-entry step (the unified fault+migrate walk's migrate-prepare) is one more action.
+a whole table with numpy masks and stops where the kernel's per-pte loop would. The
+unified fault+migrate walk (``range.migrate``, profile ``hmm_migrate_on_fault``) is
+:mod:`.hmm_migrate`: its own ops table around these callbacks (:func:`hmm_range_fault`
+dispatches there; it adds ``-ERANGE`` for a range over two VMAs).
 
 Return codes of :func:`hmm_range_fault`:
 
@@ -806,6 +808,8 @@ def hmm_range_fault_unlocked_timeout(r: HmmRange, timeout: int) -> int:
     fresh ``notifier_seq``, after every -EBUSY. *timeout* (jiffies, 0 = for ever) bounds
     the retries without progress: the deadline restarts whenever a fault dropped the lock;
     when it passes, -EBUSY. The model's clock moves one jiffy per attempt."""
+    if r.migrate is not None:  # the unified walk series predates the unlocked variant
+        raise TypeError("hmm_range_fault_unlocked_timeout: range.migrate (the unified walk) is not modelled here")
     mm = r.notifier.mm
     assert mm is not None, "hmm_range_fault: the notifier is not inserted"
     with mm.sys.ls.walk_scope("hmm_range_fault_unlocked_timeout", (), (mm.sys.notifier_active, id(mm))):

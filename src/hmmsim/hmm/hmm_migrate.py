@@ -74,6 +74,7 @@ from .hmm import (
     hmm_vma_walk_pmd,
     hmm_vma_walk_pud,
     hmm_vma_walk_test,
+    hmm_walk_ops,
 )
 from .migrate_device import (
     MIGRATE_PFN_COMPOUND,
@@ -133,9 +134,9 @@ class HmmMigrateWalk(HmmVmaWalk):
     its span, the ``MMU_NOTIFY_MIGRATE`` range once started, and the collector (a scratch
     ``struct migrate_vma`` the prepare step fills, one entry per page of the range)."""
 
-    __slots__ = ("minfo", "vma", "mig_start", "mig_end", "mmu_range", "collector", "captured")
+    __slots__ = ("captured", "collector", "mig_end", "mig_start", "minfo", "mmu_range", "vma")
 
-    def __init__(self, r: HmmRange, profile: "Profile", minfo: int) -> None:
+    def __init__(self, r: HmmRange, profile: Profile, minfo: int) -> None:
         super().__init__(r, profile)
         m = r.migrate
         self.minfo = minfo
@@ -324,7 +325,7 @@ hmm_migrate_walk_ops = MmWalkOps(
 
 
 # -- the call -------------------------------------------------------------------------------------
-def hmm_migrate_abort(sys: "System", r: HmmRange, captured: npt.NDArray[np.bool_] | None = None,
+def hmm_migrate_abort(sys: System, r: HmmRange, captured: npt.NDArray[np.bool_] | None = None,
                       fault_folio: int = -1) -> None:
     """Undo what a walk prepared: the migration entries of the *captured* entries (by
     default every output with VALID and MIGRATE: after a successful call, for a driver
@@ -377,6 +378,8 @@ def hmm_range_fault_migrate(r: HmmRange) -> int:
     if len(r.hmm_pfns) < n:
         raise ValueError("hmm_pfns is shorter than the range")
     hvw = HmmMigrateWalk(r, sys.profile, hmm_select_migrate(r))
+    # nothing selected (no SELECT_* and no REQ_MIGRATE): the plain walk, no capture
+    ops = hmm_migrate_walk_ops if hvw.minfo else hmm_walk_ops
     stats = sys.stats
     stats.add("hmm.range_fault")
     stats.add("hmm.migrate.range_fault")
@@ -388,7 +391,7 @@ def hmm_range_fault_migrate(r: HmmRange) -> int:
                 ret = -EBUSY
                 break
             stats.add("hmm.walk")
-            ret = walk_page_range(mm, hvw.last, r.end, hmm_migrate_walk_ops, hvw)
+            ret = walk_page_range(mm, hvw.last, r.end, ops, hvw)
             if ret == HMM_FAULT_PENDING:
                 ret = hmm_do_fault(mm, hvw)
             if ret != -EBUSY:
@@ -433,6 +436,8 @@ def migrate_hmm_range_setup(r: HmmRange) -> None:
     m.src[:npages] = src
     m.dst[:npages] = 0
     m.cpages = int(np.count_nonzero(mig))
+    if m.vma is None:  # the walk captured nothing (nothing selected): nothing to unmap
+        return
     if m.cpages:
         m.cpages = migrate_device_unmap(m.vma.vm_mm.sys, m.src, npages, m.fault_page)
     m.vma.vm_mm.sys.stats.add("migrate_vma.setup")

@@ -10,7 +10,14 @@ import numpy as np
 
 from ..drivers.test_hmm_uapi import HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV
 from ..process import Process
-from .harness import ASSERT_EQ, ASSERT_NE, MIGRATE_ON_FAULT, TEST_F, FixtureState, Variant
+from .harness import (
+    ASSERT_EQ,
+    ASSERT_NE,
+    MIGRATE_ON_FAULT,
+    TEST_F,
+    FixtureState,
+    Variant,
+)
 from .hmm_tests import (
     ALIGN,
     ASSERT_ARRAY_EQ,
