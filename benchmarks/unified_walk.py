@@ -520,7 +520,12 @@ if __name__ == "__main__":
         _common.use_cpu_clock()
     out = None if "--no-png" in sys.argv else _arg("--png", "unified_walk.png")
     if "--merge" in sys.argv:
-        merge(sys.argv[sys.argv.index("--merge") + 1:], out)
+        files = []
+        for a in sys.argv[sys.argv.index("--merge") + 1:]:
+            if a.startswith("--"):
+                break
+            files.append(a)
+        merge(files, out)
         sys.exit(0)
     only = _arg("--cases")
     meths = _arg("--methods")
