@@ -12,7 +12,7 @@
     reason) on every fixture variant with kselftest output (``--json`` for a JSON array
     on stdout and nothing else; ``-r NAME`` (``anon_read`` or the full name ``-l``
     prints, ``hmm.hmm_device_private.anon_read``) and ``--variant VARIANT`` select).
-``hmmsim compare``, ``hmmsim fuzz``, ``hmmsim minimize``
+``hmmsim compare``, ``hmmsim fuzz``, ``hmmsim minimize``, ``hmmsim oracle run|runner``
     Differential testing against real kernels (:mod:`hmmsim.oracle.cli`).
 ``hmmsim --version``
     The package version and the kernel releases modelled.
@@ -262,17 +262,23 @@ def _variant_help() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hmmsim`` command; returns the exit status (:data:`EXIT_STATUS`)."""
     ap = _parser()
+    command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ["oracle"] and "--" in argv:  # `oracle run --selftest -- ARGS`: ARGS for hmm-tests
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
     args = ap.parse_args(argv)
-    if argv is None and hasattr(signal, "SIGPIPE"):
+    if command_line and hasattr(signal, "SIGPIPE"):
         # the command line: output piped into `head` ends quietly, like a C program's
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.cmd == "run":
         return _cmd_run(args, ap)
     if args.cmd == "selftest":
         return _cmd_selftest(args)
-    if args.cmd in ("compare", "fuzz", "minimize"):
+    if args.cmd in ("compare", "fuzz", "minimize", "oracle"):
         from .oracle.cli import run_command
-        ret = run_command(args)
+        ret = run_command(args, extra)
         assert ret is not None
         return ret
     ap.print_help()

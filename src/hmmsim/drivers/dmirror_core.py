@@ -148,8 +148,11 @@ class DmirrorDevice:
         #: free device THPs (head pfns, 7.3), a stack like :attr:`free_pages`
         self.free_folios: list[int] = []
         #: backing page (private) or device page (coherent) -> the dmirror that migrated
-        #: it there (test_hmm keeps this in the backing page's ``zone_device_data``)
-        self.backing_owner: dict[int, "Dmirror"] = {}
+        #: it there (test_hmm keeps this in the backing page's ``zone_device_data``), as
+        #: an index into :attr:`owners` (0: none), one entry per pfn
+        self.backing_owner = np.zeros(sys.mem.max_pfn, np.int32)
+        #: the dmirrors :attr:`backing_owner` refers to (index 0: none)
+        self.owners: list["Dmirror | None"] = [None]
         self.devmem_lock = Lock(sys.ls, "dmirror_devmem_lock")
         self.lock = Lock(sys.ls, "dmirror_device_lock", sleepable=False)
 
@@ -172,6 +175,8 @@ class Dmirror:
         self.mutex = Lock(mdevice.sys.ls, "dmirror_mutex")
         #: ``dmirror->flags`` (HMM_DMIRROR_FLAGS, 7.3): HMM_DMIRROR_FLAG_* bits
         self.flags = 0
+        #: this dmirror's index in ``mdevice.owners`` once it owns device pages (0: not yet)
+        self.owner_id = 0
 
     @property
     def sys(self) -> "System":

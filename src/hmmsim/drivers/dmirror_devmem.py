@@ -4,8 +4,6 @@ HMM_DMIRROR_RELEASE, which also unmaps every chunk: ``dmirror_device_remove_chun
 
 from __future__ import annotations
 
-from collections import deque
-from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -154,7 +152,7 @@ def dmirror_devmem_free(mdevice: DmirrorDevice, pfn: int) -> None:
     mem = sys.mem
     order = int(mem.order[pfn])
     backing = int(mem.zone_device_data[pfn])
-    mdevice.backing_owner.pop(backing or pfn, None)
+    mdevice.backing_owner[backing or pfn] = 0
     if mdevice.is_private and backing:
         mem.zone_device_data[pfn] = 0
         folio_put(sys, backing)
@@ -189,8 +187,8 @@ def dmirror_devmem_folio_split(mdevice: DmirrorDevice, head: int, tail: int | No
         return
     rtail = rpage + (tail - head)
     mem.zone_device_data[tail] = rtail
-    owner = mdevice.backing_owner.get(rpage)
-    if owner is not None:
+    owner = mdevice.backing_owner[rpage]
+    if owner:
         mdevice.backing_owner[rtail] = owner
     mem.head_off[rtail] = 0  # clear_compound_head()
     mem.mapping[rtail] = 0
@@ -211,19 +209,17 @@ def dmirror_devmem_free_pages(mdevice: DmirrorDevice, pfns: npt.NDArray[np.int64
             dmirror_devmem_free(mdevice, p)
         return
     backing = mem.zone_device_data[pfns]
-    owner = mdevice.backing_owner
-    deque(map(owner.pop, np.where(backing != 0, backing, pfns).tolist(), repeat(None)), maxlen=0)
+    mdevice.backing_owner[np.where(backing != 0, backing, pfns)] = 0
     if mdevice.is_private:
         has = backing != 0
         if has.any():
             mem.zone_device_data[pfns[has]] = 0
             folios_put(sys, np.sort(backing[has]))
     with mdevice.lock.held():
-        keep = np.ones(len(pfns), np.bool_)
+        kept = pfns
         for c in mdevice.chunks:
-            if c.remove:
-                keep &= ~((pfns >= c.pagemap.start_pfn) & (pfns < c.pagemap.start_pfn + c.pagemap.nr_pages))
-        kept = pfns[keep]
+            if c.remove:  # a chunk being removed takes its pages off the free list
+                kept = kept[(kept < c.pagemap.start_pfn) | (kept >= c.pagemap.start_pfn + c.pagemap.nr_pages)]
         mdevice.cfree += len(kept)
         mdevice.free_pages.extend(kept.tolist())
     sys.ls.count_acquisitions(mdevice.lock.klass, len(pfns) - 1)
@@ -299,6 +295,17 @@ def dmirror_devmem_alloc_page(dmirror: "Dmirror", is_large: bool = False) -> int
     return dpage
 
 
+def _owner_id(dmirror: "Dmirror") -> int:
+    """The index of *dmirror* in its device's ``owners`` (registered on first use): what
+    :attr:`~.dmirror_core.DmirrorDevice.backing_owner` stores for its pages."""
+    oid = dmirror.owner_id
+    if not oid:
+        owners = dmirror.mdevice.owners
+        oid = dmirror.owner_id = len(owners)
+        owners.append(dmirror)
+    return oid
+
+
 def _backing_page(sys: "System", dpage: int) -> int:
     """``BACKING_PAGE()``: a private page's data page; a coherent page holds its data."""
     rpage = int(sys.mem.zone_device_data[dpage])
@@ -357,7 +364,7 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
                     raise KernelOops("dmirror_migrate_alloc_and_copy: an order-0 device page of the "
                                      "THP fallback could not be allocated (NULL dereference)")
                 rpage = _backing_page(sys, dpage)
-                dmirror.mdevice.backing_owner[rpage] = dmirror
+                dmirror.mdevice.backing_owner[rpage] = _owner_id(dmirror)
                 dst[i] = np.uint64(migrate_pfn(dpage) | write)
                 if spage >= 0:
                     mem.copy_pages(rpage, spage + k)
@@ -366,17 +373,16 @@ def dmirror_migrate_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") -> None
                 i += 1
             continue
         rpage = _backing_page(sys, dpage)
-        dmirror.mdevice.backing_owner[rpage] = dmirror
+        dmirror.mdevice.backing_owner[rpage] = _owner_id(dmirror)
         dst[i] = np.uint64(migrate_pfn(dpage) | write | (hole_write if spage < 0 else 0))
         if is_large:
             dst[i] = np.uint64(int(dst[i]) | MIGRATE_PFN_COMPOUND)
             if mem.order[dpage]:
                 nr = mem.folio_nr_pages(dpage)
-                rp = np.arange(rpage, rpage + nr, dtype=np.int64)
                 if spage >= 0:
-                    mem.copy_pages(rp, np.arange(spage, spage + nr, dtype=np.int64))
+                    mem.copy_folio(rpage, spage, nr)
                 else:
-                    mem.clear_pages(rp)
+                    mem.clear_pages(np.arange(rpage, rpage + nr, dtype=np.int64))
                 i += nr
                 continue
         if spage >= 0:
@@ -392,17 +398,18 @@ def dmirror_migrate_finalize_and_map(args: MigrateVma, dmirror: "Dmirror") -> in
     destination maps all its pages."""
     sys = dmirror.sys
     mem = sys.mem
-    if not (args.dst[:args.npages] & np.uint64(MIGRATE_PFN_COMPOUND)).any():
+    d_ = args.dst[:args.npages]
+    dn = d_.nonzero()[0]
+    if len(dn) > 1 and not (d_ & np.uint64(MIGRATE_PFN_COMPOUND)).any():
         return _migrate_finalize_and_map_bulk(args, dmirror)  # order-0 destinations only
     with dmirror.mutex.held():
         vpn0 = args.start >> PAGE_SHIFT
-        for i in range(args.npages):
-            if not int(args.src[i]) & MIGRATE_PFN_MIGRATE:
+        s_ = args.src[:args.npages]
+        for i in dn.tolist():  # (few entries here: one per THP)
+            d = int(d_[i])
+            if not d & MIGRATE_PFN_VALID or not int(s_[i]) & MIGRATE_PFN_MIGRATE:
                 continue
-            d = int(args.dst[i])
             dpage = migrate_pfn_to_page(d)
-            if dpage < 0:
-                continue
             nr = mem.folio_nr_pages(mem.compound_head(dpage)) if d & MIGRATE_PFN_COMPOUND else 1
             tag = DPT_XA_TAG_WRITE if d & MIGRATE_PFN_WRITE else 0
             rpage = _backing_page(sys, dpage)
@@ -440,7 +447,7 @@ def _migrate_alloc_and_copy_bulk(args: MigrateVma, dmirror: "Dmirror") -> None:
         return
     rdata = mem.zone_device_data[dpages]
     rpages = np.where(rdata != 0, rdata, dpages)
-    dmirror.mdevice.backing_owner.update(dict.fromkeys(rpages.tolist(), dmirror))
+    dmirror.mdevice.backing_owner[rpages] = _owner_id(dmirror)
     sp = spage[idx]
     has = sp >= 0
     args.dst[idx] = ((dpages.astype(np.uint64) << np.uint64(MIGRATE_PFN_SHIFT)) | np.uint64(MIGRATE_PFN_VALID)
@@ -490,9 +497,16 @@ def dmirror_devmem_fault_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") ->
     src, dst = args.src, args.dst
     npages = args.npages
     s_ = src[:npages]
-    sel = ((s_ & np.uint64(MIGRATE_PFN_VALID)) != 0) & ((s_ & np.uint64(MIGRATE_PFN_MIGRATE)) != 0)
-    sp = np.where(sel, (s_ >> np.uint64(MIGRATE_PFN_SHIFT)).astype(np.int64), 0)
-    if not (sel & (mem.order[sp] != 0)).any():
+    vm = MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+    nz = s_.nonzero()[0]
+    if len(nz) == 1:  # one entry (a device THP's, or one page)
+        s0 = int(s_[nz[0]])
+        has_thp = s0 & vm == vm and bool(mem.order[s0 >> MIGRATE_PFN_SHIFT])
+    else:
+        sel = (s_ & np.uint64(vm)) == np.uint64(vm)
+        sp = np.where(sel, (s_ >> np.uint64(MIGRATE_PFN_SHIFT)).astype(np.int64), 0)
+        has_thp = bool((sel & (mem.order[sp] != 0)).any())
+    if not has_thp:
         return _fault_alloc_and_copy_bulk(args, dmirror)  # no device THP
     vpn = args.start >> PAGE_SHIFT
     end_vpn = vpn + npages
@@ -529,7 +543,7 @@ def dmirror_devmem_fault_alloc_and_copy(args: MigrateVma, dmirror: "Dmirror") ->
             folio_lock(sys, dpage)
             dst[i] = np.uint64(d | migrate_pfn(dpage))
             dmirror.pt.erase_range(vpn, vpn + nr - 1)
-            mem.copy_pages(np.arange(dpage, dpage + nr, dtype=np.int64), np.arange(rpage, rpage + nr, dtype=np.int64))
+            mem.copy_folio(dpage, rpage, nr)
         else:
             dst[i] = np.uint64(d)
             for k in range(nr):  # try with smaller pages
@@ -599,7 +613,8 @@ def dmirror_devmem_fault(vmf: "VmFault") -> int:
     rpage = _backing_page(sys, mem.compound_head(vmf.page))
     pg = sys.pgmap_of(vmf.page)
     assert pg is not None
-    dmirror = pg.owner.backing_owner[rpage]
+    dmirror = pg.owner.owners[int(pg.owner.backing_owner[rpage])]
+    assert dmirror is not None
     order = int(mem.order[mem.compound_head(vmf.page)])
     if vmf.orig_pte:  # a pte fault: the folio may be partially mapped
         order = 0
@@ -738,7 +753,7 @@ def dmirror_device_evict_chunk(chunk: DmirrorChunk) -> None:
         folio_lock(sys, dpage)
         nr = 1 << order
         back = _backing_page(sys, spage)
-        mem.copy_pages(np.arange(dpage, dpage + nr, dtype=np.int64), np.arange(back, back + nr, dtype=np.int64))
+        mem.copy_folio(dpage, back, nr)
         dst[i] = np.uint64(migrate_pfn(dpage) | (s_ & MIGRATE_PFN_WRITE) | MIGRATE_PFN_COMPOUND)
     sel = np.flatnonzero(sel & ~compound)
     if len(sel):

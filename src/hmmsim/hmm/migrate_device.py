@@ -28,7 +28,9 @@ struct-page moves, ``remove_migration_ptes`` (:func:`~hmmsim.kernel.migrate.remo
 the unlocks and the reference drops (:func:`~hmmsim.kernel.folio.folios_put_in_order`) of
 ``migrate_vma_pages``/``migrate_vma_finalize`` are done for all entries at once. Rare
 entries (special mappings, pages still mapped elsewhere such as a fork's, large folios,
-file pages) take the per-entry paths. The counters, the locks (one acquisition per
+file pages) take the per-entry paths, and so does a range with a single entry (a THP
+window's compound entry, a one-page fault): there the kernel's loop body costs less than
+the array passes. The counters, the locks (one acquisition per
 folio), the notifier events and the order in which freed pages go back to their
 allocator or driver are those of the kernel's per-entry loops; a blocking batch is one
 scheduling point.
@@ -136,6 +138,8 @@ MIGRATE_VMA_FAULT = 1 << 4
 _U = np.uint64
 #: the page flags ``folio_migrate_flags()`` carries over (as :func:`folio_migrate_mapping`)
 _MIGRATE_KEEP_FLAGS = PG_anon | PG_anon_exclusive | PG_dirty | PG_swapbacked | PG_uptodate
+#: an entry selected and collected: VALID | MIGRATE
+_VM = _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
 
 
 def migrate_pfn(pfn: int) -> int:
@@ -274,9 +278,9 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
         sys.stats.add("walk.pte_entries", n)
         mpfn, pages, rare = _migrate_vma_classify_ptes(m, vma, tbl[i0:i0 + n], keep_large=thp)
         large = -1
-        if thp:  # 7.3: the first selected page of a large folio is split, then looked at again
-            v = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
-            big = v[mem.order[mem.heads(pages[v])] != 0] if len(v) else v
+        sel = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
+        if thp and len(sel):  # 7.3: the first selected page of a large folio is split, then looked at again
+            big = sel[mem.order[mem.heads(pages[sel])] != 0]
             if len(big):
                 large = int(big[0])
                 later = mpfn[large:]  # holes/zero pages after it are counted again then
@@ -284,9 +288,10 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
                 mpfn[large:] = 0
                 rare[large:] = False
                 n = large
-        for j in np.flatnonzero(rare).tolist():
-            mpfn[j], pages[j] = _collect_pte_one(m, vma, tbl, i0 + j, start + (j << PAGE_SHIFT))
-        sel = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
+                sel = sel[sel < large]
+        if rare.any():
+            for j in np.flatnonzero(rare).tolist():
+                mpfn[j], pages[j] = _collect_pte_one(m, vma, tbl, i0 + j, start + (j << PAGE_SHIFT))
         if len(sel):
             _collect_ptes(m, vma, tbl, i0, sel, pages[sel], mpfn)
         m.dst[m.npages:m.npages + n] = 0
@@ -350,24 +355,32 @@ def _migrate_vma_classify_ptes(m: MigrateVma, vma: "Vma", ptes: npt.NDArray[np.u
     pfn = d.pfn.astype(np.int64)
     present = d.present
     zero = present & (pfn == mem.zero_pfn)
-    if zero.any() and system and anon:
-        mpfn[zero] = MIGRATE_PFN_MIGRATE
-        m.cpages += int(zero.sum())
-    normal = present & ~zero & ~d.special & (pfn < mem.max_pfn)
-    rare = present & ~zero & ~normal
-    sel_tab, kind_tab = _selectable_pgmaps(m, sys)
+    if zero.any():
+        if system and anon:
+            mpfn[zero] = MIGRATE_PFN_MIGRATE
+            m.cpages += int(zero.sum())
+        present = present & ~zero
+    normal = present & ~d.special & (pfn < mem.max_pfn)
+    rare = present & ~normal
+    sel_tab = kind_tab = None
     if normal.any():
         p = np.where(normal, pfn, 0)
         pid = np.where(normal, mem.pgmap[p], 0)
-        kind = kind_tab[pid]
-        rare |= normal & (kind != 0) & (kind != 2)  # a present pte of a non-coherent device page
-        take = normal & (((kind == 0) & system) | ((kind == 2) & sel_tab[pid]))
-        take &= ~rare
+        if pid.any():
+            sel_tab, kind_tab = _selectable_pgmaps(m, sys)
+            kind = kind_tab[pid]
+            rare |= normal & (kind != 0) & (kind != 2)  # a present pte of a non-coherent device page
+            take = normal & (((kind == 0) & system) | ((kind == 2) & sel_tab[pid]))
+            take &= ~rare
+        else:  # system pages only
+            take = normal if system else np.zeros(n, np.bool_)
         pages[take] = pfn[take]
         mpfn[take] = ((pfn[take].astype(np.uint64) << _U(MIGRATE_PFN_SHIFT))
                       | _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
                       | np.where(d.write[take], _U(MIGRATE_PFN_WRITE), _U(0)))
     if d.has_swap and d.device_private.any():
+        if sel_tab is None:
+            sel_tab, kind_tab = _selectable_pgmaps(m, sys)
         dp = d.device_private
         p = np.where(dp, pfn, 0)
         pid = np.where(dp, mem.pgmap[p], 0)
@@ -377,13 +390,16 @@ def _migrate_vma_classify_ptes(m: MigrateVma, vma: "Vma", ptes: npt.NDArray[np.u
                       | _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
                       | np.where(d.device_private_write[take], _U(MIGRATE_PFN_WRITE), _U(0)))
     # a selected page is collected only if it is a small folio with a mapping
-    v = np.flatnonzero((mpfn & _U(MIGRATE_PFN_VALID)) != 0)
+    v = np.flatnonzero(mpfn & _U(MIGRATE_PFN_VALID))
     if len(v):
         heads = mem.heads(pages[v])
-        bad = (mem.mapping[heads] == 0) | ((mem.order[heads] != 0) & (not keep_large))
+        large = mem.order[heads] != 0
         if keep_large:  # 7.3 splits a large folio before it looks at its mapping
-            bad &= mem.order[heads] == 0
-        mpfn[v[bad]] = 0
+            bad = (mem.mapping[heads] == 0) & ~large
+        else:
+            bad = (mem.mapping[heads] == 0) | large
+        if bad.any():
+            mpfn[v[bad]] = 0
     return mpfn, pages, rare
 
 
@@ -410,33 +426,37 @@ def _collect_ptes(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i0: in
     to the folio, AnonExclusive carried by the entry), its mapping dropped."""
     sys = vma.vm_mm.sys
     mem = sys.mem
-    mem.refcount[pages] += 1  # folio_get
+    # folio_get() of each, then (locked ones) the mapping's reference dropped: the
+    # collection's reference takes the mapping's place, so refcounts do not change (a
+    # page that cannot be locked gets its reference back at once: folio_put(), which
+    # cannot free a page still mapped)
     ok = folios_trylock(sys, pages)
     if not ok.all():
-        failed = pages[~ok]
         mpfn[sel[~ok]] = 0
-        for p in failed.tolist():
-            folio_put(sys, p)
         sel, pages = sel[ok], pages[ok]
         if len(sel) == 0:
             return
     m.cpages += len(sel)
     idx = i0 + sel
     ptes = tbl[idx]
-    fl = mem.flags[pages]
-    anon_excl = ((fl & np.uint32(PG_anon)) != 0) & ((fl & np.uint32(PG_anon_exclusive)) != 0)
-    present = (ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+    _AE = np.uint32(PG_anon | PG_anon_exclusive)
+    anon_excl = (mem.flags[pages] & _AE) == _AE
     writable = (mpfn[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-    dirty = present & ((ptes & _U(_PAGE_DIRTY)) != 0)
+    present = (ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+    all_present = bool(present.all())
+    dirty = (ptes & _U(_PAGE_DIRTY)) != 0
+    if not all_present:
+        dirty &= present
     mem.flags[pages[dirty]] |= np.uint32(PG_dirty)
-    src_pte = np.where(present, np.where(writable, ptes, ptes & ~_U(_PAGE_RW)),
-                       np.where(writable, _U(_PAGE_RW), _U(0)))
+    src_pte = np.where(writable, ptes, ptes & ~_U(_PAGE_RW))
+    if not all_present:
+        src_pte = np.where(present, src_pte, np.where(writable, _U(_PAGE_RW), _U(0)))
     mig = make_migration_ptes(src_pte, pages, anon_excl)
-    mig |= np.where(present, _U(0), ptes & _U(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP))
+    if not all_present:
+        mig |= np.where(present, _U(0), ptes & _U(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP))
     mem.flags[pages[anon_excl]] &= ~np.uint32(PG_anon_exclusive)
     tbl[idx] = mig
     mem.mapcount[pages] -= 1  # folio_remove_rmap_pte
-    mem.refcount[pages] -= 1  # the mapping's reference (the collection's is still held)
 
 
 def _collect_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i: int, pte: int,
@@ -507,6 +527,9 @@ def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int
     fork, mapped twice) and large folios go through ``try_to_migrate`` one by one."""
     mem = sys.mem
     s_ = src[:npages]
+    nz = s_.nonzero()[0]
+    if len(nz) == 1:  # one entry (a THP window, a single page's fault): the kernel's loop
+        return _migrate_device_unmap_one(sys, s_, int(nz[0]), fault_page)
     valid = (s_ & _U(MIGRATE_PFN_VALID)) != 0
     unmapped = int((~valid & ((s_ & _U(MIGRATE_PFN_MIGRATE)) != 0)).sum())
     idx = np.flatnonzero(valid)
@@ -545,6 +568,28 @@ def migrate_device_unmap(sys: "System", src: npt.NDArray[np.uint64], npages: int
         folio_unlock(sys, page)
         folio_put(sys, page)
     return unmapped
+
+
+def _migrate_device_unmap_one(sys: "System", s_: npt.NDArray[np.uint64], i: int, fault_page: int) -> int:
+    """:func:`migrate_device_unmap` of a range whose only non-zero entry is *i*, as the
+    kernel's loop does it (the same checks and counts as the bulk path)."""
+    mem = sys.mem
+    s = int(s_[i])
+    if not s & MIGRATE_PFN_VALID:
+        return 1 if s & MIGRATE_PFN_MIGRATE else 0
+    page = s >> MIGRATE_PFN_SHIFT
+    if int(mem.head_off[page]) == 0 and mem.order[page]:  # 7.3: a whole large folio
+        s_[i] = _U(s | MIGRATE_PFN_COMPOUND)
+    if mem.folio_mapcount(page) > 0:
+        try_to_migrate(sys, page)
+    if mem.folio_mapcount(page) == 0 and migrate_vma_check_page(sys, page, fault_page):
+        return 1
+    s_[i] = _U(0)
+    one = np.array([page], np.int64)
+    remove_migration_ptes_folios(sys, one, one)
+    folio_unlock(sys, page)
+    folio_put(sys, page)
+    return 0
 
 
 def migrate_vma_setup(m: MigrateVma) -> int:
@@ -641,35 +686,56 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
     mem = sys.mem
     s_ = src[:npages]
     d_ = dst[:npages]
+    nz = s_.nonzero()[0]
+    if len(nz) == 1:
+        i = int(nz[0])
+        dn = d_.nonzero()[0]
+        if len(dn) == 0 or (len(dn) == 1 and int(dn[0]) == i):
+            # one entry (a THP window, a single page's fault): the kernel's loop body
+            _migrate_device_pages_one(sys, src, dst, i, m)
+            return
     has_new = (d_ & _U(MIGRATE_PFN_VALID)) != 0
-    s_[~has_new] &= ~_U(MIGRATE_PFN_MIGRATE)
-    # 7.3 THP checks of mapped compound entries (split, or deselect), entry by entry
-    comp = np.flatnonzero(has_new & ((s_ & _U(MIGRATE_PFN_VALID)) != 0) & ((s_ & _U(MIGRATE_PFN_MIGRATE)) != 0)
-                          & (((s_ | d_) & _U(MIGRATE_PFN_COMPOUND)) != 0))
-    for i in comp.tolist():
-        _huge.migrate_device_pages_compound(sys, src, dst, i, m)
+    all_new = bool(has_new.all())
+    if not all_new:
+        s_[~has_new] &= ~_U(MIGRATE_PFN_MIGRATE)
+    if bool(((s_ | d_) & _U(MIGRATE_PFN_COMPOUND)).any()):
+        # 7.3 THP checks of mapped compound entries (split, or deselect), entry by entry
+        comp = np.flatnonzero(has_new & ((s_ & _VM) == _VM) & (((s_ | d_) & _U(MIGRATE_PFN_COMPOUND)) != 0))
+        for i in comp.tolist():
+            _huge.migrate_device_pages_compound(sys, src, dst, i, m)
     svalid = (s_ & _U(MIGRATE_PFN_VALID)) != 0
-    mig = (s_ & _U(MIGRATE_PFN_MIGRATE)) != 0
-    holes = np.flatnonzero(has_new & ~svalid & mig)
-    move = np.flatnonzero(has_new & svalid & mig)
+    hm = (s_ & _U(MIGRATE_PFN_MIGRATE)) != 0
+    if not all_new:
+        hm &= has_new
+    holes = np.flatnonzero(hm & ~svalid)
+    move = np.flatnonzero(hm & svalid)
     if len(move):
         pages = (s_[move] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
         new = (d_[move] >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
-        kind_tab = _pgmap_kinds(sys)
-        nkind = kind_tab[mem.pgmap[new]]
-        anon = (mem.flags[mem.heads(pages)] & np.uint32(PG_anon)) != 0
-        bad = np.zeros(len(move), np.bool_)
-        todev = nkind != 0
-        bad[todev & (nkind == 3)] = True
-        for j in np.flatnonzero(todev & ~anon & ~bad).tolist():
-            bad[j] = sys.mapping_cache_of(int(pages[j])) is not None
-        s_[move[bad]] &= ~_U(MIGRATE_PFN_MIGRATE)
-        ok = ~bad
-        fast = ok & anon & (mem.order[pages] == 0) & (mem.head_off[pages] == 0)
-        for j in np.flatnonzero(ok & ~fast).tolist():
+        heads = mem.heads(pages)
+        anon = (mem.flags[heads] & np.uint32(PG_anon)) != 0
+        pid = mem.pgmap[new]
+        ok = None  # None: every entry may move
+        if pid.any():  # to device memory: not to a pagemap of another kind, nor a file page
+            nkind = _pgmap_kinds(sys)[pid]
+            todev = nkind != 0
+            bad = todev & (nkind == 3)
+            for j in np.flatnonzero(todev & ~anon & ~bad).tolist():
+                bad[j] = sys.mapping_cache_of(int(pages[j])) is not None
+            if bad.any():
+                s_[move[bad]] &= ~_U(MIGRATE_PFN_MIGRATE)
+                ok = ~bad
+        fast = anon & (heads == pages) & (mem.order[pages] == 0)
+        slow = ~fast if ok is None else ok & ~fast
+        for j in np.flatnonzero(slow).tolist():
             folio_migrate_mapping(sys, int(new[j]), int(pages[j]))
-        if fast.any():
+        if ok is not None:
+            fast &= ok
+        if bool(fast.all()):
+            fp, fn = pages, new
+        else:
             fp, fn = pages[fast], new[fast]
+        if len(fp):
             mem.mapping[fn] = mem.mapping[fp]
             mem.index[fn] = mem.index[fp]
             mem.flags[fn] |= mem.flags[fp] & np.uint32(_MIGRATE_KEEP_FLAGS)
@@ -682,6 +748,45 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
                     _huge.migrate_vma_insert_compound_hole(m, i)
                     continue
                 migrate_vma_insert_page(m, m.start + (i << PAGE_SHIFT), migrate_pfn_to_page(int(dst[i])), i)
+
+
+def _migrate_device_pages_one(sys: "System", src: npt.NDArray[np.uint64], dst: npt.NDArray[np.uint64],
+                              i: int, m: MigrateVma | None) -> None:
+    """:func:`_migrate_device_pages` of the one entry *i* of a range with no other entry
+    (no destination elsewhere either), entry by entry as the kernel's loop goes: the same
+    checks and state moves as the bulk path."""
+    mem = sys.mem
+    s = int(src[i])
+    d = int(dst[i])
+    if not d & MIGRATE_PFN_VALID:
+        src[i] = _U(s & ~MIGRATE_PFN_MIGRATE)
+        return
+    if s & MIGRATE_PFN_VALID and s & MIGRATE_PFN_MIGRATE and (s | d) & MIGRATE_PFN_COMPOUND:
+        _huge.migrate_device_pages_compound(sys, src, dst, i, m)
+        s = int(src[i])
+    if not s & MIGRATE_PFN_MIGRATE:
+        return
+    if not s & MIGRATE_PFN_VALID:  # a hole: insert the new page
+        assert m is not None, "a hole outside migrate_vma"
+        first = m.start + (i << PAGE_SHIFT)
+        with notify_range(MmuNotifierEvent.MMU_NOTIFY_MIGRATE, m.vma.vm_mm, first, m.end, owner=m.pgmap_owner):
+            if s & MIGRATE_PFN_COMPOUND:  # 7.3: a compound hole
+                _huge.migrate_vma_insert_compound_hole(m, i)
+            else:
+                migrate_vma_insert_page(m, first, d >> MIGRATE_PFN_SHIFT, i)
+        return
+    page = s >> MIGRATE_PFN_SHIFT
+    new = d >> MIGRATE_PFN_SHIFT
+    pid = int(mem.pgmap[new])
+    pg = sys.pgmaps[pid - 1] if pid else None
+    if pg is not None:  # to device memory: a device page of another kind, or a file page, cannot go
+        bad = not (pg.is_private or pg.is_coherent)
+        if not bad and not mem.flags[mem.compound_head(page)] & PG_anon:
+            bad = sys.mapping_cache_of(page) is not None
+        if bad:
+            src[i] = _U(s & ~MIGRATE_PFN_MIGRATE)
+            return
+    folio_migrate_mapping(sys, new, page)
 
 
 def migrate_vma_pages(m: MigrateVma) -> None:
@@ -709,6 +814,20 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     mem = sys.mem
     s_ = src[:npages]
     d_ = dst[:npages]
+    nz = s_.nonzero()[0]
+    if len(nz) == 1:  # one entry: a THP window's compound entry goes the per-folio way
+        i = int(nz[0])
+        s, d = int(s_[i]), int(d_[i])
+        dn = d_.nonzero()[0]
+        if s & MIGRATE_PFN_VALID and (len(dn) == 0 or (len(dn) == 1 and int(dn[0]) == i)):
+            p, n = s >> MIGRATE_PFN_SHIFT, (d >> MIGRATE_PFN_SHIFT if d & MIGRATE_PFN_VALID else -1)
+            if mem.order[p] or (n >= 0 and mem.order[n]):
+                _huge.migrate_device_finalize_compound(sys, p, n, bool(s & MIGRATE_PFN_MIGRATE), fault_folio)
+                sys.stats.add("migrate_vma.finalize")
+                return
+    if npages and _finalize_all_migrated(sys, s_, d_, fault_folio):
+        sys.stats.add("migrate_vma.finalize")
+        return
     sv = (s_ & _U(MIGRATE_PFN_VALID)) != 0
     dv = (d_ & _U(MIGRATE_PFN_VALID)) != 0
     page = np.where(sv, (s_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64), -1)
@@ -720,6 +839,9 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     if big.any():
         sv &= ~big
         dv &= ~big
+        if not (sv | dv).any():  # only compound entries (a THP window)
+            sys.stats.add("migrate_vma.finalize")
+            return
         page[big] = -1
         new[big] = -1
     migrated = sv & dv & ((s_ & _U(MIGRATE_PFN_MIGRATE)) != 0)
@@ -743,6 +865,33 @@ def migrate_device_finalize(sys: "System", src: npt.NDArray[np.uint64], dst: npt
     seq = np.stack([np.where(unused, new, -1), page, np.where(migrated, new, -1)], axis=1).reshape(-1)
     folios_put_in_order(sys, seq[seq >= 0])
     sys.stats.add("migrate_vma.finalize")
+
+
+def _finalize_all_migrated(sys: "System", s_: npt.NDArray[np.uint64], d_: npt.NDArray[np.uint64],
+                           fault_folio: int) -> bool:
+    """:func:`migrate_device_finalize` when every entry migrated to a destination and
+    all are small folios (a whole window moved): the same steps as the general path
+    with fewer array passes. The destinations keep a reference (their mapping), so the
+    only pages freed are sources, in entry order; returns False (nothing done) for any
+    other range."""
+    mem = sys.mem
+    if not bool(((s_ & _VM) == _VM).all()) or not bool((d_ & _U(MIGRATE_PFN_VALID)).all()):
+        return False
+    page = (s_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+    new = (d_ >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
+    if mem.order[page].any() or mem.order[new].any():
+        return False
+    remove_migration_ptes_folios(sys, page, new)
+    folios_unlock(sys, page[page != fault_folio] if fault_folio >= 0 else page)
+    mem.flags[page] &= ~np.uint32(PG_anon | PG_anon_exclusive)
+    mem.mapping[page] = 0
+    folios_unlock(sys, new)
+    if bool((mem.refcount[new] > 1).all()):  # no destination is freed: sources in order
+        folios_put_in_order(sys, page)
+        mem.refcount[new] -= 1
+    else:  # per entry the source, then the destination
+        folios_put_in_order(sys, np.stack([page, new], axis=1).reshape(-1))
+    return True
 
 
 def migrate_vma_finalize(m: MigrateVma) -> None:

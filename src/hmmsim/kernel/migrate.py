@@ -163,19 +163,26 @@ def restore_migration_ptes(vma: "Vma", migs: npt.NDArray[np.uint64], dsts: npt.N
     writable as the migration entry recorded, soft-dirty and uffd-wp kept."""
     migs = np.asarray(migs, np.uint64)
     d = np.asarray(dsts, np.int64).astype(np.uint64)
-    typ = migs >> _U(_SWP_TYPE_SHIFT)
-    writable = typ == _U(SWP_MIGRATION_WRITE)
-    off = (migs >> _U(12)) & _U((1 << 42) - 1)
-    keep_sd = (migs & _U(_PAGE_SWP_SOFT_DIRTY)) != 0
-    keep_wp = (migs & _U(_PAGE_SWP_UFFD_WP)) != 0
-    dev = (np.where(writable, _U(SWP_DEVICE_WRITE), _U(SWP_DEVICE_READ)) << _U(_SWP_TYPE_SHIFT)) | (d << _U(12))
-    dev |= np.where(keep_sd, _U(_PAGE_SWP_SOFT_DIRTY), _U(0)) | np.where(keep_wp, _U(_PAGE_SWP_UFFD_WP), _U(0))
-    pte = ((d << _U(12)) & _U(PTE_PFN_MASK)) | _U(vma.vm_page_prot)
+    writable = (migs >> _U(_SWP_TYPE_SHIFT)) == _U(SWP_MIGRATION_WRITE)
+    any_dev = bool(device_private.any())
+    all_dev = any_dev and bool(device_private.all())
+    # the soft-dirty and uffd-wp bits of the entry, as both forms carry them
+    swp_bits = migs & _U(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP)
+    dev = pte = None
+    if any_dev:
+        dev = (np.where(writable, _U(SWP_DEVICE_WRITE), _U(SWP_DEVICE_READ)) << _U(_SWP_TYPE_SHIFT)) | (d << _U(12))
+        dev |= swp_bits
+        if all_dev:
+            return dev
+    off = migs >> _U(12)
+    pte = ((d << _U(12)) & _U(PTE_PFN_MASK)) | _U(vma.vm_page_prot & ~_PAGE_RW)
     pte |= np.where((off & _U(_SWP_MIG_YOUNG)) != 0, _U(_PAGE_ACCESSED), _U(0))
     pte |= np.where((off & _U(_SWP_MIG_DIRTY)) != 0, _U(_PAGE_DIRTY), _U(0))
-    pte = np.where(writable, pte | _U(_PAGE_RW), pte & ~_U(_PAGE_RW))
-    pte |= np.where(keep_sd, _U(_PAGE_SOFT_DIRTY), _U(0)) | np.where(keep_wp, _U(_PAGE_UFFD_WP), _U(0))
-    return np.where(device_private, dev, pte)
+    pte |= np.where(writable, _U(_PAGE_RW), _U(0))
+    if swp_bits.any():
+        pte |= np.where((migs & _U(_PAGE_SWP_SOFT_DIRTY)) != 0, _U(_PAGE_SOFT_DIRTY), _U(0))
+        pte |= np.where((migs & _U(_PAGE_SWP_UFFD_WP)) != 0, _U(_PAGE_UFFD_WP), _U(0))
+    return pte if dev is None else np.where(device_private, dev, pte)
 
 
 def migration_entry_wait(mm: MM, pmd: PtRef, addr: int) -> None:
@@ -402,8 +409,8 @@ def remove_migration_ptes_folios(sys: "System", srcs: npt.NDArray[np.int64],
     dsts = np.asarray(dsts, np.int64)
     if len(srcs) == 0:
         return
-    simple = ((mem.head_off[srcs] == 0) & (mem.order[srcs] == 0) & (mem.head_off[dsts] == 0)
-              & (mem.order[dsts] == 0) & ((mem.flags[srcs] & PG_anon) != 0))
+    simple = (((mem.head_off[srcs] | mem.head_off[dsts]) == 0) & ((mem.order[srcs] | mem.order[dsts]) == 0)
+              & ((mem.flags[srcs] & PG_anon) != 0))
     mids = mem.mapping[srcs]
     for i in np.flatnonzero(~simple).tolist():
         remove_migration_ptes(sys, int(srcs[i]), int(dsts[i]))
@@ -472,19 +479,21 @@ def _remove_migration_ptes_vma(sys: "System", vma: "Vma", sel: npt.NDArray[np.in
         ptes = tbl[idx]
         s_ = srcs[sel[grp]]
         typ = ptes >> _U(_SWP_TYPE_SHIFT)
-        hit = (((ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) == 0) & (ptes != 0)
+        hit = (((ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) == 0)  # (a migration type is never 0)
                & (typ >= _U(SWP_MIGRATION_READ)) & (typ <= _U(SWP_MIGRATION_WRITE))
                & (((ptes >> _U(12)) & _U((1 << 40) - 1)) == s_.astype(np.uint64)))
-        if not hit.any():
+        if bool(hit.all()):  # every folio mapped here (a migration window)
+            j, migs, at = sel[grp], ptes, idx
+        elif not hit.any():
             continue
-        j = sel[grp][hit]
-        migs = ptes[hit]
+        else:
+            j, migs, at = sel[grp][hit], ptes[hit], idx[hit]
         new = dsts[j]
         vals = restore_migration_ptes(vma, migs, new, dev_private[j])
         sys.stats.add("pgtable.set_pte", len(j))
         if sys.ls.has_hooks:
             sys.ls.schedule_point("set_ptes")
-        tbl[idx[hit]] = vals
+        tbl[at] = vals
         mem.mapcount[new] += 1
         mem.refcount[new] += 1
         t = migs >> _U(_SWP_TYPE_SHIFT)

@@ -178,17 +178,35 @@ class PhysMem:
         assert 0 <= n <= self.charged
         self.charged -= n
 
-    def _take(self, pfns: npt.NDArray[np.int64], zero: bool = True) -> None:
-        self._free[pfns] = False
-        self._block_free -= np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
-        self.nr_free -= len(pfns)
+    def _count_blocks(self, pfns: npt.NDArray[np.int64] | slice, n: int, sign: int) -> None:
+        """Add ``sign`` per page of *pfns* to the free count of its pageblock."""
+        if isinstance(pfns, slice):
+            b0, b1 = pfns.start // _BLOCK, (pfns.stop - 1) // _BLOCK
+            if b0 != b1:
+                pfns = np.arange(pfns.start, pfns.stop, dtype=np.int64)
+        else:
+            b0, b1 = int(pfns.min()) // _BLOCK, int(pfns.max()) // _BLOCK
+        if b0 == b1:
+            self._block_free[b0] += sign * n  # one pageblock (a window, a THP)
+        else:
+            assert not isinstance(pfns, slice)
+            self._block_free += sign * np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
+
+    def _take(self, pfns: npt.NDArray[np.int64], zero: bool = True,
+              at: npt.NDArray[np.int64] | slice | None = None) -> None:
+        n = len(pfns)
+        if at is None:
+            at = _as_slice(pfns)
+        self._free[at] = False
+        self._count_blocks(at, n, -1)
+        self.nr_free -= n
         if zero:
-            dirty = pfns[(self.flags[pfns] & PG_data) != 0]
+            dirty = pfns[(self.flags[at] & PG_data) != 0]
             if len(dirty):
                 self._zero(dirty)
-            self._reset(pfns, flags=0, refcount=1)
+            self._reset(at, flags=0, refcount=1)
         else:
-            self._reset(pfns, flags=self.flags[pfns] & np.uint32(PG_data), refcount=1)
+            self._reset(at, flags=self.flags[at] & np.uint32(PG_data), refcount=1)
 
     def _zero(self, pfns: npt.NDArray[np.int64]) -> None:
         """Zero the contents of *pfns*: runs of consecutive frames as slices."""
@@ -198,7 +216,7 @@ class PhysMem:
             else:
                 self.data[p:p + (b - a)] = 0
 
-    def _reset(self, pfns: npt.NDArray[np.int64], flags: Any, refcount: int) -> None:
+    def _reset(self, pfns: npt.NDArray[np.int64] | slice, flags: Any, refcount: int) -> None:
         """A fresh ``struct page`` for every pfn (allocation and freeing)."""
         self.flags[pfns] = flags
         self.refcount[pfns] = refcount
@@ -251,7 +269,7 @@ class PhysMem:
             return -1
         head = int(cand[0]) * _BLOCK
         pfns = np.arange(head, head + _BLOCK, dtype=np.int64)
-        self._take(pfns, zero)
+        self._take(pfns, zero, slice(head, head + _BLOCK))
         self.prep_compound(head, order)
         return head
 
@@ -268,18 +286,27 @@ class PhysMem:
         pfns = np.asarray(pfns, dtype=np.int64)
         if len(pfns) == 0:
             return
+        if len(pfns) == 1 and self.order[pfns[0]]:  # one large folio: its pages as a slice
+            head = int(pfns[0])
+            pfns = np.arange(head, head + (1 << int(self.order[head])), dtype=np.int64)
+            self._free_run(pfns, slice(head, head + len(pfns)))
+            return
         orders = self.order[pfns]
         if orders.any():
             parts = [pfns[orders == 0]]
             for h in pfns[orders != 0]:
                 parts.append(np.arange(h, h + (1 << int(self.order[h])), dtype=np.int64))
             pfns = np.concatenate(parts)
-        if (self._free[pfns]).any() or (pfns >= self.ram_pages).any():
+        self._free_run(pfns, _as_slice(pfns))
+
+    def _free_run(self, pfns: npt.NDArray[np.int64], at: npt.NDArray[np.int64] | slice) -> None:
+        """Free *pfns* (indexed by *at*: the same pages, as a slice where they are one run)."""
+        if (self._free[at]).any() or int(pfns.max()) >= self.ram_pages:
             bad = pfns[self._free[pfns] | (pfns >= self.ram_pages)][0]
             raise AssertionError(f"freeing pfn {bad:#x} that is free or not RAM")
-        self._reset(pfns, flags=PG_buddy | (self.flags[pfns] & PG_data), refcount=0)
-        self._free[pfns] = True
-        self._block_free += np.bincount(pfns // _BLOCK, minlength=len(self._block_free)).astype(np.int32)
+        self._reset(at, flags=PG_buddy | (self.flags[at] & PG_data), refcount=0)
+        self._free[at] = True
+        self._count_blocks(at, len(pfns), 1)
         self.nr_free += len(pfns)
 
     def is_free(self, pfn: int) -> bool:
@@ -355,6 +382,13 @@ class PhysMem:
                 d64[dst[a:a + _COPY_CHUNK]] = d64[src[a:a + _COPY_CHUNK]]
         self.flags[dst] |= PG_data
 
+    def copy_folio(self, dst: int, src: int, nr: int) -> None:
+        """``folio_copy()``: :meth:`copy_pages` of the *nr* consecutive pages from *src*
+        to those from *dst* (a large folio's), as one slice."""
+        d64 = self.data.view(np.uint64)
+        d64[dst:dst + nr] = d64[src:src + nr]
+        self.flags[dst:dst + nr] |= np.uint32(PG_data)
+
     def clear_pages(self, pfns: npt.NDArray[np.int64] | int) -> None:
         """``clear_highpage()`` for one page or a batch."""
         pfns = np.atleast_1d(np.asarray(pfns, np.int64))
@@ -374,6 +408,17 @@ class PhysMem:
 
     def folio(self, pfn: int) -> "Folio":
         return Folio(self, self.compound_head(pfn))
+
+
+def _as_slice(pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | slice:
+    """*pfns* as a slice if it is one run of consecutive pfns (cheaper to index with),
+    else *pfns* itself."""
+    n = len(pfns)
+    if n > 1:
+        a = int(pfns[0])
+        if int(pfns[-1]) - a == n - 1 and bool((pfns[1:] - pfns[:-1] == 1).all()):
+            return slice(a, a + n)
+    return pfns
 
 
 def _runs(pfns: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:

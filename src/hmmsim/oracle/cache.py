@@ -12,8 +12,8 @@ any directory with the same layout:
                    for every scenario file; without it test_hmm is built in and the device
                    parameters go on the kernel command line
 ``hmm-tests``      optional: ``tools/testing/selftests/mm/hmm-tests`` of that kernel, static
-``hmmsim-runner``  optional: a static scenario runner built for this image (else ``oracle run``
-                   compiles ``runner/hmmsim-runner.c`` itself, into ``ROOT/runner/``)
+``hmmsim-runner``  optional: a static scenario runner, used only where no C compiler is at
+                   hand (``oracle run`` compiles the package's ``runner/*.c`` into ``ROOT/runner/``)
 ``config``         optional: the kernel's ``.config``
 ``build.json``     optional: how it was built (``{"version": ..., "source": ..., ...}``)
 =================  =============================================================================

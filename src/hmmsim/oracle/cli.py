@@ -11,6 +11,9 @@
     model-differs, kernel-warns, kernel-crashes, kernel-hangs and known-kernel-bug (the model
     reports the kernel's crash/hang where the kernel has it). ``--out DIR`` keeps the
     scenarios of every finding.
+``hmmsim oracle run --kernel K FILE...``, ``hmmsim oracle runner --build``
+    Boot a kernel image and run scenarios or hmm-tests on it; build the C scenario runner
+    (:mod:`hmmsim.oracle.run`).
 ``hmmsim minimize FILE --kernel K``
     Delta debugging over the file's lines down to a minimal scenario that still shows the
     same failure (same kind at the same command: a model/kernel difference, a kernel crash
@@ -31,6 +34,7 @@ from .compare import compare_results, format_report
 from .fuzz import fuzz
 from .minimize import minimize_lines, scenario_text
 from .results import RunResult, parse_outputs
+from .run import add_oracle_parsers, oracle_command
 
 __all__ = ("add_parsers", "run_command")
 
@@ -41,7 +45,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argp
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("--kernel", choices=tuple(KERNELS), default=None,
                    help="run FILEs (scenarios) on the model and this real kernel; without it FILEs are two outputs")
-    c.add_argument("--runner", default=None, help="the kernel runner command (default $HMMSIM_KERNEL_RUNNER, kernel-run)")
+    c.add_argument("--runner", default=None, help="the kernel runner command (default $HMMSIM_KERNEL_RUNNER, else `hmmsim oracle run` "
+                   "with the cached image of --kernel, else kernel-run)")
     f = sub.add_parser("fuzz", help="random scenarios on model and kernel, findings grouped")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--count", type=int, default=20)
@@ -54,13 +59,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argp
     m.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL)
     m.add_argument("--runner", default=None)
     m.add_argument("--model-only", action="store_true", help="minimise what the model alone reports")
+    o = sub.add_parser("oracle", help="real kernels: boot an image and run scenarios on it, build the C runner")
+    osub = o.add_subparsers(dest="oracle_cmd", required=True, metavar="{run,runner}")
+    add_oracle_parsers(osub)
 
 
 def _kernel_side(args: argparse.Namespace) -> Callable[[dict[str, str]], dict[str, RunResult]] | None:
-    cmd = find_runner(args.runner)
+    cmd = find_runner(args.runner, args.kernel)
     if cmd is None:
-        print("hmmsim: no kernel runner: give --runner CMD or set HMMSIM_KERNEL_RUNNER "
-              "(a command with kernel-run's interface)", file=sys.stderr)
+        print(f"hmmsim: no kernel runner: build an image (hmmsim oracle build --kernel {args.kernel}), "
+              "give --runner CMD or set HMMSIM_KERNEL_RUNNER (a command with kernel-run's interface)",
+              file=sys.stderr)
         return None
     runner = KernelRunner(cmd)
     return lambda texts: runner.run(texts, args.kernel)
@@ -141,6 +150,9 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int | None:
-    """Run an oracle subcommand (None if *args* is not one)."""
+def run_command(args: argparse.Namespace, extra: list[str] | None = None) -> int | None:
+    """Run an oracle subcommand (None if *args* is not one); *extra* are the arguments
+    after ``--`` (``hmmsim oracle run --selftest -- ARGS``)."""
+    if args.cmd == "oracle":
+        return oracle_command(args, extra or [])
     return {"compare": _cmd_compare, "fuzz": _cmd_fuzz, "minimize": _cmd_minimize}.get(args.cmd, lambda a: None)(args)

@@ -3,7 +3,8 @@ kernel: output lines per file, kernel WARN/BUG/oops lines, crash or hang.
 
 A real kernel's run (``kernel-run`` or ``hmmsim oracle run``) gives the scenario lines on
 stdout (``{"file":NAME}`` before each file when there are several), the kernel's
-WARN/BUG/Oops lines on stderr (``kernel-run: kernel: [time] WARNING: ...``), and an exit
+WARN/BUG/Oops lines on stderr (``kernel-run: kernel: [time] WARNING: ...``, or
+``hmmsim-oracle (NAME): kernel: [time] WARNING: ...`` naming the file that ran), and an exit
 status: 0 when the payload finished, 125 when the kernel crashed or hung, 124 on timeout.
 A crash or hang stops the output in the middle of the file that caused it."""
 
@@ -16,7 +17,8 @@ from typing import Any
 
 __all__ = ("KernelEvent", "RunResult", "parse_kernel_run", "parse_outputs", "split_outputs")
 
-_KERNEL_LINE = re.compile(r"^kernel-run: kernel: \[\s*[0-9.]+\]\s*(?P<msg>.*)$")
+_KERNEL_LINE = re.compile(r"^(?:kernel-run|hmmsim-oracle(?: \((?P<file>.*?)\))?): kernel: "
+                          r"\[\s*[0-9.]+\]\s*(?P<msg>.*)$")
 #: console messages that make a run "WARN" / "crash"
 _WARN = re.compile(r"^(WARNING:|------------\[ cut here \]|BUG: Bad (page|rss)|BUG: Bad page map)")
 _CRASH = re.compile(r"^(BUG: |Oops|kernel BUG at|general protection fault|Kernel panic)")
@@ -28,6 +30,7 @@ class KernelEvent:
 
     kind: str
     message: str
+    file: str | None = None
 
 
 @dataclass
@@ -98,27 +101,30 @@ def _events(stderr: str) -> list[KernelEvent]:
             continue
         msg = m.group("msg")
         if _CRASH.match(msg):
-            ev.append(KernelEvent("crash", msg))
+            ev.append(KernelEvent("crash", msg, m.group("file")))
         elif _WARN.match(msg):
-            ev.append(KernelEvent("warn", msg))
+            ev.append(KernelEvent("warn", msg, m.group("file")))
     return ev
 
 
 def parse_kernel_run(stdout: str, stderr: str, status: int, names: list[str]) -> dict[str, RunResult]:
     """The per-file results of one kernel run of the files *names* (in order). Kernel
-    events are given to the file that was running when they were printed: the last file
-    with output, or the first if none printed anything. A crash or hang belongs to the
+    events are given to the file that was running when they were printed: the file the
+    line names (``hmmsim oracle run``), else the last file with output, or the first if
+    none printed anything. A crash or hang belongs to the
     file that was running then; later files did not run (they get outcome ``skipped``)."""
     recs = split_outputs(stdout, names)
     started = [n for n in names if n in recs and (recs[n] or len(names) == 1 or f'"file":"{n}"' in stdout)]
     last = started[-1] if started else names[0]
     res = {n: RunResult(n, recs.get(n, [])) for n in names}
     events = _events(stderr)
-    res[last].events = events
-    if any(e.kind == "warn" for e in events):
-        res[last].outcome = "warn"
+    for e in events:
+        res[e.file if e.file in res else last].events.append(e)
+    for r in res.values():
+        if any(e.kind == "warn" for e in r.events):
+            r.outcome = "warn"
     if status == 125:
-        res[last].outcome = "crash" if any(e.kind == "crash" for e in events) else "hang"
+        res[last].outcome = "crash" if any(e.kind == "crash" for e in res[last].events) else "hang"
     elif status == 124:
         res[last].outcome = "hang"
     if status in (124, 125):
