@@ -58,6 +58,7 @@ import numpy.typing as npt
 from ..kernel.errno import EAGAIN, EBUSY, EFAULT, EINTR, EINVAL, ENOLCK, EPERM
 from ..kernel.fault_range import handle_mm_fault_range
 from ..kernel.hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
+from ..kernel.locking import KEYED_LOCK_CLASSES
 from ..kernel.migrate import (
     is_pmd_migration_entry,
     migration_entry_wait,
@@ -317,7 +318,7 @@ def hmm_vma_fault(addr: int, end: int, required_fault: int, walk: MmWalk) -> int
     vma = walk.vma
     assert vma is not None and required_fault
     mm = walk.mm
-    mm.sys.ls.assert_none_held("ptl")
+    mm.sys.ls.assert_no_pt_locks("hmm_vma_fault")
     hvw.last = addr
     flags = FAULT_FLAG_REMOTE
     if required_fault & HMM_NEED_WRITE_FAULT:
@@ -361,7 +362,7 @@ def hmm_do_fault(mm: "MM", hvw: HmmVmaWalk) -> int:
     ``locked`` (the unlocked variant); for hmm_range_fault() it is a WARN."""
     addr, end, required_fault = hvw.last, hvw.end, hvw.required_fault
     ls = mm.sys.ls
-    ls.assert_none_held("ptl")
+    ls.assert_no_pt_locks("hmm_do_fault")
     ls.assert_none_held("hugetlb_vma_lock")
     flags = FAULT_FLAG_REMOTE
     if hvw.locked is not None:
@@ -780,11 +781,23 @@ def hmm_range_fault(r: HmmRange) -> int:
     :param r: ``struct hmm_range *``
     :return: 0, ``-EBUSY``, ``-EFAULT``, ``-ENOMEM``, ``-EPERM`` or ``-EINVAL`` (module
         docstring)
+
+    Returns with the locks and notifier brackets it found (``walk_scope``).
     """
     if r.migrate is not None:  # the unified fault+migrate walk (profile hmm_migrate_on_fault)
         from .hmm_migrate import hmm_range_fault_migrate
-        return hmm_range_fault_migrate(r)
-    return hmm_range_fault_locked(r, None)
+        m = r.migrate
+        mm = r.notifier.mm if r.notifier is not None else (m.vma.vm_mm if m.vma is not None else None)
+        if mm is None:
+            return hmm_range_fault_migrate(r)
+        # the folios it prepared stay locked for migrate_hmm_range_setup()'s caller
+        with mm.sys.ls.walk_scope("hmm_range_fault", KEYED_LOCK_CLASSES, (mm.sys.notifier_active, id(mm))):
+            return hmm_range_fault_migrate(r)
+    mm = r.notifier.mm
+    if mm is None:
+        return hmm_range_fault_locked(r, None)
+    with mm.sys.ls.walk_scope("hmm_range_fault", (), (mm.sys.notifier_active, id(mm))):
+        return hmm_range_fault_locked(r, None)
 
 
 def hmm_range_fault_unlocked_timeout(r: HmmRange, timeout: int) -> int:
@@ -799,6 +812,11 @@ def hmm_range_fault_unlocked_timeout(r: HmmRange, timeout: int) -> int:
         raise TypeError("hmm_range_fault_unlocked_timeout: range.migrate (the unified walk) is not modelled here")
     mm = r.notifier.mm
     assert mm is not None, "hmm_range_fault: the notifier is not inserted"
+    with mm.sys.ls.walk_scope("hmm_range_fault_unlocked_timeout", (), (mm.sys.notifier_active, id(mm))):
+        return _hmm_range_fault_unlocked_timeout(mm, r, timeout)
+
+
+def _hmm_range_fault_unlocked_timeout(mm: "MM", r: HmmRange, timeout: int) -> int:
     sys = mm.sys
     locked = [False]
     deadline = 0

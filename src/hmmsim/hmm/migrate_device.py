@@ -53,6 +53,7 @@ from ..kernel.migrate import (
     remove_migration_ptes_folios,
     try_to_migrate,
 )
+from ..kernel.locking import KEYED_LOCK_CLASSES
 from ..kernel.mm import MM_ANONPAGES, PtRef
 from ..kernel.mmu_notifier import MmuNotifierEvent, notify_range
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE, pte_index
@@ -274,6 +275,7 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
     try:
         i0 = pte_index(start)
         n = (end - start) >> PAGE_SHIFT
+        sys.stats.add("walk.pte_entries", n)
         mpfn, pages, rare = _migrate_vma_classify_ptes(m, vma, tbl[i0:i0 + n], keep_large=thp)
         large = -1
         sel = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
@@ -618,12 +620,14 @@ def migrate_vma_setup(m: MigrateVma) -> int:
     m.npages = 0
     if m.fault_page >= 0 and folio_test_locked(sys, m.fault_page):
         m.fault_folio = sys.mem.compound_head(m.fault_page)
-    if sys.profile.hmm_migrate_on_fault:  # the unified walk: collection through hmm_range_fault()
-        from .hmm_migrate import migrate_vma_setup_hmm
-        return migrate_vma_setup_hmm(m, nr)
-    migrate_vma_collect(m)
-    if m.cpages:
-        m.cpages = migrate_device_unmap(sys, m.src, m.npages, m.fault_page)
+    # the collected folios stay locked for the caller; nothing else may stay held
+    with sys.ls.walk_scope("migrate_vma_setup", KEYED_LOCK_CLASSES, (sys.notifier_active, id(vma.vm_mm))):
+        if sys.profile.hmm_migrate_on_fault:  # the unified walk: collection through hmm_range_fault()
+            from .hmm_migrate import migrate_vma_setup_hmm
+            return migrate_vma_setup_hmm(m, nr)
+        migrate_vma_collect(m)
+        if m.cpages:
+            m.cpages = migrate_device_unmap(sys, m.src, m.npages, m.fault_page)
     sys.stats.add("migrate_vma.setup")
     return 0
 

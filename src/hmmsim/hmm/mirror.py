@@ -30,6 +30,7 @@ from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.mmu_notifier import (
     MmuIntervalNotifier,
     MmuIntervalNotifierOps,
+    MmuNotifierEvent,
     MmuNotifierRange,
     mmu_interval_notifier_insert,
     mmu_interval_notifier_remove,
@@ -63,6 +64,14 @@ class HmmMirror:
             raise ValueError(f"mmu_interval_notifier_insert: {ret}")
 
     def _invalidate(self, sub: MmuIntervalNotifier, r: MmuNotifierRange, cur_seq: int) -> bool:
+        """The notifier callback. Like ``dmirror_interval_invalidate()``, the mirror's own
+        MMU_NOTIFY_MIGRATE invalidations (``r.owner`` is this mirror's *owner*) leave the
+        sequence alone: its pages move at its own request, and counting that would make
+        its fault loop retry (with the unified fault+migrate walk, for ever). Every other
+        event advances the sequence."""
+        if self.owner is not None and r.event == MmuNotifierEvent.MMU_NOTIFY_MIGRATE and r.owner is self.owner:
+            self.invalidations.append((r.event.name, r.start, r.end, r.owner))
+            return True
         with self.lock.held():
             mmu_interval_set_seq(sub, cur_seq)
             self.invalidations.append((r.event.name, r.start, r.end, r.owner))

@@ -158,6 +158,7 @@ def handle_mm_fault(vma: Vma, address: int, flags: int) -> int:
     mm = vma.vm_mm
     sys = mm.sys
     mmap_assert_locked(mm)
+    sys.ls.assert_no_pt_locks("handle_mm_fault")
     sys.ls.might_sleep("handle_mm_fault")
     sys.stats.add("fault.handle_mm_fault")
     if flags & FAULT_FLAG_UNSHARE:

@@ -81,6 +81,7 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
     """
     mm = vma.vm_mm
     mmap_assert_locked(mm)
+    mm.sys.ls.assert_no_pt_locks("handle_mm_fault_range")
     write = bool(flags & FAULT_FLAG_WRITE)
     addr = start
     while addr < end:

@@ -31,13 +31,35 @@ The model runs one simulated thread at a time. A lock that is held by another (s
 simulated thread cannot be taken: :class:`WouldBlock` is raised, which the interleaving
 machinery turns into "try again at the next scheduling point", and which is a
 :class:`DeadlockError` when no other thread could ever release the lock.
+
+The walk rules (what reviewers of the unified fault+migrate walk asked to see asserted;
+each a :class:`LockdepError` naming the rule and the place, each O(1) per call):
+
+* ``fault-under-pt-lock``: no page-table lock (:data:`PT_LOCK_CLASSES`) is held when a
+  fault is taken (:meth:`LockState.assert_no_pt_locks`, at ``handle_mm_fault()`` and the
+  fault helpers hmm uses);
+* ``pmd-lock-not-held``: the PMD lock is held where a walk step relies on it
+  (:meth:`LockState.assert_held` with *where*; ``mm.pmd_assert_locked()``);
+* ``walk-leaked-lock``: a walk (``walk_page_range()``, ``hmm_range_fault()``,
+  ``migrate_vma_setup()``) leaves the held locks as it found them, on every return and
+  every exception (:meth:`LockState.walk_scope`);
+* ``notifier-unbalanced``: the scope of an hmm/migrate call (``hmm_range_fault()``,
+  ``migrate_vma_setup()``; not of a single ``walk_page_range()``, since the unified walk's
+  bracket spans its retries) finds as many open
+  ``mmu_notifier_invalidate_range_start()`` brackets of the mm on exit as on entry (an
+  ``end`` without a ``start`` fails at once in :mod:`hmmsim.kernel.mmu_notifier`, and
+  ``check_invariants`` finds a bracket never closed).
+
+They are always on: :attr:`LockState.walk_checks` = False turns the scope off (the
+benchmarks measure its cost that way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -45,8 +67,8 @@ import numpy.typing as npt
 from .stats import Stats, declare_lock_class
 
 __all__ = (
-    "DeadlockError", "KEYED_LOCK_CLASSES", "Lock", "LockState", "LockdepError", "READ",
-    "Thread", "WRITE", "WouldBlock",
+    "DeadlockError", "KEYED_LOCK_CLASSES", "Lock", "LockState", "LockdepError", "PT_LOCK_CLASSES",
+    "READ", "Thread", "WRITE", "WalkScope", "WouldBlock",
 )
 
 READ = 1
@@ -56,6 +78,10 @@ _MODE_NAME = {READ: "read", WRITE: "write"}
 #: whose owners are kept in an array indexed by key: exclusive (WRITE), sleeping locks
 #: that bulk paths take by the thousand (``folio_lock``: ``PG_locked``, keyed by head pfn)
 KEYED_LOCK_CLASSES = frozenset({"folio_lock"})
+#: the page-table lock classes: split pte-table locks (``ptl``: ``pte_lockptr``), split
+#: PMD locks (``pmd_lock``: ``pmd_lockptr``, also ``huge_pte_lockptr`` of 2 MiB hugetlb
+#: pages) and ``mm->page_table_lock`` (the PUD lock); none may be held across a fault
+PT_LOCK_CLASSES = ("ptl", "pmd_lock", "page_table_lock")
 
 
 def _distinct(keys: npt.NDArray[np.int64]) -> bool:
@@ -170,6 +196,8 @@ class LockState:
         # keyed lock classes: klass -> owner slot per key (0: free); slot -> thread
         self._keyed: dict[str, npt.NDArray[np.int32]] = {}
         self._slots: list[Thread | None] = [None]
+        #: whether :meth:`walk_scope` checks anything (the other walk rules always run)
+        self.walk_checks = True
 
     # -- scheduling points -------------------------------------------------------------
     def add_hook(self, hook: Hook) -> None:
@@ -472,11 +500,41 @@ class LockState:
             self.warnings.append(message)
             self.stats.add("lockdep.warning")
 
-    def assert_held(self, ident: Hashable, klass: str, mode: int | None = None) -> None:
-        """``lockdep_assert_held``: the current thread holds *ident* (in *mode*)."""
+    def assert_held(self, ident: Hashable, klass: str, mode: int | None = None, where: str = "",
+                    rule: str = "") -> None:
+        """``lockdep_assert_held``: the current thread holds *ident* (in *mode*). *where*
+        (the function relying on the lock) and *rule* (e.g. ``pmd-lock-not-held``) name
+        the place and the rule in the message."""
         if not self.current.holds(ident, mode):
             want = "" if mode is None else f" for {_MODE_NAME[mode]}"
-            raise LockdepError(f"{self.current.name}: {klass} not held{want}")
+            at = f" in {where}" if where else ""
+            head = f"{rule}: " if rule else ""
+            raise LockdepError(f"{head}{self.current.name}: {klass} not held{want}{at}")
+
+    def assert_no_pt_locks(self, where: str) -> None:
+        """Rule ``fault-under-pt-lock``: the current thread holds no page-table lock
+        (:data:`PT_LOCK_CLASSES`) at *where*, a fault entry (a fault sleeps, allocates
+        and takes those very locks). O(1): the per-class counts of the thread."""
+        nc = self.current.nr_class
+        if nc:
+            for klass in PT_LOCK_CLASSES:
+                if klass in nc:
+                    t = self.current
+                    raise LockdepError(f"fault-under-pt-lock: {t.name} takes a fault in {where} holding "
+                                       f"{klass} ({t.describe_held()})")
+
+    def walk_scope(self, where: str, keep: frozenset[str] | tuple[str, ...] = (),
+                   brackets: tuple[dict[Any, int], Any] | None = None) -> "WalkScope":
+        """Context manager around a page-table walk or a call made of walks: rules
+        ``walk-leaked-lock`` (the current thread holds, on exit, the locks it held on
+        entry: the same count per lock class and the same most recent lock; classes in
+        *keep* may grow, as the folio locks ``migrate_vma_setup()`` hands to its caller)
+        and, with *brackets* = ``(counts, key)``, ``notifier-unbalanced``
+        (``counts[key]``, the open ``invalidate_range_start()`` brackets of an mm, is
+        the same on exit). Checked on a normal exit and on an exception (not on a
+        :class:`LockdepError` already raised, nor on a thread being torn down). O(number
+        of lock classes held), no per-page work."""
+        return WalkScope(self, where, keep, brackets)
 
     def might_sleep(self, what: str = "") -> None:
         """``might_sleep``: no spinlock may be held here (O(1): a count per thread)."""
@@ -503,6 +561,80 @@ class LockState:
         if total:
             more = total - len(held)
             raise LockdepError(f"locks still held: {', '.join(held)}" + (f" and {more} more" if more > 0 else ""))
+
+
+class WalkScope:
+    """What :meth:`LockState.walk_scope` returns (a class, not a generator: it wraps
+    every walk)."""
+
+    __slots__ = ("brackets", "classes", "keep", "last", "ls", "open", "thread", "where")
+
+    def __init__(self, ls: LockState, where: str, keep: frozenset[str] | tuple[str, ...],
+                 brackets: tuple[dict[Any, int], Any] | None) -> None:
+        self.ls = ls
+        self.where = where
+        self.keep = keep
+        self.brackets = brackets
+        self.thread: Thread | None = None
+
+    def __enter__(self) -> Self:
+        ls = self.ls
+        if not ls.walk_checks:
+            return self
+        t = self.thread = ls.current
+        self.classes = t.nr_class.copy()
+        held = t.held
+        self.last = next(reversed(held)) if held else None
+        b = self.brackets
+        self.open = b[0].get(b[1], 0) if b is not None else 0
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        t = self.thread
+        if t is None:
+            return
+        if typ is None:
+            # the common case, in a few comparisons
+            held = t.held
+            b = self.brackets
+            if (t.nr_class == self.classes and (next(reversed(held)) if held else None) is self.last
+                    and (b is None or b[0].get(b[1], 0) == self.open)):
+                return
+        elif issubclass(typ, LockdepError) or not issubclass(typ, Exception):
+            return  # report the first broken rule; a killed thread unwinds as it can
+        problem = self.check(t)
+        if problem:
+            how = f" (leaving by {typ.__name__}: {exc})" if typ is not None else ""
+            raise LockdepError(f"{problem} in {self.where}{how}") from exc
+
+    def check(self, t: Thread) -> str:
+        """The broken rule's message ("" if none)."""
+        now = t.nr_class
+        before = self.classes
+        if now != before:
+            keep = self.keep
+            for klass in set(now) | set(before):
+                a, b = before.get(klass, 0), now.get(klass, 0)
+                if a == b or (klass in keep and b > a):
+                    continue
+                n = abs(b - a)
+                locks = f"{n} {klass} lock{'s' if n > 1 else ''}"
+                if b > a:
+                    return f"walk-leaked-lock: {t.name} still holds {locks} it did not hold on entry"
+                return f"walk-leaked-lock: {t.name} released {locks} it held on entry"
+        held = t.held
+        last = next(reversed(held)) if held else None
+        if last is not self.last and last != self.last:
+            return (f"walk-leaked-lock: {t.name} holds {held[last][0] if last is not None else 'nothing'} "
+                    f"where it held {'another lock' if self.last is not None else 'nothing'} on entry")
+        b = self.brackets
+        if b is not None:
+            n = b[0].get(b[1], 0)
+            if n != self.open:
+                return (f"notifier-unbalanced: {n - self.open:+d} open mmu_notifier_invalidate_range_start() "
+                        f"brackets of the mm on exit")
+        return ""
 
 
 class Lock:

@@ -30,7 +30,16 @@ import numpy.typing as npt
 
 from .bug import KernelOops
 from .folio import folio_put
-from .mm import MM, MM_ANONPAGES, PtRef, ptlock_ptr, set_ptes, spin_lock, spin_unlock
+from .mm import (
+    MM,
+    MM_ANONPAGES,
+    PtRef,
+    pmd_assert_locked,
+    ptlock_ptr,
+    set_ptes,
+    spin_lock,
+    spin_unlock,
+)
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import (
     HPAGE_PMD_NR,
@@ -572,10 +581,12 @@ def set_pmd_migration_entry(vma: "Vma", pmd: PtRef, haddr: int, head: int) -> in
     present PMD (a dirty one dirties the folio); soft-dirty and uffd-wp kept. The entire
     mapping and the mapping's folio reference go; the folio is shared first
     (``folio_try_share_anon_rmap_pmd``: it cannot fail here, nothing pins). Returns 0.
-    The caller holds the folio lock and has started an ``MMU_NOTIFY_CLEAR`` of the PMD.
+    The caller holds the folio lock and the PMD lock (asserted) and has started an
+    ``MMU_NOTIFY_CLEAR`` of the PMD.
 
     Models ``mm/huge_memory.c:set_pmd_migration_entry()``."""
     mm = vma.vm_mm
+    pmd_assert_locked(mm, pmd, "set_pmd_migration_entry")
     mem = mm.sys.mem
     old = pmd.get()
     pmd.set(0)  # pmdp_invalidate() / pmdp_huge_get_and_clear()

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 __all__ = (
     "LockId", "MM", "MM_ANONPAGES", "MM_FILEPAGES", "MM_SHMEMPAGES", "MM_SWAPENTS", "PtRef",
     "huge_pte_lock", "huge_pte_lockptr", "mmap_assert_locked", "mmap_assert_write_locked",
-    "mmap_read_lock", "mmap_read_unlock", "mmap_write_lock", "mmap_write_unlock", "pmd_lock",
-    "pmd_lockptr", "pte_lockptr", "ptlock_ptr", "set_ptes", "spin_lock", "spin_unlock",
+    "mmap_read_lock", "mmap_read_unlock", "mmap_write_lock", "mmap_write_unlock", "pmd_assert_locked",
+    "pmd_lock", "pmd_lockptr", "pte_lockptr", "ptlock_ptr", "set_ptes", "spin_lock", "spin_unlock",
 )
 
 MM_FILEPAGES = 0
@@ -135,6 +135,12 @@ def pmd_lock(mm: "MM", pmd: PtRef) -> LockId:
     ptl = pmd_lockptr(mm, pmd)
     mm.sys.ls.acquire(ptl, "pmd_lock", WRITE, sleepable=False, where="pmd_lock")
     return ptl
+
+
+def pmd_assert_locked(mm: "MM", pmd: PtRef, where: str) -> None:
+    """``lockdep_assert_held(pmd_lockptr(mm, pmd))``: rule ``pmd-lock-not-held`` of
+    :mod:`hmmsim.kernel.locking`, for a PMD-level step (*where*) that relies on the lock."""
+    mm.sys.ls.assert_held(pmd_lockptr(mm, pmd), "pmd_lock", where=where, rule="pmd-lock-not-held")
 
 
 def huge_pte_lock(mm: "MM", pte: PtRef) -> LockId:

@@ -26,6 +26,7 @@ from typing import Any
 from .errno import EINVAL
 from .huge_memory import split_huge_pmd, split_huge_pud
 from .hugetlb import hugetlb_vma_lock_read, hugetlb_vma_unlock_read
+from .locking import KEYED_LOCK_CLASSES
 from .mm import MM, PtRef, mmap_assert_locked, mmap_assert_write_locked
 from .page_types import (
     HPAGE_PMD_SIZE,
@@ -333,10 +334,21 @@ def walk_page_range(mm: MM, start: int, end: int, ops: MmWalkOps, private: Any) 
     :param private: ``void *``, handed to callbacks as ``walk.private``
     :return: 0, ``-EINVAL`` if ``start >= end``, or the first non-zero (negative, or a
         callback's positive) return of a callback.
+
+    The walk leaves the locks as it found them (rule ``walk-leaked-lock`` of
+    :mod:`hmmsim.kernel.locking`), except folio locks, which a callback may hand to the
+    caller (``migrate_vma_collect_pmd``). Notifier brackets may span walks (the unified
+    walk opens one at its first capture and closes it after its retry loop): their
+    balance is checked by the callers' scopes (``hmm_range_fault``, ``migrate_vma_setup``).
     """
     if start >= end:
         return -EINVAL
     _assert_walk_lock(mm, ops.walk_lock)
+    with mm.sys.ls.walk_scope("walk_page_range", KEYED_LOCK_CLASSES):
+        return _walk_page_range(mm, start, end, ops, private)
+
+
+def _walk_page_range(mm: MM, start: int, end: int, ops: MmWalkOps, private: Any) -> int:
     stats = mm.sys.stats
     stats.add("walk_page_range")
     walk = MmWalk(ops, mm, private)
@@ -381,6 +393,12 @@ def walk_page_vma(vma: Vma, ops: MmWalkOps, private: Any) -> int:
     """``walk_page_vma()``: walk all of one VMA."""
     mm = vma.vm_mm
     _assert_walk_lock(mm, ops.walk_lock)
+    with mm.sys.ls.walk_scope("walk_page_vma", KEYED_LOCK_CLASSES):
+        return _walk_page_vma(vma, ops, private)
+
+
+def _walk_page_vma(vma: Vma, ops: MmWalkOps, private: Any) -> int:
+    mm = vma.vm_mm
     mm.sys.stats.add("walk_page_range")
     walk = MmWalk(ops, mm, private)
     walk.vma = vma

@@ -114,7 +114,8 @@ _declare_all("mm/pagewalk.c: tables visited and callbacks invoked, by level",
              "walk.pgd_table", "walk.pud_table", "walk.pmd_table", "walk.pte_table",
              "walk.pud_entry", "walk.pmd_entry", "walk.pte_entry", "walk.pte_hole",
              "walk.hugetlb_entry", "walk.test_walk")
-declare("walk.pte_entries", "pte entries examined by a pmd_entry callback that handles the leaf table")
+declare("walk.pte_entries", "pte entries examined by a pmd_entry callback that handles the leaf table "
+        "(hmm_vma_walk_pmd, migrate_vma_collect_pmd)")
 # -- mmu notifiers --------------------------------------------------------------------------------
 _declare_all("mm/mmu_notifier.c calls", "mmu_notifier.invalidate_range_start",
              "mmu_notifier.invalidate_range_end", "mmu_notifier.interval_invalidate",
