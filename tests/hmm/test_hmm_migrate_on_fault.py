@@ -57,7 +57,6 @@ from hmmsim.kernel.errno import EBUSY, EFAULT, EINVAL, ERANGE
 from hmmsim.kernel.mm import mmap_read_lock, mmap_read_unlock
 from hmmsim.kernel.mmu_notifier import (
     MmuNotifierEvent,
-    MmuNotifierRange,
     mmu_interval_read_begin,
     mmu_interval_read_retry,
     notify_range,
@@ -99,34 +98,13 @@ def OwnerMirror(mm: Any, owner: Any = OWNER, filtering: bool = True) -> HmmMirro
 
 def fault_migrate(mirror: HmmMirror, start: int, npages: int, default_flags: int = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_MIGRATE,
                   mflags: int = 0, retries: int = 20) -> tuple[int, HmmRange]:
-    """A driver's fault path: the retry loop around the unified walk; a result whose
-    sequence moved is undone before the next try."""
+    """A driver's fault path: :meth:`HmmMirror.fault` (the retry loop) around the unified
+    walk; a result whose sequence moved is undone before the next try."""
     m = MigrateVma(None, start, start + npages * P, OWNER, mflags)  # type: ignore[arg-type]
     r = HmmRange(notifier=mirror.notifier, start=start, end=start + npages * P,
                  hmm_pfns=np.zeros(npages, np.uint64), default_flags=default_flags,
                  dev_private_owner=OWNER, migrate=m)
-    sys = mirror.mm.sys
-    ret = -EBUSY
-    for _ in range(retries):
-        r.notifier_seq = mmu_interval_read_begin(r.notifier)
-        mmap_read_lock(mirror.mm)
-        try:
-            ret = hmm_range_fault(r)
-        finally:
-            mmap_read_unlock(mirror.mm)
-        if ret == -EBUSY:
-            mirror.retries += 1
-            continue
-        if ret:
-            return ret, r
-        with mirror.lock.held():
-            if mmu_interval_read_retry(r.notifier, r.notifier_seq):
-                hmm_migrate_abort(sys, r)
-                mirror.retries += 1
-                ret = -EBUSY
-                continue
-        return 0, r
-    return ret, r
+    return mirror.fault(r, max_retries=retries), r
 
 
 def finish_to_system(sys: System, r: HmmRange) -> MigrateVma:

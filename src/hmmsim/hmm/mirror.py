@@ -40,6 +40,7 @@ from ..kernel.mmu_notifier import (
 )
 from ..kernel.page_types import PAGE_MASK, PAGE_SHIFT, ULONG_MAX
 from .hmm import HmmRange, hmm_range_fault
+from .hmm_migrate import hmm_migrate_abort
 
 if TYPE_CHECKING:
     from ..kernel.mm import MM
@@ -80,12 +81,20 @@ class HmmMirror:
     def range_fault(self, start: int, end: int, default_flags: int = 0, pfn_flags_mask: int = 0,
                     hmm_pfns: npt.NDArray[np.uint64] | None = None, dev_private_owner: Any = None,
                     max_retries: int = 1000) -> tuple[int, npt.NDArray[np.uint64]]:
-        """The driver loop; returns ``(ret, hmm_pfns)`` (``-EBUSY`` after *max_retries*)."""
+        """The driver loop over a new range; returns ``(ret, hmm_pfns)`` (``-EBUSY`` after
+        *max_retries*)."""
         n = max(end - start, 0) >> PAGE_SHIFT  # start >= end: hmm_range_fault() says -EINVAL
         pfns = hmm_pfns if hmm_pfns is not None else np.zeros(n, np.uint64)
         r = HmmRange(notifier=self.notifier, start=start, end=end, hmm_pfns=pfns,
                      default_flags=default_flags, pfn_flags_mask=pfn_flags_mask,
                      dev_private_owner=dev_private_owner if dev_private_owner is not None else self.owner)
+        return self.fault(r, max_retries), pfns
+
+    def fault(self, r: HmmRange, max_retries: int = 1000) -> int:
+        """The driver loop over a prepared range *r* (its notifier this mirror's): 0, the
+        walk's error, or ``-EBUSY`` after *max_retries*. With ``r.migrate`` (the unified
+        fault+migrate walk), a result whose sequence moved is undone
+        (``hmm_migrate_abort()``) before the next try."""
         for _ in range(max_retries):
             r.notifier_seq = mmu_interval_read_begin(self.notifier)
             mmap_read_lock(self.mm)
@@ -97,13 +106,15 @@ class HmmMirror:
                 self.retries += 1
                 continue
             if ret:
-                return ret, pfns
+                return ret
             with self.lock.held():
                 if mmu_interval_read_retry(self.notifier, r.notifier_seq):
+                    if r.migrate is not None:
+                        hmm_migrate_abort(self.mm.sys, r)
                     self.retries += 1
                     continue
-                return 0, pfns
-        return -EBUSY, pfns
+                return 0
+        return -EBUSY
 
     def remove(self) -> None:
         """``mmu_interval_notifier_remove()``."""
