@@ -46,6 +46,7 @@ from ..kernel.pgtable import (
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
     _PAGE_SWP_SOFT_DIRTY,
     _PAGE_SWP_UFFD_WP,
     _PAGE_UFFD_WP,
@@ -62,6 +63,7 @@ from ..kernel.physmem import (
     PG_head,
     PG_hugetlb,
     PG_locked,
+    PG_reserved,
     PG_swapbacked,
     PG_swapcache,
     PG_uptodate,
@@ -78,7 +80,8 @@ if TYPE_CHECKING:
     from ..kernel.vma import Vma
     from .dmirror_core import Dmirror
 
-__all__ = ("BATCH_MIN_WINDOWS", "dmirror_thp_batch_to_device", "dmirror_thp_batch_to_system")
+__all__ = ("BATCH_MIN_WINDOWS", "dmirror_batch_to_device", "dmirror_batch_to_system", "dmirror_batch_windows",
+           "dmirror_thp_batch_to_device", "dmirror_thp_batch_to_system")
 
 _U = np.uint64
 #: ``folio_migrate_flags()``: the flags a migration carries to the new folio
@@ -110,8 +113,7 @@ def _quiet(dmirror: "Dmirror", mm: "MM", start: int, end: int) -> bool:
     sys = dmirror.sys
     if not ENABLED or sys.ls.has_hooks or sys.trace.active() or dmirror.flags:
         return False
-    if (not sys.profile.device_private_thp or sys.profile.hmm_migrate_on_fault
-            or not dmirror.mdevice.is_private):
+    if sys.profile.hmm_migrate_on_fault or not dmirror.mdevice.is_private:
         return False
     subs = mm.notifier_subscriptions
     if subs is not None:
@@ -247,8 +249,9 @@ def _notify_each(mm: "MM", addr: int, k: int, owner: object) -> None:
             pass
 
 
-def _window_count(dmirror: "Dmirror", vma: "Vma", addr: int, end: int) -> int:
-    if addr & (HPAGE_PMD_SIZE - 1) or not vma.vm_flags & VM_READ or not vma_is_anonymous(vma):
+def _window_count(dmirror: "Dmirror", vma: "Vma", addr: int, end: int, aligned: bool = True) -> int:
+    """How many whole 2 MiB windows from *addr* the batch may look at (0: none)."""
+    if (aligned and addr & (HPAGE_PMD_SIZE - 1)) or not vma.vm_flags & VM_READ or not vma_is_anonymous(vma):
         return 0
     k = (min(end, vma.vm_end) - addr) // HPAGE_PMD_SIZE
     if k < BATCH_MIN_WINDOWS or not _quiet(dmirror, vma.vm_mm, addr, addr + k * HPAGE_PMD_SIZE):
@@ -262,7 +265,7 @@ def dmirror_thp_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
     *addr* (2 MiB aligned, in *vma*): each PMD-mapped THP moves to a device THP
     (``free_folios``) backed by a new system THP, mapped by a device-private PMD.
     Returns the number of windows done (0: none, the caller goes on with a round)."""
-    k = _window_count(dmirror, vma, addr, end)
+    k = _window_count(dmirror, vma, addr, end) if dmirror.sys.profile.device_private_thp else 0
     if k == 0:
         return 0
     mm = vma.vm_mm
@@ -354,7 +357,7 @@ def dmirror_thp_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
     one device-private PMD of this device each: every device THP moves to a new system
     THP mapped by a present PMD, and the device THP and its backing THP are freed.
     Returns the number of windows done (each counts one migrated entry in ``cpages``)."""
-    k = _window_count(dmirror, vma, addr, end)
+    k = _window_count(dmirror, vma, addr, end) if dmirror.sys.profile.device_private_thp else 0
     if k == 0:
         return 0
     mm = vma.vm_mm
@@ -443,6 +446,275 @@ def dmirror_thp_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
     return k
 
 
+# -- 4 KiB pages ---------------------------------------------------------------------------------------
+def _pte_run(mm: "MM", addr: int, n: int) -> list[tuple[npt.NDArray[np.uint64], int, int]]:
+    """The pte entries of the *n* pages from *addr*: ``(table view, first index, count)``
+    per pte table, stopping at a PMD without a pte table."""
+    out = []
+    while n > 0:
+        ref = mm.pmd_ref(addr)
+        e = ref.get() if ref is not None else 0
+        if not e or not e & _PAGE_PRESENT or e & _PAGE_PSE:
+            break
+        i0 = (addr >> PAGE_SHIFT) & 511
+        m = min(n, 512 - i0)
+        out.append((mm.sys.pt.table(mm.pte_table(ref)), i0, m))
+        addr += m << PAGE_SHIFT
+        n -= m
+    return out
+
+
+def _walk_counts(addr: int, k: int) -> dict[str, int]:
+    """What the walks of *k* 2 MiB windows from *addr* count (tables and PMD entries
+    visited, pte tables locked)."""
+    a = addr + np.arange(k, dtype=np.int64) * HPAGE_PMD_SIZE
+    last = a + HPAGE_PMD_SIZE - 1
+    pmds = int(((last >> 21) - (a >> 21) + 1).sum())
+    return {"walk_page_range": k, "walk.pgd_table": k, "walk.pud_table": int(((last >> 39) != (a >> 39)).sum()) + k,
+            "walk.pmd_table": int(((last >> 30) != (a >> 30)).sum()) + k, "walk.pmd_entry": pmds,
+            "pgtable.pte_offset_map": pmds, "pgtable.pte_offset_map_lock": pmds,
+            "walk.pte_entries": k * HPAGE_PMD_NR}
+
+
+def _copy_pages_in_turn(mem: "PhysMem", dst: npt.NDArray[np.int64], src: npt.NDArray[np.int64]) -> None:
+    """``copy_highpage()`` of each pair in order, as a loop would: runs consecutive on
+    both sides are one ``memmove`` each (a destination may be an earlier pair's source,
+    never a later one's), the rest page by page in order."""
+    data = mem.data
+    assert data.flags.c_contiguous and data.shape[1] == PAGE_SIZE
+    base = data.ctypes.data
+    cuts = np.flatnonzero((np.diff(dst) != 1) | (np.diff(src) != 1)) + 1
+    if len(cuts) > len(dst) // 16:  # fragmented: fancy indexing, chunk by chunk in order
+        d64 = data.view(np.uint64)
+        for c in range(0, len(dst), 256):
+            d64[dst[c:c + 256]] = d64[src[c:c + 256]]
+    else:
+        bounds = [0, *cuts.tolist(), len(dst)]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            d, s = int(dst[a]), int(src[a])
+            assert 0 <= min(d, s) and max(d, s) + (b - a) <= len(data)
+            ctypes.memmove(base + (d << PAGE_SHIFT), base + (s << PAGE_SHIFT), (b - a) << PAGE_SHIFT)
+    mem.flags[dst] |= np.uint32(PG_data)
+
+
+def _small_anon_ok(mem: "PhysMem", pfn: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Small anonymous folios mapped once, with no other reference, unlocked."""
+    fl = mem.flags[pfn]
+    return ((mem.head_off[pfn] == 0) & (mem.order[pfn] == 0) & ((fl & np.uint32(PG_anon)) != 0)
+            & ((fl & np.uint32(PG_locked | PG_swapcache | PG_hugetlb | PG_reserved)) == 0)
+            & (mem.refcount[pfn] == 1) & (mem.mapcount[pfn] == 1))
+
+
+def _window_prefix(ok: npt.NDArray[np.bool_], k: int) -> int:
+    """The number of leading windows whose 512 pages all pass."""
+    return _prefix(ok[:k * HPAGE_PMD_NR].reshape(k, HPAGE_PMD_NR).all(axis=1))
+
+
+def _count_dict(sys: "System", k: int, counts: dict[str, int], stats: tuple[tuple[str, int], ...],
+                locks: tuple[tuple[str, int], ...]) -> None:
+    for key, n in counts.items():
+        sys.stats.add(key, n)
+    _count_rounds(sys, k, stats, locks)
+
+
+_ROUND4K_STATS_TO_DEVICE = (("migrate_vma.setup", 1), ("migrate_vma.finalize", 1),
+                            ("migrate.remove_migration_ptes", HPAGE_PMD_NR), ("pgtable.set_pte", HPAGE_PMD_NR),
+                            ("page.free", HPAGE_PMD_NR))
+_ROUND4K_LOCKS_TO_DEVICE = (("folio_lock", 2 * HPAGE_PMD_NR), ("dmirror_device_lock", HPAGE_PMD_NR),
+                            ("dmirror_mutex", 1))
+_ROUND4K_STATS_TO_SYSTEM = (*_ROUND4K_STATS_TO_DEVICE, ("memremap.page_free", HPAGE_PMD_NR))
+_ROUND4K_LOCKS_TO_SYSTEM = (("folio_lock", 2 * HPAGE_PMD_NR), ("dmirror_device_lock", HPAGE_PMD_NR))
+
+
+def dmirror_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: int) -> int:
+    """The rounds of ``dmirror_migrate_to_device()`` for the 2 MiB windows from *addr*
+    that are 512 small anonymous pages each, each mapped once by a present pte of this
+    VMA: every page moves to a device page (``free_pages``) backed by a new system page,
+    mapped by a device-private pte; the sources are freed. Returns the number of windows
+    done (0: none)."""
+    k = _window_count(dmirror, vma, addr, end, aligned=False)
+    if k == 0:
+        return 0
+    mm = vma.vm_mm
+    sys = dmirror.sys
+    mem = sys.mem
+    mdevice = dmirror.mdevice
+    k = min(k, len(mdevice.free_pages) // HPAGE_PMD_NR)
+    if k < BATCH_MIN_WINDOWS or mem.nr_free - mem.charged < HPAGE_PMD_NR:
+        return 0
+    run = _pte_run(mm, addr, k * HPAGE_PMD_NR)
+    pte = _pmds(run)
+    k = len(pte) // HPAGE_PMD_NR
+    if k < BATCH_MIN_WINDOWS:
+        return 0
+    n = k * HPAGE_PMD_NR
+    pte = pte[:n]
+    src = ((pte & _U(PTE_PFN_MASK)) >> _U(12)).astype(np.int64)
+    ok = (((pte & _U(_PAGE_PRESENT)) != 0) & ((pte & _U(_PAGE_SPECIAL)) == 0)
+          & (src < mem.ram_pages) & (src != mem.zero_pfn))
+    src = np.where(ok, src, 0)
+    addrs = addr + (np.arange(n, dtype=np.int64) << PAGE_SHIFT)
+    ok &= _small_anon_ok(mem, src) & (mem.pgmap[src] == 0) & _only_this_vma(mem, src, vma, addrs)
+    k = _window_prefix(ok, k)
+    if k < BATCH_MIN_WINDOWS:
+        return 0
+    n = k * HPAGE_PMD_NR
+    pte, src = pte[:n], src[:n]
+    run = _pte_run(mm, addr, n)
+    _notify_each(mm, addr, k, mdevice)
+
+    # collection (the migration entries) and what the sources carry to the device pages
+    fl_s = mem.flags[src]
+    ae = (fl_s & _AE) == _AE
+    fl_s[ae] &= ~np.uint32(PG_anon_exclusive)
+    fl_s |= np.where((pte & _U(_PAGE_DIRTY)) != 0, np.uint32(PG_dirty), np.uint32(0))
+    mapping_s, index_s = mem.mapping[src], mem.index[src]
+    write = (pte & _U(_PAGE_RW)) != 0
+    # the allocator as the rounds use it: window i takes its backing pages, then frees its sources
+    back = np.empty(n, np.int64)
+    for i in range(k):
+        w = slice(i * HPAGE_PMD_NR, (i + 1) * HPAGE_PMD_NR)
+        got = mem.alloc_pages_bulk(HPAGE_PMD_NR, zero=False)
+        assert len(got) == HPAGE_PMD_NR
+        back[w] = got
+        mem.free_pages(src[w])
+    # the device pages (off free_pages, window after window), mapped and carrying the state
+    taken = mdevice.free_pages[-n:]
+    del mdevice.free_pages[-n:]
+    dev = np.array(taken[::-1], np.int64)
+    mdevice.calloc += n
+    for pid, cnt in zip(*np.unique(mem.pgmap[dev], return_counts=True)):
+        sys.pgmaps[int(pid) - 1].nr_used += int(cnt)
+    mem.order[dev] = 0
+    mem.head_off[dev] = 0
+    fd = (mem.flags[dev] & ~np.uint32(PG_head | PG_locked)) | (fl_s & _KEEP)
+    mem.flags[dev] = np.where(write | ae, fd | np.uint32(PG_anon_exclusive), fd & ~np.uint32(PG_anon_exclusive))
+    mem.mapping[dev] = mapping_s
+    mem.index[dev] = index_s
+    mem.refcount[dev] = 1
+    mem.mapcount[dev] += 1
+    mem.zone_device_data[dev] = back
+    mdevice.backing_owner[back] = _owner_id(dmirror)
+    _copy_pages_in_turn(mem, back, src)
+    typ = np.where(write, _U(SWP_DEVICE_WRITE), _U(SWP_DEVICE_READ))
+    _set_pmds(run, (typ << _U(_SWP_TYPE_SHIFT)) | (dev.astype(np.uint64) << _U(12))
+              | np.where((pte & _U(_PAGE_SOFT_DIRTY)) != 0, _U(_PAGE_SWP_SOFT_DIRTY), _U(0))
+              | np.where((pte & _U(_PAGE_UFFD_WP)) != 0, _U(_PAGE_SWP_UFFD_WP), _U(0)))
+    dmirror.pt.store_range(addr >> PAGE_SHIFT, (back << 2) | np.where(write, DPT_XA_TAG_WRITE, 0))
+    counts = _walk_counts(addr, k)
+    _count_dict(sys, k, counts, _ROUND4K_STATS_TO_DEVICE, _ROUND4K_LOCKS_TO_DEVICE)
+    sys.ls.count_acquisitions("ptl", counts["pgtable.pte_offset_map_lock"])
+    return k
+
+
+def dmirror_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: int) -> int:
+    """The rounds of ``dmirror_migrate_to_system()`` for the 2 MiB windows from *addr*
+    that are 512 device-private ptes of this device each, every device page mapped once:
+    each moves to a new system page mapped by a present pte; the device pages and their
+    backing pages are freed. Returns the number of windows done (each counts 512
+    migrated entries in ``cpages``)."""
+    k = _window_count(dmirror, vma, addr, end, aligned=False)
+    if k == 0 or dmirror.sys.mem.nr_free - dmirror.sys.mem.charged < HPAGE_PMD_NR:
+        return 0
+    mm = vma.vm_mm
+    sys = dmirror.sys
+    mem = sys.mem
+    mdevice = dmirror.mdevice
+    run = _pte_run(mm, addr, k * HPAGE_PMD_NR)
+    pte = _pmds(run)
+    k = len(pte) // HPAGE_PMD_NR
+    if k < BATCH_MIN_WINDOWS:
+        return 0
+    n = k * HPAGE_PMD_NR
+    pte = pte[:n]
+    typ = pte >> _U(_SWP_TYPE_SHIFT)
+    ok = (((pte & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) == 0) & (pte != 0)
+          & ((typ == _U(SWP_DEVICE_READ)) | (typ == _U(SWP_DEVICE_WRITE))))
+    dev = np.where(ok, ((pte >> _U(12)) & _U((1 << 40) - 1)).astype(np.int64), 0)
+    ok &= (dev >= mem.ram_pages) & (dev < mem.max_pfn)
+    dev = np.where(ok, dev, 0)
+    owner_ok = np.zeros(len(sys.pgmaps) + 1, np.bool_)
+    for i, pg in enumerate(sys.pgmaps, 1):
+        owner_ok[i] = pg is not None and pg.owner is mdevice
+    pids = mem.pgmap[dev]
+    back = mem.zone_device_data[dev].astype(np.int64)
+    addrs = addr + (np.arange(n, dtype=np.int64) << PAGE_SHIFT)
+    ok &= ((pgmap_kinds(sys)[pids] == PGMAP_KIND_PRIVATE) & owner_ok[pids] & _small_anon_ok(mem, dev)
+           & (back > 0) & (back < mem.ram_pages) & _only_this_vma(mem, dev, vma, addrs))
+    back = np.where(ok, back, 0)
+    ok &= (mem.order[back] == 0) & (mem.head_off[back] == 0) & (mem.refcount[back] == 1) & (mem.pgmap[back] == 0)
+    k = _window_prefix(ok, k)
+    if k < BATCH_MIN_WINDOWS:
+        return 0
+    n = k * HPAGE_PMD_NR
+    pte, dev, back = pte[:n], dev[:n], back[:n]
+    run = _pte_run(mm, addr, n)
+    _notify_each(mm, addr, k, mdevice)
+
+    write = (pte >> _U(_SWP_TYPE_SHIFT)) == _U(SWP_DEVICE_WRITE)
+    fl_d = mem.flags[dev]
+    ae = (fl_d & _AE) == _AE
+    fl_d[ae] &= ~np.uint32(PG_anon_exclusive)
+    mapping_d, index_d = mem.mapping[dev], mem.index[dev]
+    # the allocator as the rounds use it: window i takes its new pages, then its device
+    # pages' backing pages go back (sorted, as folios_put() gets them)
+    new = np.empty(n, np.int64)
+    for i in range(k):
+        w = slice(i * HPAGE_PMD_NR, (i + 1) * HPAGE_PMD_NR)
+        got = mem.alloc_pages_bulk(HPAGE_PMD_NR, zero=False)
+        assert len(got) == HPAGE_PMD_NR
+        new[w] = got
+        mem.free_pages(np.sort(back[w]))
+    _copy_pages_in_turn(mem, new, back)
+    # the device pages: free_zone_device_folios(), then dmirror_devmem_free_pages()
+    mem.flags[dev] = fl_d & ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
+    mem.mapping[dev] = 0
+    mem.index[dev] = 0
+    mem.refcount[dev] = 0
+    mem.mapcount[dev] -= 1
+    for pid, cnt in zip(*np.unique(mem.pgmap[dev], return_counts=True)):
+        sys.pgmaps[int(pid) - 1].nr_used -= int(cnt)
+    mem.zone_device_data[dev] = 0
+    mdevice.backing_owner[back] = 0
+    mdevice.cfree += n
+    mdevice.free_pages.extend(dev.tolist())
+    # the new pages, mapped and carrying the state
+    fs = mem.flags[new] | (fl_d & _KEEP)
+    mem.flags[new] = np.where(write | ae, fs | np.uint32(PG_anon_exclusive), fs & ~np.uint32(PG_anon_exclusive))
+    mem.mapping[new] = mapping_d
+    mem.index[new] = index_d
+    mem.mapcount[new] += 1
+    prot = _U(vma.vm_page_prot & ~_PAGE_RW)
+    _set_pmds(run, (((new.astype(np.uint64) << _U(12)) & _U(PTE_PFN_MASK)) | prot
+                    | np.where(write, _U(_PAGE_RW), _U(0))
+                    | np.where((pte & _U(_PAGE_SWP_SOFT_DIRTY)) != 0, _U(_PAGE_SOFT_DIRTY), _U(0))
+                    | np.where((pte & _U(_PAGE_SWP_UFFD_WP)) != 0, _U(_PAGE_UFFD_WP), _U(0))))
+    vpn = addr >> PAGE_SHIFT
+    dmirror.pt.erase_range(vpn, vpn + n - 1)
+    counts = _walk_counts(addr, k)
+    _count_dict(sys, k, counts, _ROUND4K_STATS_TO_SYSTEM, _ROUND4K_LOCKS_TO_SYSTEM)
+    sys.ls.count_acquisitions("ptl", counts["pgtable.pte_offset_map_lock"])
+    return k
+
+
 def _owner_id(dmirror: "Dmirror") -> int:
     from .dmirror_devmem import _owner_id as owner_id
     return owner_id(dmirror)
+
+
+def dmirror_batch_windows(dmirror: "Dmirror", vma: "Vma", addr: int, end: int, to_dev: bool) -> tuple[int, int]:
+    """The windows from *addr* done at once (whole THPs, else 4 KiB pages), if any:
+    ``(windows, entries migrated)`` (``(0, 0)``: none; the caller's loop goes on after
+    them; a device THP counts one entry, as ``dmirror_successful_migrated_pages()``
+    counts its compound entry)."""
+    if to_dev:
+        k = dmirror_thp_batch_to_device(dmirror, vma, addr, end)
+        if k:
+            return k, k * HPAGE_PMD_NR
+        k = dmirror_batch_to_device(dmirror, vma, addr, end)
+        return k, k * HPAGE_PMD_NR
+    k = dmirror_thp_batch_to_system(dmirror, vma, addr, end)
+    if k:
+        return k, k
+    k = dmirror_batch_to_system(dmirror, vma, addr, end)
+    return k, k * HPAGE_PMD_NR
