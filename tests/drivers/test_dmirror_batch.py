@@ -149,10 +149,14 @@ def _step(rng: random.Random, p: Any, a: int, size: int, devs: list[Any], child:
         prot = rng.choice(["r", "rw"])
         p.mprotect(a + w * W, W, prot)
         log.append(("mprotect", w, prot))
-    elif op < 0.88:
+    elif op < 0.865:
         w = rng.randrange(NWIN)
         p.madvise(a + w * W + rng.randrange(512) * PAGE_SIZE, PAGE_SIZE, "dontneed")
         log.append(("dontneed", w))
+    elif op < 0.88:  # NUMA-hint protnone entries (the rounds' business)
+        w = rng.randrange(NWIN)
+        p.numa_hint(a + w * W, W * rng.randrange(1, 3) if w < NWIN - 1 else W)
+        log.append(("numa_hint", w))
     elif op < 0.92 and len(devs) < 3:
         devs.append(p.open_device(rng.choice([0, 1])))
         log.append(("open", len(devs)))
@@ -231,4 +235,38 @@ def test_dmirror_thp_batch_takes_whole_thp_windows(monkeypatch: pytest.MonkeyPat
     assert done == [15, 15]
     assert p.read(a, size) == np.arange(size // 8, dtype=np.uint64).tobytes()
     assert "pfn" in p.pte(a + 5 * W) and s.mem.order[s.mem.compound_head(int(p.pte(a + 5 * W).split()[1], 16))] == 9
+    s.check_invariants()
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_dmirror_batch_takes_small_page_windows(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 KiB pages, the range one page past a PMD boundary (as scenario regions are): after
+    the first window, every whole window goes at once both ways; the tail window and the
+    read-back are the rounds'."""
+    s = System(kernel=kernel, ram=128 << 20, hugetlb_pages=0)
+    p = s.spawn()
+    npages = 8 * 512 + 100
+    a = p.mmap((npages + 1) * PAGE_SIZE) + PAGE_SIZE
+    pattern = np.arange(npages * PAGE_SIZE // 8, dtype=np.uint64) * np.uint64(7)
+    p.write(a, pattern)
+    d = p.open_device(0)
+    done: list[int] = []
+    for name in ("dmirror_batch_to_device", "dmirror_batch_to_system"):
+        real = getattr(dmirror_batch, name)
+
+        def spy(*args: Any, real: Any = real) -> int:
+            k = real(*args)
+            done.append(k)
+            return k
+
+        monkeypatch.setattr(dmirror_batch, name, spy)
+    buf = p.mmap(npages * PAGE_SIZE)
+    cmd = HmmDmirrorCmd(addr=a, npages=npages, ptr=buf)
+    assert d.ioctl(HMM_DMIRROR_MIGRATE_TO_DEV, cmd) == 0 and cmd.cpages == npages
+    assert p.read(buf, npages * PAGE_SIZE) == pattern.tobytes()
+    assert p.pte(a + 3 * W).startswith("device-private")
+    back = HmmDmirrorCmd(addr=a, npages=npages)
+    assert d.ioctl(HMM_DMIRROR_MIGRATE_TO_SYS, back) == 0 and back.cpages == npages
+    assert done == [7, 0, 7, 0], done  # 7 windows at once, then the 100-page tail is a round
+    assert p.read(a, npages * PAGE_SIZE) == pattern.tobytes()
     s.check_invariants()

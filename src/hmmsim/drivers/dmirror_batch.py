@@ -280,7 +280,7 @@ def dmirror_thp_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
         return 0
     addrs = addr + np.arange(k, dtype=np.int64) * HPAGE_PMD_SIZE
     # windows that are one exclusive, unpinned, unlocked anon THP mapped by this PMD
-    ok = ((e & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0) & ((e & _U(_PAGE_PSE)) != 0)
+    ok = ((e & _U(_PAGE_PRESENT)) != 0) & ((e & _U(_PAGE_PSE)) != 0)  # (not a NUMA-hint protnone PMD)
     h = np.where(ok, ((e & _U(PTE_PFN_MASK)) >> _U(12)).astype(np.int64), 0)
     ok &= (h < mem.ram_pages) & (h != mem.huge_zero_pfn)
     hh = np.where(ok, h, 0)
