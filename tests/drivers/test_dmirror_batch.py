@@ -206,6 +206,21 @@ def test_dmirror_thp_batch_matches_the_rounds(seed: int, monkeypatch: pytest.Mon
     _same(with_batch, without, "state")
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[int]:
+    """Record how many windows each call of the batch functions *names* took."""
+    done: list[int] = []
+    for name in names:
+        real = getattr(dmirror_batch, name)
+
+        def spy(*args: Any, real: Any = real) -> int:
+            k = real(*args)
+            done.append(k)
+            return k
+
+        monkeypatch.setattr(dmirror_batch, name, spy)
+    return done
+
+
 def test_dmirror_thp_batch_takes_whole_thp_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain 1 GiB-aligned THP region goes through the batch after its first window,
     both ways, and the data comes back."""
@@ -216,16 +231,7 @@ def test_dmirror_thp_batch_takes_whole_thp_windows(monkeypatch: pytest.MonkeyPat
     p.madvise(a, size, "hugepage")
     p.write(a, np.arange(size // 8, dtype=np.uint64))
     d = p.open_device(0)
-    done: list[int] = []
-    for name in ("dmirror_thp_batch_to_device", "dmirror_thp_batch_to_system"):
-        real = getattr(dmirror_batch, name)
-
-        def spy(*args: Any, real: Any = real) -> int:
-            k = real(*args)
-            done.append(k)
-            return k
-
-        monkeypatch.setattr(dmirror_batch, name, spy)
+    done = _spy(monkeypatch, "dmirror_thp_batch_to_device", "dmirror_thp_batch_to_system")
     buf = p.mmap(size)
     cmd = HmmDmirrorCmd(addr=a, npages=size // PAGE_SIZE, ptr=buf)
     assert d.ioctl(HMM_DMIRROR_MIGRATE_TO_DEV, cmd) == 0 and cmd.cpages == size // PAGE_SIZE
@@ -250,16 +256,7 @@ def test_dmirror_batch_takes_small_page_windows(kernel: str, monkeypatch: pytest
     pattern = np.arange(npages * PAGE_SIZE // 8, dtype=np.uint64) * np.uint64(7)
     p.write(a, pattern)
     d = p.open_device(0)
-    done: list[int] = []
-    for name in ("dmirror_batch_to_device", "dmirror_batch_to_system"):
-        real = getattr(dmirror_batch, name)
-
-        def spy(*args: Any, real: Any = real) -> int:
-            k = real(*args)
-            done.append(k)
-            return k
-
-        monkeypatch.setattr(dmirror_batch, name, spy)
+    done = _spy(monkeypatch, "dmirror_batch_to_device", "dmirror_batch_to_system")
     buf = p.mmap(npages * PAGE_SIZE)
     cmd = HmmDmirrorCmd(addr=a, npages=npages, ptr=buf)
     assert d.ioctl(HMM_DMIRROR_MIGRATE_TO_DEV, cmd) == 0 and cmd.cpages == npages
