@@ -87,6 +87,13 @@ class DmirrorPT:
 
     def store_indices(self, vpns: npt.NDArray[np.int64], vals: npt.NDArray[np.int64]) -> None:
         """``xa_store()`` of each ``vals[i]`` at index ``vpns[i]`` (increasing indices)."""
+        if len(vpns) and int(vpns[0]) // _LEAF == int(vpns[-1]) // _LEAF:
+            k = int(vpns[0]) // _LEAF  # one leaf (a window, a page)
+            leaf = self.leaves.get(k)
+            if leaf is None:
+                leaf = self.leaves[k] = np.full(_LEAF, -1, np.int64)
+            leaf[vpns - k * _LEAF] = vals
+            return
         keys = vpns // _LEAF
         cuts = np.flatnonzero(np.diff(keys)) + 1
         for grp in np.split(np.arange(len(vpns)), cuts):
@@ -98,6 +105,14 @@ class DmirrorPT:
 
     def erase_indices(self, vpns: npt.NDArray[np.int64]) -> None:
         """``xa_erase()`` of each index of *vpns* (increasing indices)."""
+        if len(vpns) and int(vpns[0]) // _LEAF == int(vpns[-1]) // _LEAF:
+            k = int(vpns[0]) // _LEAF  # one leaf (a window, a page)
+            leaf = self.leaves.get(k)
+            if leaf is not None:
+                leaf[vpns - k * _LEAF] = -1
+                if (leaf < 0).all():
+                    del self.leaves[k]
+            return
         keys = vpns // _LEAF
         cuts = np.flatnonzero(np.diff(keys)) + 1
         for grp in np.split(np.arange(len(vpns)), cuts):

@@ -597,7 +597,10 @@ def _fault_alloc_and_copy_bulk(args: MigrateVma, dmirror: "Dmirror") -> int:
         args.dst[idx] = ((dpages.astype(np.uint64) << np.uint64(MIGRATE_PFN_SHIFT)) | np.uint64(MIGRATE_PFN_VALID)
                          | (s_[idx] & np.uint64(MIGRATE_PFN_WRITE)))
         dmirror.pt.erase_indices((args.start >> PAGE_SHIFT) + idx)
-        mem.copy_pages(dpages, rpages)
+        if m == 1:  # (a CPU fault's page)
+            mem.copy_pages(int(dpages[0]), int(rpages[0]))
+        else:
+            mem.copy_pages(dpages, rpages)
     if m < len(want):
         mem.alloc_page()  # fails: the OOM this allocation meets
         return VM_FAULT_OOM

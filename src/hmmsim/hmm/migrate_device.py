@@ -68,6 +68,8 @@ from ..kernel.pgtable import (
     _PAGE_SWP_SOFT_DIRTY,
     _PAGE_SWP_UFFD_WP,
     decode_pte_table,
+    is_device_private_entry,
+    is_writable_device_private_entry,
     make_readable_device_private_entry,
     make_writable_device_private_entry,
     pfn_pte,
@@ -75,7 +77,9 @@ from ..kernel.pgtable import (
     pmd_present,
     pte_pfn,
     pte_present,
+    pte_to_swp_entry,
     swp_entry_to_pte,
+    swp_offset_pfn,
 )
 from ..kernel.physmem import (
     PG_anon,
@@ -277,6 +281,8 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
         i0 = pte_index(start)
         n = (end - start) >> PAGE_SHIFT
         sys.stats.add("walk.pte_entries", n)
+        if n == 1 and not sys.ls.has_hooks and _collect_device_private_one(m, vma, tbl, i0, thp):
+            return 0  # (a CPU fault's migrate_to_ram: one device-private entry)
         mpfn, pages, rare = _migrate_vma_classify_ptes(m, vma, tbl[i0:i0 + n], keep_large=thp)
         large = -1
         sel = np.flatnonzero(((mpfn & _U(MIGRATE_PFN_VALID)) != 0) & ~rare)
@@ -449,6 +455,34 @@ def _collect_ptes(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i0: in
     mem.flags[pages[anon_excl]] &= ~np.uint32(PG_anon_exclusive)
     tbl[idx] = mig
     mem.mapcount[pages] -= 1  # folio_remove_rmap_pte
+
+
+def _collect_device_private_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i: int,
+                                keep_large: bool) -> bool:
+    """The selection and collection of :func:`migrate_vma_collect_pmd` for a range of one
+    pte that is a device-private entry of a small folio, entry by entry as the kernel
+    goes (what the vectorised path does for one entry, without its array set-up).
+    Returns False, having done nothing, for any other entry."""
+    pte = int(tbl[i])
+    if pte & (_PAGE_PRESENT | _PAGE_PROTNONE) or not is_device_private_entry(pte_to_swp_entry(pte)):
+        return False
+    sys = vma.vm_mm.sys
+    mem = sys.mem
+    page = swp_offset_pfn(pte_to_swp_entry(pte))
+    head = mem.compound_head(page)
+    if mem.order[head]:
+        return False  # a large folio: the vectorised path splits it (7.3) or skips it
+    mpfn = 0
+    pid = int(mem.pgmap[page])
+    pg = sys.pgmaps[pid - 1] if pid else None
+    if (pg is not None and pg.is_private and pg.owner is m.pgmap_owner
+            and m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE and mem.mapping[head]):
+        write = MIGRATE_PFN_WRITE if is_writable_device_private_entry(pte_to_swp_entry(pte)) else 0
+        mpfn = _collect_one(m, vma, tbl, i, pte, page, migrate_pfn(page) | MIGRATE_PFN_MIGRATE | write)
+    m.dst[m.npages] = 0
+    m.src[m.npages] = np.uint64(mpfn)
+    m.npages += 1
+    return True
 
 
 def _collect_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i: int, pte: int,

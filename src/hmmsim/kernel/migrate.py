@@ -409,6 +409,9 @@ def remove_migration_ptes_folios(sys: "System", srcs: npt.NDArray[np.int64],
     dsts = np.asarray(dsts, np.int64)
     if len(srcs) == 0:
         return
+    if len(srcs) == 1 and not sys.ls.has_hooks:  # one folio (a CPU fault's migration): its rmap walk
+        remove_migration_ptes(sys, int(srcs[0]), int(dsts[0]))
+        return
     simple = (((mem.head_off[srcs] | mem.head_off[dsts]) == 0) & ((mem.order[srcs] | mem.order[dsts]) == 0)
               & ((mem.flags[srcs] & PG_anon) != 0))
     mids = mem.mapping[srcs]
