@@ -360,3 +360,23 @@ def test_dmirror_batched_windows_match_window_by_window(make_system, kernel: str
                         st["hmm.range_fault"], st["mmu_notifier.interval_insert"]))
         d.close()
     assert results[0] == results[1]
+
+
+def test_migrate_to_dev_into_a_read_only_buffer_is_efault_after_migrating() -> None:
+    from hmmsim import System
+    from hmmsim.drivers.test_hmm_uapi import HMM_DMIRROR_MIGRATE_TO_DEV
+    from hmmsim.kernel.page_types import PAGE_SIZE
+    """``dmirror_migrate_to_device()``: the pages move, then ``copy_to_user()`` of the
+    read-back into a buffer the process cannot write fails: ``-EFAULT`` (not the number of
+    bytes left), and the pages stay on the device."""
+    s = System(kernel="7.3", ram=128 << 20, hugetlb_pages=0)
+    p = s.spawn()
+    a = p.mmap(4 * PAGE_SIZE)
+    p.write(a, b"\x5a" * (4 * PAGE_SIZE))
+    buf = p.mmap(4 * PAGE_SIZE, "r")
+    d = p.open_device(0)
+    cmd = HmmDmirrorCmd(addr=a, npages=4, ptr=buf)
+    assert d.ioctl(HMM_DMIRROR_MIGRATE_TO_DEV, cmd) == -EFAULT
+    assert all(p.pte(a + i * PAGE_SIZE).startswith("device-private") for i in range(4))
+    assert p.read(a, 4 * PAGE_SIZE) == b"\x5a" * (4 * PAGE_SIZE)
+    s.check_invariants()

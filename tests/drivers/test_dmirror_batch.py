@@ -270,3 +270,4 @@ def test_dmirror_batch_takes_small_page_windows(kernel: str, monkeypatch: pytest
     assert done == [7, 0, 7, 0], done  # 7 windows at once, then the 100-page tail is a round
     assert p.read(a, npages * PAGE_SIZE) == pattern.tobytes()
     s.check_invariants()
+

@@ -30,7 +30,7 @@ from ..hmm.migrate_device import (
     migrate_vma_setup,
 )
 from ..kernel.bug import KernelOops
-from ..kernel.errno import EINVAL, ENOMEM
+from ..kernel.errno import EFAULT, EINVAL, ENOMEM
 from ..kernel.folio import folio_put, folios_put
 from ..kernel.memremap import (
     DevPagemap,
@@ -715,8 +715,8 @@ def dmirror_migrate_to_device(dmirror: "Dmirror", cmd: HmmDmirrorCmd, caller: "T
     try:
         with dmirror.mutex.held():
             ret = dmirror_do_read(dmirror, start, start + size, bounce)
-        if ret == 0:
-            ret = _bounce_to_user(dmirror, bounce, caller, cmd.ptr)
+        if ret == 0 and _bounce_to_user(dmirror, bounce, caller, cmd.ptr):
+            ret = -EFAULT  # copy_to_user() left bytes uncopied
         cmd.cpages = bounce.cpages
     finally:
         _bounce_fini(dmirror.sys, bounce)

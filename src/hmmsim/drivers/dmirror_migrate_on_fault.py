@@ -36,7 +36,7 @@ from ..hmm.pfn import (
     HmmRange,
     hmm_pfn_layout,
 )
-from ..kernel.errno import EBUSY, EINVAL
+from ..kernel.errno import EBUSY, EFAULT, EINVAL
 from ..kernel.mm import mmap_read_lock, mmap_read_unlock
 from ..kernel.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
 from ..kernel.page_types import PAGE_SHIFT
@@ -154,8 +154,8 @@ def dmirror_migrate_on_fault_to_device(dmirror: Dmirror, cmd: HmmDmirrorCmd, cal
     try:
         with dmirror.mutex.held():
             ret = dmirror_do_read(dmirror, start, end, bounce)
-        if ret == 0:
-            ret = _bounce_to_user(dmirror, bounce, caller, cmd.ptr)
+        if ret == 0 and _bounce_to_user(dmirror, bounce, caller, cmd.ptr):
+            ret = -EFAULT  # copy_to_user() left bytes uncopied
     finally:
         _bounce_fini(sys, bounce)
     cmd.cpages = cpages
