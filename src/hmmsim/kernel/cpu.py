@@ -42,6 +42,7 @@ from .pgtable import (
     _PAGE_RW,
     PTE_PFN_MASK,
     pmd_leaf,
+    table_id,
 )
 from .vma import VM_WRITE, vma_is_accessible
 
@@ -60,40 +61,37 @@ def _walk(mm: MM, addr: int, n: int, write: bool) -> npt.NDArray[np.int64]:
     """The MMU: pfns of the pages ``[addr, addr + n pages)`` that allow the access now
     (-1 where it would fault), setting accessed (and dirty) bits on the entries used.
     *n* pages must lie within one pmd."""
-    out = np.full(n, -1, np.int64)
-    pud = mm.pud_entry(addr)
-    if pud is None:
-        return out
-    pe = int(pud[0][pud[1]])
     need = _PAGE_PRESENT | (_PAGE_RW if write else 0)
     bits = _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
-    if pe == 0 or not pe & _PAGE_PRESENT:
-        return out
-    if pmd_leaf(pe):
-        if pe & need == need:
+    pmd = mm.pmd_ref(addr)
+    if pmd is None:  # no pmd table: nothing mapped, or a huge pud maps addr
+        out = np.full(n, -1, np.int64)
+        pud = mm.pud_entry(addr)
+        if pud is None:
+            return out
+        pe = int(pud[0][pud[1]])
+        if pe & _PAGE_PRESENT and pmd_leaf(pe) and pe & need == need:
             pud[0][pud[1]] = pe | bits
             base = ((pe & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & ((1 << 18) - 1))
             out[:] = base + np.arange(n)
         return out
-    pmd = mm.pmd_ref(addr)
-    if pmd is None:
-        return out
     e = pmd.get()
     if e == 0 or not e & _PAGE_PRESENT:
-        return out
+        return np.full(n, -1, np.int64)
     if pmd_leaf(e):
-        if e & need == need:
-            pmd.set(e | bits)
-            base = ((e & PTE_PFN_MASK) >> PAGE_SHIFT) + (pte_index(addr))
-            out[:] = base + np.arange(n)
-        return out
-    tid = mm.pte_table(pmd)
-    if tid < 0:
-        return out
-    tbl = mm.sys.pt.table(tid)
+        if e & need != need:
+            return np.full(n, -1, np.int64)
+        pmd.set(e | bits)
+        base = ((e & PTE_PFN_MASK) >> PAGE_SHIFT) + pte_index(addr)
+        return np.arange(base, base + n, dtype=np.int64)
+    tbl = mm.sys.pt.table(table_id(e))  # the pte table the present pmd points to
     i0 = pte_index(addr)
     seg = tbl[i0:i0 + n]
     ok = (seg & _U(need)) == _U(need)
+    if ok.all():  # the common case: every page accessible, no masked copies
+        seg |= _U(bits)
+        return ((seg & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
+    out = np.full(n, -1, np.int64)
     if ok.any():
         seg[ok] |= _U(bits)
         out[ok] = ((seg[ok] & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)

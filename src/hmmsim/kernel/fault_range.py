@@ -83,6 +83,11 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
     mmap_assert_locked(mm)
     mm.sys.ls.assert_no_pt_locks("handle_mm_fault_range")
     write = bool(flags & FAULT_FLAG_WRITE)
+    # write faults on a private writable anonymous VMA, nothing watching the scheduling
+    # points: a pmd with no pte table yet is filled a whole span at a time
+    fresh_ok = (write and not flags & FAULT_FLAG_UNSHARE and vma_is_anonymous(vma)
+                and vma.vm_flags & VM_WRITE and not vma.vm_flags & (VM_SHARED | VM_HUGETLB | VM_UFFD_MISSING)
+                and not mm.sys.ls.has_hooks)
     addr = start
     while addr < end:
         nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
@@ -94,6 +99,24 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
             continue
         pmd = mm.pmd_ref(addr)
         e = pmd.get() if pmd is not None else 0
+        if e == 0 and fresh_ok and nxt - addr > PAGE_SIZE and _fresh_pte_table_ok(vma, addr, nxt):
+            # an empty pmd that will get a pte table: the first fault's pte table, then
+            # the whole span as one run of empty ptes
+            pmd = mm.pmd_ref(addr, alloc=True)
+            assert pmd is not None
+            if mm.pte_table(pmd, alloc=True) >= 0:
+                # what the first page's own fault and _fault_pte_run over the others would
+                # count besides the run's map_lock: handle_pte_fault's lockless look,
+                # do_anonymous_page's map_lock, _fault_pte_run's look (and, for a second
+                # page alone, its own fault's look)
+                mm.sys.stats.add("pgtable.pte_offset_map", 3 if nxt - addr > 2 * PAGE_SIZE else 4)
+                mm.sys.stats.add("pgtable.pte_offset_map_lock")
+                ret, fail = _anon_none_run(vma, pmd, pte_index(addr), pte_index(addr) + ((nxt - addr) >> PAGE_SHIFT),
+                                           addr, True)
+                if ret:
+                    return ret, fail
+                addr = nxt
+                continue
         if pmd is None or e == 0 or not pmd_present(e) or pmd_leaf(e):
             # no pte table yet, or a huge/non-present pmd: let the first page decide
             # (it may create a THP, split a huge pmd, wait for migration...)
@@ -114,6 +137,18 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
         if ret & _STOP:
             return ret, addr
     return 0, end
+
+
+def _fresh_pte_table_ok(vma: Vma, addr: int, nxt: int) -> bool:
+    """Would the faults on ``[addr, nxt)`` under an empty pmd be what
+    :func:`_anon_none_run` does once the first one has made the pte table? Yes when no
+    THP is made there (``thp_vma_allowable_order()``) and the allocator has a page for
+    every fault (so no fault fails: the page-by-page loop makes the pte table only once a
+    page is allocated)."""
+    mem = vma.vm_mm.sys.mem
+    if mem.nr_free - mem.charged < (nxt - addr) >> PAGE_SHIFT:
+        return False
+    return not hm.thp_vma_allowable_order(vma, hm.HPAGE_PMD_ORDER, addr)
 
 
 def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tuple[int, int]:

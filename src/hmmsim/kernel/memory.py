@@ -163,7 +163,10 @@ def zap_pte_span(vma: Vma, tbl: npt.NDArray[np.uint64], i0: int, i1: int, rss: l
         dirty = (e & _U(_PAGE_DIRTY)) != 0
         if dirty.any():
             mem.flags[heads[dirty]] |= PG_dirty
-        np.subtract.at(mem.mapcount, pfns, 1)
+        if len(pfns) < 2 or bool((pfns[1:] > pfns[:-1]).all()):
+            mem.mapcount[pfns] -= 1  # distinct pages (the usual case): one fancy update
+        else:
+            np.subtract.at(mem.mapcount, pfns, 1)  # a page mapped twice in this table
         puts.append(heads)
     odd = nz & ~present
     if odd.any():
