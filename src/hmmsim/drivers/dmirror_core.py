@@ -111,8 +111,13 @@ class DmirrorPT:
 
     def erase_range(self, first: int, last: int) -> None:
         """``xa_erase()`` of every index in ``[first, last]`` (inclusive)."""
-        for k in [k for k in self.leaves if first // _LEAF <= k <= last // _LEAF]:
-            leaf = self.leaves[k]
+        leaves = self.leaves
+        k0, k1 = first // _LEAF, last // _LEAF
+        keys = range(k0, k1 + 1) if k1 - k0 < len(leaves) else [k for k in leaves if k0 <= k <= k1]
+        for k in keys:
+            leaf = leaves.get(k)
+            if leaf is None:
+                continue
             lo = max(first - k * _LEAF, 0)
             hi = min(last - k * _LEAF, _LEAF - 1)
             leaf[lo:hi + 1] = -1

@@ -64,6 +64,7 @@ from .dmirror_core import (
     _bounce_fini,
     _bounce_init,
 )
+from .dmirror_batch import dmirror_batch_windows
 from .dmirror_mirror import _bounce_to_user, dmirror_do_read
 from .test_hmm_uapi import (
     HMM_DMIRROR_FLAG_FAIL_ALLOC,
@@ -660,6 +661,13 @@ def _migrate_windows(dmirror: "Dmirror", cmd: HmmDmirrorCmd, to_dev: bool) -> in
             flags = MIGRATE_VMA_SELECT_SYSTEM if to_dev else _select_device(dmirror)
             if thp:
                 flags |= MIGRATE_VMA_SELECT_COMPOUND
+            if addr != start:  # whole windows after the first, at once where they can be
+                done, moved = dmirror_batch_windows(dmirror, vma, addr, end, to_dev)
+                if done:
+                    if not to_dev:
+                        cmd.cpages += moved
+                    addr += done << (PAGE_SHIFT + HPAGE_PMD_ORDER)
+                    continue
             args = MigrateVma(vma, addr, nxt, dmirror.mdevice, flags)
             ret = migrate_vma_setup(args)
             if ret:

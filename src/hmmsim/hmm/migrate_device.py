@@ -56,6 +56,7 @@ from ..kernel.migrate import (
 from ..kernel.locking import KEYED_LOCK_CLASSES
 from ..kernel.mm import MM_ANONPAGES, PtRef
 from ..kernel.mmu_notifier import MmuNotifierEvent, notify_range
+from ..kernel.memremap import pgmap_kinds
 from ..kernel.page_types import PAGE_SHIFT, PAGE_SIZE, pte_index
 from ..kernel.pagemap import folio_test_locked, folio_trylock, folio_unlock, folios_trylock, folios_unlock
 from ..kernel.pagewalk import MmWalk, MmWalkOps, walk_page_range
@@ -312,20 +313,11 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
     return 0
 
 
-def _pgmap_kinds(sys: "System") -> npt.NDArray[np.int8]:
-    """Per pgmap id (0: none) its kind: 1 private, 2 coherent, 3 other."""
-    kind = np.zeros(len(sys.pgmaps) + 1, np.int8)
-    for k, pg in enumerate(sys.pgmaps):
-        if pg is not None:
-            kind[k + 1] = 1 if pg.is_private else 2 if pg.is_coherent else 3
-    return kind
-
-
 def _selectable_pgmaps(m: MigrateVma, sys: "System") -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int8]]:
     """Per pgmap id (0: none): whether its pages are selected (device-private pages of
     the owner with SELECT_DEVICE_PRIVATE, coherent pages of the owner with
     SELECT_DEVICE_COHERENT), and its kind (1 private, 2 coherent, 3 other)."""
-    kind = _pgmap_kinds(sys)
+    kind = pgmap_kinds(sys)
     want = {1: MIGRATE_VMA_SELECT_DEVICE_PRIVATE, 2: MIGRATE_VMA_SELECT_DEVICE_COHERENT}
     ok = np.zeros(len(kind), np.bool_)
     for k, pg in enumerate(sys.pgmaps):
@@ -717,7 +709,7 @@ def _migrate_device_pages(sys: "System", src: npt.NDArray[np.uint64], dst: npt.N
         pid = mem.pgmap[new]
         ok = None  # None: every entry may move
         if pid.any():  # to device memory: not to a pagemap of another kind, nor a file page
-            nkind = _pgmap_kinds(sys)[pid]
+            nkind = pgmap_kinds(sys)[pid]
             todev = nkind != 0
             bad = todev & (nkind == 3)
             for j in np.flatnonzero(todev & ~anon & ~bad).tolist():

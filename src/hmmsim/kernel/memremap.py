@@ -140,6 +140,26 @@ class DevPagemap:
                 f"owner={self.owner!r})")
 
 
+PGMAP_KIND_NONE, PGMAP_KIND_PRIVATE, PGMAP_KIND_COHERENT, PGMAP_KIND_OTHER = 0, 1, 2, 3
+
+
+def pgmap_kinds(sys: "System") -> npt.NDArray[np.int8]:
+    """Per pgmap id (``mem.pgmap`` values; 0: not ZONE_DEVICE) the pagemap's kind:
+    1 device-private, 2 device-coherent, 3 another type. Cached until a pagemap is
+    added or removed; callers must not write to it."""
+    got = sys.pgmap_kind_table
+    if got is not None:
+        return got
+    kind = np.zeros(len(sys.pgmaps) + 1, np.int8)
+    for k, pg in enumerate(sys.pgmaps):
+        if pg is not None:
+            kind[k + 1] = (PGMAP_KIND_PRIVATE if pg.is_private else PGMAP_KIND_COHERENT if pg.is_coherent
+                           else PGMAP_KIND_OTHER)
+    kind.flags.writeable = False
+    sys.pgmap_kind_table = kind
+    return kind
+
+
 def memremap_pages(sys: "System", pgmap: DevPagemap) -> int:
     """``memremap_pages()``: make the pgmap's pfns ZONE_DEVICE pages (all free, refcount 0).
 
@@ -177,6 +197,7 @@ def pagemap_range(sys: "System", pgmap: DevPagemap) -> None:
     a, b = pgmap.start_pfn, pgmap.start_pfn + pgmap.nr_pages
     sys.pgmaps.append(pgmap)
     pgmap.id = len(sys.pgmaps)
+    sys.pgmap_kind_table = None
     mem.pgmap[a:b] = pgmap.id
     mem.refcount[a:b] = 0
     sys.stats.add("memremap.pages", pgmap.nr_pages)
@@ -209,6 +230,7 @@ def memunmap_pages(sys: "System", pgmap: DevPagemap) -> None:
     mem.head_off[a:b] = 0
     mem.zone_device_data[a:b] = 0
     sys.pgmaps[pgmap.id - 1] = None  # type: ignore[call-overload]
+    sys.pgmap_kind_table = None
     pgmap.id = 0
     sys.stats.add("memremap.unmap_pages", pgmap.nr_pages)
 

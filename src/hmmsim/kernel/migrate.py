@@ -423,10 +423,8 @@ def remove_migration_ptes_folios(sys: "System", srcs: npt.NDArray[np.int64],
     dst_anon = (mem.flags[dsts] & PG_anon) != 0
     pids = mem.pgmap[dsts]
     if pids.any():
-        private = np.zeros(len(sys.pgmaps) + 1, np.bool_)
-        for k, pg in enumerate(sys.pgmaps):
-            private[k + 1] = pg is not None and pg.is_private
-        dev_private = private[pids]
+        from .memremap import PGMAP_KIND_PRIVATE, pgmap_kinds
+        dev_private = pgmap_kinds(sys)[pids] == PGMAP_KIND_PRIVATE
     else:
         dev_private = np.zeros(len(dsts), np.bool_)
     umids = mids[:1] if bool((mids == mids[0]).all()) else np.unique(mids)

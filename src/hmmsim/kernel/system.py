@@ -138,6 +138,8 @@ class System:
         self.hugetlb = HugetlbPool(self, config.hugetlb_pages)
         self.swap: SwapInfo | None = SwapInfo(config.swap_pages + 1) if config.swap_pages else None
         self.pgmaps: list[DevPagemap | None] = []
+        #: the kind of each pagemap by id (memremap.pgmap_kinds(); None: to be computed)
+        self.pgmap_kind_table: Any = None
         self.tasks: list[Task] = []
         #: pid allocator of this boot (``alloc_pid``): pids start at 1 on every machine
         self.pids = itertools.count(1)

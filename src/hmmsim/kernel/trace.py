@@ -396,6 +396,11 @@ class Trace:
         for cb in getattr(self, ev.name):
             cb(ev)
 
+    def active(self) -> bool:
+        """Whether any probe is attached (batched paths that emit nothing of their own
+        step aside then)."""
+        return bool(self._probes)
+
     def enabled(self, pattern: str) -> bool:
         """Whether an event matching *pattern* (name, subsystem, glob) has a probe."""
         return any(getattr(self, n) for n in _resolve((pattern,)))
