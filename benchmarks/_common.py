@@ -60,15 +60,19 @@ def numpy_entry_rate(n: int) -> float:
     return n / best_of(run)
 
 
-def report(name: str, value: float, unit: str, target: float, baseline: float | None = None,
+def report(name: str, value: float, unit: str, target: float | None, baseline: float | None = None,
            baseline_name: str = "numpy", lower_is_better: bool = False) -> bool:
-    """Print one result line with its target and, if given, the baseline measured in the
-    same run and the ratio to it; returns whether the target is met."""
-    ok = value <= target if lower_is_better else value >= target
-    cmp = "<=" if lower_is_better else ">="
+    """Print one result line with its target (None: a figure for information, which
+    always passes) and, if given, the baseline measured in the same run and the ratio to
+    it; returns whether the target is met."""
     extra = ""
     if baseline:
         extra = f"   {baseline_name} {baseline:,.2f} {unit}, ratio {value / baseline:.3f}"
+    if target is None:
+        print(f"{name:<52} {value:>14,.2f} {unit:<8} (no target of its own){extra}", flush=True)
+        return True
+    ok = value <= target if lower_is_better else value >= target
+    cmp = "<=" if lower_is_better else ">="
     print(f"{name:<52} {value:>14,.2f} {unit:<8} target {cmp} {target:,g} "
           f"{'OK' if ok else 'BELOW TARGET'}{extra}", flush=True)
     return ok

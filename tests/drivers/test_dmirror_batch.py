@@ -49,7 +49,7 @@ def _state(s: System, log: list[Any]) -> dict[str, Any]:
         elif isinstance(v, (int, float)):
             st[f"mem.{name}"] = v
     st["pt"] = list(s.pt._blocks)
-    st["pt.level"] = s.pt.level
+    st["pt_levels"] = s.pt.level
     st["pgmaps"] = [(pg.start_pfn, pg.nr_used) if pg is not None else None for pg in s.pgmaps]
     for i, dev in enumerate(s.dmirror_devices):
         st[f"dev{i}"] = (list(dev.free_pages), list(dev.free_folios), dev.calloc, dev.cfree, len(dev.chunks),
