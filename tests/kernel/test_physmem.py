@@ -178,3 +178,24 @@ def test_alloc_folio_zeroes_and_keeps() -> None:
     assert head2 == 2 * HPAGE_PMD_NR
     assert np.array_equal(m.data[head2:head2 + HPAGE_PMD_NR], second) and second.any()
     assert (m.flags[head2:head2 + HPAGE_PMD_NR] & PG_data).all()
+
+
+def test_overwritten_allocations_keep_frames_marked() -> None:
+    """Inside ``overwritten()`` allocations leave the frames' bytes alone and keep them
+    marked written (so ``clear_pages`` or a later allocation still zeroes them); outside
+    it they are zeroed again."""
+    m = mem()
+    free_all_but(m, np.zeros(0, np.int64))
+    old = m.data[HPAGE_PMD_NR:HPAGE_PMD_NR + 8].copy()
+    with m.overwritten():
+        got = m.alloc_pages_bulk(8)
+        head = m.alloc_folio(9)
+    assert not m.skip_clear
+    assert np.array_equal(got, np.arange(HPAGE_PMD_NR, HPAGE_PMD_NR + 8))
+    assert np.array_equal(contents(m, got), old) and (m.flags[got] & PG_data).all()
+    assert (m.flags[head:head + HPAGE_PMD_NR] & PG_data).all()
+    m.clear_pages(got[:4])
+    assert not contents(m, got[:4]).any() and not (m.flags[got[:4]] & PG_data).any()
+    m.free_pages(got[4:])
+    again = m.alloc_pages_bulk(4)
+    assert np.array_equal(again, got[4:]) and not contents(m, again).any()

@@ -30,6 +30,8 @@ Counting conventions (logical counts, not the kernel's biased ``_mapcount``):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -131,6 +133,8 @@ class PhysMem:
         #: order-0 allocations that failed for lack of memory: each time the kernel's OOM
         #: killer would run (``out_of_memory()``)
         self.oom_events = 0
+        #: set inside :meth:`overwritten`: allocations leave their frames' bytes as they are
+        self.skip_clear = False
         #: ``my_zero_pfn()``: the shared zero page
         self.zero_pfn = 1
         self.huge_zero_pfn = -1
@@ -207,7 +211,7 @@ class PhysMem:
         self._free[at] = False
         self._count_blocks(at, n, -1)
         self.nr_free -= n
-        if zero:
+        if zero and not self.skip_clear:
             dirty = (self.flags[at] & PG_data) != 0
             if isinstance(at, slice) and dirty.all():  # a run of used frames: one memset
                 self.data[at] = 0
@@ -216,6 +220,24 @@ class PhysMem:
             self._reset(at, flags=0, refcount=1)
         else:
             self._reset(at, flags=self.flags[at] & np.uint32(PG_data), refcount=1)
+
+    @contextmanager
+    def overwritten(self) -> Iterator[None]:
+        """Inside the block, pages and folios are allocated without clearing their frames
+        (as with *zero* False). The caller promises that nothing reads a page it gets
+        there before the page is overwritten in full, or cleared with
+        :meth:`clear_pages` if it ends up not being written; so the bytes the allocation
+        would have cleared are never seen. A frame that may still hold old bytes stays
+        marked ``PG_data``, so clearing it later, or allocating it again, zeroes it.
+
+        The scenario runner uses it for the buffer a device command copies its result
+        into (conventions item 19): populated, overwritten by the ioctl, read back."""
+        prev = self.skip_clear
+        self.skip_clear = True
+        try:
+            yield
+        finally:
+            self.skip_clear = prev
 
     def _zero(self, pfns: npt.NDArray[np.int64]) -> None:
         """Zero the contents of *pfns*: runs of consecutive frames as slices, scattered

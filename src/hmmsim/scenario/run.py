@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -498,7 +499,8 @@ class _Runner:
 
     def _ioctl(self, ctx: _Ctx, handle: str, command: int, addr: int, npages: int, touched: int,
                seed: int | None = None, first_word: int = 0,
-               consume: Callable[[int], None] | None = None) -> tuple[int, HmmDmirrorCmd]:
+               consume: Callable[[int], None] | None = None,
+               overwritten: bool = False) -> tuple[int, HmmDmirrorCmd]:
         """One device command through a fresh buffer (conventions item 19): NPAGES pages
         (one if 0), private anonymous, MAP_POPULATE, unmapped afterwards. The first
         *touched* pages (those the command writes or reads) are faulted in; the others
@@ -506,7 +508,13 @@ class _Runner:
         filled with that pattern first (``dwrite``); *consume(buf)* reads the buffer back
         after a successful ioctl. If the kernel runs out of memory on the way (an OOM
         event: populating, the driver's vmalloc, a fault), the OOM killer ends the
-        process, as it does on the reference machine."""
+        process, as it does on the reference machine.
+
+        *overwritten*: a successful ioctl writes every byte of the touched pages (or the
+        pattern does, with *seed*), so their frames are not cleared when they are
+        allocated (``PhysMem.overwritten``: nothing reads them first); if the ioctl does
+        not succeed, the pages are cleared before the buffer goes, which leaves every
+        frame as clearing them at allocation would have."""
         fd = ctx.handles.get(handle)
         dcmd = HmmDmirrorCmd(addr=addr, npages=npages)
         if fd is None or ctx.task.fget(fd) is None:  # no buffer is mapped for a bad handle
@@ -520,28 +528,38 @@ class _Runner:
             return buf, dcmd
         charged = 0
         oom = mem.oom_events
+        # no clearing when nothing else may run meanwhile (no simulated thread's hooks)
+        overwritten = overwritten and not self.sys.ls.has_hooks
+        unwritten: list[npt.NDArray[np.int64]] = []  # populated pages no pattern went into
+        done = False
         try:
             touched = min(touched, nbuf)
-            for c0 in range(0, touched, _CHUNK):  # MAP_POPULATE of the pages used
-                n = min(_CHUNK, touched - c0)
-                a = buf + (c0 << PAGE_SHIFT)
-                if seed is not None:
-                    sigs = self._write_pattern(mm, a, n, seed, first_word + (c0 << 10))
-                else:
-                    sigs = translate_range(mm, a, n, True)[1]
-                if sigs and sigs[-1][2] == SIGKILL:
-                    raise _Killed()
+            with mem.overwritten() if overwritten else nullcontext():
+                for c0 in range(0, touched, _CHUNK):  # MAP_POPULATE of the pages used
+                    n = min(_CHUNK, touched - c0)
+                    a = buf + (c0 << PAGE_SHIFT)
+                    if seed is not None:
+                        sigs = self._write_pattern(mm, a, n, seed, first_word + (c0 << 10))
+                    else:
+                        pfns, sigs = translate_range(mm, a, n, True)
+                        if overwritten:
+                            unwritten.append(pfns[pfns >= 0])
+                    if sigs and sigs[-1][2] == SIGKILL:
+                        raise _Killed()
             if not mem.charge(nbuf - touched):  # ... and of the pages nothing touches
                 raise _Killed()
             charged = nbuf - touched
             dcmd.ptr = buf
             ret = ctx.task.ioctl(fd, command, dcmd)
+            done = ret == 0
             if mem.oom_events != oom:
                 raise _Killed()
             if ret == 0 and consume is not None:
                 consume(buf)
             return ret, dcmd
         finally:
+            if unwritten and not done:  # the ioctl did not write the pages: clear them now
+                mem.clear_pages(np.concatenate(unwritten))
             mem.uncharge(charged)
             vm_munmap(mm, buf, length)
 
@@ -567,7 +585,8 @@ class _Runner:
 
     def _ioctl_crc(self, ctx: _Ctx, handle: str, command: int, name: str, off: int,
                    npages: int) -> tuple[int, HmmDmirrorCmd, int]:
-        """A device command that fills its NPAGES-page buffer; also returns the buffer's crc."""
+        """A device command that fills its NPAGES-page buffer (every byte of it when it
+        succeeds); also returns the buffer's crc."""
         mm = ctx.task.mm
         crc = [0]
 
@@ -577,7 +596,7 @@ class _Runner:
             self._read_buffer(mm, buf, npages << PAGE_SHIFT, sink)
 
         ret, dcmd = self._ioctl(ctx, handle, command, self.region(ctx, name, off), npages,
-                                npages, consume=consume)
+                                npages, consume=consume, overwritten=True)
         return ret, dcmd, crc[0]
 
     def op_dread(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int,
@@ -594,7 +613,7 @@ class _Runner:
 
     def op_dwrite(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int, seed: int) -> None:
         ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_WRITE, self.region(ctx, name, off), npages,
-                                npages, seed=seed, first_word=off << 10)
+                                npages, seed=seed, first_word=off << 10, overwritten=True)
         if ret:
             self.out(ctx, cmd, "dwrite", ret=ret)
         else:
