@@ -101,8 +101,11 @@ def _run(seed: int, batch: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, A
             return _state(s, log)
     p.mprotect(a, size, "rw")
     try:
+        for d in devs:  # everything back (a page-by-page CPU fault would do the same, slowly)
+            cmd = HmmDmirrorCmd(addr=a, npages=size // PAGE_SIZE)
+            log.append(("to_sys", 0, size // PAGE_SIZE, d.ioctl(HMM_DMIRROR_MIGRATE_TO_SYS, cmd), cmd.cpages))
         log.append(("data", p.read(a, size)))
-    except Killed as e:  # no room for the device's pages back in RAM
+    except (KernelOops, Killed) as e:  # no room for the device's pages back in RAM
         log.append(("end", type(e).__name__, str(e)))
     s.check_invariants()
     return _state(s, log)
@@ -149,15 +152,19 @@ def _step(rng: random.Random, p: Any, a: int, size: int, devs: list[Any], child:
         prot = rng.choice(["r", "rw"])
         p.mprotect(a + w * W, W, prot)
         log.append(("mprotect", w, prot))
-    elif op < 0.88:
+    elif op < 0.865:
         w = rng.randrange(NWIN)
         p.madvise(a + w * W + rng.randrange(512) * PAGE_SIZE, PAGE_SIZE, "dontneed")
         log.append(("dontneed", w))
+    elif op < 0.88:  # NUMA-hint protnone entries (the rounds' business)
+        w = rng.randrange(NWIN)
+        p.numa_hint(a + w * W, W * rng.randrange(1, 3) if w < NWIN - 1 else W)
+        log.append(("numa_hint", w))
     elif op < 0.92 and len(devs) < 3:
         devs.append(p.open_device(rng.choice([0, 1])))
         log.append(("open", len(devs)))
-    elif op < 0.96:
-        lo, n = rng_range()
+    elif op < 0.96:  # a device read (its notifier joins; device pages come back one by one)
+        lo, n = a + rng.randrange(size // PAGE_SIZE - 64) * PAGE_SIZE, rng.randrange(1, 65)
         buf = p.mmap(n * PAGE_SIZE)
         cmd = HmmDmirrorCmd(addr=lo, npages=n, ptr=buf)
         log.append(("read_dev", d.ioctl(HMM_DMIRROR_READ, cmd), cmd.cpages))
@@ -185,7 +192,7 @@ def _same(x: Any, y: Any, where: str) -> None:
         assert x == y, f"{where}: {x!r} != {y!r}"
 
 
-@pytest.mark.parametrize("seed", range(14))
+@pytest.mark.parametrize("seed", range(20))
 def test_dmirror_thp_batch_matches_the_rounds(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     real = dmirror_batch._count_rounds
@@ -202,6 +209,21 @@ def test_dmirror_thp_batch_matches_the_rounds(seed: int, monkeypatch: pytest.Mon
     _same(with_batch, without, "state")
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[int]:
+    """Record how many windows each call of the batch functions *names* took."""
+    done: list[int] = []
+    for name in names:
+        real = getattr(dmirror_batch, name)
+
+        def spy(*args: Any, real: Any = real) -> int:
+            k = real(*args)
+            done.append(k)
+            return k
+
+        monkeypatch.setattr(dmirror_batch, name, spy)
+    return done
+
+
 def test_dmirror_thp_batch_takes_whole_thp_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain 1 GiB-aligned THP region goes through the batch after its first window,
     both ways, and the data comes back."""
@@ -212,16 +234,7 @@ def test_dmirror_thp_batch_takes_whole_thp_windows(monkeypatch: pytest.MonkeyPat
     p.madvise(a, size, "hugepage")
     p.write(a, np.arange(size // 8, dtype=np.uint64))
     d = p.open_device(0)
-    done: list[int] = []
-    for name in ("dmirror_thp_batch_to_device", "dmirror_thp_batch_to_system"):
-        real = getattr(dmirror_batch, name)
-
-        def spy(*args: Any, real: Any = real) -> int:
-            k = real(*args)
-            done.append(k)
-            return k
-
-        monkeypatch.setattr(dmirror_batch, name, spy)
+    done = _spy(monkeypatch, "dmirror_thp_batch_to_device", "dmirror_thp_batch_to_system")
     buf = p.mmap(size)
     cmd = HmmDmirrorCmd(addr=a, npages=size // PAGE_SIZE, ptr=buf)
     assert d.ioctl(HMM_DMIRROR_MIGRATE_TO_DEV, cmd) == 0 and cmd.cpages == size // PAGE_SIZE
@@ -231,4 +244,29 @@ def test_dmirror_thp_batch_takes_whole_thp_windows(monkeypatch: pytest.MonkeyPat
     assert done == [15, 15]
     assert p.read(a, size) == np.arange(size // 8, dtype=np.uint64).tobytes()
     assert "pfn" in p.pte(a + 5 * W) and s.mem.order[s.mem.compound_head(int(p.pte(a + 5 * W).split()[1], 16))] == 9
+    s.check_invariants()
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_dmirror_batch_takes_small_page_windows(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 KiB pages, the range one page past a PMD boundary (as scenario regions are): after
+    the first window, every whole window goes at once both ways; the tail window and the
+    read-back are the rounds'."""
+    s = System(kernel=kernel, ram=128 << 20, hugetlb_pages=0)
+    p = s.spawn()
+    npages = 8 * 512 + 100
+    a = p.mmap((npages + 1) * PAGE_SIZE) + PAGE_SIZE
+    pattern = np.arange(npages * PAGE_SIZE // 8, dtype=np.uint64) * np.uint64(7)
+    p.write(a, pattern)
+    d = p.open_device(0)
+    done = _spy(monkeypatch, "dmirror_batch_to_device", "dmirror_batch_to_system")
+    buf = p.mmap(npages * PAGE_SIZE)
+    cmd = HmmDmirrorCmd(addr=a, npages=npages, ptr=buf)
+    assert d.ioctl(HMM_DMIRROR_MIGRATE_TO_DEV, cmd) == 0 and cmd.cpages == npages
+    assert p.read(buf, npages * PAGE_SIZE) == pattern.tobytes()
+    assert p.pte(a + 3 * W).startswith("device-private")
+    back = HmmDmirrorCmd(addr=a, npages=npages)
+    assert d.ioctl(HMM_DMIRROR_MIGRATE_TO_SYS, back) == 0 and back.cpages == npages
+    assert done == [7, 0, 7, 0], done  # 7 windows at once, then the 100-page tail is a round
+    assert p.read(a, npages * PAGE_SIZE) == pattern.tobytes()
     s.check_invariants()

@@ -241,6 +241,49 @@ def _count_rounds(sys: "System", k: int, stats: tuple[tuple[str, int], ...],
         sys.ls.count_acquisitions(klass, n * k)
 
 
+def _pgmap_use(sys: "System", pfns: npt.NDArray[np.int64], sign: int) -> None:
+    """Each pagemap's count of folios in use, up (1) or down (-1) by its folios in *pfns*."""
+    for pid, cnt in zip(*np.unique(sys.mem.pgmap[pfns], return_counts=True)):
+        sys.pgmaps[int(pid) - 1].nr_used += sign * int(cnt)
+
+
+def _device_freed(sys: "System", pages: npt.NDArray[np.int64], heads: npt.NDArray[np.int64],
+                  fl: npt.NDArray[np.uint32], back: npt.NDArray[np.int64]) -> None:
+    """The last reference of each device folio at *heads* (*pages*: all their pages,
+    whose flags were *fl*) is gone: ``free_zone_device_folio()`` clears the anon state,
+    then the driver's ``page_free`` lets the backing folio *back* go (the caller frees
+    it) and counts the pages free (the caller puts the folios on its free list)."""
+    mem = sys.mem
+    mem.flags[pages] = fl & ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
+    mem.mapping[pages] = 0
+    mem.index[pages] = 0
+    mem.refcount[heads] = 0
+    _pgmap_use(sys, heads, -1)
+    mem.zone_device_data[heads] = 0
+
+
+def _owned_private(sys: "System", mdevice: object, pids: npt.NDArray[np.int16]) -> npt.NDArray[np.bool_]:
+    """Per pgmap id: a device-private pagemap of *mdevice* (what SELECT_DEVICE_PRIVATE
+    with this owner collects)."""
+    ok = np.zeros(len(sys.pgmaps) + 1, np.bool_)
+    for i, pg in enumerate(sys.pgmaps, 1):
+        ok[i] = pg is not None and pg.owner is mdevice
+    return ok[pids] & (pgmap_kinds(sys)[pids] == PGMAP_KIND_PRIVATE)
+
+
+def _alloc_small_in_turn(mem: "PhysMem", freed: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The pages ``alloc_pages_bulk()`` hands out to windows 1..k when window i takes 512
+    pages and then frees ``freed[i*512:(i+1)*512]``: the allocator itself, window after
+    window (its choice depends on what is free then)."""
+    out = np.empty(len(freed), np.int64)
+    for i in range(0, len(freed), HPAGE_PMD_NR):
+        got = mem.alloc_pages_bulk(HPAGE_PMD_NR, zero=False)
+        assert len(got) == HPAGE_PMD_NR
+        out[i:i + HPAGE_PMD_NR] = got
+        mem.free_pages(np.sort(freed[i:i + HPAGE_PMD_NR]))
+    return out
+
+
 def _notify_each(mm: "MM", addr: int, k: int, owner: object) -> None:
     """Each window's ``MMU_NOTIFY_MIGRATE`` invalidation around its collection."""
     for i in range(k):
@@ -280,7 +323,7 @@ def dmirror_thp_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
         return 0
     addrs = addr + np.arange(k, dtype=np.int64) * HPAGE_PMD_SIZE
     # windows that are one exclusive, unpinned, unlocked anon THP mapped by this PMD
-    ok = ((e & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0) & ((e & _U(_PAGE_PSE)) != 0)
+    ok = ((e & _U(_PAGE_PRESENT)) != 0) & ((e & _U(_PAGE_PSE)) != 0)  # (not a NUMA-hint protnone PMD)
     h = np.where(ok, ((e & _U(PTE_PFN_MASK)) >> _U(12)).astype(np.int64), 0)
     ok &= (h < mem.ram_pages) & (h != mem.huge_zero_pfn)
     hh = np.where(ok, h, 0)
@@ -314,9 +357,7 @@ def dmirror_thp_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
     d = np.array(taken[::-1], np.int64)
     mdevice.calloc += k * HPAGE_PMD_NR
     pd = _pages(d)
-    pids = mem.pgmap[d]
-    for pid, cnt in zip(*np.unique(pids, return_counts=True)):
-        sys.pgmaps[int(pid) - 1].nr_used += int(cnt)
+    _pgmap_use(sys, d, 1)
     mem.order[pd] = 0
     mem.mapping[pd] = 0
     mem.head_off[pd] = _OFFS.astype(np.int32)
@@ -376,14 +417,9 @@ def dmirror_thp_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
     d = np.where(ok, ((e >> _U(12)) & _U((1 << 40) - 1)).astype(np.int64), 0)
     ok &= (d >= mem.ram_pages) & (d < mem.max_pfn)
     dd = np.where(ok, d, 0)
-    pids = mem.pgmap[dd]
-    owner_ok = np.zeros(len(sys.pgmaps) + 1, np.bool_)
-    for i, pg in enumerate(sys.pgmaps, 1):
-        owner_ok[i] = pg is not None and pg.owner is mdevice
     fl = mem.flags[dd]
     rr = mem.zone_device_data[dd].astype(np.int64)
-    ok &= ((pgmap_kinds(sys)[pids] == PGMAP_KIND_PRIVATE) & owner_ok[pids]
-           & (mem.head_off[dd] == 0) & (mem.order[dd] == HPAGE_PMD_ORDER)
+    ok &= (_owned_private(sys, mdevice, mem.pgmap[dd]) & (mem.head_off[dd] == 0) & (mem.order[dd] == HPAGE_PMD_ORDER)
            & ((fl & np.uint32(PG_anon)) != 0) & ((fl & np.uint32(PG_locked)) == 0)
            & (mem.refcount[dd] == 1) & (mem.entire_mapcount[dd] == 1)
            & (rr > 0) & (rr < mem.ram_pages))
@@ -409,16 +445,10 @@ def dmirror_thp_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
     ae = (fl_d[:, 0] & _AE) == _AE
     fl_d[ae] &= ~np.uint32(PG_anon_exclusive)  # set_pmd_migration_entry()
     # the device folios: free_zone_device_folio(), then dmirror_devmem_free()
-    mem.flags[pd] = fl_d & ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
     mapping_d = mem.mapping[d].copy()
     index_d = mem.index[pd]
-    mem.mapping[pd] = 0
-    mem.index[pd] = 0
-    mem.refcount[d] = 0
     mem.entire_mapcount[d] -= 1
-    for pid, cnt in zip(*np.unique(mem.pgmap[d], return_counts=True)):
-        sys.pgmaps[int(pid) - 1].nr_used -= int(cnt)
-    mem.zone_device_data[d] = 0
+    _device_freed(sys, pd, d, fl_d, r)
     mdevice.backing_owner[r] = 0
     mdevice.cfree += k * HPAGE_PMD_NR
     mdevice.free_folios.extend(d.tolist())
@@ -571,20 +601,13 @@ def dmirror_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: int)
     mapping_s, index_s = mem.mapping[src], mem.index[src]
     write = (pte & _U(_PAGE_RW)) != 0
     # the allocator as the rounds use it: window i takes its backing pages, then frees its sources
-    back = np.empty(n, np.int64)
-    for i in range(k):
-        w = slice(i * HPAGE_PMD_NR, (i + 1) * HPAGE_PMD_NR)
-        got = mem.alloc_pages_bulk(HPAGE_PMD_NR, zero=False)
-        assert len(got) == HPAGE_PMD_NR
-        back[w] = got
-        mem.free_pages(src[w])
+    back = _alloc_small_in_turn(mem, src)
     # the device pages (off free_pages, window after window), mapped and carrying the state
     taken = mdevice.free_pages[-n:]
     del mdevice.free_pages[-n:]
     dev = np.array(taken[::-1], np.int64)
     mdevice.calloc += n
-    for pid, cnt in zip(*np.unique(mem.pgmap[dev], return_counts=True)):
-        sys.pgmaps[int(pid) - 1].nr_used += int(cnt)
+    _pgmap_use(sys, dev, 1)
     mem.order[dev] = 0
     mem.head_off[dev] = 0
     fd = (mem.flags[dev] & ~np.uint32(PG_head | PG_locked)) | (fl_s & _KEEP)
@@ -633,13 +656,9 @@ def dmirror_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: int)
     dev = np.where(ok, ((pte >> _U(12)) & _U((1 << 40) - 1)).astype(np.int64), 0)
     ok &= (dev >= mem.ram_pages) & (dev < mem.max_pfn)
     dev = np.where(ok, dev, 0)
-    owner_ok = np.zeros(len(sys.pgmaps) + 1, np.bool_)
-    for i, pg in enumerate(sys.pgmaps, 1):
-        owner_ok[i] = pg is not None and pg.owner is mdevice
-    pids = mem.pgmap[dev]
     back = mem.zone_device_data[dev].astype(np.int64)
     addrs = addr + (np.arange(n, dtype=np.int64) << PAGE_SHIFT)
-    ok &= ((pgmap_kinds(sys)[pids] == PGMAP_KIND_PRIVATE) & owner_ok[pids] & _small_anon_ok(mem, dev)
+    ok &= (_owned_private(sys, mdevice, mem.pgmap[dev]) & _small_anon_ok(mem, dev)
            & (back > 0) & (back < mem.ram_pages) & _only_this_vma(mem, dev, vma, addrs))
     back = np.where(ok, back, 0)
     ok &= (mem.order[back] == 0) & (mem.head_off[back] == 0) & (mem.refcount[back] == 1) & (mem.pgmap[back] == 0)
@@ -658,23 +677,11 @@ def dmirror_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: int)
     mapping_d, index_d = mem.mapping[dev], mem.index[dev]
     # the allocator as the rounds use it: window i takes its new pages, then its device
     # pages' backing pages go back (sorted, as folios_put() gets them)
-    new = np.empty(n, np.int64)
-    for i in range(k):
-        w = slice(i * HPAGE_PMD_NR, (i + 1) * HPAGE_PMD_NR)
-        got = mem.alloc_pages_bulk(HPAGE_PMD_NR, zero=False)
-        assert len(got) == HPAGE_PMD_NR
-        new[w] = got
-        mem.free_pages(np.sort(back[w]))
+    new = _alloc_small_in_turn(mem, back)
     _copy_pages_in_turn(mem, new, back)
     # the device pages: free_zone_device_folios(), then dmirror_devmem_free_pages()
-    mem.flags[dev] = fl_d & ~np.uint32(PG_anon | PG_anon_exclusive | PG_dirty | PG_locked)
-    mem.mapping[dev] = 0
-    mem.index[dev] = 0
-    mem.refcount[dev] = 0
     mem.mapcount[dev] -= 1
-    for pid, cnt in zip(*np.unique(mem.pgmap[dev], return_counts=True)):
-        sys.pgmaps[int(pid) - 1].nr_used -= int(cnt)
-    mem.zone_device_data[dev] = 0
+    _device_freed(sys, dev, dev, fl_d, back)
     mdevice.backing_owner[back] = 0
     mdevice.cfree += n
     mdevice.free_pages.extend(dev.tolist())
