@@ -4,9 +4,11 @@ This has no kernel counterpart. The kernel's callers (``hmm_range_fault``'s faul
 ``get_user_pages``, a CPU copy) call :func:`~hmmsim.kernel.fault.handle_mm_fault` page by
 page; :func:`handle_mm_fault_range` produces exactly what that loop would (the same page
 tables, allocation order, rmap/rss counts, counters and notifier calls) while handling the
-common states a run of ptes at a time: empty anonymous ptes (``do_anonymous_page``) and
-ptes that already allow the access (spurious faults). Everything else (THP, hugetlb,
-swap-format entries, file pages, COW) goes through ``handle_mm_fault`` per page.
+common states a run of ptes at a time: empty anonymous ptes (``do_anonymous_page``), a
+private anonymous pmd with no pte table yet where no THP is made (its first fault makes
+the table, the others fill it), and ptes that already allow the access (spurious
+faults). Everything else (THP, hugetlb, swap-format entries, file pages, COW) goes
+through ``handle_mm_fault`` per page.
 """
 
 from __future__ import annotations
@@ -103,8 +105,7 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
             # an empty pmd that will get a pte table: the first fault's pte table, then
             # the whole span as one run of empty ptes
             pmd = mm.pmd_ref(addr, alloc=True)
-            assert pmd is not None
-            if mm.pte_table(pmd, alloc=True) >= 0:
+            if pmd is not None and mm.pte_table(pmd, alloc=True) >= 0:
                 # what the first page's own fault and _fault_pte_run over the others would
                 # count besides the run's map_lock: handle_pte_fault's lockless look,
                 # do_anonymous_page's map_lock, _fault_pte_run's look (and, for a second
