@@ -107,8 +107,12 @@ CASES = {
     "partly_populated": anon(2 * HPAGE_PMD_SIZE, populate=(3, 700)),
     # THP allowed: the first fault makes a THP, not a pte table
     "thp": anon(2 * HPAGE_PMD_SIZE, hugepage=True),
+    # empty pmds around one with a pte table: filled in address order
+    "empty_around_table": anon(5 * HPAGE_PMD_SIZE, offset=7 * P, populate=(600,)),
     # not enough free pages for the span: page by page, OOM at the same page
     "oom_in_span": anon(2 * HPAGE_PMD_SIZE, reserve=700),
+    # enough for two empty pmds together, not for the third
+    "oom_third_pmd": anon(3 * HPAGE_PMD_SIZE, reserve=1100),
     "oom_first_page": anon(HPAGE_PMD_SIZE, reserve=0),
 }
 
