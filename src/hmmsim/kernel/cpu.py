@@ -34,7 +34,7 @@ from .fault import (
 from .fault_range import handle_mm_fault_range
 from .mm import MM, mmap_read_lock, mmap_read_unlock
 from .mm_types import FAULT_FLAG_DEFAULT
-from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pte_index
+from .page_types import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE, pte_index
 from .pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -42,6 +42,7 @@ from .pgtable import (
     _PAGE_RW,
     PTE_PFN_MASK,
     pmd_leaf,
+    table_id,
 )
 from .vma import VM_WRITE, vma_is_accessible
 
@@ -60,44 +61,79 @@ def _walk(mm: MM, addr: int, n: int, write: bool) -> npt.NDArray[np.int64]:
     """The MMU: pfns of the pages ``[addr, addr + n pages)`` that allow the access now
     (-1 where it would fault), setting accessed (and dirty) bits on the entries used.
     *n* pages must lie within one pmd."""
-    out = np.full(n, -1, np.int64)
-    pud = mm.pud_entry(addr)
-    if pud is None:
-        return out
-    pe = int(pud[0][pud[1]])
     need = _PAGE_PRESENT | (_PAGE_RW if write else 0)
     bits = _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
-    if pe == 0 or not pe & _PAGE_PRESENT:
-        return out
-    if pmd_leaf(pe):
-        if pe & need == need:
+    pmd = mm.pmd_ref(addr)
+    if pmd is None:  # no pmd table: nothing mapped, or a huge pud maps addr
+        out = np.full(n, -1, np.int64)
+        pud = mm.pud_entry(addr)
+        if pud is None:
+            return out
+        pe = int(pud[0][pud[1]])
+        if pe & _PAGE_PRESENT and pmd_leaf(pe) and pe & need == need:
             pud[0][pud[1]] = pe | bits
             base = ((pe & PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & ((1 << 18) - 1))
             out[:] = base + np.arange(n)
         return out
-    pmd = mm.pmd_ref(addr)
-    if pmd is None:
-        return out
     e = pmd.get()
     if e == 0 or not e & _PAGE_PRESENT:
-        return out
+        return np.full(n, -1, np.int64)
     if pmd_leaf(e):
-        if e & need == need:
-            pmd.set(e | bits)
-            base = ((e & PTE_PFN_MASK) >> PAGE_SHIFT) + (pte_index(addr))
-            out[:] = base + np.arange(n)
-        return out
-    tid = mm.pte_table(pmd)
-    if tid < 0:
-        return out
-    tbl = mm.sys.pt.table(tid)
+        if e & need != need:
+            return np.full(n, -1, np.int64)
+        pmd.set(e | bits)
+        base = ((e & PTE_PFN_MASK) >> PAGE_SHIFT) + pte_index(addr)
+        return np.arange(base, base + n, dtype=np.int64)
+    tbl = mm.sys.pt.table(table_id(e))  # the pte table the present pmd points to
     i0 = pte_index(addr)
     seg = tbl[i0:i0 + n]
     ok = (seg & _U(need)) == _U(need)
+    if ok.all():  # the common case: every page accessible, no masked copies
+        seg |= _U(bits)
+        return ((seg & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
+    out = np.full(n, -1, np.int64)
     if ok.any():
         seg[ok] |= _U(bits)
         out[ok] = ((seg[ok] & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
     return out
+
+
+def _walk_span(mm: MM, addr: int, n: int, write: bool) -> npt.NDArray[np.int64]:
+    """:func:`_walk` of the pmds covering ``[addr, addr + n pages)`` (within one pud) in
+    order, stopping after the first one with a page that would fault: returns the pfns of
+    the pages of the pmds walked (-1 where a page would fault), as many pages as the
+    one-pmd-at-a-time loop would look at before its first fault. Pte tables whose pages
+    all allow the access are read straight from the pmd table."""
+    end_pmd = min(n, (((addr + PMD_SIZE) & ~(PMD_SIZE - 1)) - addr) >> PAGE_SHIFT)
+    pmd = mm.pmd_ref(addr)
+    if pmd is None or end_pmd == n:
+        return _walk(mm, addr, end_pmd, write)
+    need = _U(_PAGE_PRESENT | (_PAGE_RW if write else 0))
+    bits = _U(_PAGE_ACCESSED | (_PAGE_DIRTY if write else 0))
+    pmd_tbl, idx = pmd.tbl, pmd.idx
+    pt = mm.sys.pt
+    out = np.empty(n, np.int64)
+    done = 0
+    while done < n:
+        a = addr + (done << PAGE_SHIFT)
+        m = min(n - done, (((a + PMD_SIZE) & ~(PMD_SIZE - 1)) - a) >> PAGE_SHIFT)
+        e = int(pmd_tbl[idx])
+        if e & _PAGE_PRESENT and not pmd_leaf(e):
+            i0 = pte_index(a)
+            seg = pt.table(table_id(e))[i0:i0 + m]
+            if bool(((seg & need) == need).all()):
+                seg |= bits
+                np.right_shift(seg & _U(PTE_PFN_MASK), _U(PAGE_SHIFT), out=out[done:done + m], casting="unsafe")
+                done += m
+                idx += 1
+                continue
+        got = _walk(mm, a, m, write)
+        out[done:done + m] = got
+        done += m
+        if bool((got < 0).any()):
+            break
+        idx += 1
+    return out[:done]
 
 
 def do_user_addr_fault(mm: MM, addr: int, write: bool, npages: int = 1) -> tuple[int, int, int]:
@@ -176,10 +212,11 @@ def translate_range(mm: MM, addr: int, npages: int, write: bool,
             retries = 0
             continue
         a = addr + (i << PAGE_SHIFT)
-        n = min(npages - i, (((a + PMD_SIZE) & ~(PMD_SIZE - 1)) - a) >> PAGE_SHIFT)
+        n = min(npages - i, (((a + PUD_SIZE) & ~(PUD_SIZE - 1)) - a) >> PAGE_SHIFT)
         if pending > i:
             n = min(n, pending - i)
-        got = _walk(mm, a, n, write)
+        got = _walk_span(mm, a, n, write)
+        n = len(got)
         bad = np.flatnonzero(got < 0)
         k = int(bad[0]) if len(bad) else n
         pfns[i:i + k] = got[:k]
@@ -188,9 +225,8 @@ def translate_range(mm: MM, addr: int, npages: int, write: bool,
             retries = 0
         if k == n:
             continue
-        contig = k
-        while contig < n and got[contig] < 0:
-            contig += 1
+        ok_after = np.flatnonzero(got[k:] >= 0)  # the bad pages from k on: [k, contig)
+        contig = k + int(ok_after[0]) if len(ok_after) else n
         sig, done, nfail = do_user_addr_fault(mm, a + (k << PAGE_SHIFT), write, npages - i if contig == n else contig - k)
         if sig:
             pending, pending_n, pending_sig = i + done, nfail, sig

@@ -4,9 +4,11 @@ This has no kernel counterpart. The kernel's callers (``hmm_range_fault``'s faul
 ``get_user_pages``, a CPU copy) call :func:`~hmmsim.kernel.fault.handle_mm_fault` page by
 page; :func:`handle_mm_fault_range` produces exactly what that loop would (the same page
 tables, allocation order, rmap/rss counts, counters and notifier calls) while handling the
-common states a run of ptes at a time: empty anonymous ptes (``do_anonymous_page``) and
-ptes that already allow the access (spurious faults). Everything else (THP, hugetlb,
-swap-format entries, file pages, COW) goes through ``handle_mm_fault`` per page.
+common states a run of ptes at a time: empty anonymous ptes (``do_anonymous_page``), a
+private anonymous pmd with no pte table yet where no THP is made (its first fault makes
+the table, the others fill it), and ptes that already allow the access (spurious
+faults). Everything else (THP, hugetlb, swap-format entries, file pages, COW) goes
+through ``handle_mm_fault`` per page.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
     dropped mmap_lock (``VM_FAULT_RETRY``/``VM_FAULT_COMPLETED``, e.g. a userfaultfd): the same page-table
     updates, allocation order, rmap/rss/stat counts and notifier calls. Runs of empty
     anonymous ptes and of ptes that already allow the access are handled a whole
-    run at a time; everything else goes through :func:`handle_mm_fault`.
+    run at a time, consecutive empty pmds of a private anonymous VMA (writes, no THP)
+    together; everything else goes through :func:`handle_mm_fault`.
 
     :return: ``(vm_fault_t of the failing page or 0, address of the failing page or end)``
     """
@@ -83,9 +86,41 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
     mmap_assert_locked(mm)
     mm.sys.ls.assert_no_pt_locks("handle_mm_fault_range")
     write = bool(flags & FAULT_FLAG_WRITE)
+    # write faults on a private writable anonymous VMA, nothing watching the scheduling
+    # points: a pmd with no pte table yet is filled a whole span at a time
+    fresh_ok = (write and not flags & FAULT_FLAG_UNSHARE and vma_is_anonymous(vma)
+                and vma.vm_flags & VM_WRITE and not vma.vm_flags & (VM_SHARED | VM_HUGETLB | VM_UFFD_MISSING)
+                and not mm.sys.ls.has_hooks)
+    # empty pmds given a pte table whose pages are still to be allocated, in address
+    # order: filled together (one allocation) before any other fault of the range runs
+    fresh: list[tuple[PtRef, int, int, int]] = []
+    fresh_pages = 0
     addr = start
     while addr < end:
         nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
+        if fresh_ok:
+            pmd = mm.pmd_ref(addr)
+            e = pmd.get() if pmd is not None else 0
+            n = (nxt - addr) >> PAGE_SHIFT
+            if e == 0 and n > 1 and _fresh_pte_table_ok(vma, addr, fresh_pages + n):
+                # an empty pmd that gets a pte table: its first fault makes the table,
+                # the others fill it; pages for the whole span, with the next pmds'
+                pmd = mm.pmd_ref(addr, alloc=True)
+                if pmd is not None and mm.pte_table(pmd, alloc=True) >= 0:
+                    # what the first page's own fault and _fault_pte_run over the others
+                    # would count besides the run's map_lock: handle_pte_fault's lockless
+                    # look, do_anonymous_page's map_lock, _fault_pte_run's look (and, for
+                    # a second page alone, its own fault's look)
+                    mm.sys.stats.add("pgtable.pte_offset_map", 3 if n > 2 else 4)
+                    mm.sys.stats.add("pgtable.pte_offset_map_lock")
+                    fresh.append((pmd, pte_index(addr), pte_index(addr) + n, addr))
+                    fresh_pages += n
+                    addr = nxt
+                    continue
+            if fresh:
+                _anon_none_pmds(vma, fresh, fresh_pages)
+                fresh.clear()
+                fresh_pages = 0
         if vma.vm_flags & VM_HUGETLB or flags & FAULT_FLAG_UNSHARE:
             ret = handle_mm_fault(vma, addr, flags)
             if ret & _STOP:
@@ -113,7 +148,55 @@ def handle_mm_fault_range(vma: Vma, start: int, end: int, flags: int) -> tuple[i
         ret, addr = _fault_pte_run(vma, pmd, addr, nxt, flags)
         if ret & _STOP:
             return ret, addr
+    if fresh:
+        _anon_none_pmds(vma, fresh, fresh_pages)
     return 0, end
+
+
+def _fresh_pte_table_ok(vma: Vma, addr: int, npages: int) -> bool:
+    """Would the faults under the empty pmd at *addr* be what :func:`_anon_none_run`
+    does once the first one has made the pte table? Yes when no THP is made there
+    (``thp_vma_allowable_order()``) and the allocator has *npages* pages (those of the
+    empty pmds taken so far and this one's), so that no fault fails: the page-by-page
+    loop makes a pte table only once a page is allocated."""
+    mem = vma.vm_mm.sys.mem
+    if mem.nr_free - mem.charged < npages:
+        return False
+    return not hm.thp_vma_allowable_order(vma, hm.HPAGE_PMD_ORDER, addr)
+
+
+def _anon_none_pmds(vma: Vma, fresh: list[tuple[PtRef, int, int, int]], npages: int) -> None:
+    """``do_anonymous_page()`` (write) for every pte of the fresh pte tables *fresh*
+    (``(pmd, first index, end index, first address)`` in address order; the allocator
+    has the *npages* pages): what :func:`_anon_none_run` does table after table, with
+    one allocation of all the pages (the allocator hands them out in the same order)."""
+    mm = vma.vm_mm
+    sys = mm.sys
+    anon_vma_prepare(vma)
+    pfns = sys.mem.alloc_pages_bulk(npages)
+    assert len(pfns) == npages
+    prot = vma.vm_page_prot | _PAGE_ACCESSED
+    if vma.vm_flags & VM_WRITE:
+        prot |= _PAGE_RW | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
+    ptes = (pfns.astype(np.uint64) << _U(PAGE_SHIFT)) | _U(prot)
+    addrs = np.empty(npages, np.int64)
+    k = 0
+    for pmd, i0, i1, addr in fresh:
+        n = i1 - i0
+        addrs[k:k + n] = addr + (np.arange(n, dtype=np.int64) << PAGE_SHIFT)
+        got = mm.pte_offset_map_lock(pmd)
+        assert got is not None
+        tbl, tid = got
+        try:
+            set_ptes(mm, tbl, i0, ptes[k:k + n], n)
+        finally:
+            mm.pte_unmap_unlock(tid)
+        _account(sys, n - 1, "fault.do_anonymous_page")
+        sys.stats.add("fault.do_anonymous_page")
+        sys.stats.add("fault.handle_mm_fault")
+        k += n
+    folio_add_new_anon_rmap_ptes(sys.mem, pfns, vma, addrs)
+    mm.add_mm_counter(MM_ANONPAGES, npages)
 
 
 def _fault_pte_run(vma: Vma, pmd: PtRef, addr: int, nxt: int, flags: int) -> tuple[int, int]:

@@ -145,12 +145,14 @@ def zap_pte_span(vma: Vma, tbl: npt.NDArray[np.uint64], i0: int, i1: int, rss: l
         return
     present = (seg & _PRESENT_ANY) != 0
     normal = present & ((seg & _U(_PAGE_SPECIAL)) == 0)
-    if normal.any():
-        e = seg[normal]
+    all_normal = bool(normal.all())  # the usual span: no masked copies
+    if all_normal or normal.any():
+        e = seg if all_normal else seg[normal]
         pfns = ((e & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
-        ok = pfns < mem.max_pfn
-        pfns = pfns[ok]
-        e = e[ok]
+        if int(pfns.max()) >= mem.max_pfn:
+            ok = pfns < mem.max_pfn
+            pfns = pfns[ok]
+            e = e[ok]
         heads = mem.heads(pfns)
         hflags = mem.flags[heads]
         anon = (hflags & PG_anon) != 0
@@ -163,10 +165,13 @@ def zap_pte_span(vma: Vma, tbl: npt.NDArray[np.uint64], i0: int, i1: int, rss: l
         dirty = (e & _U(_PAGE_DIRTY)) != 0
         if dirty.any():
             mem.flags[heads[dirty]] |= PG_dirty
-        np.subtract.at(mem.mapcount, pfns, 1)
+        if len(pfns) < 2 or bool((pfns[1:] > pfns[:-1]).all()):
+            mem.mapcount[pfns] -= 1  # distinct pages (the usual case): one fancy update
+        else:
+            np.subtract.at(mem.mapcount, pfns, 1)  # a page mapped twice in this table
         puts.append(heads)
     odd = nz & ~present
-    if odd.any():
+    if not all_normal and odd.any():
         extra: list[int] = []
         for i in np.flatnonzero(odd).tolist():
             _zap_nonpresent(vma, int(seg[i]), rss, extra)

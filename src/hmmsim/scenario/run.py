@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ from ..drivers.test_hmm_uapi import (
     HmmDmirrorCmd,
 )
 from ..kernel.bug import KernelOops, NotSupportedError
-from ..kernel.cpu import SIGKILL, SigRun, translate_range, user_write_pages
+from ..kernel.cpu import SIGKILL, SigRun, translate_range
 from ..kernel.errno import EBADF
 from ..kernel.locking import DeadlockError
 from ..kernel.madvise import (
@@ -80,6 +81,10 @@ _UNSUPPORTED: dict[str, str] = {}
 #: pages handled per step by CPU commands and buffer copies (bounds memory for huge ranges)
 _CHUNK = 4096
 _WORDS = PAGE_SIZE // 4
+#: words of pattern made per step when written straight into (or compared with) frames:
+#: 64 pages, so the step's words stay in cache (1 GiB filled in 0.12 s instead of 0.20 s
+#: through a 16 MiB chunk and a second copy)
+_PATTERN_STEP = 64 * _WORDS
 #: memory the reference VM's own kernel, initramfs and runner occupy beyond what the model
 #: allocates (accounted, no frames): fitted to where the real kernels' OOM killer starts
 #: ending device commands (a READ of untouched memory needs its buffer plus the bounce
@@ -153,8 +158,9 @@ def _pattern(seed: int, first_word: int, nwords: int) -> npt.NDArray[np.uint8]:
 
 
 class _Patterns:
-    """Pattern chunks made in 32-bit words into one reused buffer (a CPU command or a
-    device buffer is filled or checked a chunk at a time)."""
+    """Pattern words made in 32-bit words: a chunk into one reused buffer (a CPU command
+    or a device buffer is filled or checked a chunk at a time), or a cache-sized step at
+    a time straight into (or against) the frames of a run."""
 
     def __init__(self) -> None:
         self.base = np.arange(_CHUNK * _WORDS, dtype="<u4")
@@ -166,6 +172,22 @@ class _Patterns:
         out = self.buf[:nwords]
         np.add(self.base[:nwords], np.uint32((seed + first_word) & 0xFFFF_FFFF), out=out)
         return out.view(np.uint8)
+
+    def write(self, dst: npt.NDArray[np.uint32], seed: int, first_word: int) -> None:
+        """Store words ``first_word ..`` of pattern *seed* into *dst* (any length)."""
+        for k in range(0, len(dst), _PATTERN_STEP):
+            part = dst[k:k + _PATTERN_STEP]
+            np.add(self.base[:len(part)], np.uint32((seed + first_word + k) & 0xFFFF_FFFF), out=part)
+
+    def mismatches(self, got: npt.NDArray[np.uint32], seed: int, first_word: int) -> int:
+        """How many words of *got* differ from words ``first_word ..`` of pattern *seed*."""
+        bad = 0
+        for k in range(0, len(got), _PATTERN_STEP):
+            part = got[k:k + _PATTERN_STEP]
+            want = self.buf[:len(part)]
+            np.add(self.base[:len(part)], np.uint32((seed + first_word + k) & 0xFFFF_FFFF), out=want)
+            bad += int(np.count_nonzero(part != want))
+        return bad
 
 
 @dataclass
@@ -311,11 +333,30 @@ class _Runner:
         else:
             self.out(ctx, cmd, cmd.op, ret=0, **ok)
 
+    def _write_pattern(self, mm: Any, addr: int, n: int, seed: int, first_word: int) -> list[SigRun]:
+        """The CPU writes words ``first_word ..`` of pattern *seed* to the *n* pages at
+        *addr* (:func:`user_write_pages` of the pattern: pages that raise a signal are
+        skipped); returns the signal runs. Runs of consecutive frames get the pattern
+        made straight into them; scattered frames get it through a chunk buffer."""
+        pfns, sigs = translate_range(mm, addr, n, True)
+        runs = self._frame_runs(pfns)
+        mem = self.sys.mem
+        if len(runs) > max(8, n // 16):
+            pat = self.patterns.chunk(seed, first_word, n << 10).reshape(n, PAGE_SIZE)
+            ok = pfns >= 0
+            mem.write_pages(pfns[ok], pat[ok])
+            return sigs
+        u4 = mem.data.reshape(-1).view("<u4")
+        for a, b, p in runs:
+            self.patterns.write(u4[p << 10:(p + b - a) << 10], seed, first_word + (a << 10))
+            mem.mark_written(np.arange(p, p + b - a, dtype=np.int64))
+        return sigs
+
     def op_fill(self, ctx: _Ctx, cmd: Command, name: str, off: int, npages: int, seed: int) -> None:
         mm = ctx.task.mm
 
         def write(addr: int, c0: int, n: int) -> list[SigRun]:
-            return user_write_pages(mm, addr, self.patterns.chunk(seed, (off + c0) << 10, n << 10))
+            return self._write_pattern(mm, addr, n, seed, (off + c0) << 10)
 
         bad, killed = self._cpu(ctx, name, off, npages, write)
         self._report_cpu(ctx, cmd, bad, killed)
@@ -355,10 +396,9 @@ class _Runner:
 
         def check(addr: int, c0: int, n: int) -> list[SigRun]:
             pfns, sigs = translate_range(mm, addr, n, False)
-            want = self.patterns.chunk(seed, (off + c0) << 10, n << 10).view("<u4")
             for a, b, p in self._frame_runs(pfns):
                 got = data[p:p + (b - a)].reshape(-1).view("<u4")
-                mismatch[0] += int(np.count_nonzero(got != want[a << 10:b << 10]))
+                mismatch[0] += self.patterns.mismatches(got, seed, (off + c0 + a) << 10)
             return sigs
 
         bad, killed = self._cpu(ctx, name, off, npages, check)
@@ -459,7 +499,8 @@ class _Runner:
 
     def _ioctl(self, ctx: _Ctx, handle: str, command: int, addr: int, npages: int, touched: int,
                seed: int | None = None, first_word: int = 0,
-               consume: Callable[[int], None] | None = None) -> tuple[int, HmmDmirrorCmd]:
+               consume: Callable[[int], None] | None = None,
+               overwritten: bool = False) -> tuple[int, HmmDmirrorCmd]:
         """One device command through a fresh buffer (conventions item 19): NPAGES pages
         (one if 0), private anonymous, MAP_POPULATE, unmapped afterwards. The first
         *touched* pages (those the command writes or reads) are faulted in; the others
@@ -467,7 +508,13 @@ class _Runner:
         filled with that pattern first (``dwrite``); *consume(buf)* reads the buffer back
         after a successful ioctl. If the kernel runs out of memory on the way (an OOM
         event: populating, the driver's vmalloc, a fault), the OOM killer ends the
-        process, as it does on the reference machine."""
+        process, as it does on the reference machine.
+
+        *overwritten*: a successful ioctl writes every byte of the touched pages (or the
+        pattern does, with *seed*), so their frames are not cleared when they are
+        allocated (``PhysMem.overwritten``: nothing reads them first); if the ioctl does
+        not succeed, the pages are cleared before the buffer goes, which leaves every
+        frame as clearing them at allocation would have."""
         fd = ctx.handles.get(handle)
         dcmd = HmmDmirrorCmd(addr=addr, npages=npages)
         if fd is None or ctx.task.fget(fd) is None:  # no buffer is mapped for a bad handle
@@ -481,28 +528,38 @@ class _Runner:
             return buf, dcmd
         charged = 0
         oom = mem.oom_events
+        # no clearing when nothing else may run meanwhile (no simulated thread's hooks)
+        overwritten = overwritten and not self.sys.ls.has_hooks
+        unwritten: list[npt.NDArray[np.int64]] = []  # populated pages no pattern went into
+        done = False
         try:
             touched = min(touched, nbuf)
-            for c0 in range(0, touched, _CHUNK):  # MAP_POPULATE of the pages used
-                n = min(_CHUNK, touched - c0)
-                a = buf + (c0 << PAGE_SHIFT)
-                if seed is not None:
-                    sigs = user_write_pages(mm, a, self.patterns.chunk(seed, first_word + (c0 << 10), n << 10))
-                else:
-                    sigs = translate_range(mm, a, n, True)[1]
-                if sigs and sigs[-1][2] == SIGKILL:
-                    raise _Killed()
+            with mem.overwritten() if overwritten else nullcontext():
+                for c0 in range(0, touched, _CHUNK):  # MAP_POPULATE of the pages used
+                    n = min(_CHUNK, touched - c0)
+                    a = buf + (c0 << PAGE_SHIFT)
+                    if seed is not None:
+                        sigs = self._write_pattern(mm, a, n, seed, first_word + (c0 << 10))
+                    else:
+                        pfns, sigs = translate_range(mm, a, n, True)
+                        if overwritten:
+                            unwritten.append(pfns[pfns >= 0])
+                    if sigs and sigs[-1][2] == SIGKILL:
+                        raise _Killed()
             if not mem.charge(nbuf - touched):  # ... and of the pages nothing touches
                 raise _Killed()
             charged = nbuf - touched
             dcmd.ptr = buf
             ret = ctx.task.ioctl(fd, command, dcmd)
+            done = ret == 0
             if mem.oom_events != oom:
                 raise _Killed()
             if ret == 0 and consume is not None:
                 consume(buf)
             return ret, dcmd
         finally:
+            if unwritten and not done:  # the ioctl did not write the pages: clear them now
+                mem.clear_pages(np.concatenate(unwritten))
             mem.uncharge(charged)
             vm_munmap(mm, buf, length)
 
@@ -528,7 +585,8 @@ class _Runner:
 
     def _ioctl_crc(self, ctx: _Ctx, handle: str, command: int, name: str, off: int,
                    npages: int) -> tuple[int, HmmDmirrorCmd, int]:
-        """A device command that fills its NPAGES-page buffer; also returns the buffer's crc."""
+        """A device command that fills its NPAGES-page buffer (every byte of it when it
+        succeeds); also returns the buffer's crc."""
         mm = ctx.task.mm
         crc = [0]
 
@@ -538,7 +596,7 @@ class _Runner:
             self._read_buffer(mm, buf, npages << PAGE_SHIFT, sink)
 
         ret, dcmd = self._ioctl(ctx, handle, command, self.region(ctx, name, off), npages,
-                                npages, consume=consume)
+                                npages, consume=consume, overwritten=True)
         return ret, dcmd, crc[0]
 
     def op_dread(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int,
@@ -555,7 +613,7 @@ class _Runner:
 
     def op_dwrite(self, ctx: _Ctx, cmd: Command, handle: str, name: str, off: int, npages: int, seed: int) -> None:
         ret, dcmd = self._ioctl(ctx, handle, HMM_DMIRROR_WRITE, self.region(ctx, name, off), npages,
-                                npages, seed=seed, first_word=off << 10)
+                                npages, seed=seed, first_word=off << 10, overwritten=True)
         if ret:
             self.out(ctx, cmd, "dwrite", ret=ret)
         else:
