@@ -20,7 +20,10 @@ CLI entry point), each next to a numpy copy of the same bytes measured in the sa
   larger ``--ram``.
 
 Targets: round trip >= 10% of the numpy copy's bandwidth with 4 KiB pages, >= 25% with
-THP (what the kernel release does with THPs: 6.12 splits them when collected).
+THP. A THP region moves as the kernel release moves it: 7.3 moves whole THPs (device THPs
+there, system THPs back); 6.12 splits THPs when it collects them and brings 4 KiB pages
+back, so after the first trip its "thp" round trip is a 4 KiB one and is held to the 4 KiB
+target (the best of three trips counts; the first, with the splits, is the slowest).
 
 Run: ``python benchmarks/bench_migrate.py [GiB] [--kernel 6.12|7.3] [--no-cli] [--no-thp] [--cpu]``
 (``--cpu``: time everything, the numpy copy included, in CPU time of this process, for a
@@ -65,6 +68,16 @@ class _Clock(io.TextIOBase):
 TARGET = {"4k": 0.10, "thp": 0.25}
 
 
+def _target(kind: str, kernel: str) -> float:
+    """The round trip's target: THPs that move whole (7.3's device-private THPs) must
+    reach the THP one; a release that splits THPs when it collects them and brings 4 KiB
+    pages back (6.12) moves a THP region as 4 KiB pages after the first trip, so its
+    "thp" figure is held to the 4 KiB target (and says so)."""
+    if kind == "thp" and not System(kernel=kernel).profile.device_private_thp:
+        return TARGET["4k"]
+    return TARGET[kind]
+
+
 def _region(s: System, size: int, thp: bool):  # noqa: ANN202
     p = s.spawn()
     a = p.mmap(size)
@@ -103,7 +116,7 @@ def bench_api(size: int, yard: float, kernel: str, thp: bool, repeat: int = 3) -
         tdev, tsys = min(tdev, t1 - t0), min(tsys, t3 - t2)
     s.check_invariants()
     y = yard / 1e9
-    target = TARGET[kind] * y
+    target = _target(kind, kernel) * y
     # the target is the round trip's; each direction is shown for information
     ok = report(f"API ({kind}, {kernel}) MIGRATE_TO_DEV (GB/s)", size / tdev / 1e9, "GB/s", None, y)
     ok &= report(f"API ({kind}, {kernel}) MIGRATE_TO_SYS (GB/s)", size / tsys / 1e9, "GB/s", None, y)
@@ -170,7 +183,7 @@ def bench_cli(size: int, yard: float, kernel: str, thp: bool) -> bool:
     for (t_prev, _), (t, rec) in zip(recs, recs[1:]):
         took[rec["op"]] = min(took.get(rec["op"], float("inf")), t - t_prev)
     y = yard / 1e9
-    target = TARGET[kind] * y
+    target = _target(kind, kernel) * y
     ok = report(f"hmmsim run ({kind}, {kernel}) dmigrate (GB/s)", size / took["dmigrate"] / 1e9, "GB/s", None, y)
     ok &= report(f"hmmsim run ({kind}, {kernel}) dmigrate_sys (GB/s)", size / took["dmigrate_sys"] / 1e9,
                  "GB/s", None, y)
