@@ -227,7 +227,9 @@ def translate_range(mm: MM, addr: int, npages: int, write: bool,
             continue
         ok_after = np.flatnonzero(got[k:] >= 0)  # the bad pages from k on: [k, contig)
         contig = k + int(ok_after[0]) if len(ok_after) else n
-        sig, done, nfail = do_user_addr_fault(mm, a + (k << PAGE_SHIFT), write, npages - i if contig == n else contig - k)
+        # fault the run of pages known to fault (those after it were not looked at yet:
+        # an accessible one must not be faulted, as the CPU would not fault it)
+        sig, done, nfail = do_user_addr_fault(mm, a + (k << PAGE_SHIFT), write, contig - k)
         if sig:
             pending, pending_n, pending_sig = i + done, nfail, sig
             continue
