@@ -28,7 +28,6 @@ machines both ways and compares every array, table, list and counter.
 
 from __future__ import annotations
 
-import ctypes
 import heapq
 from typing import TYPE_CHECKING
 
@@ -37,7 +36,7 @@ import numpy.typing as npt
 
 from ..kernel.memremap import PGMAP_KIND_PRIVATE, pgmap_kinds
 from ..kernel.mmu_notifier import MmuNotifierEvent, notify_range
-from ..kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+from ..kernel.page_types import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
 from ..kernel.pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -141,6 +140,17 @@ def _pmd_run(mm: "MM", addr: int, k: int) -> list[tuple[npt.NDArray[np.uint64], 
     return out
 
 
+def _trim(run: list[tuple[npt.NDArray[np.uint64], int, int]], n: int) -> list[tuple[npt.NDArray[np.uint64], int, int]]:
+    """The first *n* entries of *run* (a :func:`_pmd_run` or :func:`_pte_run`)."""
+    out = []
+    for t, i, m in run:
+        if n <= 0:
+            break
+        out.append((t, i, min(m, n)))
+        n -= m
+    return out
+
+
 def _pmds(run: list[tuple[npt.NDArray[np.uint64], int, int]]) -> npt.NDArray[np.uint64]:
     return np.concatenate([t[i:i + n] for t, i, n in run]) if run else np.zeros(0, np.uint64)
 
@@ -215,22 +225,12 @@ def _free_thps(sys: "System", heads: npt.NDArray[np.int64]) -> None:
 
 
 def _copy_thps(mem: "PhysMem", dst: npt.NDArray[np.int64], src: npt.NDArray[np.int64]) -> None:
-    """``folio_copy()`` of each pair, window by window: runs of windows whose folios follow
-    each other on both sides are one ``memmove``. A destination may be the source of an
-    earlier window (freed, then allocated again), never of a later one, so copying run
-    after run (each as if through a buffer) reads every source before it is overwritten,
-    as the rounds do."""
-    data = mem.data
-    assert data.flags.c_contiguous and data.shape[1] == PAGE_SIZE
-    base = data.ctypes.data
-    cuts = np.flatnonzero((np.diff(dst) != HPAGE_PMD_NR) | (np.diff(src) != HPAGE_PMD_NR)) + 1
-    bounds = [0, *cuts.tolist(), len(dst)]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        d, s = int(dst[a]), int(src[a])
-        assert 0 <= min(d, s) and max(d, s) + (b - a) * HPAGE_PMD_NR <= len(data)
-        # memmove: a run may overlap itself (its destinations are its own earlier sources)
-        ctypes.memmove(base + (d << PAGE_SHIFT), base + (s << PAGE_SHIFT), (b - a) << (PAGE_SHIFT + HPAGE_PMD_ORDER))
-    mem.flags[_pages(dst)] |= np.uint32(PG_data)
+    """``folio_copy()`` of each pair of THPs, window by window (:meth:`PhysMem.copy_pages`
+    of their pages, in order: runs of windows whose folios follow each other on both sides
+    are one ``memmove``). A destination may be the source of an earlier window (freed,
+    then allocated again), never of a later one, so copying in window order reads every
+    source before it is overwritten, as the rounds do."""
+    mem.copy_pages(_pages(dst).reshape(-1), _pages(src).reshape(-1))
 
 
 def _count_rounds(sys: "System", k: int, stats: tuple[tuple[str, int], ...],
@@ -341,7 +341,7 @@ def dmirror_thp_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
     r = _alloc_blocks_in_turn(mem, h)
     if r is None:
         return 0
-    run = _pmd_run(mm, addr, k)
+    run = _trim(run, k)
     _notify_each(mm, addr, k, mdevice)
 
     # collection: set_pmd_migration_entry() of each source (what reaches the new folio)
@@ -436,7 +436,7 @@ def dmirror_thp_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: 
     s = _alloc_blocks_in_turn(mem, r)
     if s is None:
         return 0
-    run = _pmd_run(mm, addr, k)
+    run = _trim(run, k)
     _notify_each(mm, addr, k, mdevice)
 
     write = (e >> _U(_SWP_TYPE_SHIFT)) == _U(SWP_DEVICE_WRITE)
@@ -506,27 +506,6 @@ def _walk_counts(addr: int, k: int) -> dict[str, int]:
             "walk.pte_entries": k * HPAGE_PMD_NR}
 
 
-def _copy_pages_in_turn(mem: "PhysMem", dst: npt.NDArray[np.int64], src: npt.NDArray[np.int64]) -> None:
-    """``copy_highpage()`` of each pair in order, as a loop would: runs consecutive on
-    both sides are one ``memmove`` each (a destination may be an earlier pair's source,
-    never a later one's), the rest page by page in order."""
-    data = mem.data
-    assert data.flags.c_contiguous and data.shape[1] == PAGE_SIZE
-    base = data.ctypes.data
-    cuts = np.flatnonzero((np.diff(dst) != 1) | (np.diff(src) != 1)) + 1
-    if len(cuts) > len(dst) // 16:  # fragmented: fancy indexing, chunk by chunk in order
-        d64 = data.view(np.uint64)
-        for c in range(0, len(dst), 256):
-            d64[dst[c:c + 256]] = d64[src[c:c + 256]]
-    else:
-        bounds = [0, *cuts.tolist(), len(dst)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            d, s = int(dst[a]), int(src[a])
-            assert 0 <= min(d, s) and max(d, s) + (b - a) <= len(data)
-            ctypes.memmove(base + (d << PAGE_SHIFT), base + (s << PAGE_SHIFT), (b - a) << PAGE_SHIFT)
-    mem.flags[dst] |= np.uint32(PG_data)
-
-
 def _small_anon_ok(mem: "PhysMem", pfn: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
     """Small anonymous folios mapped once, with no other reference, unlocked."""
     fl = mem.flags[pfn]
@@ -590,7 +569,7 @@ def dmirror_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: int)
         return 0
     n = k * HPAGE_PMD_NR
     pte, src = pte[:n], src[:n]
-    run = _pte_run(mm, addr, n)
+    run = _trim(run, n)
     _notify_each(mm, addr, k, mdevice)
 
     # collection (the migration entries) and what the sources carry to the device pages
@@ -618,7 +597,7 @@ def dmirror_batch_to_device(dmirror: "Dmirror", vma: "Vma", addr: int, end: int)
     mem.mapcount[dev] += 1
     mem.zone_device_data[dev] = back
     mdevice.backing_owner[back] = _owner_id(dmirror)
-    _copy_pages_in_turn(mem, back, src)
+    mem.copy_pages(back, src)  # in window order (a destination may be an earlier source)
     typ = np.where(write, _U(SWP_DEVICE_WRITE), _U(SWP_DEVICE_READ))
     _set_pmds(run, (typ << _U(_SWP_TYPE_SHIFT)) | (dev.astype(np.uint64) << _U(12))
               | np.where((pte & _U(_PAGE_SOFT_DIRTY)) != 0, _U(_PAGE_SWP_SOFT_DIRTY), _U(0))
@@ -667,7 +646,7 @@ def dmirror_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: int)
         return 0
     n = k * HPAGE_PMD_NR
     pte, dev, back = pte[:n], dev[:n], back[:n]
-    run = _pte_run(mm, addr, n)
+    run = _trim(run, n)
     _notify_each(mm, addr, k, mdevice)
 
     write = (pte >> _U(_SWP_TYPE_SHIFT)) == _U(SWP_DEVICE_WRITE)
@@ -678,7 +657,7 @@ def dmirror_batch_to_system(dmirror: "Dmirror", vma: "Vma", addr: int, end: int)
     # the allocator as the rounds use it: window i takes its new pages, then its device
     # pages' backing pages go back (sorted, as folios_put() gets them)
     new = _alloc_small_in_turn(mem, back)
-    _copy_pages_in_turn(mem, new, back)
+    mem.copy_pages(new, back)  # in window order (a destination may be an earlier source)
     # the device pages: free_zone_device_folios(), then dmirror_devmem_free_pages()
     mem.mapcount[dev] -= 1
     _device_freed(sys, dev, dev, fl_d, back)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -85,19 +86,22 @@ class DmirrorPT:
             leaf[off:off + m] = vals[i:i + m]
             i += m
 
-    def store_indices(self, vpns: npt.NDArray[np.int64], vals: npt.NDArray[np.int64]) -> None:
-        """``xa_store()`` of each ``vals[i]`` at index ``vpns[i]`` (increasing indices)."""
-        if len(vpns) and int(vpns[0]) // _LEAF == int(vpns[-1]) // _LEAF:
-            k = int(vpns[0]) // _LEAF  # one leaf (a window, a page)
-            leaf = self.leaves.get(k)
-            if leaf is None:
-                leaf = self.leaves[k] = np.full(_LEAF, -1, np.int64)
-            leaf[vpns - k * _LEAF] = vals
+    def _leaf_groups(self, vpns: npt.NDArray[np.int64]) -> Iterator[tuple[int, Any]]:
+        """``(leaf key, positions in vpns)`` per leaf the increasing indices *vpns* touch
+        (one leaf, the usual case for a window or a page, without splitting)."""
+        if len(vpns) == 0:
+            return
+        if int(vpns[0]) // _LEAF == int(vpns[-1]) // _LEAF:
+            yield int(vpns[0]) // _LEAF, slice(None)
             return
         keys = vpns // _LEAF
         cuts = np.flatnonzero(np.diff(keys)) + 1
         for grp in np.split(np.arange(len(vpns)), cuts):
-            k = int(keys[grp[0]])
+            yield int(keys[grp[0]]), grp
+
+    def store_indices(self, vpns: npt.NDArray[np.int64], vals: npt.NDArray[np.int64]) -> None:
+        """``xa_store()`` of each ``vals[i]`` at index ``vpns[i]`` (increasing indices)."""
+        for k, grp in self._leaf_groups(vpns):
             leaf = self.leaves.get(k)
             if leaf is None:
                 leaf = self.leaves[k] = np.full(_LEAF, -1, np.int64)
@@ -105,18 +109,7 @@ class DmirrorPT:
 
     def erase_indices(self, vpns: npt.NDArray[np.int64]) -> None:
         """``xa_erase()`` of each index of *vpns* (increasing indices)."""
-        if len(vpns) and int(vpns[0]) // _LEAF == int(vpns[-1]) // _LEAF:
-            k = int(vpns[0]) // _LEAF  # one leaf (a window, a page)
-            leaf = self.leaves.get(k)
-            if leaf is not None:
-                leaf[vpns - k * _LEAF] = -1
-                if (leaf < 0).all():
-                    del self.leaves[k]
-            return
-        keys = vpns // _LEAF
-        cuts = np.flatnonzero(np.diff(keys)) + 1
-        for grp in np.split(np.arange(len(vpns)), cuts):
-            k = int(keys[grp[0]])
+        for k, grp in self._leaf_groups(vpns):
             leaf = self.leaves.get(k)
             if leaf is None:
                 continue

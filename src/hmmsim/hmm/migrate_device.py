@@ -281,7 +281,7 @@ def migrate_vma_collect_pmd(pmd: PtRef, start: int, end: int, walk: MmWalk) -> i
         i0 = pte_index(start)
         n = (end - start) >> PAGE_SHIFT
         sys.stats.add("walk.pte_entries", n)
-        if n == 1 and not sys.ls.has_hooks and _collect_device_private_one(m, vma, tbl, i0, thp):
+        if n == 1 and not sys.ls.has_hooks and _collect_device_private_one(m, vma, tbl, i0):
             return 0  # (a CPU fault's migrate_to_ram: one device-private entry)
         mpfn, pages, rare = _migrate_vma_classify_ptes(m, vma, tbl[i0:i0 + n], keep_large=thp)
         large = -1
@@ -457,18 +457,18 @@ def _collect_ptes(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i0: in
     mem.mapcount[pages] -= 1  # folio_remove_rmap_pte
 
 
-def _collect_device_private_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i: int,
-                                keep_large: bool) -> bool:
+def _collect_device_private_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.uint64], i: int) -> bool:
     """The selection and collection of :func:`migrate_vma_collect_pmd` for a range of one
     pte that is a device-private entry of a small folio, entry by entry as the kernel
     goes (what the vectorised path does for one entry, without its array set-up).
     Returns False, having done nothing, for any other entry."""
     pte = int(tbl[i])
-    if pte & (_PAGE_PRESENT | _PAGE_PROTNONE) or not is_device_private_entry(pte_to_swp_entry(pte)):
+    ent = pte_to_swp_entry(pte)
+    if pte & (_PAGE_PRESENT | _PAGE_PROTNONE) or not is_device_private_entry(ent):
         return False
     sys = vma.vm_mm.sys
     mem = sys.mem
-    page = swp_offset_pfn(pte_to_swp_entry(pte))
+    page = swp_offset_pfn(ent)
     head = mem.compound_head(page)
     if mem.order[head]:
         return False  # a large folio: the vectorised path splits it (7.3) or skips it
@@ -477,7 +477,7 @@ def _collect_device_private_one(m: MigrateVma, vma: "Vma", tbl: npt.NDArray[np.u
     pg = sys.pgmaps[pid - 1] if pid else None
     if (pg is not None and pg.is_private and pg.owner is m.pgmap_owner
             and m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE and mem.mapping[head]):
-        write = MIGRATE_PFN_WRITE if is_writable_device_private_entry(pte_to_swp_entry(pte)) else 0
+        write = MIGRATE_PFN_WRITE if is_writable_device_private_entry(ent) else 0
         mpfn = _collect_one(m, vma, tbl, i, pte, page, migrate_pfn(page) | MIGRATE_PFN_MIGRATE | write)
     m.dst[m.npages] = 0
     m.src[m.npages] = np.uint64(mpfn)

@@ -40,6 +40,7 @@ from .mm import (
     spin_lock,
     spin_unlock,
 )
+from .memremap import PGMAP_KIND_PRIVATE, pgmap_kinds
 from .mmu_notifier import MmuNotifierEvent, notify_range
 from .page_types import (
     HPAGE_PMD_NR,
@@ -426,7 +427,6 @@ def remove_migration_ptes_folios(sys: "System", srcs: npt.NDArray[np.int64],
     dst_anon = (mem.flags[dsts] & PG_anon) != 0
     pids = mem.pgmap[dsts]
     if pids.any():
-        from .memremap import PGMAP_KIND_PRIVATE, pgmap_kinds
         dev_private = pgmap_kinds(sys)[pids] == PGMAP_KIND_PRIVATE
     else:
         dev_private = np.zeros(len(dsts), np.bool_)

@@ -30,6 +30,7 @@ Counting conventions (logical counts, not the kernel's biased ``_mapcount``):
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -394,9 +395,11 @@ class PhysMem:
         self.flags[_as_slice(pfns)] |= np.uint32(PG_data)
 
     def copy_pages(self, dst: npt.NDArray[np.int64] | int, src: npt.NDArray[np.int64] | int) -> None:
-        """``copy_highpage()`` for one page or a batch (pairwise). Runs that are
-        consecutive on both sides are copied as slices; the rest in chunks of fancy
-        indexing, so no temporary as large as the batch is made."""
+        """``copy_highpage()`` for one page or a batch (pairwise, in order, as a loop
+        would: a destination may be an earlier pair's source). Runs that are consecutive
+        on both sides are copied a run at a time (``memmove``: a run may overlap
+        itself); the rest in chunks of fancy indexing, so no temporary as large as the
+        batch is made."""
         if np.ndim(dst) == 0:
             self.data[dst] = self.data[src]
             self.flags[dst] |= PG_data
@@ -406,18 +409,26 @@ class PhysMem:
         n = len(dst)
         if n == 0:
             return
-        d64 = self.data.view(np.uint64)
         cuts = np.flatnonzero((np.diff(dst) != 1) | (np.diff(src) != 1)) + 1
         if len(cuts) <= max(8, n // _MIN_AVG_RUN):
             bounds = [0, *cuts.tolist(), n]
             for a, b in zip(bounds[:-1], bounds[1:]):
-                d, s_ = int(dst[a]), int(src[a])
-                d64[d:d + (b - a)] = d64[s_:s_ + (b - a)]
+                self._move(int(dst[a]), int(src[a]), b - a)
             self.flags[_as_slice(dst) if not len(cuts) else dst] |= np.uint32(PG_data)
         else:
+            d64 = self.data.view(np.uint64)
             for a in range(0, n, _COPY_CHUNK):
                 d64[dst[a:a + _COPY_CHUNK]] = d64[src[a:a + _COPY_CHUNK]]
             self.flags[dst] |= PG_data
+
+    def _move(self, dst: int, src: int, nr: int) -> None:
+        """The bytes of the *nr* frames from *src* into those from *dst*, as if through a
+        buffer (``memmove``: the ranges may overlap; numpy would make a temporary copy as
+        large as the run). Large runs go at the C library's streaming speed."""
+        data = self.data
+        assert 0 <= min(dst, src) and max(dst, src) + nr <= len(data), "frames outside the data"
+        base = data.ctypes.data
+        ctypes.memmove(base + dst * PAGE_SIZE, base + src * PAGE_SIZE, nr * PAGE_SIZE)
 
     def copy_folio(self, dst: int, src: int, nr: int) -> None:
         """``folio_copy()``: :meth:`copy_pages` of the *nr* consecutive pages from *src*
